@@ -1,0 +1,606 @@
+"""``Probe``: record hidden states, gates, exact per-step gradients and attention of a model's modules.
+
+On a recording, forward hooks keep each target module's inputs (detached) and a snapshot of its weights,
+and tensor hooks on its outputs catch the upstream gradient of the user's own backward. When the block
+exits, fused RNNs are replayed step by step on a graph of our own to get gates, lower layers' states and
+the total ``dL/dh_t``; attention weights are recomputed per head without dropout. Hooks exist only
+inside the block and never change a value: the training run is bit-identical with and without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.utils.hooks import RemovableHandle
+
+from lightning_rnnviz.probe.attention import (
+    encoder_layer_attention_input,
+    key_lengths_from_mask,
+    mha_weights,
+    unnest,
+)
+from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
+from lightning_rnnviz.probe.replay import LayerWeights, cell_gates, replay_rnn
+from lightning_rnnviz.probe.targets import CELL_TYPES, FUSED_TYPES, resolve_targets
+
+Extractor = Callable[[nn.Module, tuple, Any], Tensor]
+GradScale = float | Tensor | Callable[[], float | Tensor] | None
+
+
+class RNNVizWarning(UserWarning):
+    """A capture or render step failed; the run goes on without that picture."""
+
+
+def _in_backward() -> bool:
+    """True while autograd is running a backward pass (e.g. activation checkpointing recomputes)."""
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
+
+
+def _snapshot(module: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters(recurse=False)}
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+@dataclass
+class _Call:
+    """One call of a watched module during a recording."""
+
+    in_backward: bool
+    grads: dict[Any, Tensor] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Watch:
+    """Everything a recording keeps for one module."""
+
+    name: str
+    module: nn.Module
+    calls: list[_Call] = field(default_factory=list)
+    failed: str | None = None
+    attn_pending: bool = False  # encoder-layer fast path: set by the layer, cleared by self_attn
+
+
+def _choose_calls(calls: list[_Call]) -> list[_Call]:
+    """Deterministic choice among a block's calls of one module.
+
+    Calls made during a backward pass are activation-checkpointing recomputations; they are used only
+    when no forward call received a gradient but one of them did (reentrant checkpointing).
+    """
+    forward = [c for c in calls if not c.in_backward]
+    recompute = [c for c in calls if c.in_backward]
+    if not any(c.grads for c in forward) and any(c.grads for c in recompute):
+        return recompute
+    return forward or recompute
+
+
+def _last_call(calls: list[_Call]) -> _Call:
+    """The last call whose outputs received a gradient, else the last call."""
+    chosen = _choose_calls(calls)
+    with_grad = [c for c in chosen if c.grads]
+    return (with_grad or chosen)[-1]
+
+
+class Probe:
+    """Record what happens inside a model's recurrent and attention modules on one batch.
+
+    Supported: ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` (fused, replayed for gates and exact gradients),
+    ``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell`` called in a loop (each call is one step),
+    ``nn.MultiheadAttention`` (also inside the ``nn.Transformer*Layer`` modules), and any module with a
+    custom attention extractor.
+
+    Args:
+        model: the model to watch.
+        modules: qualified names (as in ``model.named_modules()``) or fnmatch patterns of the modules to
+            record; ``None`` records every supported module.
+        attention: ``{name or pattern: fn(module, args, output) -> weights}`` for custom attention
+            modules; ``weights`` is ``(batch, [heads,] T_out, T_in)``, or ``(batch, T_in)`` for one
+            decoding step. The rows of all calls in a block are stacked in call order.
+        strict: re-raise errors from capture and replay instead of warning once and dropping that
+            module's record (for tests).
+
+    Raises:
+        ValueError: a name or pattern matches no module (the message lists those that exist), names a
+            module of an unsupported type, or the model has no supported module.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_rnnviz import Probe
+        >>> model = torch.nn.LSTM(input_size=3, hidden_size=8, num_layers=2, batch_first=True)
+        >>> x = torch.randn(4, 10, 3)
+        >>> with Probe(model).record() as rec:
+        ...     output, (h_n, c_n) = model(x)
+        ...     output[:, -1].sum().backward()
+        >>> r = rec[""]  # the root module's name
+        >>> r.hidden.shape, r.hidden_grad.shape, r.grad_norm.shape
+        (torch.Size([2, 4, 10, 8]), torch.Size([2, 4, 10, 8]), torch.Size([2, 10]))
+        >>> bool(r.grad_norm[1, 0] > 0)  # many-to-one loss, yet the first step gets its true gradient
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: Iterable[str] | None = None,
+        attention: Mapping[str, Extractor] | None = None,
+        strict: bool = False,
+    ) -> None:
+        self.model = model
+        self.targets, extractor_keys = resolve_targets(model, modules, attention)
+        self.extractors: dict[str, Extractor] = {n: attention[k] for n, k in extractor_keys.items()}
+        self.strict = strict
+        self.error_counts: Counter[str] = Counter()
+        self._warned: set[str] = set()
+        self._layers = self._encoder_layers(model)
+
+    def _encoder_layers(self, model: nn.Module) -> dict[str, nn.TransformerEncoderLayer]:
+        """Encoder layers whose ``self_attn`` is watched: their fast path bypasses ``self_attn``."""
+        found = {}
+        for name, module in model.named_modules():
+            if isinstance(module, nn.TransformerEncoderLayer):
+                child = f"{name}.self_attn" if name else "self_attn"
+                if child in self.targets and child not in self.extractors:
+                    found[child] = module
+        return found
+
+    @contextlib.contextmanager
+    def record(self, max_samples: int | None = None, grad_scale: GradScale = None) -> Iterator[Recording]:
+        """Watch the modules inside this block; the recording is filled when the block exits.
+
+        Args:
+            max_samples: keep only the first ``max_samples`` sequences of the batch (and replay only
+                those); gradients stay exact since sequences do not interact inside a module.
+            grad_scale: the loss scale of a ``GradScaler`` (a number, a tensor or a function returning
+                one, read when the block exits): recorded gradients are divided by it.
+
+        Yields:
+            A :class:`Recording`, empty until the block exits.
+        """
+        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+            raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
+        session = _Session(self, max_samples)
+        recording = Recording()
+        try:
+            session.attach()
+            yield recording
+        finally:
+            session.detach()
+        session.finalize(recording, grad_scale)
+
+    def _fail(self, watch: _Watch, error: BaseException, where: str) -> None:
+        self.error_counts[watch.name] += 1
+        watch.failed = f"{type(error).__name__}: {error}"
+        if self.strict:
+            raise error
+        if watch.name not in self._warned:
+            self._warned.add(watch.name)
+            warnings.warn(
+                f"lightning_rnnviz could not {where} module {watch.name!r} ({watch.failed}); its record "
+                "is dropped and training goes on. Further errors of this module are counted in "
+                "`Probe.error_counts`. Pass `strict=True` to raise instead.",
+                RNNVizWarning,
+                stacklevel=2,
+            )
+
+
+class _Session:
+    """The hooks and captured data of one ``record()`` block."""
+
+    def __init__(self, probe: Probe, max_samples: int | None) -> None:
+        self.probe = probe
+        self.max_samples = max_samples
+        self.watches = {n: _Watch(n, m) for n, m in probe.targets.items()}
+        self.handles: list[RemovableHandle] = []
+
+    # --- hooks -----------------------------------------------------------------------------------
+    def attach(self) -> None:
+        for name, watch in self.watches.items():
+            module = watch.module
+            if name in self.probe.extractors:
+                hook = self._extractor_hook(watch)
+            elif isinstance(module, FUSED_TYPES):
+                hook = self._fused_hook(watch)
+            elif isinstance(module, CELL_TYPES):
+                hook = self._cell_hook(watch)
+            else:
+                hook = self._mha_hook(watch)
+            self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
+        for name, layer in self.probe._layers.items():
+            watch = self.watches[name]
+            self.handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(watch)))
+            self.handles.append(layer.register_forward_hook(self._layer_hook(watch), with_kwargs=True))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _guarded(self, watch: _Watch, where: str, fn: Callable[[], None]) -> None:
+        if watch.failed is not None:
+            return
+        try:
+            fn()
+        except Exception as error:  # noqa: BLE001 - never let our capture break the user's step
+            self.probe._fail(watch, error, where)
+
+    def _grad_hook(self, watch: _Watch, call: _Call, key: Any) -> Callable[[Tensor | None], None]:
+        def hook(grad: Tensor | None) -> None:
+            def keep() -> None:
+                if grad is None:
+                    return
+                g = grad.detach()
+                call.grads[key] = call.grads[key] + g if key in call.grads else g.clone()
+
+            self._guarded(watch, "capture the gradient of", keep)
+            # Returning None keeps the user's gradient untouched.
+
+        return hook
+
+    def _watch_grad(self, watch: _Watch, call: _Call, tensor: Tensor | None, key: Any) -> None:
+        if tensor is not None and tensor.requires_grad:
+            self.handles.append(tensor.register_hook(self._grad_hook(watch, call, key)))
+
+    def _fused_hook(self, watch: _Watch) -> Callable:
+        def hook(module: nn.RNNBase, args: tuple, kwargs: dict, output: Any) -> None:
+            def capture() -> None:
+                inp = _arg(args, kwargs, 0, "input")
+                hx = _arg(args, kwargs, 1, "hx")
+                out, hidden = output
+                call = _Call(in_backward=_in_backward())
+                if isinstance(inp, PackedSequence):
+                    inp = PackedSequence(inp.data.detach(), inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices)
+                else:
+                    inp = inp.detach()
+                if isinstance(hx, tuple):
+                    hx = tuple(h.detach() for h in hx)
+                elif hx is not None:
+                    hx = hx.detach()
+                call.data.update(
+                    input=inp,
+                    hx=hx,
+                    weights=_snapshot(module),
+                    training=module.training,
+                    grad_enabled=torch.is_grad_enabled(),
+                )
+                watch.calls.append(call)
+                h_n, c_n = hidden if isinstance(hidden, tuple) else (hidden, None)
+                out_tensor = out.data if isinstance(out, PackedSequence) else out
+                self._watch_grad(watch, call, out_tensor, "output")
+                self._watch_grad(watch, call, h_n, "h_n")
+                self._watch_grad(watch, call, c_n, "c_n")
+                # Only the packing layout of the output is kept, to unpack its gradient later.
+                call.data["output"] = (
+                    PackedSequence(torch.empty(0), out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+                    if isinstance(out, PackedSequence)
+                    else None
+                )
+
+            self._guarded(watch, "capture", capture)
+
+        return hook
+
+    def _cell_hook(self, watch: _Watch) -> Callable:
+        def hook(module: nn.RNNCellBase, args: tuple, kwargs: dict, output: Any) -> None:
+            def capture() -> None:
+                x = _arg(args, kwargs, 0, "input")
+                hx = _arg(args, kwargs, 1, "hx")
+                h, c = output if isinstance(output, tuple) else (output, None)
+                if isinstance(hx, tuple):
+                    hx = hx[0]
+                versions = tuple(p._version for p in module.parameters(recurse=False))
+                previous = watch.calls[-1].data if watch.calls else None
+                weights = (
+                    previous["weights"]
+                    if previous is not None and previous["versions"] == versions
+                    else _snapshot(module)
+                )
+                call = _Call(in_backward=_in_backward())
+                call.data.update(
+                    x=x.detach(),
+                    h_prev=None if hx is None else hx.detach(),
+                    h=h.detach(),
+                    c=None if c is None else c.detach(),
+                    weights=weights,
+                    versions=versions,
+                    grad_enabled=torch.is_grad_enabled(),
+                )
+                watch.calls.append(call)
+                self._watch_grad(watch, call, h, "h")
+                self._watch_grad(watch, call, c, "c")
+
+            self._guarded(watch, "capture", capture)
+
+        return hook
+
+    def _sliced(self, t: Tensor, dim: int) -> Tensor:
+        return t if self.max_samples is None else t.narrow(dim, 0, min(self.max_samples, t.shape[dim]))
+
+    def _store_attention(self, watch: _Watch, weights: Tensor, key_padding_mask: Tensor | None) -> None:
+        call = _Call(in_backward=False)
+        call.data.update(attention=weights, key_lengths=key_lengths_from_mask(key_padding_mask, batched=True))
+        watch.calls.append(call)
+
+    def _mha_recompute(self, module: nn.MultiheadAttention, q, k, v, kpm, mask, is_causal, watch: _Watch):
+        batched = q.dim() == 3
+        if batched and self.max_samples is not None:
+            dim = 0 if module.batch_first else 1
+            q, k, v = (self._sliced(t, dim) for t in (q, k, v))
+            kpm = None if kpm is None else self._sliced(kpm, 0)
+            if mask is not None and mask.dim() == 3:
+                mask = mask[: q.shape[dim] * module.num_heads]
+        with torch.autocast(q.device.type, enabled=False):
+            weights = mha_weights(module, q, k, v, kpm, mask, is_causal)
+        if kpm is not None and not batched:
+            kpm = kpm.unsqueeze(0)
+        extra = module.bias_k is not None or module.add_zero_attn
+        self._store_attention(watch, weights, None if extra else kpm)
+
+    def _mha_hook(self, watch: _Watch) -> Callable:
+        def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
+            if _in_backward():
+                return  # a checkpointing recomputation: same weights as the forward call
+
+            def capture() -> None:
+                watch.attn_pending = False
+                q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
+                kpm = _arg(args, kwargs, 3, "key_padding_mask")
+                mask = _arg(args, kwargs, 5, "attn_mask")
+                is_causal = bool(_arg(args, kwargs, 7, "is_causal", False))
+                self._mha_recompute(module, q, k, v, kpm, mask, is_causal, watch)
+
+            self._guarded(watch, "capture", capture)
+
+        return hook
+
+    def _layer_pre_hook(self, watch: _Watch) -> Callable:
+        def hook(layer: nn.Module, args: tuple) -> None:
+            watch.attn_pending = True
+
+        return hook
+
+    def _layer_hook(self, watch: _Watch) -> Callable:
+        """Encoder layers on their fused fast path never call ``self_attn``: recompute from their input."""
+
+        def hook(layer: nn.TransformerEncoderLayer, args: tuple, kwargs: dict, output: Any) -> None:
+            if not watch.attn_pending or _in_backward():
+                return
+
+            def capture() -> None:
+                watch.attn_pending = False
+                src = _arg(args, kwargs, 0, "src")
+                mask = _arg(args, kwargs, 1, "src_mask")
+                kpm = _arg(args, kwargs, 2, "src_key_padding_mask")
+                is_causal = bool(_arg(args, kwargs, 3, "is_causal", False))
+                src, nested_kpm = unnest(src)
+                kpm = nested_kpm if nested_kpm is not None else kpm
+                x = encoder_layer_attention_input(layer, src)
+                self._mha_recompute(layer.self_attn, x, x, x, kpm, mask, is_causal, watch)
+
+            self._guarded(watch, "capture", capture)
+
+        return hook
+
+    def _extractor_hook(self, watch: _Watch) -> Callable:
+        extractor = self.probe.extractors[watch.name]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if _in_backward():
+                return
+
+            def capture() -> None:
+                weights = extractor(module, args, output)
+                if not isinstance(weights, Tensor) or not 2 <= weights.dim() <= 4:
+                    raise ValueError(
+                        "the attention extractor must return a tensor (batch, [heads,] T_out, T_in) or "
+                        f"(batch, T_in), got {getattr(weights, 'shape', type(weights))}"
+                    )
+                w = weights.detach()
+                if w.dim() == 2:
+                    w = w[:, None, None, :]
+                elif w.dim() == 3:
+                    w = w[:, None]
+                self._store_attention(watch, self._sliced(w, 0), None)
+
+            self._guarded(watch, "capture", capture)
+
+        return hook
+
+    # --- after the block -------------------------------------------------------------------------
+    def finalize(self, recording: Recording, grad_scale: GradScale) -> None:
+        scale = grad_scale() if callable(grad_scale) else grad_scale
+        scale = None if scale is None else float(scale)
+        for name, watch in self.watches.items():
+            if watch.failed is None and watch.calls:
+                try:
+                    record = self._build(watch, scale)
+                except Exception as error:  # noqa: BLE001
+                    self.probe._fail(watch, error, "replay")
+                else:
+                    if record is not None:
+                        recording.records[name] = record
+            if watch.failed is not None:
+                recording.errors[name] = watch.failed
+
+    def _build(self, watch: _Watch, scale: float | None) -> RNNRecord | AttentionRecord | None:
+        module = watch.module
+        if watch.name in self.probe.extractors or isinstance(module, nn.MultiheadAttention):
+            return self._build_attention(watch)
+        if isinstance(module, FUSED_TYPES):
+            return self._build_fused(watch, _last_call(watch.calls), scale)
+        return self._build_cell(watch, _choose_calls(watch.calls), scale)
+
+    def _build_attention(self, watch: _Watch) -> AttentionRecord:
+        if watch.name in self.probe.extractors:
+            parts = [c.data["attention"] for c in watch.calls]
+            weights = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+            return AttentionRecord(watch.name, "custom", weights.float().cpu())
+        call = watch.calls[-1]
+        return AttentionRecord(
+            watch.name, "MultiheadAttention", call.data["attention"].float().cpu(), call.data["key_lengths"]
+        )
+
+    def _build_fused(self, watch: _Watch, call: _Call, scale: float | None) -> RNNRecord:
+        module: nn.RNNBase = watch.module  # type: ignore[assignment]
+        data = call.data
+        weights = data["weights"]
+        dtype = torch.float64 if next(iter(weights.values())).dtype == torch.float64 else torch.float32
+        inp = data["input"]
+        lengths = None
+        packed_layout = data["output"]
+        if isinstance(inp, PackedSequence):
+            x, lengths = pad_packed_sequence(inp)
+            unbatched = False
+        else:
+            unbatched = inp.dim() == 2
+            x = inp.unsqueeze(1) if unbatched else (inp.transpose(0, 1) if module.batch_first else inp)
+        device = next(iter(weights.values())).device
+        x = x.to(device, dtype)
+        steps, batch = x.shape[:2]
+        dirs = 2 if module.bidirectional else 1
+        rows = module.num_layers * dirs
+        proj = module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
+        is_lstm = module.mode == "LSTM"
+
+        hx = data["hx"]
+        h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
+        if h0 is None:
+            h0 = x.new_zeros(rows, batch, proj)
+        if is_lstm and c0 is None:
+            c0 = x.new_zeros(rows, batch, module.hidden_size)
+        if unbatched:
+            h0 = h0.unsqueeze(1) if h0.dim() == 2 else h0
+            c0 = c0.unsqueeze(1) if c0 is not None and c0.dim() == 2 else c0
+
+        grads = {k: g.to(device, dtype) / (scale or 1.0) for k, g in call.grads.items()}
+        g_out = grads.get("output")
+        if g_out is not None:
+            if packed_layout is not None:
+                g_out, _ = pad_packed_sequence(packed_layout._replace(data=g_out), total_length=steps)
+            elif unbatched:
+                g_out = g_out.unsqueeze(1)
+            elif module.batch_first:
+                g_out = g_out.transpose(0, 1)
+        g_hn, g_cn = grads.get("h_n"), grads.get("c_n")
+        if unbatched:
+            g_hn = g_hn.unsqueeze(1) if g_hn is not None else None
+            g_cn = g_cn.unsqueeze(1) if g_cn is not None else None
+
+        h0 = h0.to(device, dtype)
+        c0 = c0.to(device, dtype) if c0 is not None else None
+        if self.max_samples is not None and self.max_samples < batch:
+            k = self.max_samples
+            x, h0 = x[:, :k], h0[:, :k]
+            c0 = c0[:, :k] if c0 is not None else None
+            g_out = g_out[:, :k] if g_out is not None else None
+            g_hn = g_hn[:, :k] if g_hn is not None else None
+            g_cn = g_cn[:, :k] if g_cn is not None else None
+            if lengths is not None:
+                lengths = lengths[:k]
+                steps = int(lengths.max())
+                x = x[:steps]
+                g_out = g_out[:steps] if g_out is not None else None
+            batch = k
+
+        layer_weights = [
+            [LayerWeights.from_flat({n: w.to(dtype) for n, w in weights.items()}, layer, d) for d in range(dirs)]
+            for layer in range(module.num_layers)
+        ]
+        lengths_dev = lengths.to(device) if lengths is not None else None
+        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths_dev, g_out, g_hn, g_cn)
+
+        def out(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.transpose(1, 2).float().cpu().contiguous()
+
+        notes: tuple[str, ...] = ()
+        exact = True
+        if data["training"] and module.dropout > 0 and module.num_layers > 1:
+            exact = False
+            notes = (
+                f"inter-layer dropout (p={module.dropout}) in training mode cannot be replayed: layer 0 "
+                "states and gates are exact; higher layers and all gradients are those of the network "
+                "without dropout",
+            )
+        return RNNRecord(
+            name=watch.name,
+            kind=module.mode,
+            hidden=out(result.hidden),
+            gates={k: out(v) for k, v in result.gates.items()},
+            hidden_grad=out(result.hidden_grad),
+            cell=out(result.cell),
+            cell_grad=out(result.cell_grad),
+            lengths=lengths.cpu() if lengths is not None else torch.full((batch,), steps, dtype=torch.long),
+            num_layers=module.num_layers,
+            num_directions=dirs,
+            exact=exact,
+            notes=notes,
+            grad_enabled=data["grad_enabled"],
+        )
+
+    def _build_cell(self, watch: _Watch, calls: list[_Call], scale: float | None) -> RNNRecord:
+        module: nn.RNNCellBase = watch.module  # type: ignore[assignment]
+        kind = type(module).__name__
+
+        def batched(t: Tensor) -> Tensor:
+            return t.unsqueeze(0) if t.dim() == 1 else t
+
+        sizes = {batched(c.data["x"]).shape[0] for c in calls}
+        if len(sizes) > 1:
+            raise ValueError(f"the cell was called with varying batch sizes {sorted(sizes)} in one block")
+        k = self.max_samples
+        x = torch.stack([batched(c.data["x"])[:k] for c in calls]).float()  # (calls, B, I)
+        h = torch.stack([batched(c.data["h"])[:k] for c in calls]).float()
+        h_prev = torch.stack(
+            [torch.zeros_like(h[0]) if c.data["h_prev"] is None else batched(c.data["h_prev"])[:k].float() for c in calls]
+        )
+        cell = torch.stack([batched(c.data["c"])[:k] for c in calls]).float() if kind == "LSTMCell" else None
+        mode = {"LSTMCell": "LSTM", "GRUCell": "GRU"}.get(kind, "RNN")
+        gate_rows = []
+        with torch.no_grad():
+            for i, c in enumerate(calls):
+                if i == 0 or c.data["weights"] is not calls[i - 1].data["weights"]:
+                    w = c.data["weights"]
+                    lw = LayerWeights(
+                        w["weight_ih"].float(), w["weight_hh"].float(),
+                        w["bias_ih"].float() if "bias_ih" in w else None,
+                        w["bias_hh"].float() if "bias_hh" in w else None,
+                    )
+                gate_rows.append(cell_gates(mode, x[i], h_prev[i], lw))
+        gates = {g: torch.stack([row[g] for row in gate_rows]) for g in gate_rows[0]} if gate_rows[0] else {}
+
+        def grads(key: str, like: Tensor) -> Tensor | None:
+            if not any(key in c.grads for c in calls):
+                return None
+            rows = [batched(c.grads[key])[:k].float() if key in c.grads else torch.zeros_like(like[0]) for c in calls]
+            g = torch.stack(rows)
+            return g / scale if scale else g
+
+        def out(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.transpose(0, 1).unsqueeze(0).cpu().contiguous()
+
+        hidden = out(h)
+        return RNNRecord(
+            name=watch.name,
+            kind=kind,
+            hidden=hidden,
+            gates={g: out(v) for g, v in gates.items()},
+            hidden_grad=out(grads("h", h)),
+            cell=out(cell),
+            cell_grad=out(grads("c", cell)) if cell is not None else None,
+            lengths=torch.full((hidden.shape[1],), hidden.shape[2], dtype=torch.long),
+            grad_enabled=any(c.data["grad_enabled"] for c in calls),
+        )

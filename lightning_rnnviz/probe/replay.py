@@ -1,0 +1,367 @@
+"""Step-by-step replay of fused ``nn.RNN/LSTM/GRU`` modules and vectorised gate recomputation.
+
+A fused module hides its gates, its lower layers' states and the per-step gradients. Replaying it step
+by step from the recorded input and weights, on a graph of our own, gives all of them; back-propagating
+the upstream gradients the training backward delivered to the module's outputs gives the exact total
+``dL/dh_t``. Nothing here touches the user's graph, parameters or ``.grad``.
+
+Shapes below use ``T`` time, ``B`` batch, ``I`` input features, ``H`` hidden size, ``P`` the hidden
+output size (``proj_size`` for a projected LSTM, else ``H``), ``D`` directions, ``L`` layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from lightning_rnnviz.probe.records import GRU_GATES, LSTM_GATES
+
+_CELL_OPS = {
+    "LSTM": torch.lstm_cell,
+    "GRU": torch.gru_cell,
+    "RNN_TANH": torch.rnn_tanh_cell,
+    "RNN_RELU": torch.rnn_relu_cell,
+}
+
+
+@dataclass
+class LayerWeights:
+    """The weights of one layer and direction, named as PyTorch names them."""
+
+    w_ih: Tensor
+    w_hh: Tensor
+    b_ih: Tensor | None = None
+    b_hh: Tensor | None = None
+    w_hr: Tensor | None = None
+
+    @classmethod
+    def from_flat(cls, weights: dict[str, Tensor], layer: int, direction: int) -> LayerWeights:
+        """Pick ``weight_ih_l{layer}[_reverse]`` etc. out of a module's flat weights."""
+        suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        return cls(
+            w_ih=weights[f"weight_ih{suffix}"],
+            w_hh=weights[f"weight_hh{suffix}"],
+            b_ih=weights.get(f"bias_ih{suffix}"),
+            b_hh=weights.get(f"bias_hh{suffix}"),
+            w_hr=weights.get(f"weight_hr{suffix}"),
+        )
+
+
+@dataclass
+class ReplayResult:
+    """Per-step quantities of a replay, time-major: first axis ``L*D``, then ``T, B, ...``."""
+
+    hidden: Tensor  # (L*D, T, B, P)
+    cell: Tensor | None  # (L*D, T, B, H)
+    gates: dict[str, Tensor]  # each (L*D, T, B, H)
+    hidden_grad: Tensor | None  # (L*D, T, B, P)
+    cell_grad: Tensor | None  # (L*D, T, B, H)
+
+
+def lstm_gates(x: Tensor, h_prev: Tensor, w: LayerWeights) -> dict[str, Tensor]:
+    """LSTM gate activations from step inputs and previous hidden states, in one vectorised pass.
+
+    Args:
+        x: ``(..., I)`` the layer's input at each step.
+        h_prev: ``(..., P)`` the hidden state each step started from.
+        w: the layer's weights.
+
+    Returns:
+        ``input, forget, cell, output`` gates, each ``(..., H)``; ``cell`` is the tanh candidate.
+    """
+    pre = F.linear(x, w.w_ih, w.b_ih) + F.linear(h_prev, w.w_hh, w.b_hh)
+    i, f, g, o = pre.chunk(4, dim=-1)
+    values = (torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o))
+    return dict(zip(LSTM_GATES, values))
+
+
+def gru_gates(x: Tensor, h_prev: Tensor, w: LayerWeights) -> dict[str, Tensor]:
+    """GRU gate activations, PyTorch's formula: ``n = tanh(W_in x + b_in + r * (W_hn h + b_hn))``.
+
+    Args:
+        x: ``(..., I)`` the layer's input at each step.
+        h_prev: ``(..., H)`` the hidden state each step started from.
+        w: the layer's weights.
+
+    Returns:
+        ``reset, update, new`` gates, each ``(..., H)``.
+    """
+    gi = F.linear(x, w.w_ih, w.b_ih)
+    gh = F.linear(h_prev, w.w_hh, w.b_hh)
+    i_r, i_z, i_n = gi.chunk(3, dim=-1)
+    h_r, h_z, h_n = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return dict(zip(GRU_GATES, (r, z, n)))
+
+
+def cell_gates(mode: str, x: Tensor, h_prev: Tensor, w: LayerWeights) -> dict[str, Tensor]:
+    """Gates for ``mode`` (``"LSTM"``, ``"GRU"``, ``"RNN_*"``: no gates, empty dict)."""
+    if mode == "LSTM":
+        return lstm_gates(x, h_prev, w)
+    if mode == "GRU":
+        return gru_gates(x, h_prev, w)
+    return {}
+
+
+def _step(mode: str, x_t: Tensor, h: Tensor, c: Tensor | None, w: LayerWeights) -> tuple[Tensor, Tensor | None]:
+    """One step of a cell. ``torch.lstm_cell`` assumes ``h`` and ``c`` share a size, so a projected LSTM
+    step is written out."""
+    if mode == "LSTM":
+        if w.w_hr is None:
+            return torch.lstm_cell(x_t, (h, c), w.w_ih, w.w_hh, w.b_ih, w.b_hh)
+        i, f, g, o = lstm_gates(x_t, h, w).values()
+        c_new = f * c + i * g
+        return F.linear(o * torch.tanh(c_new), w.w_hr), c_new
+    return _CELL_OPS[mode](x_t, h, w.w_ih, w.w_hh, w.b_ih, w.b_hh), None
+
+
+def replay_rnn(
+    mode: str,
+    weights: list[list[LayerWeights]],
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None = None,
+    lengths: Tensor | None = None,
+    grad_output: Tensor | None = None,
+    grad_h_n: Tensor | None = None,
+    grad_c_n: Tensor | None = None,
+) -> ReplayResult:
+    """Replay a fused RNN layer by layer and, given upstream gradients, compute the total ``dL/dh_t``.
+
+    Each layer's states come from the fused kernel run on that layer alone (so nothing is slower than
+    the module's own forward); gates are recomputed from ``(x_t, h_{t-1})`` in one vectorised pass; the
+    total gradients come from back-propagation through time written out per step (one matmul and a few
+    elementwise operations a step, no autograd graph). Steps past a sequence's length are skipped, so
+    the reverse direction starts at each sequence's own end, as with a ``PackedSequence``; padded steps
+    are zero in the result.
+
+    Args:
+        mode: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``.
+        weights: ``weights[layer][direction]``.
+        x: ``(T, B, I)`` the module's input, padded.
+        h0: ``(L*D, B, P)`` initial hidden state.
+        c0: ``(L*D, B, H)`` initial cell state (LSTM).
+        lengths: ``(B,)`` valid lengths, on ``x``'s device; ``None`` when every sequence has ``T`` steps.
+        grad_output: ``(T, B, D*P)`` upstream gradient of the module's output (zero at padded steps).
+        grad_h_n: ``(L*D, B, P)`` upstream gradient of ``h_n``.
+        grad_c_n: ``(L*D, B, H)`` upstream gradient of ``c_n``.
+
+    Returns:
+        The per-step hidden and cell states, gates and, when any upstream gradient is given, the total
+        gradients with respect to every hidden (and cell) state.
+    """
+    num_layers, num_dirs = len(weights), len(weights[0])
+    steps, batch = x.shape[:2]
+    if lengths is not None and not bool((lengths < steps).any()):
+        lengths = None
+    valid = None
+    if lengths is not None:
+        valid = (torch.arange(steps, device=x.device).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(-1)
+    with torch.no_grad():
+        layer_inputs, rows = [], []
+        layer_in = x
+        for layer in range(num_layers):
+            layer_inputs.append(layer_in)
+            first = layer * num_dirs
+            h_layer = _layer_forward(mode, weights[layer], layer_in, h0[first : first + num_dirs],
+                                     None if c0 is None else c0[first : first + num_dirs], lengths)
+            for direction in range(num_dirs):
+                index = first + direction
+                h_prev = _previous(h_layer[direction], h0[index], direction, valid)
+                rows.append(_Row(mode, weights[layer][direction], direction, layer_in, h_layer[direction],
+                                 h_prev, None if c0 is None else c0[index], valid))
+            layer_in = h_layer[0] if num_dirs == 1 else torch.cat(h_layer, dim=-1)
+
+        hidden_grad = cell_grad = None
+        if any(g is not None for g in (grad_output, grad_h_n, grad_c_n)):
+            hidden_grad, cell_grad = _backward(rows, num_layers, num_dirs, x, lengths, valid,
+                                               grad_output, grad_h_n, grad_c_n)
+
+        hidden = torch.stack([r.h for r in rows])
+        cell = torch.stack([r.c for r in rows]) if mode == "LSTM" else None
+        gates = {name: torch.stack([r.gates[name] for r in rows]) for name in rows[0].gates}
+        if valid is not None:
+            mask = valid.to(hidden.dtype)
+            hidden = hidden * mask
+            cell = cell * mask if cell is not None else None
+            gates = {k: v * mask for k, v in gates.items()}
+    return ReplayResult(hidden, cell, gates, hidden_grad, cell_grad)
+
+
+_FUSED_OPS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}
+
+
+def _layer_forward(
+    mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None, lengths: Tensor | None
+) -> list[Tensor]:
+    """Hidden states ``(T, B, P)`` of each direction of one layer, from the fused kernel."""
+    if mode == "LSTM" and weights[0].w_hr is not None:
+        return [_projected_lstm_forward(w, x, h0[d], c0[d], lengths, d) for d, w in enumerate(weights)]
+    params: list[Tensor] = []
+    for w in weights:
+        params += [w.w_ih, w.w_hh] + ([w.b_ih, w.b_hh] if w.b_ih is not None else [])
+    hx = (h0, c0) if mode == "LSTM" else h0
+    op, bidirectional, has_bias = _FUSED_OPS[mode], len(weights) == 2, weights[0].b_ih is not None
+    if lengths is None:
+        out = op(x, hx, params, has_bias, 1, 0.0, False, bidirectional, False)[0]
+    else:
+        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        order = packed.sorted_indices
+        hx = (h0[:, order], c0[:, order]) if mode == "LSTM" else h0[:, order]
+        data = op(packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, False, bidirectional)[0]
+        out, _ = pad_packed_sequence(packed._replace(data=data), total_length=x.shape[0])
+    return list(out.chunk(len(weights), dim=-1))
+
+
+def _projected_lstm_forward(
+    w: LayerWeights, x: Tensor, h: Tensor, c: Tensor, lengths: Tensor | None, direction: int
+) -> Tensor:
+    """One direction of a projected LSTM layer, step by step (oneDNN has no projected kernel)."""
+    steps = x.shape[0]
+    out = x.new_zeros(steps, h.shape[0], h.shape[1])
+    for t in range(steps) if direction == 0 else range(steps - 1, -1, -1):
+        h_new, c_new = _step("LSTM", x[t], h, c, w)
+        if lengths is not None:
+            keep = (t < lengths).unsqueeze(-1)
+            h_new, c_new = torch.where(keep, h_new, h), torch.where(keep, c_new, c)
+        h, c = h_new, c_new
+        out[t] = h
+    return out
+
+
+def _previous(h: Tensor, h0: Tensor, direction: int, valid: Tensor | None) -> Tensor:
+    """``(T, B, P)``: the state each step started from, ``h0`` where a sequence starts."""
+    first = h0.unsqueeze(0).to(h.dtype)
+    if direction == 0:
+        return torch.cat([first, h[:-1]])
+    shifted = torch.cat([h[1:], first])
+    if valid is None:
+        return shifted
+    next_valid = torch.cat([valid[1:], torch.zeros_like(valid[:1])])
+    return torch.where(next_valid, shifted, first)
+
+
+class _Row:
+    """One layer and direction of a replay: its states, gates and the factors its backward needs."""
+
+    def __init__(self, mode: str, w: LayerWeights, direction: int, x: Tensor, h: Tensor, h_prev: Tensor,
+                 c0: Tensor | None, valid: Tensor | None) -> None:
+        self.mode, self.w, self.direction, self.h = mode, w, direction, h
+        self.c: Tensor | None = None
+        self.gates = cell_gates(mode, x, h_prev, w)
+        if mode == "LSTM":
+            i, f, g, o = (self.gates[k] for k in LSTM_GATES)
+            ig = i * g
+            steps = x.shape[0]
+            c_all = torch.empty_like(ig)
+            c = c0
+            for t in range(steps) if direction == 0 else range(steps - 1, -1, -1):
+                c_new = torch.addcmul(ig[t], f[t], c)
+                c = torch.where(valid[t], c_new, c) if valid is not None else c_new
+                c_all[t] = c
+            self.c = c_all
+            c_prev = _previous(c_all, c0, direction, valid)
+            tanh_c = torch.tanh(c_all)
+            # d(pre-activation) / dc for the input, forget and candidate gates, stacked (T, B, 3, H).
+            self.dc_factor = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2)
+            self.do_factor = tanh_c * o * (1 - o)
+            self.dh_to_dc = o * (1 - tanh_c * tanh_c)
+            self.forget = f
+        elif mode == "GRU":
+            r, z, n = (self.gates[k] for k in GRU_GATES)
+            gh_n = F.linear(h_prev, w.w_hh.chunk(3)[2], None if w.b_hh is None else w.b_hh.chunk(3)[2])
+            dn = (1 - z) * (1 - n * n)
+            dr = dn * gh_n * r * (1 - r)
+            dz = (h_prev - n) * z * (1 - z)
+            self.gi_factor = torch.stack([dr, dz, dn], dim=2)  # (T, B, 3, H)
+            self.gh_factor = torch.stack([dr, dz, dn * r], dim=2)
+            self.keep = z
+        elif mode == "RNN_TANH":
+            self.pre_factor = 1 - h * h
+        else:
+            self.pre_factor = (h > 0).to(h.dtype)
+
+
+def _backward(rows: list[_Row], num_layers: int, num_dirs: int, x: Tensor, lengths: Tensor | None,
+              valid: Tensor | None, grad_output: Tensor | None, grad_h_n: Tensor | None,
+              grad_c_n: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Back-propagation through time and layers; returns ``(dL/dh, dL/dc)``, each ``(L*D, T, B, .)``."""
+    steps, batch = x.shape[:2]
+    mask = valid.to(x.dtype) if valid is not None else None
+    arange = torch.arange(batch, device=x.device)
+    last = (lengths - 1) if lengths is not None else torch.full((batch,), steps - 1, device=x.device)
+    hidden_grad: list[Tensor] = [None] * len(rows)  # type: ignore[list-item]
+    cell_grad: list[Tensor] = [None] * len(rows)  # type: ignore[list-item]
+    direct = grad_output  # (T, B, D*P): gradient reaching this layer's output from above
+    for layer in range(num_layers - 1, -1, -1):
+        d_input = None
+        for direction in range(num_dirs):
+            index = layer * num_dirs + direction
+            row = rows[index]
+            size = row.h.shape[-1]
+            seed = (direct[..., direction * size : (direction + 1) * size].clone() if direct is not None
+                    else torch.zeros_like(row.h))
+            final = last if direction == 0 else torch.zeros_like(last)
+            if grad_h_n is not None:
+                seed[final, arange] += grad_h_n[index]
+            seed_c = None
+            if row.mode == "LSTM":
+                seed_c = torch.zeros_like(row.c)
+                if grad_c_n is not None:
+                    seed_c[final, arange] += grad_c_n[index]
+            dh_all, dc_all, d_pre = _backward_row(row, seed, seed_c, mask)
+            hidden_grad[index], cell_grad[index] = dh_all, dc_all
+            contribution = F.linear(d_pre, row.w.w_ih.t())  # (T, B, I): gradient into the layer input
+            d_input = contribution if d_input is None else d_input + contribution
+        direct = d_input
+    return torch.stack(hidden_grad), (torch.stack(cell_grad) if rows[0].mode == "LSTM" else None)
+
+
+def _backward_row(row: _Row, seed: Tensor, seed_c: Tensor | None,
+                  mask: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Backward through one layer and direction, in reverse processing order.
+
+    Returns the total gradients w.r.t. ``h_t`` and ``c_t`` and the gradient w.r.t. each step's
+    input-side pre-activations ``(T, B, G*H)`` (to be multiplied by ``W_ih``).
+    """
+    steps, batch = seed.shape[:2]
+    w_hh = row.w.w_hh
+    dh_all = torch.empty_like(seed)
+    dc_all = torch.empty_like(seed_c) if seed_c is not None else None
+    d_pre = None
+    dh_rec = torch.zeros_like(seed[0])
+    dc_rec = torch.zeros_like(seed_c[0]) if seed_c is not None else None
+    order = range(steps - 1, -1, -1) if row.direction == 0 else range(steps)
+    for t in order:
+        dh = seed[t] + dh_rec
+        if mask is not None:
+            dh = dh * mask[t]
+        dh_all[t] = dh
+        if row.mode == "LSTM":
+            dh_cell = dh @ row.w.w_hr if row.w.w_hr is not None else dh
+            dc = torch.addcmul(dc_rec + seed_c[t], dh_cell, row.dh_to_dc[t])
+            if mask is not None:
+                dc = dc * mask[t]
+            dc_all[t] = dc
+            d_ifg = (dc.unsqueeze(1) * row.dc_factor[t]).flatten(1)
+            d_step = torch.cat([d_ifg, dh_cell * row.do_factor[t]], dim=1)
+            dc_rec = dc * row.forget[t]
+            dh_rec = d_step @ w_hh
+            d_in = d_step
+        elif row.mode == "GRU":
+            d_in = (dh.unsqueeze(1) * row.gi_factor[t]).flatten(1)
+            d_hid = (dh.unsqueeze(1) * row.gh_factor[t]).flatten(1)
+            dh_rec = torch.addmm(dh * row.keep[t], d_hid, w_hh)
+        else:
+            d_in = dh * row.pre_factor[t]
+            dh_rec = d_in @ w_hh
+        if d_pre is None:
+            d_pre = seed.new_zeros(steps, batch, d_in.shape[-1])
+        d_pre[t] = d_in
+    return dh_all, dc_all, d_pre
