@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def mha_weights(
+def mha_forward(
     mha: nn.MultiheadAttention,
     query: Tensor,
     key: Tensor,
@@ -15,12 +15,13 @@ def mha_weights(
     key_padding_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
-) -> Tensor:
-    """Recompute the attention weights of one ``nn.MultiheadAttention`` call, per head and without dropout.
+) -> tuple[Tensor, Tensor]:
+    """One ``nn.MultiheadAttention`` call recomputed off the forward path: its output and per-head weights.
 
     The module's own parameters are used through ``F.multi_head_attention_forward`` with
     ``need_weights=True, average_attn_weights=False, training=False``, so the user's forward (which may
-    have taken the fused fast path with ``need_weights=False``) is untouched and no RNG is drawn.
+    have taken the fused fast path with ``need_weights=False``) is untouched and no RNG is drawn. No
+    module is called, so no forward hook fires.
 
     Args:
         mha: the module.
@@ -29,14 +30,15 @@ def mha_weights(
         key_padding_mask, attn_mask, is_causal: as passed to the call.
 
     Returns:
-        ``(batch, heads, T_query, T_key)`` weights, batch-first; unbatched input gives ``batch == 1``.
+        The attention output in the module's layout, and ``(batch, heads, T_query, T_key)`` weights,
+        batch-first; unbatched input gives ``batch == 1``.
     """
     batched = query.dim() == 3
     if mha.batch_first and batched:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     separate = not mha._qkv_same_embed_dim
     with torch.no_grad():
-        _, weights = F.multi_head_attention_forward(
+        output, weights = F.multi_head_attention_forward(
             query,
             key,
             value,
@@ -61,7 +63,23 @@ def mha_weights(
             average_attn_weights=False,
             is_causal=is_causal,
         )
-    return weights if batched else weights.unsqueeze(0)
+    if mha.batch_first and batched:
+        output = output.transpose(0, 1)
+    return output, (weights if batched else weights.unsqueeze(0))
+
+
+def mha_weights(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+) -> Tensor:
+    """``(batch, heads, T_query, T_key)`` weights of one call, per head and without dropout; see
+    :func:`mha_forward`."""
+    return mha_forward(mha, query, key, value, key_padding_mask, attn_mask, is_causal)[1]
 
 
 def key_lengths_from_mask(key_padding_mask: Tensor | None, batched: bool) -> Tensor | None:
@@ -79,19 +97,41 @@ def key_lengths_from_mask(key_padding_mask: Tensor | None, batched: bool) -> Ten
     return lengths.cpu() if right_padded else None
 
 
-def encoder_layer_attention_input(layer: nn.TransformerEncoderLayer, src: Tensor) -> Tensor:
-    """The tensor ``layer.self_attn`` sees: ``src``, or ``norm1(src)`` when ``norm_first``."""
-    if not layer.norm_first:
-        return src
-    norm = layer.norm1
-    return F.layer_norm(src, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
-def unnest(src: Tensor) -> tuple[Tensor, Tensor | None]:
-    """A nested tensor (the encoder's fast path) as a zero-padded tensor and its key padding mask."""
-    if not src.is_nested:
-        return src, None
-    lengths = torch.tensor([t.shape[0] for t in src.unbind()], device=src.device)
-    padded = src.to_padded_tensor(0.0)
-    steps = torch.arange(padded.shape[1], device=src.device)
-    return padded, steps.unsqueeze(0) >= lengths.unsqueeze(1)
+def encoder_layer_step(
+    layer: nn.TransformerEncoderLayer,
+    src: Tensor,
+    src_mask: Tensor | None = None,
+    src_key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """An eval-mode ``nn.TransformerEncoderLayer`` written out with its own parameters.
+
+    Used to follow a stack of encoder layers whose fused fast path must not be disturbed by hooks: no
+    module is called (so no hook fires and no RNG is drawn: eval mode has no dropout).
+
+    Returns:
+        The layer's output (equal to the module's up to float rounding) and its self-attention
+        weights ``(batch, heads, T, T)``.
+    """
+
+    def attention(x: Tensor) -> tuple[Tensor, Tensor]:
+        return mha_forward(layer.self_attn, x, x, x, src_key_padding_mask, src_mask, is_causal)
+
+    def feed_forward(x: Tensor) -> Tensor:
+        return F.linear(layer.activation(F.linear(x, layer.linear1.weight, layer.linear1.bias)),
+                        layer.linear2.weight, layer.linear2.bias)
+
+    with torch.no_grad():
+        if layer.norm_first:
+            attended, weights = attention(_layer_norm(layer.norm1, src))
+            x = src + attended
+            x = x + feed_forward(_layer_norm(layer.norm2, x))
+        else:
+            attended, weights = attention(src)
+            x = _layer_norm(layer.norm1, src + attended)
+            x = _layer_norm(layer.norm2, x + feed_forward(x))
+    return x, weights

@@ -21,12 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils.hooks import RemovableHandle
 
-from lightning_rnnviz.probe.attention import (
-    encoder_layer_attention_input,
-    key_lengths_from_mask,
-    mha_weights,
-    unnest,
-)
+from lightning_rnnviz.probe.attention import encoder_layer_step, key_lengths_from_mask, mha_weights
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
 from lightning_rnnviz.probe.replay import LayerWeights, cell_gates, replay_rnn
 from lightning_rnnviz.probe.targets import CELL_TYPES, FUSED_TYPES, resolve_targets
@@ -72,7 +67,6 @@ class _Watch:
     module: nn.Module
     calls: list[_Call] = field(default_factory=list)
     failed: str | None = None
-    attn_pending: bool = False  # encoder-layer fast path: set by the layer, cleared by self_attn
 
 
 def _choose_calls(calls: list[_Call]) -> list[_Call]:
@@ -146,16 +140,29 @@ class Probe:
         self.strict = strict
         self.error_counts: Counter[str] = Counter()
         self._warned: set[str] = set()
-        self._layers = self._encoder_layers(model)
+        self._encoder_layers = self._find_encoder_layers(model)
 
-    def _encoder_layers(self, model: nn.Module) -> dict[str, nn.TransformerEncoderLayer]:
-        """Encoder layers whose ``self_attn`` is watched: their fast path bypasses ``self_attn``."""
+    def _find_encoder_layers(self, model: nn.Module) -> dict[str, tuple[nn.TransformerEncoderLayer, str | None, int]]:
+        """Watched ``self_attn`` of encoder layers: ``name -> (layer, enclosing encoder's name, index)``.
+
+        An encoder layer in eval mode may take PyTorch's fused fast path, which it takes only while no
+        forward hook sits on it or its children; such layers are recorded from the enclosing
+        ``nn.TransformerEncoder`` instead (see :meth:`_Session.attach`).
+        """
+        named = dict(model.named_modules())
         found = {}
-        for name, module in model.named_modules():
-            if isinstance(module, nn.TransformerEncoderLayer):
-                child = f"{name}.self_attn" if name else "self_attn"
+        for name, module in named.items():
+            if not isinstance(module, nn.TransformerEncoder):
+                continue
+            for index, layer in enumerate(module.layers):
+                child = f"{name}.layers.{index}.self_attn" if name else f"layers.{index}.self_attn"
                 if child in self.targets and child not in self.extractors:
-                    found[child] = module
+                    found[child] = (layer, name, index)
+        for name, module in named.items():
+            child = f"{name}.self_attn" if name else "self_attn"
+            if isinstance(module, nn.TransformerEncoderLayer) and child in self.targets and child not in found:
+                if child not in self.extractors:
+                    found[child] = (module, None, -1)
         return found
 
     @contextlib.contextmanager
@@ -181,6 +188,13 @@ class Probe:
         finally:
             session.detach()
         session.finalize(recording, grad_scale)
+
+    def _skip(self, watch: _Watch, reason: str) -> None:
+        watch.failed = f"not recorded: {reason}"
+        if watch.name not in self._warned:
+            self._warned.add(watch.name)
+            warnings.warn(f"lightning_rnnviz does not record module {watch.name!r} here ({reason}).",
+                          RNNVizWarning, stacklevel=4)
 
     def _fail(self, watch: _Watch, error: BaseException, where: str) -> None:
         self.error_counts[watch.name] += 1
@@ -209,6 +223,7 @@ class _Session:
 
     # --- hooks -----------------------------------------------------------------------------------
     def attach(self) -> None:
+        encoders: dict[str, list[str]] = {}
         for name, watch in self.watches.items():
             module = watch.module
             if name in self.probe.extractors:
@@ -218,12 +233,23 @@ class _Session:
             elif isinstance(module, CELL_TYPES):
                 hook = self._cell_hook(watch)
             else:
+                layer_info = self.probe._encoder_layers.get(name)
+                if layer_info is not None and not layer_info[0].training:
+                    # In eval mode the layer may take its fused fast path, which any hook on the layer
+                    # or its children switches off, changing the user's output in the last bits.
+                    if layer_info[1] is not None:
+                        encoders.setdefault(layer_info[1], []).append(name)
+                    else:
+                        self.probe._skip(watch, "a standalone `nn.TransformerEncoderLayer` in eval mode: a hook "
+                                         "would turn off its fused fast path; put it in an "
+                                         "`nn.TransformerEncoder` to record it")
+                    continue
                 hook = self._mha_hook(watch)
             self.handles.append(module.register_forward_hook(hook, with_kwargs=True))
-        for name, layer in self.probe._layers.items():
-            watch = self.watches[name]
-            self.handles.append(layer.register_forward_pre_hook(self._layer_pre_hook(watch)))
-            self.handles.append(layer.register_forward_hook(self._layer_hook(watch), with_kwargs=True))
+        named = dict(self.probe.model.named_modules())
+        for encoder_name, names in encoders.items():
+            hook = self._encoder_hook([self.watches[n] for n in names])
+            self.handles.append(named[encoder_name].register_forward_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
         for handle in self.handles:
@@ -356,7 +382,6 @@ class _Session:
                 return  # a checkpointing recomputation: same weights as the forward call
 
             def capture() -> None:
-                watch.attn_pending = False
                 q, k, v = (_arg(args, kwargs, i, n) for i, n in enumerate(("query", "key", "value")))
                 kpm = _arg(args, kwargs, 3, "key_padding_mask")
                 mask = _arg(args, kwargs, 5, "attn_mask")
@@ -367,31 +392,32 @@ class _Session:
 
         return hook
 
-    def _layer_pre_hook(self, watch: _Watch) -> Callable:
-        def hook(layer: nn.Module, args: tuple) -> None:
-            watch.attn_pending = True
+    def _encoder_hook(self, watches: list[_Watch]) -> Callable:
+        """Follow an encoder's eval-mode layers from its input to get each watched layer's attention."""
+        by_index = {self.probe._encoder_layers[w.name][2]: w for w in watches}
+        last = max(by_index)
 
-        return hook
-
-    def _layer_hook(self, watch: _Watch) -> Callable:
-        """Encoder layers on their fused fast path never call ``self_attn``: recompute from their input."""
-
-        def hook(layer: nn.TransformerEncoderLayer, args: tuple, kwargs: dict, output: Any) -> None:
-            if not watch.attn_pending or _in_backward():
+        def hook(encoder: nn.TransformerEncoder, args: tuple, kwargs: dict, output: Any) -> None:
+            if _in_backward():
                 return
-
-            def capture() -> None:
-                watch.attn_pending = False
-                src = _arg(args, kwargs, 0, "src")
-                mask = _arg(args, kwargs, 1, "src_mask")
-                kpm = _arg(args, kwargs, 2, "src_key_padding_mask")
-                is_causal = bool(_arg(args, kwargs, 3, "is_causal", False))
-                src, nested_kpm = unnest(src)
-                kpm = nested_kpm if nested_kpm is not None else kpm
-                x = encoder_layer_attention_input(layer, src)
-                self._mha_recompute(layer.self_attn, x, x, x, kpm, mask, is_causal, watch)
-
-            self._guarded(watch, "capture", capture)
+            training = [i for i, layer in enumerate(encoder.layers) if i <= last and layer.training]
+            if training:
+                for watch in by_index.values():
+                    self.probe._skip(watch, f"layer {training[0]} of its encoder is in training mode while "
+                                     "the watched layer is in eval mode; its dropout cannot be replayed")
+                return
+            x = _arg(args, kwargs, 0, "src")
+            mask = _arg(args, kwargs, 1, "mask")
+            kpm = _arg(args, kwargs, 2, "src_key_padding_mask")
+            is_causal = bool(_arg(args, kwargs, 3, "is_causal", False))
+            for index, layer in enumerate(encoder.layers):
+                if index > last:
+                    break
+                x, weights = encoder_layer_step(layer, x, mask, kpm, is_causal)
+                if index in by_index:
+                    watch = by_index[index]
+                    self._guarded(watch, "capture", lambda w=watch, a=weights: self._store_attention(
+                        w, self._sliced(a, 0), self._sliced(kpm, 0) if kpm is not None else None))
 
         return hook
 
@@ -509,11 +535,7 @@ class _Session:
             g_out = g_out[:, :k] if g_out is not None else None
             g_hn = g_hn[:, :k] if g_hn is not None else None
             g_cn = g_cn[:, :k] if g_cn is not None else None
-            if lengths is not None:
-                lengths = lengths[:k]
-                steps = int(lengths.max())
-                x = x[:steps]
-                g_out = g_out[:steps] if g_out is not None else None
+            lengths = lengths[:k] if lengths is not None else None
             batch = k
 
         layer_weights = [

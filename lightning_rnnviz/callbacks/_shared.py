@@ -1,0 +1,92 @@
+"""One recording per training batch for all monitors on a Trainer.
+
+Several monitors (``RNNViz``, ``HiddenStateMonitor``, ...) on one Trainer share a single ``Probe`` and
+a single ``record()`` block per batch, so the model is hooked and replayed once, not once per monitor.
+The first monitor to see a batch opens the block for every monitor that wants that batch; the first
+to see the end of the batch closes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from lightning_rnnviz.probe import Probe, Recording
+
+if TYPE_CHECKING:
+    from lightning_rnnviz.callbacks.rnnviz import RNNViz
+
+
+class SharedRecorder:
+    """Opens and closes the ``record()`` block of one batch for the monitors that asked for it."""
+
+    def __init__(self) -> None:
+        self.members: list[RNNViz] = []
+        self.probe: Probe | None = None
+        self._block: contextlib.ExitStack | None = None
+        self._recording: Recording | None = None
+        self._key: Any = None
+        self._wanting: list[RNNViz] = []
+        self._result: Recording | None = None
+        self.grad_scale: float | None = None
+
+    def build_probe(self, model: nn.Module) -> Probe:
+        """One probe over the union of what the members watch (``None`` in any member means all)."""
+        members = [m for m in self.members if m.enabled]
+        if any(m.modules is None for m in members):
+            modules = None
+        else:
+            modules = sorted({name for m in members for name in m.modules})
+        attention: dict[str, Callable] = {}
+        for member in members:
+            attention.update(member.attention or {})
+        return Probe(model, modules=modules, attention=attention, strict=any(m.strict for m in members))
+
+    def begin(self, key: Any, model: nn.Module, wanting: list[RNNViz], max_samples: int | None) -> None:
+        """Open the block for batch ``key`` unless it is open already or nobody wants it."""
+        if key == self._key:
+            return
+        self.abort()
+        self._key, self._wanting, self._result, self.grad_scale = key, wanting, None, None
+        if not wanting:
+            return
+        if self.probe is None:
+            self.probe = self.build_probe(model)
+        self._block = contextlib.ExitStack()
+        record = self.probe.record(max_samples=max_samples, grad_scale=lambda: self.grad_scale)
+        self._recording = self._block.enter_context(record)
+
+    def end(self, key: Any, grad_scale: float | None) -> tuple[Recording | None, list[RNNViz]]:
+        """Close the block of batch ``key`` (once) and return its recording and who wanted it."""
+        if key != self._key:
+            return None, []
+        if self._block is not None:
+            block, self._block = self._block, None
+            self.grad_scale = grad_scale  # read by the probe as the block closes
+            block.close()
+            self._result = self._recording
+        return self._result, self._wanting
+
+    def abort(self) -> None:
+        """Remove every hook without finishing the recording (exceptions, teardown)."""
+        if self._block is not None:
+            block, self._block = self._block, None
+            with contextlib.suppress(Exception):
+                block.__exit__(RuntimeError, RuntimeError("recording aborted"), None)
+        self._key, self._wanting = None, []
+
+
+_SHARED: weakref.WeakKeyDictionary[Any, SharedRecorder] = weakref.WeakKeyDictionary()
+
+
+def shared_recorder(trainer: Any) -> SharedRecorder:
+    """The recorder of ``trainer``, created on first use; it lives as long as the trainer."""
+    recorder = _SHARED.get(trainer)
+    if recorder is None:
+        recorder = _SHARED[trainer] = SharedRecorder()
+    return recorder
+

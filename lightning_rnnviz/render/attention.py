@@ -1,0 +1,204 @@
+"""Attention weights: per-head query x key heatmaps of one sample, and per-head entropy and focus."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from lightning_rnnviz.probe.records import AttentionRecord
+from lightning_rnnviz.render import common
+
+
+def reduce_attention(
+    record: AttentionRecord,
+    sample: int = 0,
+    max_heads: int = 8,
+    query_labels: Sequence[str] | None = None,
+    key_labels: Sequence[str] | None = None,
+    max_steps: int = 256,
+) -> dict[str, Any]:
+    """Cut what :func:`draw_attention` needs out of ``record``: the first ``max_heads`` heads of one sample.
+
+    Padded keys (beyond ``record.key_lengths[sample]``) are cropped. Longer axes than ``max_steps`` are
+    binned: queries are averaged and keys summed, so a binned row still sums to one.
+
+    Args:
+        record: the recorded module.
+        sample: which sample of the batch to show.
+        max_heads: most heads shown.
+        query_labels: one token per query (output) step; dropped when queries are binned.
+        key_labels: one token per real key (input) step; dropped when keys are binned.
+        max_steps: most rows and columns per heatmap.
+
+    Returns:
+        A small picklable dict; ``weights`` is ``(heads shown, queries, keys)``.
+
+    Raises:
+        ValueError: ``sample`` out of range, ``max_heads``/``max_steps`` not positive, or too few labels.
+    """
+    batch, heads, queries, keys = record.attention.shape
+    sample = common.check_sample(sample, batch)
+    max_heads = common.check_positive("max_heads", max_heads)
+    max_steps = common.check_positive("max_steps", max_steps)
+    if record.key_lengths is not None:
+        keys = min(keys, int(record.key_lengths[sample]))
+    shown = min(heads, max_heads)
+    weights = record.attention[sample, :shown, :, :keys].float().numpy()  # (h, Tq, Tk)
+    query_tokens = common.check_labels("query_labels", query_labels, queries)
+    key_tokens = common.check_labels("key_labels", key_labels, keys)
+    flag = common.nonfinite_flag(weights)
+    weights, query_bin = common.bin_axis(weights, max_steps, axis=1, reduce="mean")
+    weights, key_bin = common.bin_axis(weights, max_steps, axis=2, reduce="sum")
+    finite = weights[np.isfinite(weights)]
+    peak = float(finite.max()) if finite.size else 1.0
+    return {
+        **common.record_header(record),
+        "sample": sample,
+        "weights": weights.astype(np.float32, copy=False),
+        "heads": heads,
+        "queries": queries,
+        "keys": keys,
+        "query_bin": query_bin,
+        "key_bin": key_bin,
+        "query_labels": query_tokens if query_bin == 1 else None,
+        "key_labels": key_tokens if key_bin == 1 else None,
+        "vmax": peak if peak > 0 else 1.0,
+        "nonfinite": flag,
+    }
+
+
+def draw_attention(payload: dict[str, Any], *, step: int | None = None, title: str | None = None) -> Figure:
+    """Heatmap per head (rows: query/output steps, columns: key/input steps) with one shared colour bar.
+
+    Args:
+        payload: from :func:`reduce_attention`.
+        step: training step for the title.
+        title: replaces the heading ``"<module>: attention, sample <n>"``.
+    """
+    heading = title or f"{payload['name']}: attention, sample {payload['sample']}"
+    if payload["heads"] > payload["weights"].shape[0]:
+        heading += f" (showing {payload['weights'].shape[0]} of {payload['heads']} heads)"
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"])
+    weights = payload["weights"]
+    shown, rows, columns = weights.shape
+    if rows == 0 or columns == 0:
+        return common.message_figure(full_title, f"sample {payload['sample']} has no real keys or queries")
+
+    ncols = min(shown, 4)
+    nrows = math.ceil(shown / ncols)
+    query_tokens, key_tokens = payload["query_labels"], payload["key_labels"]
+    left = 0.5 + max(common.label_extent(query_tokens), 0.2)
+    bottom = 0.4 + max(common.label_extent(key_tokens), 0.15)
+    top = common.top_margin(full_title)
+    panel = min(2.6, (8.0 - left - 1.0 - 0.35 * (ncols - 1)) / ncols)
+    fig = common.new_figure(8.0, top + bottom + 0.35 * (nrows - 1) + panel * nrows)
+    grid = common.panel_grid(
+        fig, nrows, ncols, left=left, right=1.0, top=top, bottom=bottom, hspace=0.4, wspace=0.35
+    )
+    query_bin, key_bin = payload["query_bin"], payload["key_bin"]
+    most_ticks = max(4, int(panel * 6))  # token labels at fontsize 6 need about 1/6 inch each
+    extent = (-0.5, columns * key_bin - 0.5, rows * query_bin - 0.5, -0.5)
+    cmap = common.colormap(common.SEQUENTIAL_CMAP)
+    interpolation = common.interpolation_for(weights.shape, fig, grid[0, 0])
+    image = None
+    for h in range(shown):
+        row, col = divmod(h, ncols)
+        ax = fig.add_subplot(grid[row, col])
+        image = ax.imshow(
+            np.ma.masked_invalid(weights[h]),
+            aspect="auto",
+            cmap=cmap,
+            vmin=0.0,
+            vmax=payload["vmax"],
+            interpolation=interpolation,
+            extent=extent,
+        )
+        ax.set_title(f"head {h}", fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0)
+        first_col, last_row = col == 0, h + ncols >= shown
+        # inner panels share the outer panels' axes; skipping their ticks saves much of the drawing time
+        if not last_row:
+            ax.set_xticks([])
+        elif key_tokens:
+            ticks = common.tick_positions(columns, most_ticks)
+            ax.set_xticks(ticks, [common.short_label(key_tokens[t]) for t in ticks])
+            ax.tick_params(axis="x", labelrotation=90)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+        if not first_col:
+            ax.set_yticks([])
+        elif query_tokens:
+            ticks = common.tick_positions(rows, most_ticks)
+            ax.set_yticks(ticks, [common.short_label(query_tokens[t]) for t in ticks])
+        else:
+            ax.yaxis.set_major_locator(MaxNLocator(5, integer=True))
+        ax.tick_params(labelsize=common.TICK_SIZE - (1 if key_tokens or query_tokens else 0))
+        if last_row:
+            ax.set_xlabel(_axis_label("key (input) step", key_bin), fontsize=common.LABEL_SIZE)
+        if first_col:
+            ax.set_ylabel(_axis_label("query (output) step", query_bin), fontsize=common.LABEL_SIZE)
+    height = fig.get_size_inches()[1]
+    cax = fig.add_axes((1 - 0.75 / 8.0, bottom / height, 0.15 / 8.0, 1 - (bottom + top) / height))
+    colorbar = fig.colorbar(image, cax=cax)
+    label = "attention weight" + (" (sum over key bin)" if key_bin > 1 else "")
+    colorbar.set_label(label, fontsize=common.LABEL_SIZE)
+    colorbar.ax.yaxis.set_major_locator(MaxNLocator(5))
+    colorbar.ax.tick_params(labelsize=common.TICK_SIZE)
+    if payload["nonfinite"]:
+        fig.legend(
+            handles=[Patch(color=common.BAD_COLOR, label=payload["nonfinite"])],
+            loc="upper right",
+            fontsize=common.TICK_SIZE,
+            frameon=False,
+        )
+    fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
+    return fig
+
+
+def attention_stats(record: AttentionRecord) -> dict[str, float]:
+    """Per head, over every sample and query of the batch (padded keys excluded).
+
+    - ``entropy/head<h>``: mean of ``-sum_k p log p`` (nats).
+    - ``entropy_norm/head<h>``: the same with each row's entropy divided by ``log`` of its sample's
+      number of real keys (0 for a sample with a single key); 1 means uniform, 0 one-hot.
+    - ``focus/head<h>``: mean of the largest weight of each query.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_rnnviz.probe.records import AttentionRecord
+        >>> rec = AttentionRecord("attn", "MultiheadAttention", torch.full((1, 1, 2, 4), 0.25))
+        >>> {k: round(v, 4) for k, v in attention_stats(rec).items()}
+        {'entropy/head0': 1.3863, 'entropy_norm/head0': 1.0, 'focus/head0': 0.25}
+    """
+    batch, heads, _, keys = record.attention.shape
+    if record.key_lengths is None:
+        real = torch.full((batch,), keys, dtype=torch.int64)
+    else:
+        real = record.key_lengths.to(torch.int64).clamp(max=keys)
+    key_mask = torch.arange(keys).unsqueeze(0) < real.unsqueeze(1)  # (B, Tk)
+    scale = torch.where(
+        real > 1, real.double().clamp(min=2).log(), torch.inf
+    )  # entropy_norm -> 0 for one key
+    stats: dict[str, float] = {}
+    for h in range(heads):
+        p = torch.where(key_mask.unsqueeze(1), record.attention[:, h].double(), 0.0)  # (B, Tq, Tk)
+        entropy = -torch.special.xlogy(p, p).sum(-1)  # (B, Tq)
+        stats[f"entropy/head{h}"] = _mean(entropy)
+        stats[f"entropy_norm/head{h}"] = _mean(entropy / scale.unsqueeze(1))
+        stats[f"focus/head{h}"] = _mean(p.amax(-1) if keys else p.sum(-1))
+    return stats
+
+
+def _axis_label(text: str, width: int) -> str:
+    return text if width == 1 else f"{text} (bins of {width})"
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.mean()) if values.numel() else float("nan")

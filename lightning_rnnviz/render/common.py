@@ -1,0 +1,287 @@
+"""Shared pieces of the renderers: statistic names, time binning, titles, colormaps, figure -> pixels.
+
+Renderers build a :class:`matplotlib.figure.Figure` directly and rasterise it with
+:class:`~matplotlib.backends.backend_agg.FigureCanvasAgg`; nothing here touches pyplot's global figure
+registry, so figures need no closing and the code is safe to run in a worker process.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import textwrap
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap
+from matplotlib.figure import Figure
+
+from lightning_rnnviz.probe.records import AttentionRecord, RNNRecord
+
+DPI = 100
+MAX_INCHES = 8.0  # 800 px at DPI
+BAD_COLOR = "#ff00ff"  # magenta: absent from both the diverging and the sequential maps below
+DIVERGING_CMAP = "RdBu_r"
+SEQUENTIAL_CMAP = "viridis"
+TITLE_SIZE = 10
+PANEL_TITLE_SIZE = 9
+LABEL_SIZE = 8
+TICK_SIZE = 7
+
+# Kinds whose hidden state is tanh(.) or o * tanh(c) and so lies in [-1, 1]. A projected LSTM and a ReLU
+# RNN are unbounded; "RNNCell" does not say which nonlinearity it uses (see `hidden_is_tanh_bounded`).
+_TANH_KINDS = frozenset({"GRU", "GRUCell", "RNN_TANH", "LSTMCell"})
+
+
+def row_suffix(record: RNNRecord, index: int) -> str:
+    """Suffix that names row ``index`` of the ``layers*directions`` axis in a statistic's name.
+
+    Empty when the record has a single row, so a one-layer unidirectional module logs plain names.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_rnnviz.probe.records import RNNRecord
+        >>> rec = RNNRecord("rnn", "GRU", torch.zeros(4, 1, 3, 2), {}, None, None, None,
+        ...                 torch.tensor([3]), num_layers=2, num_directions=2)
+        >>> [row_suffix(rec, i) for i in range(4)]
+        ['/layer0', '/layer0_reverse', '/layer1', '/layer1_reverse']
+    """
+    rows = record.num_layers * record.num_directions
+    if not 0 <= index < rows:
+        raise IndexError(
+            f"Row `index`={index} is out of range for {rows} layer*direction rows of {record.name!r}."
+        )
+    if rows == 1:
+        return ""
+    layer, direction = divmod(index, record.num_directions)
+    return f"/layer{layer}" + ("_reverse" if direction == 1 else "")
+
+
+def hidden_is_tanh_bounded(record: RNNRecord) -> bool:
+    """Whether ``h_t`` is known to lie in ``[-1, 1]``.
+
+    ``"RNNCell"`` records do not carry their nonlinearity, so a cell counts as tanh when its finite values
+    lie in ``[-1, 1]`` and some are negative (a ReLU cell never goes below zero).
+    """
+    if record.kind in _TANH_KINDS:
+        return True
+    if record.kind == "LSTM":
+        inner = record.cell if record.cell is not None else record.gates.get("output")
+        # proj_size < hidden_size, so a projected LSTM has a narrower h than c
+        return inner is None or inner.shape[-1] == record.hidden.shape[-1]
+    if record.kind == "RNNCell":
+        h = record.hidden[record.hidden.isfinite()]
+        return h.numel() > 0 and bool(h.abs().max() <= 1) and bool((h < 0).any())
+    return False
+
+
+def check_sample(sample: int, batch: int) -> int:
+    if not isinstance(sample, (int, np.integer)) or isinstance(sample, bool) or not 0 <= sample < batch:
+        raise ValueError(
+            f"`sample`={sample!r} is out of range for a batch of {batch}; "
+            f"pass an int with 0 <= sample < {batch}."
+        )
+    return int(sample)
+
+
+def check_positive(name: str, value: int) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}`={value!r} must be a positive int.")
+    return int(value)
+
+
+def check_labels(name: str, labels: Sequence[str] | None, needed: int) -> list[str] | None:
+    """The first ``needed`` labels as strings, or ``None``; too few labels is an error."""
+    if labels is None:
+        return None
+    labels = [str(label) for label in labels]
+    if len(labels) < needed:
+        raise ValueError(
+            f"`{name}` has {len(labels)} entries but {needed} steps are shown; pass one per step."
+        )
+    return labels[:needed]
+
+
+def bin_size(length: int, max_bins: int) -> int:
+    """Smallest bin width that leaves at most ``max_bins`` bins of ``length`` steps."""
+    return max(1, math.ceil(length / max_bins))
+
+
+def bin_axis(
+    values: np.ndarray, max_bins: int, axis: int = -1, reduce: str = "mean"
+) -> tuple[np.ndarray, int]:
+    """Average (or sum) consecutive steps along ``axis`` so that at most ``max_bins`` remain.
+
+    The last bin may be shorter; its mean divides by the steps it really holds. A non-finite step makes its
+    bin non-finite, so NaN and Inf stay visible after binning.
+
+    Returns:
+        The binned array (float) and the bin width (1 when nothing was binned).
+    """
+    values = np.asarray(values)
+    length = values.shape[axis]
+    width = bin_size(length, max_bins)
+    if width == 1:
+        return values, 1
+    moved = np.moveaxis(values, axis, -1)
+    bins = math.ceil(length / width)
+    pad = bins * width - length
+    padded = np.concatenate([moved, np.zeros(moved.shape[:-1] + (pad,), dtype=moved.dtype)], axis=-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        sums = padded.reshape(moved.shape[:-1] + (bins, width)).sum(-1, dtype=np.float64)
+    if reduce == "mean":
+        counts = np.full(bins, float(width))
+        counts[-1] = width - pad
+        sums = sums / counts
+    elif reduce != "sum":
+        raise ValueError(f"`reduce`={reduce!r} is not supported; use 'mean' or 'sum'.")
+    return np.moveaxis(sums.astype(np.float32), -1, axis), width
+
+
+def tick_positions(count: int, max_ticks: int) -> np.ndarray:
+    """Evenly thinned indices ``0, k, 2k, ...`` with at most ``max_ticks`` entries."""
+    return np.arange(0, count, bin_size(count, max_ticks))
+
+
+def nonfinite_flag(*arrays: np.ndarray | None) -> str:
+    """``""``, ``"NaN"``, ``"Inf"`` or ``"NaN and Inf"`` for what the arrays contain."""
+    has_nan = has_inf = False
+    for array in arrays:
+        if array is None or array.size == 0:
+            continue
+        has_nan = has_nan or bool(np.isnan(array).any())
+        has_inf = has_inf or bool(np.isinf(array).any())
+    return " and ".join(word for word, present in (("NaN", has_nan), ("Inf", has_inf)) if present)
+
+
+def escape_text(text: str) -> str:
+    """Make user text (module names, tokens) safe from mathtext parsing."""
+    return text.replace("$", r"\$")
+
+
+def short_label(text: str, limit: int = 12) -> str:
+    text = escape_text(text.replace("\n", " "))
+    return text if len(text) <= limit else text[: limit - 2] + ".."
+
+
+def record_header(record: RNNRecord | AttentionRecord) -> dict[str, Any]:
+    """The identity fields every payload carries."""
+    return {
+        "name": record.name,
+        "kind": record.kind,
+        "exact": bool(record.exact),
+        "notes": tuple(record.notes),
+    }
+
+
+def compose_title(
+    heading: str, payload: dict[str, Any], step: int | None = None, nonfinite: str = "", width: int = 95
+) -> str:
+    """Figure title: heading, step, ``contains NaN`` warning and the approximation note on a second line."""
+    line = escape_text(heading)
+    if step is not None:
+        line += f"  ·  step {step}"
+    if nonfinite:
+        line += f"  ·  contains {nonfinite}"
+    if not payload.get("exact", True):
+        note = "; ".join(payload.get("notes", ())) or "replay differs from training"
+        line += "\n" + textwrap.shorten(
+            escape_text(f"(approximate: {note})"), width=width, placeholder="...)"
+        )
+    return line
+
+
+@functools.cache
+def colormap(name: str) -> Colormap:
+    """Colormap ``name`` with NaN/Inf (masked) cells drawn in :data:`BAD_COLOR`."""
+    return matplotlib.colormaps[name].with_extremes(bad=BAD_COLOR)
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of at most 800 x 800 px, not registered with pyplot."""
+    return Figure(figsize=(min(width, MAX_INCHES), min(max(height, 1.0), MAX_INCHES)), dpi=DPI)
+
+
+def top_margin(title: str, base: float = 0.45) -> float:
+    """Inches above the panels for a title of one or more lines."""
+    return base + 0.22 * title.count("\n")
+
+
+def label_extent(labels: Sequence[str] | None, fontsize: float = TICK_SIZE - 1) -> float:
+    """Inches that the longest of ``labels`` (as :func:`short_label` shortens it) takes when written."""
+    if not labels:
+        return 0.0
+    longest = max(len(short_label(label)) for label in labels)
+    return 0.62 * fontsize / 72 * longest + 0.05
+
+
+def panel_grid(
+    fig: Figure,
+    nrows: int,
+    ncols: int,
+    *,
+    left: float = 0.75,
+    right: float = 0.2,
+    top: float = 0.55,
+    bottom: float = 0.55,
+    hspace: float = 0.55,
+    wspace: float = 0.45,
+    **kwargs: Any,
+) -> Any:
+    """GridSpec with margins and gaps in inches (fixed margins cost far less than a layout engine)."""
+    width, height = fig.get_size_inches()
+    panel_h = max((height - top - bottom - hspace * (nrows - 1)) / nrows, 0.3)
+    panel_w = max((width - left - right - wspace * (ncols - 1)) / ncols, 0.3)
+    return fig.add_gridspec(
+        nrows,
+        ncols,
+        left=left / width,
+        right=1 - right / width,
+        top=1 - top / height,
+        bottom=bottom / height,
+        hspace=hspace / panel_h,
+        wspace=wspace / panel_w,
+        **kwargs,
+    )
+
+
+def interpolation_for(shape: tuple[int, ...], fig: Figure, spec: Any) -> str:
+    """``"nearest"`` while every cell of a ``(..., rows, columns)`` image in panel ``spec`` gets a pixel;
+    ``"antialiased"`` when cells must be merged (nearest would silently drop some)."""
+    box = spec.get_position(fig)
+    width, height = fig.get_size_inches() * DPI
+    rows, columns = shape[-2:]
+    return "nearest" if rows <= box.height * height and columns <= box.width * width else "antialiased"
+
+
+def message_figure(title: str, message: str) -> Figure:
+    """A small figure that says why there is nothing to draw."""
+    fig = new_figure(6.0, 2.0)
+    fig.suptitle(title, fontsize=TITLE_SIZE)
+    fig.text(0.5, 0.45, escape_text(message), ha="center", va="center", fontsize=LABEL_SIZE + 1)
+    return fig
+
+
+def _agg_canvas(fig: Figure) -> FigureCanvasAgg:
+    canvas = fig.canvas
+    return canvas if isinstance(canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+
+
+def figure_to_rgb(fig: Figure) -> np.ndarray:
+    """Rasterise ``fig`` with Agg into a ``(height, width, 3)`` uint8 array (owned by the caller)."""
+    canvas = _agg_canvas(fig)
+    canvas.draw()
+    return np.ascontiguousarray(np.asarray(canvas.buffer_rgba())[..., :3])
+
+
+def figure_to_png(fig: Figure) -> bytes:
+    """Encode ``fig`` as PNG bytes with Agg."""
+    canvas = _agg_canvas(fig)
+    buffer = io.BytesIO()
+    canvas.print_png(buffer, metadata={"Software": None})
+    return buffer.getvalue()

@@ -1,0 +1,320 @@
+"""Gradient norms ``||dL/dh_t||`` over time: one recording, its decay statistics, and epochs compared.
+
+A log axis cannot show zero: zeros are drawn as triangles on a floor one decade below the smallest positive
+value, and the legend says so. Non-finite values are drawn as crosses along the top edge.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.collections import LineCollection
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from lightning_rnnviz.probe.records import RNNRecord
+from lightning_rnnviz.render import common
+
+_NONFINITE_COLOR = "red"
+
+
+def reduce_grad_norm(record: RNNRecord, max_time: int = 2048) -> dict[str, Any] | None:
+    """Cut :attr:`RNNRecord.grad_norm` to the steps where some sequence is valid.
+
+    Args:
+        record: the recorded module.
+        max_time: most time points per curve (longer sequences are averaged in bins).
+
+    Returns:
+        ``None`` when ``record.hidden_grad`` is ``None`` (no backward reached the module); else a small
+        picklable dict with ``norm`` ``(layers*directions, columns)``.
+
+    Raises:
+        ValueError: ``max_time`` not positive.
+    """
+    max_time = common.check_positive("max_time", max_time)
+    norms = record.grad_norm
+    if norms is None:
+        return None
+    horizon = int(record.lengths.max()) if record.lengths.numel() else 0
+    values = norms[:, :horizon].double().numpy()
+    binned, width = common.bin_axis(values, max_time)
+    return {
+        **common.record_header(record),
+        "norm": binned.astype(np.float64),
+        "bin": width,
+        "num_directions": record.num_directions,
+        "row_labels": [record.layer_label(i) for i in range(values.shape[0])],
+        "nonfinite": common.nonfinite_flag(values),
+    }
+
+
+def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: str | None = None) -> Figure:
+    """``||dL/dh_t||_2`` (mean over valid sequences) against ``t``, log axis, one line per layer/direction.
+
+    Colour tells the layer; reverse directions are dashed.
+
+    Args:
+        payload: from :func:`reduce_grad_norm`.
+        step: training step for the title.
+        title: replaces the heading ``"<module>: gradient norm per step"``.
+    """
+    heading = title or f"{payload['name']}: gradient norm per step"
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"])
+    norm = payload["norm"]
+    rows, columns = norm.shape
+    if columns == 0:
+        return common.message_figure(full_title, "no valid steps")
+    top = common.top_margin(full_title)
+    fig = common.new_figure(8.0, 4.5)
+    grid = common.panel_grid(fig, 1, 1, top=top, left=0.8, right=1.9)
+    ax = fig.add_subplot(grid[0, 0])
+    ax.set_yscale("log")
+    width = payload["bin"]
+    x = np.arange(columns) * width + (width - 1) / 2
+    floor, ceiling = _log_limits(norm)
+    handles = []
+    any_zero = False
+    for r in range(rows):
+        layer, direction = divmod(r, payload["num_directions"])
+        style = {"color": f"C{layer % 10}", "linestyle": "--" if direction == 1 else "-"}
+        handles.append(_plot_log_curve(ax, x, norm[r], floor, style))
+        any_zero = any_zero or bool((norm[r] == 0).any())
+        handles[-1].set_label(payload["row_labels"][r])
+    if any_zero:
+        handles.append(_zero_handle(floor))
+    if payload["nonfinite"]:
+        handles.append(
+            Line2D([], [], color=_NONFINITE_COLOR, marker="x", linestyle="", label=payload["nonfinite"])
+        )
+    ax.set_xlim(-0.5, columns * width - 0.5)
+    ax.set_ylim(floor / 2, ceiling * 2)
+    ax.xaxis.set_major_locator(MaxNLocator(8, integer=True))
+    ax.tick_params(labelsize=common.TICK_SIZE)
+    ax.grid(True, which="major", color="0.9", linewidth=0.6)
+    ax.set_xlabel("time step" if width == 1 else f"time (bins of {width} steps)", fontsize=common.LABEL_SIZE)
+    ax.set_ylabel("||dL/dh_t||, mean over sequences", fontsize=common.LABEL_SIZE)
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=common.TICK_SIZE + 1,
+        frameon=False,
+    )
+    fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
+    return fig
+
+
+def grad_stats(record: RNNRecord) -> dict[str, float]:
+    """How the gradient norm changes along each row's processing order.
+
+    Forward rows process ``t = 0 .. last`` (``last`` = the last step any sequence reaches), reverse rows
+    ``t = last .. 0``; the gradient flows backwards, from the last processed step to the first.
+
+    - ``first_norm`` / ``last_norm``: :attr:`RNNRecord.grad_norm` at the first / last processed step.
+    - ``log10_ratio``: ``log10(first_norm / last_norm)``; negative when the gradient vanishes going back.
+    - ``decay_per_step``: least-squares slope of ``log10`` norm against the distance in steps from the last
+      processed step, over finite positive points (NaN with fewer than two); negative when vanishing,
+      positive when exploding.
+
+    Empty when the record has no gradient. Names carry :func:`~lightning_rnnviz.render.common.row_suffix`.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_rnnviz.probe.records import RNNRecord
+        >>> grad = torch.zeros(1, 1, 4, 2)
+        >>> grad[0, 0, :, 0] = torch.tensor([1e-3, 1e-2, 1e-1, 1.0])  # ten times smaller per step back
+        >>> h = torch.zeros(1, 1, 4, 2)
+        >>> rec = RNNRecord("rnn", "RNN_TANH", h, {}, grad, None, None, torch.tensor([4]))
+        >>> {k: round(v, 6) for k, v in grad_stats(rec).items()}
+        {'first_norm': 0.001, 'last_norm': 1.0, 'log10_ratio': -3.0, 'decay_per_step': -1.0}
+    """
+    norms = record.grad_norm
+    if norms is None:
+        return {}
+    horizon = int(record.lengths.max()) if record.lengths.numel() else 0
+    norms = norms[:, :horizon].double()
+    stats: dict[str, float] = {}
+    for r in range(norms.shape[0]):
+        suffix = common.row_suffix(record, r)
+        ordered = norms[r].flip(0) if r % record.num_directions == 1 else norms[r]  # processing order
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        first = ordered[0] if horizon else nan
+        last = ordered[-1] if horizon else nan
+        stats["first_norm" + suffix] = float(first)
+        stats["last_norm" + suffix] = float(last)
+        stats["log10_ratio" + suffix] = float(torch.log10(first) - torch.log10(last))
+        stats["decay_per_step" + suffix] = _log_slope(ordered)
+    return stats
+
+
+def _log_slope(ordered: torch.Tensor) -> float:
+    """Least-squares slope of ``log10(ordered)`` against the distance from the last element."""
+    distance = torch.arange(ordered.numel() - 1, -1, -1, dtype=torch.float64)
+    keep = ordered.isfinite() & (ordered > 0)
+    if int(keep.sum()) < 2:
+        return float("nan")
+    x, y = distance[keep], torch.log10(ordered[keep])
+    x = x - x.mean()
+    return float((x * (y - y.mean())).sum() / (x * x).sum())
+
+
+def draw_grad_decay(
+    history: Mapping[int, np.ndarray | torch.Tensor],
+    name: str,
+    layer_labels: Sequence[str],
+    *,
+    step: int | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Gradient norm per step, one line per epoch, one panel per layer/direction.
+
+    Args:
+        history: epoch -> ``(layers*directions, time)`` gradient norms (e.g. ``RNNRecord.grad_norm`` of a
+            fixed batch); curves may differ in length, NaN marks missing steps.
+        name: the module's name, for the title.
+        layer_labels: one label per row, e.g. ``[record.layer_label(i) for i in range(rows)]``.
+        step: training step for the title.
+        title: replaces the heading ``"<name>: gradient norm per step, by epoch"``.
+
+    Raises:
+        ValueError: empty ``history``, or an entry that is not ``(len(layer_labels), time)``.
+    """
+    if not history:
+        raise ValueError("`history` is empty; pass at least one epoch -> (layers*directions, time) array.")
+    rows = len(layer_labels)
+    epochs = sorted(history)
+    curves = {}
+    for epoch in epochs:
+        values = history[epoch]
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().double().numpy()
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 2 or values.shape[0] != rows:
+            raise ValueError(
+                f"`history[{epoch}]` has shape {values.shape}; "
+                f"expected ({rows}, time) to match `layer_labels`."
+            )
+        curves[epoch] = values
+    flag = common.nonfinite_flag(*(_strip_trailing_nan(v) for v in curves.values()))
+    payload = {"exact": True}
+    heading = title or f"{name}: gradient norm per step, by epoch"
+    full_title = common.compose_title(heading, payload, step, flag)
+    length = max(v.shape[1] for v in curves.values())
+    if length == 0:
+        return common.message_figure(full_title, "no steps recorded")
+
+    ncols = 1 if rows == 1 else 2
+    nrows = math.ceil(rows / ncols)
+    top = common.top_margin(full_title)
+    fig = common.new_figure(8.0, top + 0.55 + 0.45 + 2.3 * nrows)
+    grid = common.panel_grid(fig, nrows, ncols, top=top, right=1.05, wspace=0.7)
+    floor, ceiling = _log_limits(np.concatenate([v.ravel() for v in curves.values()]))
+    low, high = epochs[0], epochs[-1]
+    norm = Normalize(low - 0.5, high + 0.5) if low == high else Normalize(low, high)
+    mappable = ScalarMappable(norm=norm, cmap=common.SEQUENTIAL_CMAP)
+    any_zero = False
+    for r in range(rows):
+        ax = fig.add_subplot(grid[divmod(r, ncols)])
+        ax.set_yscale("log")
+        segments, colors = [], []
+        for epoch in epochs:
+            values = curves[epoch][r]
+            any_zero = any_zero or bool((values == 0).any())
+            for run in _finite_runs(np.where(values == 0, floor, values)):
+                segments.append(run)
+                colors.append(mappable.to_rgba(epoch))
+        ax.add_collection(LineCollection(segments, colors=colors, linewidths=1.1))
+        ax.set_xlim(-0.5, length - 0.5)
+        ax.set_ylim(floor / 2, ceiling * 2)
+        ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
+        ax.tick_params(labelsize=common.TICK_SIZE)
+        ax.grid(True, which="major", color="0.9", linewidth=0.6)
+        ax.set_title(
+            common.escape_text(str(layer_labels[r])), fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0
+        )
+        if r % ncols == 0:
+            ax.set_ylabel("||dL/dh_t||", fontsize=common.LABEL_SIZE)
+        if r >= rows - ncols:
+            ax.set_xlabel("time step", fontsize=common.LABEL_SIZE)
+    height = fig.get_size_inches()[1]
+    cax = fig.add_axes((1 - 0.8 / 8.0, 0.55 / height, 0.15 / 8.0, 1 - (0.55 + top) / height))
+    colorbar = fig.colorbar(mappable, cax=cax)
+    colorbar.set_label("epoch", fontsize=common.LABEL_SIZE)
+    colorbar.ax.yaxis.set_major_locator(MaxNLocator(6, integer=True))
+    colorbar.ax.tick_params(labelsize=common.TICK_SIZE)
+    if any_zero:
+        fig.text(0.01, 0.01, f"zeros drawn at {floor:.0e}", fontsize=common.TICK_SIZE, color="0.3")
+    fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
+    return fig
+
+
+def _log_limits(values: np.ndarray) -> tuple[float, float]:
+    """``(floor, ceiling)`` of a log axis: a decade below the smallest positive finite value; the largest."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size == 0:
+        return 0.1, 10.0
+    low, high = float(positive.min()), float(positive.max())
+    return low / 10, high
+
+
+def _plot_log_curve(
+    ax: Any, x: np.ndarray, values: np.ndarray, floor: float, style: dict[str, Any]
+) -> Line2D:
+    positive = np.where(np.isfinite(values) & (values > 0), values, np.nan)
+    (line,) = ax.plot(x, positive, linewidth=1.3, **style)
+    zeros = values == 0
+    if zeros.any():
+        ax.plot(
+            x[zeros],
+            np.full(int(zeros.sum()), floor),
+            marker="v",
+            linestyle="",
+            color=style["color"],
+            markersize=4,
+        )
+    bad = ~np.isfinite(values)
+    if bad.any():
+        ax.plot(
+            x[bad],
+            np.full(int(bad.sum()), 0.97),
+            marker="x",
+            linestyle="",
+            color=_NONFINITE_COLOR,
+            transform=ax.get_xaxis_transform(),
+        )
+    return line
+
+
+def _zero_handle(floor: float) -> Line2D:
+    return Line2D(
+        [], [], color="0.3", marker="v", linestyle="", markersize=4, label=f"zero (drawn at {floor:.0e})"
+    )
+
+
+def _finite_runs(values: np.ndarray) -> list[np.ndarray]:
+    """``(n, 2)`` point arrays of each run of consecutive finite positive values (single points dropped)."""
+    good = np.isfinite(values) & (values > 0)
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], good.astype(np.int8), [0]))))
+    runs = []
+    for start, stop in zip(edges[::2], edges[1::2]):
+        if stop - start >= 2:
+            t = np.arange(start, stop)
+            runs.append(np.column_stack((t, values[start:stop])))
+    return runs
+
+
+def _strip_trailing_nan(values: np.ndarray) -> np.ndarray:
+    """Drop the NaN padding at the end of each curve so that only real NaN count as a warning."""
+    filled = ~np.isnan(values)
+    keep = filled.any(0)
+    end = int(np.flatnonzero(keep)[-1]) + 1 if keep.any() else 0
+    return values[:, :end]

@@ -1,0 +1,198 @@
+"""Hidden states: a units x time heatmap of one sequence, and summary statistics over the batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+
+from lightning_rnnviz.probe.records import RNNRecord
+from lightning_rnnviz.render import common
+
+
+def reduce_hidden(
+    record: RNNRecord,
+    sample: int = 0,
+    top_k: int = 64,
+    max_time: int = 256,
+    labels: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Cut what :func:`draw_hidden` needs out of ``record``: one sequence, at most ``top_k`` units per row.
+
+    Padded steps (``t >= lengths[sample]``) are dropped. When ``hidden_out > top_k`` each layer/direction
+    keeps the ``top_k`` units whose state varies most over the sequence (units holding NaN/Inf are kept
+    first so that the problem stays visible), in unit order. Sequences longer than ``max_time`` are
+    averaged in bins of equal width.
+
+    Args:
+        record: the recorded module.
+        sample: which sequence of the batch to show.
+        top_k: most units shown per layer/direction.
+        max_time: most time columns shown.
+        labels: one token per time step of the sequence, for the time axis; dropped when time is binned.
+
+    Returns:
+        A small picklable dict of numpy arrays, strings and numbers; ``values`` is
+        ``(layers*directions, units, columns)``.
+
+    Raises:
+        ValueError: ``sample`` out of range, ``top_k``/``max_time`` not positive, or too few ``labels``.
+    """
+    sample = common.check_sample(sample, record.batch)
+    top_k = common.check_positive("top_k", top_k)
+    max_time = common.check_positive("max_time", max_time)
+    length = int(record.lengths[sample])
+    hidden = record.hidden[:, sample, :length, :].float()  # (LD, L, H)
+    rows, _, hidden_out = hidden.shape
+    tokens = common.check_labels("labels", labels, length)
+
+    if hidden_out > top_k:
+        finite = hidden.isfinite()
+        if length > 0:
+            variance = torch.where(finite, hidden, 0.0).var(dim=1, unbiased=False)  # (LD, H)
+        else:
+            variance = torch.zeros(rows, hidden_out)
+        score = torch.where(finite.all(dim=1), variance, torch.inf)
+        units = score.topk(top_k, dim=1).indices.sort(dim=1).values  # (LD, k)
+        hidden = torch.gather(hidden, 2, units.unsqueeze(1).expand(rows, length, top_k))
+    else:
+        units = torch.arange(hidden_out).expand(rows, hidden_out)
+    values, width = common.bin_axis(hidden.transpose(1, 2).numpy(), max_time)  # (LD, k, columns)
+
+    bounded = common.hidden_is_tanh_bounded(record)
+    finite_values = values[np.isfinite(values)]
+    limit = 1.0 if bounded or finite_values.size == 0 else float(np.abs(finite_values).max())
+    return {
+        **common.record_header(record),
+        "sample": sample,
+        "length": length,
+        "values": values.astype(np.float32, copy=False),
+        "units": units.numpy().astype(np.int64),
+        "hidden_out": int(hidden_out),
+        "bin": width,
+        "limit": limit if limit > 0 else 1.0,
+        "bounded": bounded,
+        "labels": tokens if width == 1 else None,
+        "num_layers": record.num_layers,
+        "num_directions": record.num_directions,
+        "row_labels": [record.layer_label(i) for i in range(rows)],
+        "nonfinite": common.nonfinite_flag(values),
+    }
+
+
+def draw_hidden(payload: dict[str, Any], *, step: int | None = None, title: str | None = None) -> Figure:
+    """Heatmap of ``h_t``, units x time, one panel per layer (rows) and direction (columns).
+
+    Args:
+        payload: from :func:`reduce_hidden`.
+        step: training step for the title.
+        title: replaces the heading ``"<module>: hidden state, sequence <n>"``; the step, the NaN warning
+            and the approximation note are always added.
+    """
+    heading = title or f"{payload['name']}: hidden state h_t, sequence {payload['sample']}"
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"])
+    values = payload["values"]
+    rows, units, columns = values.shape
+    if columns == 0 or units == 0:
+        return common.message_figure(full_title, f"sequence {payload['sample']} has no valid steps")
+
+    nrows, ncols = payload["num_layers"], payload["num_directions"]
+    tokens = payload["labels"]
+    bottom = 0.4 + max(common.label_extent(tokens), 0.15)
+    top = common.top_margin(full_title)
+    fig = common.new_figure(8.0, 0.9 + bottom + top + 1.75 * nrows)
+    grid = common.panel_grid(fig, nrows, ncols, right=1.0, top=top, bottom=bottom, hspace=0.45, wspace=0.75)
+    width = payload["bin"]
+    extent = (-0.5, columns * width - 0.5, units - 0.5, -0.5)
+    cmap = common.colormap(common.DIVERGING_CMAP)
+    limit = payload["limit"]
+    selected = payload["hidden_out"] > units
+    interpolation = common.interpolation_for(values.shape, fig, grid[0, 0])
+    # rotated labels at 6 pt need about 1/7 inch each
+    most_tokens = max(4, int(grid[0, 0].get_position(fig).width * fig.get_size_inches()[0] * 7))
+    image = None
+    for index in range(rows):
+        layer, direction = divmod(index, ncols)
+        ax = fig.add_subplot(grid[layer, direction])
+        image = ax.imshow(
+            np.ma.masked_invalid(values[index]),
+            aspect="auto",
+            cmap=cmap,
+            vmin=-limit,
+            vmax=limit,
+            interpolation=interpolation,
+            extent=extent,
+        )
+        ax.set_title(payload["row_labels"][index], fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0)
+        if selected:
+            ax.set_title(
+                f"top {units} of {payload['hidden_out']} units by variance",
+                fontsize=common.TICK_SIZE,
+                loc="right",
+                y=1.0,
+            )
+        ticks = common.tick_positions(units, 5)
+        ax.set_yticks(ticks, [str(u) for u in payload["units"][index][ticks]])
+        ax.tick_params(labelsize=common.TICK_SIZE)
+        if direction == 0:
+            ax.set_ylabel("unit", fontsize=common.LABEL_SIZE)
+        if tokens:
+            shown = common.tick_positions(columns, most_tokens)
+            ax.set_xticks(shown, [common.short_label(tokens[t]) for t in shown] if layer == nrows - 1 else [])
+            ax.tick_params(axis="x", labelrotation=90, labelsize=common.TICK_SIZE - 1)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+        if layer == nrows - 1:
+            label = "time step" if width == 1 else f"time (bins of {width} steps)"
+            ax.set_xlabel(label, fontsize=common.LABEL_SIZE)
+
+    height = fig.get_size_inches()[1]
+    cax = fig.add_axes((1 - 0.75 / 8.0, bottom / height, 0.15 / 8.0, 1 - (bottom + top) / height))
+    colorbar = fig.colorbar(image, cax=cax)
+    colorbar.set_label("h_t" + (" (tanh range)" if payload["bounded"] else ""), fontsize=common.LABEL_SIZE)
+    colorbar.ax.yaxis.set_major_locator(MaxNLocator(5))
+    colorbar.ax.tick_params(labelsize=common.TICK_SIZE)
+    if payload["nonfinite"]:
+        fig.legend(
+            handles=[Patch(color=common.BAD_COLOR, label=payload["nonfinite"])],
+            loc="upper right",
+            fontsize=common.TICK_SIZE,
+            frameon=False,
+        )
+    fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
+    return fig
+
+
+def hidden_stats(record: RNNRecord) -> dict[str, float]:
+    """Summary statistics of ``h_t`` over every valid step of the batch, per layer/direction.
+
+    - ``mean_abs``: mean of ``|h|`` over valid steps and units.
+    - ``saturated``: fraction of ``|h| > 0.95`` (only for tanh-bounded kinds).
+    - ``step_change``: mean over consecutive valid pairs ``(t-1, t)`` of ``||h_t - h_{t-1}||_2``.
+
+    Names carry :func:`~lightning_rnnviz.render.common.row_suffix`. A statistic with nothing to average is
+    NaN; NaN/Inf in the states propagate.
+    """
+    valid = record.valid_mask()  # (B, T)
+    pairs = valid[:, 1:] & valid[:, :-1]  # (B, T-1)
+    bounded = common.hidden_is_tanh_bounded(record)
+    stats: dict[str, float] = {}
+    for index in range(record.hidden.shape[0]):
+        suffix = common.row_suffix(record, index)
+        states = record.hidden[index].float()  # (B, T, H)
+        kept = states[valid]  # (N, H)
+        stats["mean_abs" + suffix] = _mean(kept.abs())
+        if bounded:
+            stats["saturated" + suffix] = _mean((kept.abs() > 0.95).float())
+        change = torch.linalg.vector_norm(states[:, 1:] - states[:, :-1], dim=-1)  # (B, T-1)
+        stats["step_change" + suffix] = _mean(change[pairs])
+    return stats
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.mean()) if values.numel() else float("nan")

@@ -1,0 +1,263 @@
+"""Real Trainer runs on tiny models; the event files are read back and checked tag by tag, step by step."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_rnnviz import (
+    AttentionMonitor,
+    GateActivationMonitor,
+    GradientNormMonitor,
+    HiddenStateMonitor,
+    Probe,
+    RNNViz,
+    RNNVizWarning,
+)
+from tests.helpers.models import NoRNNModel, TinySeqModel, loader
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers.*", "ignore:.*LeafSpec.*", "ignore:.*Checkpoint directory.*",
+    "ignore:.*log_every_n_steps.*", "ignore:.*val_dataloader.*", "ignore:.*dirpath has changed.*",
+)
+
+RNN_IMAGES = {"rnnviz/hidden/rnn", "rnnviz/gates/rnn", "rnnviz/grad_norm/rnn"}
+TRAIN_IMAGES = RNN_IMAGES | {"rnnviz/attention/attn"}
+VAL_IMAGES = {"rnnviz/val/hidden/rnn", "rnnviz/val/gates/rnn", "rnnviz/val/attention/attn"}
+
+
+def _trainer(tmp_path: Path, callbacks, logger="tb", **kwargs) -> pl.Trainer:
+    if logger == "tb":
+        logger = TensorBoardLogger(tmp_path, name="tb")
+    elif logger == "csv":
+        logger = CSVLogger(tmp_path, name="csv")
+    defaults = dict(
+        max_epochs=2, log_every_n_steps=3, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, logger=logger, callbacks=callbacks, num_sanity_val_steps=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def _events(trainer: pl.Trainer) -> EventAccumulator:
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def _image_steps(acc: EventAccumulator) -> dict[str, list[int]]:
+    return {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+
+
+def test_tags_steps_and_sizes_follow_lightning_logging(tmp_path):
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, [RNNViz(strict=True)])
+    trainer.fit(TinySeqModel(), loader(), loader())
+    acc = _events(trainer)
+    steps = _image_steps(acc)
+    # 4 batches per epoch, log_every_n_steps=3: Lightning logs at steps 2 and 5; the first batch of
+    # each epoch (steps 0 and 4) is recorded as well.
+    loss_steps = [e.step for e in acc.Scalars("train_loss")]
+    assert loss_steps == [2, 5]
+    for tag in TRAIN_IMAGES:
+        assert steps[tag] == [0, 2, 4, 5], tag
+        assert set(loss_steps) <= set(steps[tag])
+    # Validation: once per run (not during the sanity check), on the step of the user's val scalars.
+    val_steps = [e.step for e in acc.Scalars("val_loss")]
+    for tag in VAL_IMAGES:
+        assert steps[tag] == val_steps == [3, 7], tag
+    assert steps["rnnviz/grad_decay/rnn"] == [4, 8]
+    assert set(steps) == TRAIN_IMAGES | VAL_IMAGES | {"rnnviz/grad_decay/rnn"}
+    for tag in steps:
+        for event in acc.Images(tag):
+            assert 200 <= event.width <= 800 and 200 <= event.height <= 800
+            assert len(event.encoded_image_string) < 150_000
+    scalars = set(acc.Tags()["scalars"])
+    for stat in ("first_norm", "last_norm", "log10_ratio", "decay_per_step"):
+        assert f"rnnviz/grad_norm/rnn/{stat}/layer1" in scalars
+    for stat in ("input_mean", "forget_saturated_low", "output_saturated_high"):
+        assert f"rnnviz/gates/rnn/{stat}/layer0" in scalars
+    assert {"rnnviz/hidden/rnn/mean_abs/layer0", "rnnviz/attention/attn/entropy/head1",
+            "rnnviz/attention/attn/focus/head0"} <= scalars
+    assert [e.step for e in acc.Scalars("rnnviz/grad_norm/rnn/first_norm/layer0")] == [0, 2, 4, 5]
+    histograms = set(acc.Tags()["histograms"])
+    assert {"rnnviz/hidden/rnn", "rnnviz/gates/rnn/forget", "rnnviz/val/hidden/rnn"} <= histograms
+    assert all(tag.startswith("rnnviz/") for tag in steps)
+
+
+def test_every_n_steps_overrides_log_every_n_steps(tmp_path):
+    trainer = _trainer(tmp_path, [RNNViz(every_n_steps=2, every_epoch_start=False, validation=False)])
+    trainer.fit(TinySeqModel(), loader(), loader())
+    steps = _image_steps(_events(trainer))
+    assert steps["rnnviz/hidden/rnn"] == [1, 3, 5, 7]
+    assert not any(tag.startswith("rnnviz/val/") for tag in steps)
+
+
+def test_gradient_units_do_not_depend_on_accumulation(tmp_path):
+    """With lr=0 the weights never move: the same micro-batch must give the same dL/dh_t for any k."""
+    values = {}
+    for k in (1, 2):
+        cb = GradientNormMonitor(every_n_steps=1, every_epoch_start=False, validation=False)
+        trainer = _trainer(tmp_path / f"k{k}", [cb], max_epochs=1, accumulate_grad_batches=k)
+        torch.manual_seed(0)
+        trainer.fit(TinySeqModel(lr=0.0), loader(), loader())
+        acc = _events(trainer)
+        # Batch 1 is recorded in both runs (for k=2 it closes the first accumulation window).
+        events = acc.Scalars("rnnviz/grad_norm/rnn/first_norm/layer0")
+        values[k] = events[1].value if k == 1 else events[0].value
+        if k == 2:
+            assert [e.step for e in events] == [0, 1]
+    assert values[1] == pytest.approx(values[2], rel=1e-6)
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+    params = []
+    for callbacks in ([], [RNNViz(every_n_steps=1, strict=True)]):
+        pl.seed_everything(7)
+        model = TinySeqModel()
+        trainer = _trainer(tmp_path, callbacks, max_epochs=2)
+        trainer.fit(model, loader(), loader())
+        params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for name in params[0]:
+        assert torch.equal(params[0][name], params[1][name]), name
+
+
+def test_several_monitors_share_one_recording_per_step(tmp_path, monkeypatch):
+    calls = []
+    original = Probe.record
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs.get("max_samples"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Probe, "record", counting)
+    monitors = [HiddenStateMonitor(validation=False), GateActivationMonitor(validation=False),
+                GradientNormMonitor(validation=False), AttentionMonitor(validation=False)]
+    trainer = _trainer(tmp_path, monitors, max_epochs=1)
+    trainer.fit(TinySeqModel(), loader())
+    assert len(calls) == 2  # steps 0 (epoch start) and 2 (log_every_n_steps=3)
+    steps = _image_steps(_events(trainer))
+    assert set(steps) == TRAIN_IMAGES | {"rnnviz/grad_decay/rnn"}
+    assert all(len(v) == len(set(v)) for v in steps.values()), "an image was written twice on one step"
+
+
+def test_csv_logger_gets_png_files_and_scalars(tmp_path):
+    trainer = _trainer(tmp_path, [RNNViz(validation=False)], logger="csv", max_epochs=1)
+    trainer.fit(TinySeqModel(), loader())
+    root = Path(trainer.logger.log_dir) / "rnnviz"
+    assert sorted(p.name for p in (root / "hidden" / "rnn").iterdir()) == ["step_0.png", "step_2.png"]
+    assert (root / "attention" / "attn" / "step_2.png").stat().st_size > 1000
+    assert (root / "grad_decay" / "rnn" / "step_4.png").exists()
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert "rnnviz/grad_norm/rnn/first_norm/layer0" in header
+
+
+def test_no_logger_warns_once_and_training_runs(tmp_path):
+    trainer = _trainer(tmp_path, [RNNViz()], logger=False, max_epochs=1)
+    with pytest.warns(RNNVizWarning, match="no logger"):
+        trainer.fit(TinySeqModel(), loader())
+    assert trainer.state.finished
+
+
+def test_model_without_supported_module_warns_and_runs(tmp_path):
+    trainer = _trainer(tmp_path, [RNNViz()], max_epochs=1)
+    with pytest.warns(RNNVizWarning, match="no module lightning_rnnviz can record"):
+        trainer.fit(NoRNNModel(), loader())
+    assert trainer.state.finished
+    assert not _image_steps(_events(trainer))
+
+
+def test_attention_monitor_on_model_without_attention_warns(tmp_path):
+    class RNNOnly(TinySeqModel):
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1]).squeeze(-1)
+
+    model = RNNOnly()
+    del model.attn
+    trainer = _trainer(tmp_path, [AttentionMonitor()], max_epochs=1)
+    with pytest.warns(RNNVizWarning, match="no module to watch"):
+        trainer.fit(model, loader())
+
+
+def test_unknown_module_name_fails_at_fit_start_listing_names(tmp_path):
+    trainer = _trainer(tmp_path, [RNNViz(modules=["encoder.rnn"])], max_epochs=1)
+    with pytest.raises(ValueError, match=r"'encoder.rnn'.*available:.*'rnn' \(LSTM\)"):
+        trainer.fit(TinySeqModel(), loader())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"every_n_steps": -3}, "every_n_steps"),
+        ({"every_n_steps": 2.5}, "every_n_steps"),
+        ({"top_k": 0}, "top_k"),
+        ({"max_samples": 0}, "max_samples"),
+        ({"sample": 20, "max_samples": 16}, "sample=20"),
+        ({"labels": "tokens"}, "labels"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RNNViz(**kwargs)
+
+
+def test_labels_wrong_length_is_warned_not_fatal(tmp_path):
+    cb = RNNViz(labels=lambda batch: ["a", "b"], validation=False)
+    trainer = _trainer(tmp_path, [cb], max_epochs=1)
+    with pytest.warns(RNNVizWarning, match="returned 2 tokens"):
+        trainer.fit(TinySeqModel(), loader())
+    assert cb.error_counts["labels"] >= 1
+    assert "rnnviz/hidden/rnn" in _image_steps(_events(trainer))
+
+
+def test_labels_right_length(tmp_path):
+    cb = RNNViz(labels=lambda batch: [f"t{i}" for i in range(batch[0].shape[1])], strict=True, validation=False)
+    trainer = _trainer(tmp_path, [cb], max_epochs=1)
+    trainer.fit(TinySeqModel(), loader())
+    assert "rnnviz/attention/attn" in _image_steps(_events(trainer))
+
+
+def test_decay_history_survives_checkpoint_resume(tmp_path):
+    cb = RNNViz(validation=False)
+    trainer = _trainer(tmp_path, [cb], max_epochs=2, enable_checkpointing=True)
+    trainer.fit(TinySeqModel(), loader())
+    assert sorted(cb.decay_history["rnn"]) == [0, 1]
+    assert cb.decay_history["rnn"][0].shape == (2, 6)
+    ckpt = next(Path(tmp_path).rglob("*.ckpt"))
+
+    resumed = RNNViz(validation=False)
+    trainer = _trainer(tmp_path, [resumed], max_epochs=3, enable_checkpointing=True)
+    trainer.fit(TinySeqModel(), loader(), ckpt_path=ckpt)
+    assert sorted(resumed.decay_history["rnn"]) == [0, 1, 2]
+    assert torch.equal(resumed.decay_history["rnn"][0], cb.decay_history["rnn"][0])
+
+
+def test_state_keys_differ_with_settings():
+    assert RNNViz().state_key != RNNViz(every_n_steps=5).state_key
+    assert RNNViz().state_key != HiddenStateMonitor().state_key
+
+
+def test_callback_pickles_before_fit():
+    import pickle
+
+    cb = RNNViz(attention=None, labels=None)
+    assert isinstance(pickle.loads(pickle.dumps(cb)), RNNViz)
+    copy.deepcopy(cb)
+
+
+def test_exception_in_training_step_leaves_no_hooks(tmp_path):
+    model = TinySeqModel(fail_at=2)
+    trainer = _trainer(tmp_path, [RNNViz(every_n_steps=1)], max_epochs=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, loader())
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, module

@@ -1,0 +1,135 @@
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_rnnviz.probe.records import AttentionRecord
+from lightning_rnnviz.render import (
+    attention_stats,
+    draw_attention,
+    figure_to_png,
+    figure_to_rgb,
+    reduce_attention,
+)
+
+
+def uniform_over_real_keys(
+    key_lengths: list[int], heads: int = 2, queries: int = 3, keys: int = 4
+) -> AttentionRecord:
+    lengths = torch.tensor(key_lengths)
+    real = (torch.arange(keys)[None, :] < lengths[:, None]).float()  # (B, Tk)
+    weights = (real / lengths[:, None]).reshape(len(key_lengths), 1, 1, keys).expand(-1, heads, queries, -1)
+    return AttentionRecord("attn", "MultiheadAttention", weights.clone(), lengths)
+
+
+def test_uniform_attention_has_maximal_entropy():
+    stats = attention_stats(uniform_over_real_keys([4, 2]))
+    assert set(stats) == {f"{s}/head{h}" for s in ("entropy", "entropy_norm", "focus") for h in range(2)}
+    assert stats["entropy/head0"] == pytest.approx((math.log(4) + math.log(2)) / 2)
+    assert stats["entropy_norm/head1"] == pytest.approx(1.0)
+    assert stats["focus/head0"] == pytest.approx((1 / 4 + 1 / 2) / 2)
+
+
+def test_one_hot_and_mixed_heads():
+    weights = torch.zeros(1, 2, 2, 3)
+    weights[0, 0, :, 1] = 1.0
+    weights[0, 1] = torch.tensor([0.5, 0.25, 0.25])
+    stats = attention_stats(AttentionRecord("attn", "custom", weights))
+    assert (
+        stats["entropy/head0"] == 0.0 and stats["entropy_norm/head0"] == 0.0 and stats["focus/head0"] == 1.0
+    )
+    assert stats["entropy/head1"] == pytest.approx(1.5 * math.log(2))
+    assert stats["entropy_norm/head1"] == pytest.approx(1.5 * math.log(2) / math.log(3))
+    assert stats["focus/head1"] == pytest.approx(0.5)
+
+
+def test_padded_keys_are_ignored_and_single_key_rows_are_zero():
+    record = uniform_over_real_keys([4, 1])
+    record.attention[1, :, :, 1:] = float("nan")  # junk in padded keys must not leak into the statistics
+    stats = attention_stats(record)
+    assert stats["entropy/head0"] == pytest.approx(math.log(4) / 2)
+    assert stats["entropy_norm/head0"] == pytest.approx(0.5)
+    assert stats["focus/head0"] == pytest.approx((0.25 + 1.0) / 2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    keys=st.integers(2, 12),
+    queries=st.integers(1, 5),
+    scale=st.floats(0.0, 20.0),
+    seed=st.integers(0, 1000),
+)
+def test_statistics_bounds(keys, queries, scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weights = (torch.randn(2, 3, queries, keys, generator=generator) * scale).softmax(-1)
+    stats = attention_stats(AttentionRecord("attn", "custom", weights))
+    for h in range(3):
+        assert -1e-9 <= stats[f"entropy/head{h}"] <= math.log(keys) + 1e-6
+        assert -1e-9 <= stats[f"entropy_norm/head{h}"] <= 1 + 1e-6
+        assert 1 / keys - 1e-6 <= stats[f"focus/head{h}"] <= 1 + 1e-6
+
+
+def test_reduce_crops_padding_and_caps_heads(attention_record, image_ok):
+    record = attention_record(batch=2, heads=12, queries=6, keys=9, key_lengths=[9, 5])
+    payload = reduce_attention(record, sample=1)
+    assert payload["weights"].shape == (8, 6, 5) and payload["heads"] == 12
+    np.testing.assert_allclose(payload["weights"].sum(-1), 1.0, rtol=1e-5)
+    fig = draw_attention(payload, step=3)
+    assert "showing 8 of 12 heads" in fig.get_suptitle()
+    assert [ax.get_title(loc="left") for ax in fig.axes[:8]] == [f"head {h}" for h in range(8)]
+    image_ok(figure_to_rgb(fig))
+    assert len(figure_to_png(fig)) < 150_000
+    assert "showing" not in draw_attention(reduce_attention(record, max_heads=12)).get_suptitle()
+
+
+def test_token_labels(attention_record):
+    record = attention_record(batch=1, heads=2, queries=4, keys=6, key_lengths=[5])
+    queries, keys = ["a", "b", "c", "d"], ["<s>", "x", "y", "z", "</s>", "<pad>"]
+    payload = reduce_attention(record, query_labels=queries, key_labels=keys)
+    assert payload["key_labels"] == keys[:5] and payload["query_labels"] == queries
+    fig = draw_attention(payload)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == keys[:5]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == queries
+    with pytest.raises(ValueError, match="`query_labels` has 2 entries but 4 steps"):
+        reduce_attention(record, query_labels=["a", "b"])
+
+
+def test_long_axes_are_binned(attention_record, image_ok):
+    record = attention_record(batch=1, heads=2, queries=600, keys=700)
+    payload = reduce_attention(record, query_labels=[str(i) for i in range(600)])
+    assert payload["query_bin"] == 3 and payload["key_bin"] == 3
+    assert payload["weights"].shape == (2, 200, 234) and payload["query_labels"] is None
+    np.testing.assert_allclose(payload["weights"].sum(-1), 1.0, rtol=1e-4)  # key bins are summed
+    assert len(pickle.dumps(payload)) < 500_000
+    fig = draw_attention(payload)
+    assert fig.axes[0].get_xlabel() == "key (input) step (bins of 3)"
+    image_ok(figure_to_rgb(fig))
+
+
+def test_nan_attention_is_drawn_and_named(attention_record, image_ok, shows_bad_color):
+    record = attention_record(batch=1, heads=3, queries=5, keys=5)
+    record.attention[0, 1, 2] = float("nan")  # a query with every key masked
+    payload = reduce_attention(record)
+    fig = draw_attention(payload)
+    assert "contains NaN" in fig.get_suptitle()
+    rgb = figure_to_rgb(fig)
+    image_ok(rgb)
+    assert shows_bad_color(rgb)
+    assert math.isnan(attention_stats(record)["entropy/head1"])
+
+
+def test_no_real_keys_draws_a_message(attention_record):
+    record = attention_record(batch=2, heads=1, key_lengths=[8, 0])
+    figure_to_rgb(draw_attention(reduce_attention(record, sample=1)))
+
+
+def test_argument_errors(attention_record):
+    record = attention_record(batch=2)
+    with pytest.raises(ValueError, match=r"`sample`=-1 is out of range"):
+        reduce_attention(record, sample=-1)
+    with pytest.raises(ValueError, match="`max_heads`=0 must be a positive int"):
+        reduce_attention(record, max_heads=0)

@@ -1,0 +1,163 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.text import Text
+
+from lightning_rnnviz.probe.records import RNNRecord
+from lightning_rnnviz.render import (
+    draw_grad_decay,
+    draw_grad_norm,
+    figure_to_png,
+    figure_to_rgb,
+    grad_stats,
+    reduce_grad_norm,
+)
+
+
+def record_with_norms(
+    norms: list[list[float]], lengths: list[int] | None = None, directions: int = 1
+) -> RNNRecord:
+    """A record whose ``grad_norm`` row ``r`` equals ``norms[r]`` for every sequence (one non-zero unit)."""
+    table = torch.tensor(norms, dtype=torch.float32)  # (LD, T)
+    rows, time = table.shape
+    lengths_t = torch.tensor(lengths if lengths is not None else [time])
+    batch = lengths_t.numel()
+    grad = torch.zeros(rows, batch, time, 3)
+    grad[..., 0] = table.unsqueeze(1)
+    grad = grad * (torch.arange(time) < lengths_t.unsqueeze(1)).to(grad.dtype)[None, :, :, None]
+    return RNNRecord(
+        "rnn",
+        "GRU",
+        torch.zeros(rows, batch, time, 3),
+        {},
+        grad,
+        None,
+        None,
+        lengths_t,
+        num_layers=rows // directions,
+        num_directions=directions,
+    )
+
+
+def test_vanishing_forward_gradient():
+    stats = grad_stats(record_with_norms([[1e-4, 1e-3, 1e-2, 1e-1, 1.0]]))
+    assert stats["first_norm"] == pytest.approx(1e-4)
+    assert stats["last_norm"] == pytest.approx(1.0)
+    assert stats["log10_ratio"] == pytest.approx(-4.0)
+    assert stats["decay_per_step"] == pytest.approx(-1.0)
+
+
+def test_reverse_direction_processes_backwards():
+    forward = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    stats = grad_stats(record_with_norms([forward, forward[::-1]], directions=2))
+    assert set(stats) == {
+        f"{name}/layer0{suffix}"
+        for name in ("first_norm", "last_norm", "log10_ratio", "decay_per_step")
+        for suffix in ("", "_reverse")
+    }
+    for suffix in ("", "_reverse"):
+        assert stats[f"first_norm/layer0{suffix}"] == pytest.approx(1e-4)
+        assert stats[f"last_norm/layer0{suffix}"] == pytest.approx(1.0)
+        assert stats[f"log10_ratio/layer0{suffix}"] == pytest.approx(-4.0)
+        assert stats[f"decay_per_step/layer0{suffix}"] == pytest.approx(-1.0)
+
+
+def test_exploding_gradient_is_positive():
+    stats = grad_stats(record_with_norms([[1e4, 1e3, 1e2, 1e1, 1.0]]))
+    assert stats["log10_ratio"] == pytest.approx(4.0)
+    assert stats["decay_per_step"] == pytest.approx(1.0)
+
+
+def test_padded_steps_and_ragged_lengths():
+    # steps 5 and 6 exist in no sequence (grad_norm is NaN there); the second sequence stops at 3
+    norms = [[1e-4, 1e-3, 1e-2, 1e-1, 1.0, 0.0, 0.0]]
+    record = record_with_norms(norms, lengths=[5, 3])
+    assert math.isnan(float(record.grad_norm[0, 6]))
+    stats = grad_stats(record)
+    assert stats["last_norm"] == pytest.approx(1.0)
+    assert stats["decay_per_step"] == pytest.approx(-1.0)
+    payload = reduce_grad_norm(record)
+    assert payload["norm"].shape == (1, 5) and payload["nonfinite"] == ""
+
+
+def test_fit_ignores_zero_and_nonfinite_points():
+    norms = [[1e-5, 1e-4, 0.0, 1e-2, float("nan"), 1.0]]
+    stats = grad_stats(record_with_norms(norms))
+    assert stats["decay_per_step"] == pytest.approx(-1.0)
+    assert stats["log10_ratio"] == pytest.approx(-5.0)
+    zero_first = grad_stats(record_with_norms([[0.0, 1e-1, 1.0]]))
+    assert zero_first["log10_ratio"] == -math.inf and zero_first["decay_per_step"] == pytest.approx(-1.0)
+    assert math.isnan(grad_stats(record_with_norms([[0.0, 0.0, 1.0]]))["decay_per_step"])
+
+
+def test_no_gradient(rnn_record):
+    record = rnn_record(grad=False)
+    assert reduce_grad_norm(record) is None
+    assert grad_stats(record) == {}
+
+
+def test_draw_grad_norm(rnn_record, image_ok):
+    record = rnn_record("LSTM", layers=2, directions=2, time=100, hidden=128)
+    fig = draw_grad_norm(reduce_grad_norm(record), step=9)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["layer 0 forward", "layer 0 reverse", "layer 1 forward", "layer 1 reverse"]
+    assert "step 9" in fig.get_suptitle()
+    image_ok(figure_to_rgb(fig))
+    assert len(figure_to_png(fig)) < 150_000
+
+
+def test_draw_grad_norm_zeros_and_nan():
+    record = record_with_norms([[1e-3, 0.0, 1e-1, float("nan"), 1.0]])
+    payload = reduce_grad_norm(record)
+    assert payload["nonfinite"] == "NaN"
+    fig = draw_grad_norm(payload)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[0] == "layer 0"
+    assert labels[1].startswith("zero (drawn at ") and labels[2] == "NaN"
+    assert "contains NaN" in fig.get_suptitle()
+    low, _ = fig.axes[0].get_ylim()
+    assert 0 < low < 1e-4
+    figure_to_rgb(fig)
+
+
+def test_draw_grad_norm_all_zero():
+    fig = draw_grad_norm(reduce_grad_norm(record_with_norms([[0.0, 0.0, 0.0]])))
+    figure_to_rgb(fig)
+
+
+def test_grad_decay(image_ok):
+    labels = ["layer 0", "layer 1"]
+    t = np.arange(50, dtype=np.float64)
+    history = {
+        epoch: np.stack([10 ** ((t - 50) / (10 + epoch)), 10 ** ((t - 50) / (5 + epoch))])
+        for epoch in range(8)
+    }
+    history[3] = history[3][:, :30]  # a shorter curve
+    history[5] = torch.from_numpy(history[5]).float()  # tensors work too
+    history[6][:, 40:] = np.nan  # NaN padding at the end
+    fig = draw_grad_decay(history, "encoder.rnn", labels, step=100)
+    assert [ax.get_title(loc="left") for ax in fig.axes[:2]] == labels
+    assert all(ax.get_yscale() == "log" for ax in fig.axes[:2])
+    assert fig.axes[-1].get_ylabel() == "epoch"
+    assert "NaN" not in fig.get_suptitle()  # trailing padding is not a warning
+    image_ok(figure_to_rgb(fig))
+    assert len(figure_to_png(fig)) < 150_000
+
+
+def test_grad_decay_single_epoch_zeros_and_nan():
+    curve = np.array([[1e-3, 0.0, 1e-2, np.nan, 1.0, np.nan]])
+    fig = draw_grad_decay({4: curve}, "rnn", ["layer 0"])
+    assert "contains NaN" in fig.get_suptitle()
+    assert any(t.get_text().startswith("zeros drawn at") for t in fig.findobj(Text))
+    figure_to_rgb(fig)
+
+
+def test_grad_decay_errors():
+    with pytest.raises(ValueError, match="`history` is empty"):
+        draw_grad_decay({}, "rnn", ["layer 0"])
+    with pytest.raises(ValueError, match=r"`history\[2\]` has shape \(3, 4\); expected \(2, time\)"):
+        draw_grad_decay({2: np.ones((3, 4))}, "rnn", ["layer 0", "layer 1"])
