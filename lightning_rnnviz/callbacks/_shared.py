@@ -33,6 +33,7 @@ class SharedRecorder:
         self._wanting: list[RNNViz] = []
         self._result: Recording | None = None
         self.grad_scale: float | None = None
+        self.amp_scale: float | None = None
 
     def build_probe(self, model: nn.Module) -> Probe:
         """One probe over the union of what the members watch (``None`` in any member means all)."""
@@ -59,6 +60,10 @@ class SharedRecorder:
         self._block = contextlib.ExitStack()
         record = self.probe.record(max_samples=max_samples, grad_scale=lambda: self.grad_scale)
         self._recording = self._block.enter_context(record)
+
+    @property
+    def is_open(self) -> bool:
+        return self._block is not None
 
     def end(self, key: Any, grad_scale: float | None) -> tuple[Recording | None, list[RNNViz]]:
         """Close the block of batch ``key`` (once) and return its recording and who wanted it."""

@@ -281,8 +281,9 @@ class RNNViz(Callback):
         self._guard("record", lambda: recorder.begin(self._batch_key(trainer), pl_module, wanting, max_samples))
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.enabled:
-            recorder = shared_recorder(trainer)
+        recorder = shared_recorder(trainer) if self.enabled else None
+        if recorder is not None and recorder.is_open:
+            # The scale the loss was multiplied by for this backward (read before `scaler.update()`).
             recorder.amp_scale = self._amp_scale(trainer)
 
     @staticmethod
@@ -295,7 +296,7 @@ class RNNViz(Callback):
     def _grad_scale(self, trainer: pl.Trainer) -> float | None:
         """What the loss behind the recorded gradients was multiplied by, relative to the batch's loss."""
         recorder = shared_recorder(trainer)
-        scale = getattr(recorder, "amp_scale", None) or 1.0
+        scale = recorder.amp_scale or 1.0
         if trainer.lightning_module.automatic_optimization:
             scale /= trainer.accumulate_grad_batches
         return None if scale == 1.0 else scale

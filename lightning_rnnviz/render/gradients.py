@@ -174,6 +174,7 @@ def draw_grad_decay(
     *,
     step: int | None = None,
     title: str | None = None,
+    max_curves: int = 16,
 ) -> Figure:
     """Gradient norm per step, one line per epoch, one panel per layer/direction.
 
@@ -184,14 +185,20 @@ def draw_grad_decay(
         layer_labels: one label per row, e.g. ``[record.layer_label(i) for i in range(rows)]``.
         step: training step for the title.
         title: replaces the heading ``"<name>: gradient norm per step, by epoch"``.
+        max_curves: most epochs drawn; beyond that, evenly spaced epochs (first and last included).
 
     Raises:
         ValueError: empty ``history``, or an entry that is not ``(len(layer_labels), time)``.
     """
     if not history:
         raise ValueError("`history` is empty; pass at least one epoch -> (layers*directions, time) array.")
+    max_curves = common.check_positive("max_curves", max_curves)
     rows = len(layer_labels)
     epochs = sorted(history)
+    total = len(epochs)
+    if total > max_curves:
+        picks = np.unique(np.linspace(0, total - 1, max_curves).round().astype(np.int64))
+        epochs = [epochs[i] for i in picks]
     curves = {}
     for epoch in epochs:
         values = history[epoch]
@@ -207,6 +214,8 @@ def draw_grad_decay(
     flag = common.nonfinite_flag(*(_strip_trailing_nan(v) for v in curves.values()))
     payload = {"exact": True}
     heading = title or f"{name}: gradient norm per step, by epoch"
+    if len(epochs) < total:
+        heading += f" ({len(epochs)} of {total} epochs)"
     full_title = common.compose_title(heading, payload, step, flag)
     length = max(v.shape[1] for v in curves.values())
     if length == 0:
@@ -232,7 +241,9 @@ def draw_grad_decay(
             for run in _finite_runs(np.where(values == 0, floor, values)):
                 segments.append(run)
                 colors.append(mappable.to_rgba(epoch))
-        ax.add_collection(LineCollection(segments, colors=colors, linewidths=1.1))
+        # past a few curves antialiasing adds little to the dense band but triples the PNG size
+        lines = LineCollection(segments, colors=colors, linewidths=1.1, antialiaseds=len(epochs) <= 6)
+        ax.add_collection(lines)
         ax.set_xlim(-0.5, length - 0.5)
         ax.set_ylim(floor / 2, ceiling * 2)
         ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))

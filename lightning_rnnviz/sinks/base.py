@@ -19,7 +19,7 @@ def safe_name(name: str) -> str:
     Example::
 
         >>> safe_name("encoder.layers.0.self_attn"), safe_name(""), safe_name("../../etc/passwd")
-        ('encoder.layers.0.self_attn', 'root', '_._._etc_passwd')
+        ('encoder.layers.0.self_attn', 'root', '_._._._._etc_passwd')
     """
     if not name:
         return "root"

@@ -156,6 +156,15 @@ def test_grad_decay_single_epoch_zeros_and_nan():
     figure_to_rgb(fig)
 
 
+def test_grad_decay_caps_the_number_of_curves():
+    history = {epoch: np.full((1, 5), 10.0**-epoch) for epoch in range(40)}
+    fig = draw_grad_decay(history, "rnn", ["layer 0"], max_curves=8)
+    assert "(8 of 40 epochs)" in fig.get_suptitle()
+    assert len(fig.axes[0].collections[0].get_segments()) == 8
+    low, high = fig.axes[-1].get_ylim()  # the colour bar still spans every epoch
+    assert (low, high) == (0, 39)
+
+
 def test_grad_decay_errors():
     with pytest.raises(ValueError, match="`history` is empty"):
         draw_grad_decay({}, "rnn", ["layer 0"])
