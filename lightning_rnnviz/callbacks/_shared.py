@@ -9,6 +9,7 @@ to see the end of the batch closes it.
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,9 @@ class SharedRecorder:
         self._result: Recording | None = None
         self.grad_scale: float | None = None
         self.amp_scale: float | None = None
+        self.renderer: Any = None  # one drawing process for every member
+        self.spent_s = 0.0  # time on the training thread for the current batch's recording
+        self.replay_s = 0.0
 
     def build_probe(self, model: nn.Module) -> Probe:
         """One probe over the union of what the members watch (``None`` in any member means all)."""
@@ -55,11 +59,14 @@ class SharedRecorder:
         self._key, self._wanting, self._result, self.grad_scale = key, wanting, None, None
         if not wanting:
             return
+        started = time.perf_counter()
+        self.spent_s = self.replay_s = 0.0
         if self.probe is None:
             self.probe = self.build_probe(model)
         self._block = contextlib.ExitStack()
         record = self.probe.record(max_samples=max_samples, grad_scale=lambda: self.grad_scale)
         self._recording = self._block.enter_context(record)
+        self.spent_s += time.perf_counter() - started
 
     @property
     def is_open(self) -> bool:
@@ -72,7 +79,10 @@ class SharedRecorder:
         if self._block is not None:
             block, self._block = self._block, None
             self.grad_scale = grad_scale  # read by the probe as the block closes
+            started = time.perf_counter()
             block.close()
+            self.replay_s = time.perf_counter() - started
+            self.spent_s += self.replay_s
             self._result = self._recording
         return self._result, self._wanting
 

@@ -22,6 +22,7 @@ from lightning_rnnviz.probe import AttentionRecord, Recording, RNNRecord, RNNViz
 from lightning_rnnviz.probe.probe import Extractor
 from lightning_rnnviz.probe.targets import ATTENTION_TYPES, is_supported, resolve_targets
 from lightning_rnnviz.sinks import FileSink, Sink, TensorBoardSink, safe_name
+from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer, Job
 
 QUANTITIES = ("hidden", "gates", "grad_norm", "grad_decay", "attention")
 
@@ -78,6 +79,8 @@ class RNNViz(Callback):
         max_heads: most attention heads drawn.
         max_time: most time columns in a figure; longer sequences are averaged in bins.
         histograms: write activation histograms (TensorBoard's distributions view).
+        background: draw figures in a low-priority child process, so the training thread only hands
+            over small already-reduced arrays; ``False`` draws on the training thread.
         validation: draw the fixed validation sample at each validation run.
         every_epoch_start: also record the first batch of every epoch, so that the first step gives
             instant feedback and every epoch has a gradient-decay curve.
@@ -108,6 +111,7 @@ class RNNViz(Callback):
         max_heads: int = 8,
         max_time: int = 256,
         histograms: bool = True,
+        background: bool = True,
         validation: bool = True,
         every_epoch_start: bool = True,
         strict: bool = False,
@@ -144,6 +148,7 @@ class RNNViz(Callback):
         self.max_heads = max_heads
         self.max_time = max_time
         self.histograms = histograms
+        self.background = background
         self.validation = validation
         self.every_epoch_start = every_epoch_start
         self.strict = strict
@@ -153,6 +158,8 @@ class RNNViz(Callback):
         self.enabled = False
         self._names: set[str] = set()
         self._sink: Sink | None = None
+        self._image_spec: tuple[str, str] | None = None
+        self._recorder: Any = None
         self._epoch_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._warned: set[str] = set()
 
@@ -175,6 +182,7 @@ class RNNViz(Callback):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_sink"] = None  # a writer belongs to one process
+        state["_recorder"] = None
         return state
 
     # --- fit start and end -------------------------------------------------------------------------
@@ -202,7 +210,7 @@ class RNNViz(Callback):
                 "(e.g. `AttentionMonitor` on a model without attention); it does nothing in this run."
             )
             return
-        self._sink = self._make_sink(trainer)
+        self._sink, self._image_spec = self._make_sink(trainer)
         if self._sink is None:
             self._disable(
                 f"{type(self).__name__} has nowhere to write: the Trainer has no logger. Pass "
@@ -211,9 +219,13 @@ class RNNViz(Callback):
             )
             return
         self.enabled = True
-        recorder = shared_recorder(trainer)
+        recorder = self._recorder = shared_recorder(trainer)
         recorder.members = [m for m in recorder.members if m is not self] + [self]
         recorder.probe = None  # rebuilt for the current members
+        if recorder.renderer is None:
+            recorder.renderer = (
+                BackgroundRenderer(self._image_spec) if self.background else InlineRenderer(self._sink)
+            )
         if isinstance(self._sink, TensorBoardSink):
             rank_zero_info(
                 "lightning_rnnviz: TensorBoard keeps 10 images per tag by default; to see every recorded "
@@ -224,16 +236,20 @@ class RNNViz(Callback):
         self.enabled = False
         warnings.warn(message, RNNVizWarning, stacklevel=3)
 
-    def _make_sink(self, trainer: pl.Trainer) -> Sink | None:
+    def _make_sink(self, trainer: pl.Trainer) -> tuple[Sink | None, tuple[str, str] | None]:
+        """The sink for scalars and histograms, and where images go (``(kind, folder)``)."""
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                return TensorBoardSink(logger.experiment, histograms=self.histograms)
+                writer = logger.experiment
+                return TensorBoardSink(writer, histograms=self.histograms), ("tensorboard", writer.get_logdir())
         for logger in trainer.loggers:
             # A logger's own log_dir, never trainer.log_dir: that one is a collective.
             log_dir = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
             if log_dir:
-                return FileSink(Path(log_dir) / "rnnviz", lambda m, s, lg=logger: lg.log_metrics(m, step=s))
-        return None
+                root = Path(log_dir) / "rnnviz"
+                sink = FileSink(root, lambda m, s, lg=logger: lg.log_metrics(m, step=s))
+                return sink, ("files", str(root))
+        return None, None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._shutdown(trainer)
@@ -249,11 +265,20 @@ class RNNViz(Callback):
         recorder.abort()
         recorder.members = [m for m in recorder.members if m is not self]
         recorder.probe = None
+        if not recorder.members and recorder.renderer is not None:
+            renderer, recorder.renderer = recorder.renderer, None
+            # Let the drawing process finish what it was handed, then stop it.
+            self._guard("stop the drawing process", renderer.close)
+            self._report_render_errors(renderer)
         if self._sink is not None:
             self._guard("flush", lambda: self._sink.flush())
             self._sink.close()
         self._sink = None
         self.enabled = False
+
+    def _report_render_errors(self, renderer: BackgroundRenderer | InlineRenderer) -> None:
+        for line in renderer.errors():
+            self._guard("draw a figure", lambda msg=line: (_ for _ in ()).throw(RuntimeError(msg)))
 
     # --- training ----------------------------------------------------------------------------------
     def _wants(self, trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -311,8 +336,17 @@ class RNNViz(Callback):
         recorder.amp_scale = None
         if recording is None or self not in wanting:
             return
+        started = time.perf_counter()
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         self._emit(recording, batch, step, prefix="rnnviz", training=True)
+        recorder.spent_s += time.perf_counter() - started
+        if self is wanting[-1]:  # the last monitor of this batch reports what the batch cost
+            self._report_render_errors(recorder.renderer)
+            self._guard("overhead statistics", lambda: self._sink.scalars({
+                "rnnviz/overhead/train_thread_ms": 1e3 * recorder.spent_s,
+                "rnnviz/overhead/replay_ms": 1e3 * recorder.replay_s,
+                "rnnviz/overhead/dropped_figures": float(recorder.renderer.dropped),
+            }, step))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.enabled or "grad_decay" not in self.quantities:
@@ -327,10 +361,8 @@ class RNNViz(Callback):
                 continue
             rows = next(iter(history.values())).shape[0]
             labels = self._layer_labels.get(name) or [f"row {i}" for i in range(rows)]
-            self._figure(
-                "grad_decay", name, step, "rnnviz",
-                lambda h=history, n=name, lb=labels: render.draw_grad_decay(h, n, lb, step=step),
-            )
+            payload = {"history": {e: h.numpy() for e, h in history.items()}, "name": name, "layer_labels": labels}
+            self._figure("grad_decay", name, step, "rnnviz", lambda p=payload: p)
         self._guard("flush", lambda: self._sink.flush())
 
     # --- validation --------------------------------------------------------------------------------
@@ -404,22 +436,20 @@ class RNNViz(Callback):
         if "hidden" in self.quantities:
             length = int(record.lengths[sample])
             labels = self._guard("labels", lambda: self._check_tokens(tokens, [length], f"sequence of {name!r}"))
-            self._figure("hidden", name, step, prefix, lambda: render.draw_hidden(
-                render.reduce_hidden(record, sample, self.top_k, self.max_time, labels), step=step))
+            self._figure("hidden", name, step, prefix,
+                         lambda: render.reduce_hidden(record, sample, self.top_k, self.max_time, labels))
             if training:
                 self._stats("hidden", name, step, lambda: render.hidden_stats(record))
             self._histogram(f"{prefix}/hidden/{safe_name(name)}", step, lambda: _valid_values(record, record.hidden))
         if "gates" in self.quantities and record.gates:
-            self._figure("gates", name, step, prefix,
-                         lambda: render.draw_gates(render.reduce_gates(record, self.max_time), step=step))
+            self._figure("gates", name, step, prefix, lambda: render.reduce_gates(record, self.max_time))
             if training:
                 self._stats("gates", name, step, lambda: render.gate_stats(record))
             for gate, values in record.gates.items():
                 self._histogram(f"{prefix}/gates/{safe_name(name)}/{gate}", step,
                                 lambda v=values: _valid_values(record, v))
         if training and "grad_norm" in self.quantities and record.hidden_grad is not None:
-            self._figure("grad_norm", name, step, prefix,
-                         lambda: render.draw_grad_norm(render.reduce_grad_norm(record), step=step))
+            self._figure("grad_norm", name, step, prefix, lambda: render.reduce_grad_norm(record))
             self._stats("grad_norm", name, step, lambda: render.grad_stats(record))
         if training and "grad_decay" in self.quantities and record.hidden_grad is not None:
             self._accumulate_decay(name, record)
@@ -435,9 +465,8 @@ class RNNViz(Callback):
             self._guard("labels", lambda: self._check_tokens(tokens, [queries, keys], f"attention of {name!r}"))
             key_labels = tokens if len(tokens) == keys else None
             query_labels = tokens if len(tokens) == queries else None
-        self._figure("attention", name, step, prefix, lambda: render.draw_attention(
-            render.reduce_attention(record, sample, self.max_heads, query_labels, key_labels, self.max_time),
-            step=step))
+        self._figure("attention", name, step, prefix, lambda: render.reduce_attention(
+            record, sample, self.max_heads, query_labels, key_labels, self.max_time))
         if training:
             self._stats("attention", name, step, lambda: render.attention_stats(record))
 
@@ -453,14 +482,20 @@ class RNNViz(Callback):
         count[:, : values.shape[-1]] += finite.double()
         self._epoch_sums[name] = (total, count)
 
-    def _figure(self, quantity: str, name: str, step: int, prefix: str, draw: Callable[[], Any]) -> None:
+    def _figure(self, quantity: str, name: str, step: int, prefix: str, reduce: Callable[[], Any]) -> None:
+        """Reduce on this thread (milliseconds), draw and write wherever the renderer does."""
         tag = f"{prefix}/{quantity}/{safe_name(name)}"
 
         def work() -> None:
-            figure = draw()
-            self._sink.image(tag, render.figure_to_rgb(figure), step)
+            payload = reduce()
+            if payload is not None:
+                self._renderer.submit(Job(quantity, payload, tag, step))
 
-        self._guard(f"{quantity} {name!r}", work)
+        self._guard(f"draw {quantity} of {name!r}", work)
+
+    @property
+    def _renderer(self) -> BackgroundRenderer | InlineRenderer:
+        return self._recorder.renderer
 
     def _stats(self, quantity: str, name: str, step: int, compute: Callable[[], Mapping[str, float]]) -> None:
         base = f"rnnviz/{quantity}/{safe_name(name)}"
@@ -477,16 +512,27 @@ class RNNViz(Callback):
         except Exception as error:  # noqa: BLE001 - the run must not die for a picture
             if self.strict:
                 raise
-            self.error_counts[what] += 1
-            if what not in self._warned:
-                self._warned.add(what)
-                warnings.warn(
-                    f"{type(self).__name__} could not {what} ({type(error).__name__}: {error}); skipped, "
-                    "training goes on. Further errors are counted in `error_counts`.",
-                    RNNVizWarning,
-                    stacklevel=2,
-                )
+            self._problem(what, error)
             return None
+
+    def _problem(self, what: str, error: BaseException | str) -> None:
+        self.error_counts[what] += 1
+        if what not in self._warned:
+            self._warned.add(what)
+            detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"{type(self).__name__} could not {what} ({detail}); skipped, training goes on. Further "
+                "errors are counted in `error_counts`.",
+                RNNVizWarning,
+                stacklevel=3,
+            )
+
+    def _report_render_errors(self, renderer: BackgroundRenderer | InlineRenderer) -> None:
+        """Errors the drawing process reported: warned once, counted; raised with ``strict``."""
+        for line in renderer.errors():
+            if self.strict:
+                raise RuntimeError(f"drawing process: {line}")
+            self._problem("draw a figure", line)
 
 
 def _valid_values(record: RNNRecord, values: torch.Tensor) -> np.ndarray:

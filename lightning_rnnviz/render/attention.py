@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from lightning_rnnviz.probe.records import AttentionRecord
 from lightning_rnnviz.render import common
+from lightning_rnnviz.render._lazy import torch
+
+if TYPE_CHECKING:
+    from lightning_rnnviz.probe.records import AttentionRecord
 
 
 def reduce_attention(
@@ -172,8 +174,7 @@ def attention_stats(record: AttentionRecord) -> dict[str, float]:
     Example::
 
         >>> import torch
-        >>> from lightning_rnnviz.probe.records import AttentionRecord
-        >>> rec = AttentionRecord("attn", "MultiheadAttention", torch.full((1, 1, 2, 4), 0.25))
+        >>>         >>> rec = AttentionRecord("attn", "MultiheadAttention", torch.full((1, 1, 2, 4), 0.25))
         >>> {k: round(v, 4) for k, v in attention_stats(rec).items()}
         {'entropy/head0': 1.3863, 'entropy_norm/head0': 1.0, 'focus/head0': 0.25}
     """

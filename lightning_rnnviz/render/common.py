@@ -12,7 +12,7 @@ import io
 import math
 import textwrap
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
@@ -20,7 +20,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
-from lightning_rnnviz.probe.records import AttentionRecord, RNNRecord
+if TYPE_CHECKING:
+    from lightning_rnnviz.probe.records import AttentionRecord, RNNRecord
+
 
 DPI = 100
 MAX_INCHES = 8.0  # 800 px at DPI

@@ -7,16 +7,18 @@ GRU reset, update), ``< -0.9`` / ``> 0.9`` for the tanh candidates (LSTM ``cell`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from lightning_rnnviz.probe.records import RNNRecord
 from lightning_rnnviz.render import common
+from lightning_rnnviz.render._lazy import torch
+
+if TYPE_CHECKING:
+    from lightning_rnnviz.probe.records import RNNRecord
 
 SATURATION_MARGIN = 0.1
 TANH_GATES = frozenset({"cell", "new"})

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from matplotlib.cm import ScalarMappable
 from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
@@ -19,8 +18,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from lightning_rnnviz.probe.records import RNNRecord
 from lightning_rnnviz.render import common
+from lightning_rnnviz.render._lazy import torch
+
+if TYPE_CHECKING:
+    from lightning_rnnviz.probe.records import RNNRecord
 
 _NONFINITE_COLOR = "red"
 
@@ -129,8 +131,7 @@ def grad_stats(record: RNNRecord) -> dict[str, float]:
     Example::
 
         >>> import torch
-        >>> from lightning_rnnviz.probe.records import RNNRecord
-        >>> grad = torch.zeros(1, 1, 4, 2)
+        >>>         >>> grad = torch.zeros(1, 1, 4, 2)
         >>> grad[0, 0, :, 0] = torch.tensor([1e-3, 1e-2, 1e-1, 1.0])  # ten times smaller per step back
         >>> h = torch.zeros(1, 1, 4, 2)
         >>> rec = RNNRecord("rnn", "RNN_TANH", h, {}, grad, None, None, torch.tensor([4]))
@@ -202,7 +203,7 @@ def draw_grad_decay(
     curves = {}
     for epoch in epochs:
         values = history[epoch]
-        if isinstance(values, torch.Tensor):
+        if hasattr(values, "detach"):  # a tensor; a drawing process sees numpy only
             values = values.detach().cpu().double().numpy()
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 2 or values.shape[0] != rows:

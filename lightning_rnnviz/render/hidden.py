@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from lightning_rnnviz.probe.records import RNNRecord
 from lightning_rnnviz.render import common
+from lightning_rnnviz.render._lazy import torch
+
+if TYPE_CHECKING:
+    from lightning_rnnviz.probe.records import RNNRecord
 
 
 def reduce_hidden(
