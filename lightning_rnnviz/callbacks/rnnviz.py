@@ -35,7 +35,7 @@ class RNNViz(Callback):
     r"""Show what happens inside a model's RNNs and attention while it trains, in TensorBoard.
 
     On the training batches Lightning logs on (``every_n_steps``, by default the Trainer's
-    ``log_every_n_steps``) and on the first batch of every epoch, the callback records the batch's
+    ``log_every_n_steps``) and on the very first batch, the callback records the batch's
     forward and backward with a :class:`~lightning_rnnviz.Probe`, then draws figures and writes
     scalars on the same step as the ``self.log`` scalars of that batch. On other batches it attaches
     no hook and does no work. Validation draws the same sample (the first batch of the first
@@ -82,8 +82,7 @@ class RNNViz(Callback):
         background: draw figures in a low-priority child process, so the training thread only hands
             over small already-reduced arrays; ``False`` draws on the training thread.
         validation: draw the fixed validation sample at each validation run.
-        every_epoch_start: also record the first batch of every epoch, so that the first step gives
-            instant feedback and every epoch has a gradient-decay curve.
+        log_first_step: also record the very first training batch, for instant feedback.
         strict: re-raise errors of capture and rendering instead of warning once (for tests).
 
     Raises:
@@ -113,7 +112,7 @@ class RNNViz(Callback):
         histograms: bool = True,
         background: bool = True,
         validation: bool = True,
-        every_epoch_start: bool = True,
+        log_first_step: bool = True,
         strict: bool = False,
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
@@ -150,7 +149,7 @@ class RNNViz(Callback):
         self.histograms = histograms
         self.background = background
         self.validation = validation
-        self.every_epoch_start = every_epoch_start
+        self.log_first_step = log_first_step
         self.strict = strict
         self.decay_history: dict[str, dict[int, torch.Tensor]] = {}
         self.error_counts: Counter[str] = Counter()
@@ -160,6 +159,7 @@ class RNNViz(Callback):
         self._sink: Sink | None = None
         self._image_spec: tuple[str, str] | None = None
         self._recorder: Any = None
+        self.drawer_peak_rss_mb: float | None = None
         self._epoch_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._warned: set[str] = set()
 
@@ -270,6 +270,7 @@ class RNNViz(Callback):
             # Let the drawing process finish what it was handed, then stop it.
             self._guard("stop the drawing process", renderer.close)
             self._report_render_errors(renderer)
+            self.drawer_peak_rss_mb = getattr(renderer, "peak_rss_mb", None)
         if self._sink is not None:
             self._guard("flush", lambda: self._sink.flush())
             self._sink.close()
@@ -287,7 +288,7 @@ class RNNViz(Callback):
         loop = trainer.fit_loop.epoch_loop
         if trainer.lightning_module.automatic_optimization and loop._should_accumulate():
             return False  # Lightning logs on the last micro-batch of an accumulation window
-        if self.every_epoch_start and batch_idx == 0:
+        if self.log_first_step and loop._batches_that_stepped == 0 and trainer.current_epoch == 0:
             return True
         n = self.every_n_steps or trainer.log_every_n_steps
         return n > 0 and (loop._batches_that_stepped + 1) % n == 0

@@ -118,6 +118,7 @@ class BackgroundRenderer:
         self._buffer = b""
         self._report_tail: list[str] = []
         self.dropped = 0
+        self.peak_rss_mb: float | None = None  # the child's, reported when it exits
         self._send(pickle.dumps(sink_spec, protocol=pickle.HIGHEST_PROTOCOL))
         # A thread only moves bytes into the pipe; a blocked write releases the GIL.
         self._writer = threading.Thread(target=self._write_loop, name="rnnviz-render-feed", daemon=True)
@@ -163,7 +164,13 @@ class BackgroundRenderer:
             if chunk:
                 self._buffer += chunk
         *lines, self._buffer = self._buffer.split(b"\n")
-        return [line.decode(errors="replace") for line in lines if line]
+        errors = []
+        for line in lines:
+            if line.startswith(b"#peak_rss_kb "):
+                self.peak_rss_mb = int(line.split()[1]) / 1024
+            elif line:
+                errors.append(line.decode(errors="replace"))
+        return errors
 
     def flush(self) -> None:
         """Nothing to do: the child flushes its writer whenever its queue runs empty."""
@@ -229,6 +236,11 @@ def serve(stdin: Any = None, stdout: Any = None) -> None:
             sink.flush()
     finally:
         sink.close()
+        with contextlib.suppress(ImportError, OSError, ValueError):
+            import resource
+
+            stdout.write(f"#peak_rss_kb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\n".encode())
+            stdout.flush()
 
 
 if __name__ == "__main__":

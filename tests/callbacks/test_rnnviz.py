@@ -62,12 +62,12 @@ def test_tags_steps_and_sizes_follow_lightning_logging(tmp_path):
     trainer.fit(TinySeqModel(), loader(), loader())
     acc = _events(trainer)
     steps = _image_steps(acc)
-    # 4 batches per epoch, log_every_n_steps=3: Lightning logs at steps 2 and 5; the first batch of
-    # each epoch (steps 0 and 4) is recorded as well.
+    # 4 batches per epoch, log_every_n_steps=3: Lightning logs at steps 2 and 5; the very first batch
+    # (step 0) is recorded as well.
     loss_steps = [e.step for e in acc.Scalars("train_loss")]
     assert loss_steps == [2, 5]
     for tag in TRAIN_IMAGES:
-        assert steps[tag] == [0, 2, 4, 5], tag
+        assert steps[tag] == [0, 2, 5], tag
         assert set(loss_steps) <= set(steps[tag])
     # Validation: once per run (not during the sanity check), on the step of the user's val scalars.
     val_steps = [e.step for e in acc.Scalars("val_loss")]
@@ -86,14 +86,15 @@ def test_tags_steps_and_sizes_follow_lightning_logging(tmp_path):
         assert f"rnnviz/gates/rnn/{stat}/layer0" in scalars
     assert {"rnnviz/hidden/rnn/mean_abs/layer0", "rnnviz/attention/attn/entropy/head1",
             "rnnviz/attention/attn/focus/head0"} <= scalars
-    assert [e.step for e in acc.Scalars("rnnviz/grad_norm/rnn/first_norm/layer0")] == [0, 2, 4, 5]
+    assert [e.step for e in acc.Scalars("rnnviz/grad_norm/rnn/first_norm/layer0")] == [0, 2, 5]
+    assert [e.step for e in acc.Scalars("rnnviz/overhead/train_thread_ms")] == [0, 2, 5]
     histograms = set(acc.Tags()["histograms"])
     assert {"rnnviz/hidden/rnn", "rnnviz/gates/rnn/forget", "rnnviz/val/hidden/rnn"} <= histograms
     assert all(tag.startswith("rnnviz/") for tag in steps)
 
 
 def test_every_n_steps_overrides_log_every_n_steps(tmp_path):
-    trainer = _trainer(tmp_path, [RNNViz(every_n_steps=2, every_epoch_start=False, validation=False)])
+    trainer = _trainer(tmp_path, [RNNViz(every_n_steps=2, log_first_step=False, validation=False)])
     trainer.fit(TinySeqModel(), loader(), loader())
     steps = _image_steps(_events(trainer))
     assert steps["rnnviz/hidden/rnn"] == [1, 3, 5, 7]
@@ -104,7 +105,7 @@ def test_gradient_units_do_not_depend_on_accumulation(tmp_path):
     """With lr=0 the weights never move: the same micro-batch must give the same dL/dh_t for any k."""
     values = {}
     for k in (1, 2):
-        cb = GradientNormMonitor(every_n_steps=1, every_epoch_start=False, validation=False)
+        cb = GradientNormMonitor(every_n_steps=1, log_first_step=False, validation=False)
         trainer = _trainer(tmp_path / f"k{k}", [cb], max_epochs=1, accumulate_grad_batches=k)
         torch.manual_seed(0)
         trainer.fit(TinySeqModel(lr=0.0), loader(), loader())
@@ -142,7 +143,7 @@ def test_several_monitors_share_one_recording_per_step(tmp_path, monkeypatch):
                 GradientNormMonitor(validation=False), AttentionMonitor(validation=False)]
     trainer = _trainer(tmp_path, monitors, max_epochs=1)
     trainer.fit(TinySeqModel(), loader())
-    assert len(calls) == 2  # steps 0 (epoch start) and 2 (log_every_n_steps=3)
+    assert len(calls) == 2  # steps 0 (first step) and 2 (log_every_n_steps=3)
     steps = _image_steps(_events(trainer))
     assert set(steps) == TRAIN_IMAGES | {"rnnviz/grad_decay/rnn"}
     assert all(len(v) == len(set(v)) for v in steps.values()), "an image was written twice on one step"

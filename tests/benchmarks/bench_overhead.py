@@ -1,0 +1,276 @@
+"""What RNNViz costs a real training run: wall time, memory, per-recording-step breakdown.
+
+Run: ``python tests/benchmarks/bench_overhead.py`` (all workloads) or ``--workload cpu-lstm --pairs 5``.
+
+Each training run is a fresh subprocess (so peak RSS is its own). Runs with and without the callback are
+interleaved in pairs and the median of the per-pair ratios is reported, so that the noise of a shared
+machine hits both sides alike. Printed per workload:
+
+- ``overhead``: median wall-time ratio of ``trainer.fit`` with ``RNNViz()`` (default cadence) to without.
+- ``train-thread ms/rec``: time the callback spent on the training thread per recording step (capture,
+  replay, reduction, statistics, hand-over), from its own ``rnnviz/overhead/train_thread_ms`` scalar;
+  ``replay ms/rec`` the replay part of it.
+- ``draw ms/fig``: what one figure costs the drawing process (measured here, in-process, on the same
+  records), i.e. the work kept off the training thread.
+- ``replay/fused``: replay of the recorded samples over the module's own fused forward+backward on the
+  same full batch.
+- ``peak RSS``: training process with / without; the drawing process's peak is reported on its own.
+- ``DIY`` (cpu-lstm only): throughput of the do-it-yourself alternative (``nn.LSTMCell`` unrolled in Python
+  with ``retain_grad()`` on every step, every step) relative to the fused model with RNNViz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORKLOADS = {
+    # name: dict(model, input, hidden, time, batch, steps, log_every)
+    "cpu-lstm": dict(model="lstm2", features=32, hidden=128, time=100, batch=32, steps=200, log_every=50),
+    "fast-step": dict(model="gru_mha", features=32, hidden=64, time=64, batch=32, steps=400, log_every=50),
+    "long-seq": dict(model="lstm1", features=32, hidden=256, time=1000, batch=16, steps=30, log_every=10),
+}
+
+
+def _build(cfg: dict):
+    import pytorch_lightning as pl
+    import torch
+    from torch import nn
+
+    class Model(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            kind, h = cfg["model"], cfg["hidden"]
+            if kind == "gru_mha":
+                self.rnn = nn.GRU(cfg["features"], h, batch_first=True)
+                self.attn = nn.MultiheadAttention(h, 4, batch_first=True)
+            else:
+                self.rnn = nn.LSTM(cfg["features"], h, num_layers=2 if kind == "lstm2" else 1, batch_first=True)
+                self.attn = None
+            self.head = nn.Linear(h, 1)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            if self.attn is not None:
+                out, _ = self.attn(out, out, out, need_weights=False)
+            return self.head(out[:, -1]).squeeze(-1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.mse_loss(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    gen = torch.Generator().manual_seed(0)
+    n = cfg["batch"] * 8
+    x = torch.randn(n, cfg["time"], cfg["features"], generator=gen)
+    y = x[:, :, 0].mean(1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=cfg["batch"])
+    return Model, loader
+
+
+def run_once(workload: str, with_callback: bool, out_dir: str) -> dict:
+    """One training run in this process; returns wall time and peak RSS."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from lightning_rnnviz import RNNViz
+
+    cfg = WORKLOADS[workload]
+    torch.manual_seed(0)
+    model_cls, loader = _build(cfg)
+    model = model_cls()
+    callbacks = [RNNViz()] if with_callback else []
+    logger = TensorBoardLogger(out_dir, name=workload)
+    trainer = pl.Trainer(
+        max_steps=cfg["steps"], log_every_n_steps=cfg["log_every"], logger=logger, callbacks=callbacks,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    started = time.perf_counter()
+    trainer.fit(model, loader)
+    wall = time.perf_counter() - started
+    result = {
+        "wall_s": wall,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "child_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
+    if with_callback:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+        acc.Reload()
+        for key in ("train_thread_ms", "replay_ms", "dropped_figures"):
+            values = [e.value for e in acc.Scalars(f"rnnviz/overhead/{key}")]
+            result[key] = values
+    return result
+
+
+def _subprocess_run(workload: str, with_callback: bool, out_dir: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", workload, "--out", out_dir]
+    if with_callback:
+        cmd.append("--with-callback")
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def draw_costs(workload: str) -> dict:
+    """Time each figure kind once drawn from a real recording of the workload's model."""
+    import torch
+
+    from lightning_rnnviz import Probe, render
+    from lightning_rnnviz.sinks.background import Job, draw
+
+    cfg = WORKLOADS[workload]
+    torch.manual_seed(0)
+    model_cls, loader = _build(cfg)
+    model = model_cls()
+    x, y = next(iter(loader))
+    with Probe(model).record(max_samples=16) as rec:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+    costs = {}
+    r = rec["rnn"]
+    jobs = {
+        "hidden": render.reduce_hidden(r), "gates": render.reduce_gates(r), "grad_norm": render.reduce_grad_norm(r),
+    }
+    if "attn" in rec:
+        jobs["attention"] = render.reduce_attention(rec["attn"])
+    for kind, payload in jobs.items():
+        if payload is None:
+            continue
+        started = time.perf_counter()
+        draw(Job(kind, payload, f"rnnviz/{kind}/x", 0))
+        costs[kind] = 1e3 * (time.perf_counter() - started)
+    return costs
+
+
+def replay_ratio(workload: str, repeats: int = 5) -> float:
+    """Replay of the default 16 recorded samples over the module's fused forward+backward (full batch)."""
+    import torch
+
+    from lightning_rnnviz import Probe
+
+    cfg = WORKLOADS[workload]
+    torch.manual_seed(0)
+    model_cls, loader = _build(cfg)
+    rnn = model_cls().rnn
+    x, _ = next(iter(loader))
+    probe = Probe(rnn)
+    fused, recorded = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rnn(x)[0].pow(2).mean().backward()
+        t1 = time.perf_counter()
+        with probe.record(max_samples=16):
+            rnn(x)[0].pow(2).mean().backward()
+        t2 = time.perf_counter()
+        fused.append(t1 - t0)
+        recorded.append(t2 - t1)
+    f, r = statistics.median(fused), statistics.median(recorded)
+    return (r - f) / f
+
+
+def diy_ratio(steps: int = 20) -> float:
+    """Training throughput of the DIY method over the fused LSTM with RNNViz's recording, cpu-lstm sizes."""
+    import torch
+    from torch import nn
+
+    cfg = WORKLOADS["cpu-lstm"]
+    torch.manual_seed(0)
+    x = torch.randn(cfg["batch"], cfg["time"], cfg["features"])
+    y = torch.randn(cfg["batch"])
+    cells = nn.ModuleList([nn.LSTMCell(cfg["features"], cfg["hidden"]), nn.LSTMCell(cfg["hidden"], cfg["hidden"])])
+    head = nn.Linear(cfg["hidden"], 1)
+    fused = nn.LSTM(cfg["features"], cfg["hidden"], 2, batch_first=True)
+
+    def diy_step() -> None:
+        inp = x.transpose(0, 1)
+        states = []
+        for cell in cells:
+            h = c = torch.zeros(cfg["batch"], cfg["hidden"])
+            outs = []
+            for t in range(cfg["time"]):
+                h, c = cell(inp[t], (h, c))
+                h.retain_grad()
+                states.append(h)
+                outs.append(h)
+            inp = torch.stack(outs)
+        nn.functional.mse_loss(head(inp[-1]).squeeze(-1), y).backward()
+        torch.stack([s.grad.norm(dim=-1).mean() for s in states])  # what the user would then plot
+
+    def fused_step() -> None:
+        out, _ = fused(x)
+        nn.functional.mse_loss(head(out[:, -1]).squeeze(-1), y).backward()
+
+    def rate(fn) -> float:
+        fn()
+        started = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return steps / (time.perf_counter() - started)
+
+    return rate(diy_step) / rate(fused_step)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), action="append")
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--child", choices=sorted(WORKLOADS), help=argparse.SUPPRESS)
+    parser.add_argument("--with-callback", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_once(args.child, args.with_callback, args.out)))
+        return
+
+    import torch
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+    header = (f"{'workload':<10} {'overhead':>9} {'train-thread ms/rec':>20} {'replay ms/rec':>14} "
+              f"{'draw ms/fig':>12} {'replay/fused':>13} {'peak RSS':>9} {'drawer RSS MB':>14} {'dropped':>8}")
+    rows = []
+    for workload in args.workload or list(WORKLOADS):
+        ratios, rss, spent, replay, child, dropped = [], [], [], [], [], 0.0
+        with tempfile.TemporaryDirectory() as out:
+            for pair in range(args.pairs):
+                order = (False, True) if pair % 2 == 0 else (True, False)
+                results = {flag: _subprocess_run(workload, flag, out) for flag in order}
+                ratios.append(results[True]["wall_s"] / results[False]["wall_s"])
+                rss.append(results[True]["rss_mb"] / results[False]["rss_mb"])
+                spent += results[True]["train_thread_ms"]
+                replay += results[True]["replay_ms"]
+                child.append(results[True]["child_rss_mb"])
+                dropped = max(dropped, max(results[True]["dropped_figures"], default=0.0))
+                print(f"  {workload} pair {pair}: without {results[False]['wall_s']:.1f} s, "
+                      f"with {results[True]['wall_s']:.1f} s", flush=True)
+        draws = draw_costs(workload)
+        row = (f"{workload:<10} {statistics.median(ratios):>8.3f}x {statistics.median(spent):>20.0f} "
+               f"{statistics.median(replay):>14.0f} {statistics.mean(draws.values()):>12.0f} "
+               f"{replay_ratio(workload):>12.2f}x {statistics.median(rss):>8.3f}x {max(child):>14.0f} "
+               f"{dropped:>8.0f}")
+        rows.append(row)
+        print(header, row, sep="\n", flush=True)
+    print("\n" + header)
+    print("\n".join(rows))
+    if not args.workload or "cpu-lstm" in args.workload:
+        print(f"\nDIY (LSTMCell unrolled, retain_grad every step) throughput / fused LSTM: {diy_ratio():.2f}x")
+
+
+if __name__ == "__main__":
+    main()
