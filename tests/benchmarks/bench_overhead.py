@@ -96,6 +96,7 @@ def run_once(workload: str, with_callback: bool, out_dir: str) -> dict:
     model_cls, loader = _build(cfg)
     model = model_cls()
     callbacks = [RNNViz()] if with_callback else []
+    # RUSAGE_CHILDREN would count any child; the drawing process reports its own peak.
     logger = TensorBoardLogger(out_dir, name=workload)
     trainer = pl.Trainer(
         max_steps=cfg["steps"], log_every_n_steps=cfg["log_every"], logger=logger, callbacks=callbacks,
@@ -108,7 +109,7 @@ def run_once(workload: str, with_callback: bool, out_dir: str) -> dict:
     result = {
         "wall_s": wall,
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "child_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "child_rss_mb": (callbacks[0].drawer_peak_rss_mb or 0.0) if callbacks else 0.0,
     }
     if with_callback:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
