@@ -70,8 +70,10 @@ class RNNViz(Callback):
             supported module. Unknown names fail at fit start with the list of names that exist.
         attention: ``{name or pattern: fn(module, args, output) -> weights}`` for custom attention
             modules; weights ``(batch, [heads,] T_out, T_in)``, or ``(batch, T_in)`` per decoding step.
-        labels: ``fn(batch) -> list[str]``: tokens of the drawn sequence (batch row ``sample``) for the
-            time axes of hidden-state and attention figures.
+        labels: ``fn(batch) -> list[str]``: tokens of the drawn input sequence (batch row ``sample``) for
+            the time axes of hidden-state figures and the key axis of attention maps (and the query
+            axis of ``nn.MultiheadAttention`` self-attention of the same length); or ``fn(batch) ->
+            {"input": [...], "output": [...]}`` to label a decoder's query (output) axis too.
         sample: which sequence of the batch the figures draw.
         max_samples: how many sequences of the batch are recorded and replayed (cost control); the
             statistics average over them. ``None`` records the whole batch.
@@ -161,6 +163,7 @@ class RNNViz(Callback):
         self._recorder: Any = None
         self.drawer_peak_rss_mb: float | None = None
         self._epoch_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._layer_labels: dict[str, list[str]] = {}  # module -> "layer 0", "layer 0 reverse", ...
         self._warned: set[str] = set()
 
     # --- identity and state ----------------------------------------------------------------------
@@ -229,7 +232,7 @@ class RNNViz(Callback):
         if isinstance(self._sink, TensorBoardSink):
             rank_zero_info(
                 "lightning_rnnviz: TensorBoard keeps 10 images per tag by default; to see every recorded "
-                "step run `tensorboard --logdir <dir> --samples_per_plugin images=1000`."
+                "step run `tensorboard --logdir <dir> --samples_per_plugin images=100`."
             )
 
     def _disable(self, message: str) -> None:
@@ -270,6 +273,14 @@ class RNNViz(Callback):
             # Let the drawing process finish what it was handed, then stop it.
             self._guard("stop the drawing process", renderer.close)
             self._report_render_errors(renderer)
+            if renderer.dropped:
+                warnings.warn(
+                    f"{type(self).__name__}: the drawing process fell behind and {renderer.dropped} figures were "
+                    "dropped (oldest first). Record less often (`every_n_steps`), watch fewer `modules`, or "
+                    "draw on the training thread with `background=False`.",
+                    RNNVizWarning,
+                    stacklevel=3,
+                )
             self.drawer_peak_rss_mb = getattr(renderer, "peak_rss_mb", None)
         if self._sink is not None:
             self._guard("flush", lambda: self._sink.flush())
@@ -307,7 +318,7 @@ class RNNViz(Callback):
         self._guard("record", lambda: recorder.begin(self._batch_key(trainer), pl_module, wanting, max_samples))
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        recorder = shared_recorder(trainer) if self.enabled else None
+        recorder = self._recorder if self.enabled else None
         if recorder is not None and recorder.is_open:
             # The scale the loss was multiplied by for this backward (read before `scaler.update()`).
             recorder.amp_scale = self._amp_scale(trainer)
@@ -397,23 +408,28 @@ class RNNViz(Callback):
             self._emit(recording, batch, step, prefix="rnnviz/val", training=False)
 
     # --- drawing and writing -----------------------------------------------------------------------
-    @property
-    def _layer_labels(self) -> dict[str, list[str]]:
-        return self.__dict__.setdefault("_labels_by_module", {})
-
-    def _tokens(self, batch: Any) -> list[str] | None:
+    def _tokens(self, batch: Any) -> dict[str, list[str]] | None:
         if self.labels is None:
             return None
         tokens = self.labels(batch)
+        if isinstance(tokens, Mapping):
+            unknown = set(tokens) - {"input", "output"}
+            if unknown:
+                raise ValueError(f"`labels(batch)` may return keys 'input' and 'output', got {sorted(unknown)}.")
+            return {k: self._token_list(v) for k, v in tokens.items()}
+        return {"input": self._token_list(tokens)}
+
+    @staticmethod
+    def _token_list(tokens: Any) -> list[str]:
         if isinstance(tokens, str) or not isinstance(tokens, Sequence):
             raise ValueError(f"`labels(batch)` must return a list of str, got {type(tokens).__name__}.")
         return [str(t) for t in tokens]
 
     def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
-        tokens: list[str] | None = None
-        if self.labels is not None:
-            tokens = self._guard("labels", lambda: self._tokens(batch))
         mine = {n: r for n, r in recording.items() if n in self._names}
+        tokens: dict[str, list[str]] | None = None
+        if self.labels is not None:
+            tokens = self._guard("labels", lambda: self._checked_tokens(batch, mine))
         for name, record in mine.items():
             if isinstance(record, RNNRecord):
                 self._emit_rnn(name, record, step, prefix, training, tokens)
@@ -421,22 +437,38 @@ class RNNViz(Callback):
                 self._emit_attention(name, record, step, prefix, training, tokens)
         self._guard("flush", lambda: self._sink.flush())
 
-    def _check_tokens(self, tokens: list[str] | None, lengths: Sequence[int], what: str) -> list[str] | None:
-        if tokens is None or len(tokens) in lengths:
-            return tokens
-        raise ValueError(
-            f"`labels(batch)` returned {len(tokens)} tokens but the {what} has "
-            f"{' or '.join(str(n) for n in sorted(set(lengths)))} steps; return one token per time step "
-            f"of batch row `sample={self.sample}`."
-        )
+    def _checked_tokens(self, batch: Any, records: Mapping[str, Any]) -> dict[str, list[str]] | None:
+        """``labels(batch)``, checked against the time axes of this recording: each token list must fit
+        at least one of them; figures then use it wherever its length matches."""
+        tokens = self._tokens(batch)
+        lengths: set[int] = set()
+        for record in records.values():
+            if isinstance(record, RNNRecord):
+                lengths.add(int(record.lengths[min(self.sample, record.batch - 1)]))
+            else:
+                sample = min(self.sample, record.attention.shape[0] - 1)
+                queries, keys = record.attention.shape[-2:]
+                lengths.update((queries, int(record.key_lengths[sample]) if record.key_lengths is not None else keys))
+        for axis, values in (tokens or {}).items():
+            if len(values) not in lengths:
+                raise ValueError(
+                    f"`labels(batch)` returned {len(values)} {axis} tokens but the recorded sequences have "
+                    f"{', '.join(str(n) for n in sorted(lengths))} steps; return one token per time step of "
+                    f"batch row `sample={self.sample}`."
+                )
+        return tokens
+
+    @staticmethod
+    def _fitting(tokens: list[str] | None, length: int) -> list[str] | None:
+        return tokens if tokens is not None and len(tokens) == length else None
 
     def _emit_rnn(self, name: str, record: RNNRecord, step: int, prefix: str, training: bool,
-                  tokens: list[str] | None) -> None:
+                  tokens: dict[str, list[str]] | None) -> None:
         sample = min(self.sample, record.batch - 1)
         self._layer_labels[name] = [record.layer_label(i) for i in range(record.hidden.shape[0])]
         if "hidden" in self.quantities:
             length = int(record.lengths[sample])
-            labels = self._guard("labels", lambda: self._check_tokens(tokens, [length], f"sequence of {name!r}"))
+            labels = self._fitting(tokens.get("input") if tokens else None, length)
             self._figure("hidden", name, step, prefix,
                          lambda: render.reduce_hidden(record, sample, self.top_k, self.max_time, labels))
             if training:
@@ -456,16 +488,17 @@ class RNNViz(Callback):
             self._accumulate_decay(name, record)
 
     def _emit_attention(self, name: str, record: AttentionRecord, step: int, prefix: str, training: bool,
-                        tokens: list[str] | None) -> None:
+                        tokens: dict[str, list[str]] | None) -> None:
         sample = min(self.sample, record.attention.shape[0] - 1)
         queries, keys = record.attention.shape[-2:]
         if record.key_lengths is not None:
             keys = int(record.key_lengths[sample])
         key_labels = query_labels = None
-        if tokens is not None:
-            self._guard("labels", lambda: self._check_tokens(tokens, [queries, keys], f"attention of {name!r}"))
-            key_labels = tokens if len(tokens) == keys else None
-            query_labels = tokens if len(tokens) == queries else None
+        if tokens:
+            key_labels = self._fitting(tokens.get("input"), keys)
+            query_labels = self._fitting(tokens.get("output"), queries)
+            if "output" not in tokens and record.kind == "MultiheadAttention" and queries == keys:
+                query_labels = key_labels  # self-attention over one sequence
         self._figure("attention", name, step, prefix, lambda: render.reduce_attention(
             record, sample, self.max_heads, query_labels, key_labels, self.max_time))
         if training:

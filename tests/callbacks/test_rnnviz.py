@@ -214,7 +214,7 @@ def test_bad_arguments_name_the_argument(kwargs, match):
 def test_labels_wrong_length_is_warned_not_fatal(tmp_path):
     cb = RNNViz(labels=lambda batch: ["a", "b"], validation=False)
     trainer = _trainer(tmp_path, [cb], max_epochs=1)
-    with pytest.warns(RNNVizWarning, match="returned 2 tokens"):
+    with pytest.warns(RNNVizWarning, match="returned 2 input tokens"):
         trainer.fit(TinySeqModel(), loader())
     assert cb.error_counts["labels"] >= 1
     assert "rnnviz/hidden/rnn" in _image_steps(_events(trainer))

@@ -77,8 +77,6 @@ def main() -> None:
     )
     # 32 sequences, batch 8, 2 ranks: 2 batches per rank and epoch.
     trainer.fit(TinySeqModel(), loader(), loader(n=16))
-    if trainer.global_rank == 0:
-        Path(out_dir, "log_dir.txt").write_text(trainer.logger.log_dir)
 
 
 if __name__ == "__main__":

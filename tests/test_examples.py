@@ -1,0 +1,55 @@
+"""The examples' --fast smoke runs: they train, and every figure kind reaches TensorBoard."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings(
+        "ignore:.*does not have many workers.*", "ignore:.*LeafSpec.*", "ignore:.*log_every_n_steps.*",
+        "ignore:.*Checkpoint directory.*",
+    ),
+]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _image_tags(root: Path) -> dict[str, set[str]]:
+    tags = {}
+    for run in sorted({p.parent for p in root.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(run), size_guidance={"images": 0})
+        acc.Reload()
+        tags[str(run.relative_to(root))] = set(acc.Tags()["images"])
+    return tags
+
+
+def test_vanishing_gradients_fast(tmp_path):
+    results = _load("vanishing_gradients").main(["--fast", "--save-dir", str(tmp_path)])
+    runs = _image_tags(tmp_path)
+    assert len(runs) >= 3  # one TensorBoard run per model kind
+    every = set().union(*runs.values())
+    assert {t.split("/")[1] for t in every} >= {"hidden", "gates", "grad_norm", "grad_decay", "val"}
+    assert results["baseline_mse"] > 0
+
+
+def test_seq2seq_attention_fast(tmp_path):
+    results = _load("seq2seq_attention").main(["--fast", "--save-dir", str(tmp_path)])
+    every = set().union(*_image_tags(tmp_path).values())
+    assert "rnnviz/attention/decoder.attn" in every
+    assert any(t.startswith("rnnviz/attention/") and t != "rnnviz/attention/decoder.attn" for t in every)
+    assert any(t.startswith("rnnviz/val/attention/") for t in every)
+    assert 0.0 <= results["greedy_token_acc"] <= 1.0
