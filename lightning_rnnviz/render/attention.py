@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from lightning_rnnviz.render import common
@@ -145,22 +144,8 @@ def draw_attention(payload: dict[str, Any], *, step: int | None = None, title: s
             ax.set_xlabel(_axis_label("key (input) step", key_bin), fontsize=common.LABEL_SIZE)
         if first_col:
             ax.set_ylabel(_axis_label("query (output) step", query_bin), fontsize=common.LABEL_SIZE)
-    height = fig.get_size_inches()[1]
-    cax = fig.add_axes((1 - 0.75 / 8.0, bottom / height, 0.15 / 8.0, 1 - (bottom + top) / height))
-    colorbar = fig.colorbar(image, cax=cax)
     label = "attention weight" + (" (sum over key bin)" if key_bin > 1 else "")
-    colorbar.set_label(label, fontsize=common.LABEL_SIZE)
-    colorbar.ax.yaxis.set_major_locator(MaxNLocator(5))
-    colorbar.ax.tick_params(labelsize=common.TICK_SIZE)
-    if payload["nonfinite"]:
-        fig.legend(
-            handles=[Patch(color=common.BAD_COLOR, label=payload["nonfinite"])],
-            loc="upper right",
-            fontsize=common.TICK_SIZE,
-            frameon=False,
-        )
-    fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
-    return fig
+    return common.finish_heatmap(fig, image, label, bottom, top, payload["nonfinite"], full_title)
 
 
 def attention_stats(record: AttentionRecord) -> dict[str, float]:

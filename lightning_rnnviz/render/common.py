@@ -19,6 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 if TYPE_CHECKING:
     from lightning_rnnviz.probe.records import AttentionRecord, RNNRecord
@@ -287,3 +289,21 @@ def figure_to_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     canvas.print_png(buffer, metadata={"Software": None})
     return buffer.getvalue()
+
+
+def finish_heatmap(fig: Figure, image: Any, label: str, bottom: float, top: float, nonfinite: str, title: str) -> Figure:
+    """Shared ending of the heatmap figures: a colour bar at the right edge, the NaN/Inf legend, the title.
+
+    ``bottom`` and ``top`` are the figure margins in inches, as the panels were laid out with.
+    """
+    height = fig.get_size_inches()[1]
+    cax = fig.add_axes((1 - 0.75 / 8.0, bottom / height, 0.15 / 8.0, 1 - (bottom + top) / height))
+    colorbar = fig.colorbar(image, cax=cax)
+    colorbar.set_label(label, fontsize=LABEL_SIZE)
+    colorbar.ax.yaxis.set_major_locator(MaxNLocator(5))
+    colorbar.ax.tick_params(labelsize=TICK_SIZE)
+    if nonfinite:
+        fig.legend(handles=[Patch(color=BAD_COLOR, label=nonfinite)], loc="upper right", fontsize=TICK_SIZE,
+                   frameon=False)
+    fig.suptitle(title, fontsize=TITLE_SIZE)
+    return fig

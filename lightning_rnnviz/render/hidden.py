@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from lightning_rnnviz.render import common
@@ -153,21 +152,8 @@ def draw_hidden(payload: dict[str, Any], *, step: int | None = None, title: str 
             label = "time step" if width == 1 else f"time (bins of {width} steps)"
             ax.set_xlabel(label, fontsize=common.LABEL_SIZE)
 
-    height = fig.get_size_inches()[1]
-    cax = fig.add_axes((1 - 0.75 / 8.0, bottom / height, 0.15 / 8.0, 1 - (bottom + top) / height))
-    colorbar = fig.colorbar(image, cax=cax)
-    colorbar.set_label("h_t" + (" (tanh range)" if payload["bounded"] else ""), fontsize=common.LABEL_SIZE)
-    colorbar.ax.yaxis.set_major_locator(MaxNLocator(5))
-    colorbar.ax.tick_params(labelsize=common.TICK_SIZE)
-    if payload["nonfinite"]:
-        fig.legend(
-            handles=[Patch(color=common.BAD_COLOR, label=payload["nonfinite"])],
-            loc="upper right",
-            fontsize=common.TICK_SIZE,
-            frameon=False,
-        )
-    fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
-    return fig
+    label = "h_t" + (" (tanh range)" if payload["bounded"] else "")
+    return common.finish_heatmap(fig, image, label, bottom, top, payload["nonfinite"], full_title)
 
 
 def hidden_stats(record: RNNRecord) -> dict[str, float]:
