@@ -367,9 +367,10 @@ class RNNViz(Callback):
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for name, (total, count) in self._epoch_sums.items():
             self.decay_history.setdefault(name, {})[epoch] = total / count
-        self._epoch_sums = {}
+        updated, self._epoch_sums = set(self._epoch_sums), {}
+        # Redraw only what this epoch added to: an epoch without a recording changes no picture.
         for name, history in self.decay_history.items():
-            if name not in self._names or not history:
+            if name not in self._names or name not in updated:
                 continue
             rows = next(iter(history.values())).shape[0]
             labels = self._layer_labels.get(name) or [f"row {i}" for i in range(rows)]
@@ -427,15 +428,36 @@ class RNNViz(Callback):
 
     def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
         mine = {n: r for n, r in recording.items() if n in self._names}
+        self._guard("draw the chosen `sample`", lambda: self._check_sample(mine))
         tokens: dict[str, list[str]] | None = None
         if self.labels is not None:
             tokens = self._guard("labels", lambda: self._checked_tokens(batch, mine))
+        self._warn_nonfinite(mine, step)
         for name, record in mine.items():
             if isinstance(record, RNNRecord):
                 self._emit_rnn(name, record, step, prefix, training, tokens)
             elif isinstance(record, AttentionRecord) and "attention" in self.quantities:
                 self._emit_attention(name, record, step, prefix, training, tokens)
         self._guard("flush", lambda: self._sink.flush())
+
+    def _warn_nonfinite(self, records: Mapping[str, Any], step: int) -> None:
+        """One warning per run when a recording holds NaN/Inf (the figures mark them at every step)."""
+        for name, record in records.items():
+            fields = ("hidden", "hidden_grad", "cell", "cell_grad") if isinstance(record, RNNRecord) else ("attention",)
+            bad = [f for f in fields if getattr(record, f) is not None and not torch.isfinite(getattr(record, f)).all()]
+            if bad:
+                self._problem("record finite values",
+                              f"NaN/Inf in {', '.join(bad)} of {name!r} at step {step}; training goes on and "
+                              "the figures mark them")
+
+    def _check_sample(self, records: Mapping[str, Any]) -> None:
+        for name, record in records.items():
+            batch = record.batch if isinstance(record, RNNRecord) else record.attention.shape[0]
+            if self.sample >= batch:
+                raise ValueError(
+                    f"`sample={self.sample}` is past the {batch} recorded sequences of {name!r}; the last one is "
+                    f"drawn instead. Pick `sample` below {batch}."
+                )
 
     def _checked_tokens(self, batch: Any, records: Mapping[str, Any]) -> dict[str, list[str]] | None:
         """``labels(batch)``, checked against the time axes of this recording: each token list must fit

@@ -238,11 +238,19 @@ def serve(stdin: Any = None, stdout: Any = None) -> None:
             sink.flush()
     finally:
         sink.close()
-        with contextlib.suppress(ImportError, OSError, ValueError):
-            import resource
-
-            stdout.write(f"#peak_rss_kb {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}\n".encode())
+        peak = _peak_rss_kb()
+        if peak is not None:
+            stdout.write(f"#peak_rss_kb {peak}\n".encode())
             stdout.flush()
+
+
+def _peak_rss_kb() -> int | None:
+    """This process's own peak RSS (``VmHWM``; ``ru_maxrss`` would include the parent's at fork time)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in open("/proc/self/status"):  # noqa: SIM115 - a few lines, read once at exit
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return None
 
 
 if __name__ == "__main__":

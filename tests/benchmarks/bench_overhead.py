@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -108,7 +107,7 @@ def run_once(workload: str, with_callback: bool, out_dir: str) -> dict:
     wall = time.perf_counter() - started
     result = {
         "wall_s": wall,
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_mb": _peak_rss_kb() / 1024,
         "child_rss_mb": (callbacks[0].drawer_peak_rss_mb or 0.0) if callbacks else 0.0,
     }
     if with_callback:
@@ -120,6 +119,13 @@ def run_once(workload: str, with_callback: bool, out_dir: str) -> dict:
             values = [e.value for e in acc.Scalars(f"rnnviz/overhead/{key}")]
             result[key] = values
     return result
+
+
+def _peak_rss_kb() -> int:
+    """Peak RSS of this process (``VmHWM``: ``ru_maxrss`` would count the parent's at fork time)."""
+    from lightning_rnnviz.sinks.background import _peak_rss_kb as peak
+
+    return peak() or 0
 
 
 def _subprocess_run(workload: str, with_callback: bool, out_dir: str) -> dict:

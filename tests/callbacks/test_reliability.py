@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import multiprocessing
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -32,8 +32,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch import nn
 
-import lightning_rnnviz.render as render
-from lightning_rnnviz import GradientNormMonitor, Probe, RNNViz, RNNVizWarning
+from lightning_rnnviz import GradientNormMonitor, Probe, RNNViz, RNNVizWarning, render
 from tests.helpers.models import (
     ConfigureModelSeqModel,
     InterruptModel,
@@ -61,17 +60,29 @@ TRAIN_IMAGES = RNN_IMAGES | {"rnnviz/attention/attn"}
 GRAD_STATS = ("first_norm", "last_norm", "log10_ratio", "decay_per_step")
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Tiny models gain nothing from intra-op threads. On a 2-core machine that other processes share,
+    two OpenMP threads make the LSTM kernels (the user's and the replay's alike) 10-20 times slower
+    (T=1500 fit: 8 s with 1 thread, 170 s with 2, without the callback), which would only measure the
+    machine's load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- helpers -----------------------------------------------------------------------------------------
 def _trainer(tmp_path: Path, callbacks, logger="tb", **kwargs) -> pl.Trainer:
     if logger == "tb":
         logger = TensorBoardLogger(tmp_path, name="tb")
     elif logger == "csv":
         logger = CSVLogger(tmp_path, name="csv")
-    defaults = dict(
-        max_epochs=1, limit_train_batches=2, limit_val_batches=1, log_every_n_steps=1, num_sanity_val_steps=0,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, logger=logger,
-        callbacks=callbacks,
-    )
+    defaults = {
+        "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
+        "num_sanity_val_steps": 0, "enable_progress_bar": False, "enable_model_summary": False,
+        "enable_checkpointing": False, "logger": logger, "callbacks": callbacks,
+    }
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 
@@ -87,7 +98,8 @@ def _image_steps(acc: EventAccumulator) -> dict[str, list[int]]:
 
 
 def _scalars(acc: EventAccumulator, prefix: str = "rnnviz/") -> dict[str, list[tuple[int, float]]]:
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if t.startswith(prefix)}
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith(prefix)]
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags}
 
 
 def _assert_each_image_once_per_step(steps: dict[str, list[int]]) -> None:
@@ -161,11 +173,9 @@ def test_ddp_two_cpu_processes_write_each_image_once_from_rank_zero(tmp_path, st
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     started = time.monotonic()
     result = subprocess.run([sys.executable, str(script), str(tmp_path), strategy], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, timeout=240, check=False)
     print(f"{strategy}: {time.monotonic() - started:.1f} s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    import json
-
     reports = {r["rank"]: r for r in (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json"))}
     assert sorted(reports) == [0, 1] and reports[0]["world_size"] == 2
     assert reports[0]["enabled"] == [True] and reports[0]["records"] > 0
@@ -195,16 +205,21 @@ def test_ddp_two_cpu_processes_write_each_image_once_from_rank_zero(tmp_path, st
 
 # --- precision --------------------------------------------------------------------------------------
 def _grad_stats_run(tmp_path: Path, model: pl.LightningModule, **trainer_kwargs) -> dict[str, list[float]]:
-    """Train ``model`` (lr=0) for 2 steps with a ``GradientNormMonitor``; its grad_norm statistics per step."""
-    # Only the RNN: attention under autocast is not captured (see the xfail test above).
-    cb = GradientNormMonitor(every_n_steps=1, modules=["rnn*"], validation=False, histograms=False, strict=True)
+    """Train ``model`` (lr=0) for 2 steps with a ``GradientNormMonitor``: its grad_norm statistics per step.
+
+    Watches the RNN only: attention under autocast is not captured
+    (``test_probe_records_attention_under_bf16_autocast``).
+    """
+    cb = GradientNormMonitor(every_n_steps=1, modules=["rnn*"], validation=False, histograms=False,
+                             strict=True)
     trainer = _trainer(tmp_path, [cb], **trainer_kwargs)
     trainer.fit(model, loader())
     assert trainer.state.finished
     acc = _events(trainer.logger.log_dir)
     steps = _image_steps(acc)
     assert [t for t in steps if t.startswith("rnnviz/grad_norm/")], steps
-    return {t.split("/", 2)[2]: [v for _, v in values] for t, values in _scalars(acc, "rnnviz/grad_norm/").items()}
+    scalars = _scalars(acc, "rnnviz/grad_norm/")
+    return {t.split("/", 2)[2]: [v for _, v in values] for t, values in scalars.items()}
 
 
 @pytest.fixture(scope="module")
@@ -215,8 +230,8 @@ def fp32_rnn_stats(tmp_path_factory) -> dict[str, list[float]]:
 
 def _assert_close_stats(got: dict[str, list[float]], want: dict[str, list[float]], rel: float) -> None:
     assert set(got) == set(want)
-    for tag in want:
-        for g, w in zip(got[tag], want[tag], strict=True):
+    for tag, values in want.items():
+        for g, w in zip(got[tag], values, strict=True):
             if "log10_ratio" in tag or "decay_per_step" in tag:
                 assert g == pytest.approx(w, abs=rel * 10), tag  # log10 of a ratio: compare absolutely
             else:
@@ -238,9 +253,9 @@ def test_probe_under_bf16_autocast_records_float32():
     assert torch.allclose(r.hidden[-1], h.float(), atol=3e-2)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="bug: nn.MultiheadAttention fed bf16 activations under autocast cannot "
-                   "be captured (RuntimeError: expected m1 and m2 to have the same dtype); the attention "
-                   "record is dropped with a warning")
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="bug: nn.MultiheadAttention fed bf16 activations "
+                   "under autocast cannot be captured (RuntimeError: expected m1 and m2 to have the same "
+                   "dtype); without strict the attention record is dropped with a warning")
 def test_probe_records_attention_under_bf16_autocast():
     torch.manual_seed(0)
     model = nn.ModuleDict({"proj": nn.Linear(8, 8), "attn": nn.MultiheadAttention(8, 2, batch_first=True)})
@@ -249,7 +264,8 @@ def test_probe_records_attention_under_bf16_autocast():
         h = model["proj"](x)  # bf16, as any autocast layer's output
         model["attn"](h, h, h)
     attention = rec["attn"].attention
-    assert attention.dtype == torch.float32 and torch.allclose(attention.sum(-1), torch.ones(2, 2, 5), atol=1e-2)
+    assert attention.dtype == torch.float32
+    assert torch.allclose(attention.sum(-1), torch.ones(2, 2, 5), atol=1e-2)
 
 
 @pytest.mark.slow
@@ -261,18 +277,21 @@ def test_bf16_mixed_trains_and_matches_fp32_numbers(tmp_path, fp32_rnn_stats):
 
 
 @pytest.mark.slow
-def test_16_mixed_with_gradscaler_reports_unscaled_gradients(tmp_path, fp32_rnn_stats):
-    """``precision="16-mixed"`` is refused on CPU by Lightning, but its ``MixedPrecision`` plugin with a
-    CPU ``GradScaler`` runs for real: the hooks see gradients 1024 times too large, the callback must
-    divide them out."""
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_16_mixed_with_gradscaler_reports_unscaled_gradients(tmp_path, fp32_rnn_stats, accumulate):
+    """``Trainer(precision="16-mixed")`` on CPU silently becomes bf16-mixed (Lightning's choice), but the
+    ``MixedPrecision("16-mixed")`` plugin with a CPU ``GradScaler`` runs for real: the hooks see gradients
+    1024 times too large (and 1/k with accumulation); the callback must take both out."""
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     assert scaler.is_enabled()
     torch.manual_seed(0)
-    stats = _grad_stats_run(tmp_path, VanillaRNNModel(lr=0.0),
+    stats = _grad_stats_run(tmp_path, VanillaRNNModel(lr=0.0), accumulate_grad_batches=accumulate,
                             plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
-    _assert_close_stats(stats, fp32_rnn_stats, rel=2e-2)
+    # With k=2 only batch 1 (the last micro-batch of the window) is recorded.
+    want = fp32_rnn_stats if accumulate == 1 else {t: v[1:] for t, v in fp32_rnn_stats.items()}
+    _assert_close_stats(stats, want, rel=2e-2)
 
 
 def _lstm_and_loss(seed: int = 0):
@@ -293,7 +312,7 @@ def test_probe_grad_scale_undoes_a_cpu_gradscaler(form):
     with Probe(model).record() as plain:
         loss_fn().backward()
     model.zero_grad()
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # supported on CPU since torch 2.3
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # a CPU GradScaler works (torch 2.13)
     scale = {"float": 1024.0, "tensor": torch.tensor(1024.0), "callable": scaler.get_scale}[form]
     with Probe(model).record(grad_scale=scale) as scaled:
         scaler.scale(loss_fn()).backward()
@@ -373,12 +392,25 @@ def test_two_rnnviz_instances_have_distinct_state_keys_and_both_restore(tmp_path
     assert {first[0].state_key, first[1].state_key} <= set(saved)
 
     resumed = callbacks()
-    trainer = _trainer(tmp_path, [*resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")], limit_train_batches=3,
-                       max_epochs=2, enable_checkpointing=True)
+    trainer = _trainer(tmp_path, [*resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt2")],
+                       limit_train_batches=3, max_epochs=2, enable_checkpointing=True)
     trainer.fit(TinySeqModel(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     for cb, want in zip(resumed, history, strict=True):
         assert sorted(cb.decay_history["rnn"]) == [0, 1]
         assert torch.equal(cb.decay_history["rnn"][0], want)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: two RNNViz instances watching the same "
+                   "module write the same image tag twice on one step (TensorBoard shows either), silently")
+def test_two_rnnviz_instances_on_one_module_do_not_write_a_tag_twice_silently(tmp_path):
+    cbs = [RNNViz(every_n_steps=1, validation=False, histograms=False),
+           RNNViz(every_n_steps=2, modules=["rnn"], validation=False, histograms=False)]
+    trainer = _trainer(tmp_path, cbs, limit_train_batches=1)
+    with _all_warnings() as caught:
+        trainer.fit(TinySeqModel(), loader())
+    steps = _image_steps(_events(trainer.logger.log_dir))
+    duplicated = {t: v for t, v in steps.items() if len(v) != len(set(v))}
+    assert not duplicated or _rnnviz_warnings(caught), duplicated
 
 
 # --- loop configurations ----------------------------------------------------------------------------
@@ -393,7 +425,8 @@ def test_fast_dev_run_warns_that_nothing_is_drawn_and_trains(tmp_path):
 
 
 def test_limit_val_batches_zero_draws_training_only(tmp_path):
-    trainer = _trainer(tmp_path, [RNNViz(every_n_steps=1, histograms=False, strict=True)], limit_val_batches=0)
+    cb = RNNViz(every_n_steps=1, histograms=False, strict=True)
+    trainer = _trainer(tmp_path, [cb], limit_val_batches=0)
     trainer.fit(TinySeqModel(), loader(), loader())
     steps = _image_steps(_events(trainer.logger.log_dir))
     assert set(steps) == TRAIN_IMAGES | {"rnnviz/grad_decay/rnn"}
@@ -450,7 +483,11 @@ def projected_plain_stats(tmp_path_factory) -> dict[str, list[float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")  # torch's own, while compiling
+# torch's own warnings while dynamo traces: a deprecation, and (while tracing the probe's forward hook,
+# which runs inside the compiled frame) a UserWarning about reading `.grad` of a non-leaf tensor. Both are
+# invisible in a normal run; as errors (this suite's setting) dynamo turns them into a failed capture.
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning",
+                            "ignore:.*grad attribute of a Tensor that is not a leaf.*:UserWarning")
 def test_compiled_rnn_submodule_records_the_same_numbers(tmp_path, projected_plain_stats):
     """``torch.compile(nn.LSTM)`` as a submodule: recorded under ``rnn._orig_mod``, same numbers."""
     torch.manual_seed(0)
@@ -464,6 +501,9 @@ def test_compiled_rnn_submodule_records_the_same_numbers(tmp_path, projected_pla
         pytest.skip(f"torch.compile does not work on this machine: {type(error).__name__}: {error}")
     print(f"compiled run: {time.monotonic() - started:.1f} s")
     renamed = {t.replace("rnn._orig_mod/", "rnn/"): v for t, v in stats.items()}
+    # The wrapper is not a recurrent module: naming it fails at once, pointing at the supported types.
+    with pytest.raises(ValueError, match=r"'rnn'.*unsupported type \(OptimizedModule\)"):
+        Probe(model, modules=["rnn"])
     assert set(stats) == {t.replace("rnn/", "rnn._orig_mod/") for t in projected_plain_stats}
     _assert_close_stats(renamed, projected_plain_stats, rel=1e-5)
 
@@ -480,7 +520,10 @@ def test_probe_under_activation_checkpointing_matches_plain(reentrant):
     def run(use_checkpoint: bool):
         with Probe(model, strict=True).record() as rec:
             z = model["proj"](x)
-            out, _ = checkpoint(model["rnn"], z, use_reentrant=reentrant) if use_checkpoint else model["rnn"](z)
+            if use_checkpoint:
+                out, _ = checkpoint(model["rnn"], z, use_reentrant=reentrant)
+            else:
+                out, _ = model["rnn"](z)
             model["head"](out[:, -1]).pow(2).sum().backward()
         return rec["rnn"]
 
@@ -526,7 +569,8 @@ def test_long_wide_packed_sequence_gives_bounded_images(tmp_path):
     cb = RNNViz(every_n_steps=1, max_samples=1, validation=False, histograms=False, strict=True)
     trainer = _trainer(tmp_path, [cb], limit_train_batches=1)
     started = time.monotonic()
-    trainer.fit(PackedBiLSTMModel(features=4, hidden=300), padded_loader([1500, 700], features=4, batch_size=2))
+    model = PackedBiLSTMModel(features=4, hidden=300)
+    trainer.fit(model, padded_loader([1500, 700], features=4, batch_size=2))
     print(f"T=1500 hidden=300 bidirectional, 1 recorded step: {time.monotonic() - started:.1f} s")
     acc = _events(trainer.logger.log_dir)
     steps = _image_steps(acc)
@@ -559,11 +603,10 @@ def test_nan_in_activations_training_goes_on_and_warnings_are_not_repeated(tmp_p
     assert all(n == 1 for n in kinds.values()), kinds
     steps = _image_steps(_events(trainer.logger.log_dir))
     for tag in TRAIN_IMAGES:
-        assert steps[tag] == [0, 1, 2], tag  # NaN everywhere after step 0 (the update spreads it), still drawn
+        # NaN everywhere after step 0 (the update spreads it): still drawn.
+        assert steps[tag] == [0, 1, 2], tag
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="gap: issue 5 asks for one warning on NaN/Inf activations or gradients; "
-                   "none is issued (only the figure titles say 'contains NaN')")
 def test_nan_in_activations_is_warned_once(tmp_path):
     cb = RNNViz(every_n_steps=1, validation=False, histograms=False)
     trainer = _trainer(tmp_path, [cb], limit_train_batches=1)
@@ -571,10 +614,6 @@ def test_nan_in_activations_is_warned_once(tmp_path):
         trainer.fit(TinySeqModel(), _nan_loader())
     nan_warnings = [m for m in _rnnviz_warnings(caught) if "nan" in m.lower() or "non-finite" in m.lower()]
     assert len(nan_warnings) == 1
-
-
-class _StopAt(Exception):
-    pass
 
 
 @pytest.mark.slow
@@ -599,9 +638,11 @@ def test_fault_in_training_step_cleans_up(tmp_path, fault):
     finally:
         signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after an interrupt
     assert _hook_count(model) == 0
-    steps = _image_steps(_events(trainer.logger.log_dir))
+    acc = _events(trainer.logger.log_dir)
+    steps = _image_steps(acc)
     for tag in TRAIN_IMAGES:
         assert steps[tag] == [0, 1], tag  # what was recorded before the fault reached the disk
+    assert [s for s, _ in _scalars(acc)["rnnviz/grad_norm/rnn/first_norm/layer0"]] == [0, 1]
     assert _new_threads(threads_before) == []
     assert _child_pids() - children_before == set()
     assert set(multiprocessing.active_children()) - mp_before == set()
@@ -694,37 +735,44 @@ def _bytes_per_step(path: Path) -> dict[int, int]:
 
 @pytest.mark.slow
 def test_soak_400_recording_steps(tmp_path):
+    """Every step recorded, histograms on, 25 epochs (the gradient-decay history grows to 25 curves)."""
     soak = _Soak()
     cb = RNNViz(every_n_steps=1, validation=False, histograms=True)
     trainer = _trainer(tmp_path, [cb, soak], max_epochs=-1, max_steps=400, limit_train_batches=None)
     started = time.monotonic()
-    trainer.fit(TinySeqModel(hidden=4), loader(n=64, steps=5, batch_size=4))  # 16 steps an epoch, 25 epochs
+    with _all_warnings() as caught:
+        trainer.fit(TinySeqModel(hidden=4), loader(n=64, steps=5, batch_size=4))  # 16 steps an epoch
     elapsed = time.monotonic() - started
-    assert trainer.global_step == 400 and not cb.error_counts
-    warm, last = soak.samples[1], soak.samples[-1]  # step 50 (warm) and step 400
+    shutdown = time.perf_counter() - soak._t  # from the last step's end to fit's return
+    messages = _rnnviz_warnings(caught)
+    assert trainer.global_step == 400 and not cb.error_counts, cb.error_counts
+    # On 2 busy cores the drawing process cannot draw 4 figures a step; dropping is by design, warned once.
+    assert all("dropped" in m for m in messages) and len(messages) <= 1, messages
+    # Warm-up: the first 100 steps (the drawing process loads fonts and caches while it starts drawing).
+    warm, last = soak.samples[1], soak.samples[-1]
+    assert (warm["step"], last["step"]) == (100, 400)
     child_growth = {pid: last["children"][pid] - rss for pid, rss in warm["children"].items()
                     if pid in last["children"]}
     half = len(soak.step_s) // 2
     log_dir = Path(trainer.logger.log_dir)
     per_file = {p.name: _bytes_per_step(p) for p in log_dir.glob("events.out.tfevents.*")}
-    acc = _events(log_dir)
-    images = {tag: len(v) for tag, v in _image_steps(acc).items()}
-    dropped = acc.Scalars("rnnviz/overhead/dropped_figures")[-1].value if (
-        "rnnviz/overhead/dropped_figures" in acc.Tags()["scalars"]) else None
-    print(f"\nsoak: {elapsed:.0f} s; RSS step 50 -> 400: {warm['rss']:.1f} -> {last['rss']:.1f} MB; "
-          f"drawing processes: {warm['children']} -> {last['children']}; figures alive: {last['figures']}")
-    print(f"soak: mean step {1e3 * sum(soak.step_s[:half]) / half:.0f} ms (first half), "
+    images = {tag: len(v) for tag, v in _image_steps(_events(log_dir)).items()}
+    print(f"\nsoak: {elapsed:.0f} s, of which {shutdown:.0f} s after the last step (drawing the backlog); "
+          f"RSS step 100 -> 400: {warm['rss']:.1f} -> {last['rss']:.1f} MB; drawing process RSS every 50 "
+          f"steps: {[list(x['children'].values()) for x in soak.samples]} MB; matplotlib figures alive here: "
+          f"{last['figures']}")
+    print(f"soak: mean step {1e3 * sum(soak.step_s[1:half]) / (half - 1):.0f} ms (first half), "
           f"{1e3 * sum(soak.step_s[half:]) / (len(soak.step_s) - half):.0f} ms (second half)")
-    print(f"soak: images written per tag {images}; dropped_figures={dropped}")
+    print(f"soak: images written per tag {images}; warnings {messages}")
     for name, sizes in per_file.items():
         total = sum(sizes.values())
         print(f"soak: {name}: {total} bytes, {total / 400:.0f} bytes per recording step")
     assert last["rss"] - warm["rss"] <= 40, "training process memory grows"
     assert all(g <= 40 for g in child_growth.values()), f"drawing process memory grows: {child_growth}"
     assert last["figures"] <= warm["figures"], "matplotlib figures accumulate in the training process"
-    # Event-file growth is linear: scalars and histograms cost the same every step (steps 50..399).
-    main = max(per_file.values(), key=lambda s: len(s))
-    window = [main[s] for s in range(50, 400) if s % 16 != 15]  # epoch ends add a grad_decay figure
+    # Event-file growth is linear: the logger's file (scalars, histograms) costs the same every step.
+    main = next(sizes for name, sizes in per_file.items() if not name.endswith(".rnnviz"))
+    window = [main[s] for s in range(100, 400)]
     median = sorted(window)[len(window) // 2]
     assert min(window) >= 0.8 * median and max(window) <= 1.25 * median, (min(window), median, max(window))
 
@@ -738,7 +786,8 @@ def test_every_n_steps_must_be_a_positive_int(value):
 
 def test_pattern_matching_no_module_fails_at_fit_start_listing_names(tmp_path):
     trainer = _trainer(tmp_path, [RNNViz(modules=["encoder.*"])])
-    with pytest.raises(ValueError, match=r"`modules` entry 'encoder\.\*' matches no module.*available:.*'rnn'"):
+    match = r"`modules` entry 'encoder\.\*' matches no module.*available:.*'rnn'"
+    with pytest.raises(ValueError, match=match):
         trainer.fit(TinySeqModel(), loader())
 
 
@@ -756,12 +805,10 @@ def test_labels_wrong_length_names_the_argument_and_the_fix(tmp_path):
     """(Warned at the step, not at fit start: the length is known only then.) See also test_rnnviz.py."""
     cb = RNNViz(every_n_steps=1, labels=lambda batch: ["x"] * 3, validation=False, histograms=False)
     trainer = _trainer(tmp_path, [cb], limit_train_batches=1)
-    with pytest.warns(RNNVizWarning, match=r"`labels\(batch\)` returned 3 tokens.*one token per time step"):
+    with pytest.warns(RNNVizWarning, match=r"`labels\(batch\)` returned 3 .*one token per time step"):
         trainer.fit(TinySeqModel(), loader())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: `sample` past the batch (sample=5, max_samples=None, batch 4) "
-                   "silently draws the last sequence instead of warning or failing")
 def test_sample_past_the_batch_is_reported(tmp_path):
     cb = RNNViz(every_n_steps=1, sample=5, max_samples=None, validation=False, histograms=False)
     trainer = _trainer(tmp_path, [cb], limit_train_batches=1)

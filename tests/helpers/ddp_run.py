@@ -1,4 +1,4 @@
-"""Train ``TinySeqModel`` with ``RNNViz`` on 2 CPU processes; run as ``python ddp_run.py <out_dir> <strategy>``.
+"""Train ``TinySeqModel`` with ``RNNViz`` on 2 CPU processes: ``python ddp_run.py <out_dir> <strategy>``.
 
 Used by ``tests/callbacks/test_reliability.py``. It runs as a script because Lightning's ``"ddp"``
 launcher starts the other ranks by re-running ``sys.argv``; ``"ddp_spawn"`` goes through the same script
@@ -18,16 +18,16 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
-from pytorch_lightning.callbacks import Callback  # noqa: E402
-from pytorch_lightning.loggers import TensorBoardLogger  # noqa: E402
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
 
-from lightning_rnnviz import Probe, RNNViz  # noqa: E402
-from tests.helpers.models import TinySeqModel, loader  # noqa: E402
+from lightning_rnnviz import Probe, RNNViz
+from tests.helpers.models import TinySeqModel, loader
 
-# Count recording blocks in this process. At module level so that spawned ranks (which import this
-# file as ``__mp_main__``) count too.
+# Count recording blocks in this process: at module level so that spawned ranks (which import this file
+# as ``__mp_main__``) count too, but only when run as a script (pytest imports it to look for doctests).
 RECORDS = {"count": 0}
 _original_record = Probe.record
 
@@ -37,7 +37,8 @@ def _counting_record(self, *args, **kwargs):
     return _original_record(self, *args, **kwargs)
 
 
-Probe.record = _counting_record
+if __name__ in ("__main__", "__mp_main__"):
+    Probe.record = _counting_record
 
 
 class RankReport(Callback):
