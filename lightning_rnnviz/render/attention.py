@@ -159,7 +159,8 @@ def attention_stats(record: AttentionRecord) -> dict[str, float]:
     Example::
 
         >>> import torch
-        >>>         >>> rec = AttentionRecord("attn", "MultiheadAttention", torch.full((1, 1, 2, 4), 0.25))
+        >>> from lightning_rnnviz.probe.records import AttentionRecord
+        >>> rec = AttentionRecord("attn", "MultiheadAttention", torch.full((1, 1, 2, 4), 0.25))
         >>> {k: round(v, 4) for k, v in attention_stats(rec).items()}
         {'entropy/head0': 1.3863, 'entropy_norm/head0': 1.0, 'focus/head0': 0.25}
     """

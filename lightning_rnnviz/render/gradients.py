@@ -131,7 +131,8 @@ def grad_stats(record: RNNRecord) -> dict[str, float]:
     Example::
 
         >>> import torch
-        >>>         >>> grad = torch.zeros(1, 1, 4, 2)
+        >>> from lightning_rnnviz.probe.records import RNNRecord
+        >>> grad = torch.zeros(1, 1, 4, 2)
         >>> grad[0, 0, :, 0] = torch.tensor([1e-3, 1e-2, 1e-1, 1.0])  # ten times smaller per step back
         >>> h = torch.zeros(1, 1, 4, 2)
         >>> rec = RNNRecord("rnn", "RNN_TANH", h, {}, grad, None, None, torch.tensor([4]))
