@@ -36,6 +36,7 @@ class SharedRecorder:
         self.grad_scale: float | None = None
         self.amp_scale: float | None = None
         self.renderer: Any = None  # one drawing process for every member
+        self.written: set[tuple[str, int]] = set()  # (tag, step) of images handed over this run
         self.spent_s = 0.0  # time on the training thread for the current batch's recording
         self.replay_s = 0.0
 

@@ -215,8 +215,9 @@ class RNNViz(Callback):
             return
         self._sink, self._image_spec = self._make_sink(trainer)
         if self._sink is None:
+            why = "`fast_dev_run` replaces the loggers" if trainer.fast_dev_run else "the Trainer has no logger"
             self._disable(
-                f"{type(self).__name__} has nowhere to write: the Trainer has no logger. Pass "
+                f"{type(self).__name__} has nowhere to write: {why}. Pass "
                 "`logger=TensorBoardLogger(...)` (or any logger with a `log_dir`) to see its figures; "
                 "it does nothing in this run."
             )
@@ -268,6 +269,8 @@ class RNNViz(Callback):
         recorder.abort()
         recorder.members = [m for m in recorder.members if m is not self]
         recorder.probe = None
+        if not recorder.members:
+            recorder.written.clear()
         if not recorder.members and recorder.renderer is not None:
             renderer, recorder.renderer = recorder.renderer, None
             # Let the drawing process finish what it was handed, then stop it.
@@ -431,7 +434,7 @@ class RNNViz(Callback):
         self._guard("draw the chosen `sample`", lambda: self._check_sample(mine))
         tokens: dict[str, list[str]] | None = None
         if self.labels is not None:
-            tokens = self._guard("labels", lambda: self._checked_tokens(batch, mine))
+            tokens = self._guard("use the `labels` tokens", lambda: self._checked_tokens(batch, mine))
         self._warn_nonfinite(mine, step)
         for name, record in mine.items():
             if isinstance(record, RNNRecord):
@@ -445,10 +448,14 @@ class RNNViz(Callback):
         for name, record in records.items():
             fields = ("hidden", "hidden_grad", "cell", "cell_grad") if isinstance(record, RNNRecord) else ("attention",)
             bad = [f for f in fields if getattr(record, f) is not None and not torch.isfinite(getattr(record, f)).all()]
-            if bad:
-                self._problem("record finite values",
-                              f"NaN/Inf in {', '.join(bad)} of {name!r} at step {step}; training goes on and "
-                              "the figures mark them")
+            if bad and "nonfinite" not in self._warned:
+                self._warned.add("nonfinite")
+                warnings.warn(
+                    f"{type(self).__name__}: NaN/Inf in {', '.join(bad)} of {name!r} at step {step}. Training goes "
+                    "on; the figures mark non-finite values (this warning is shown once).",
+                    RNNVizWarning,
+                    stacklevel=3,
+                )
 
     def _check_sample(self, records: Mapping[str, Any]) -> None:
         for name, record in records.items():
@@ -541,6 +548,9 @@ class RNNViz(Callback):
     def _figure(self, quantity: str, name: str, step: int, prefix: str, reduce: Callable[[], Any]) -> None:
         """Reduce on this thread (milliseconds), draw and write wherever the renderer does."""
         tag = f"{prefix}/{quantity}/{safe_name(name)}"
+        if (tag, step) in self._recorder.written:
+            return  # another monitor on this Trainer drew this picture for this step already
+        self._recorder.written.add((tag, step))
 
         def work() -> None:
             payload = reduce()

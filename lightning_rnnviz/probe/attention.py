@@ -34,6 +34,13 @@ def mha_forward(
         batch-first; unbatched input gives ``batch == 1``.
     """
     batched = query.dim() == 3
+    # Under autocast the call may have seen bf16/fp16 activations; recompute in the weights' dtype.
+    dtype = mha.out_proj.weight.dtype
+    query, key, value = (t.to(dtype) for t in (query, key, value))
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(dtype)
+    if key_padding_mask is not None and key_padding_mask.is_floating_point():
+        key_padding_mask = key_padding_mask.to(dtype)
     if mha.batch_first and batched:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
     separate = not mha._qkv_same_embed_dim

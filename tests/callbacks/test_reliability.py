@@ -207,8 +207,7 @@ def test_ddp_two_cpu_processes_write_each_image_once_from_rank_zero(tmp_path, st
 def _grad_stats_run(tmp_path: Path, model: pl.LightningModule, **trainer_kwargs) -> dict[str, list[float]]:
     """Train ``model`` (lr=0) for 2 steps with a ``GradientNormMonitor``: its grad_norm statistics per step.
 
-    Watches the RNN only: attention under autocast is not captured
-    (``test_probe_records_attention_under_bf16_autocast``).
+    Watches the RNN only (attention under autocast: ``test_probe_records_attention_under_bf16_autocast``).
     """
     cb = GradientNormMonitor(every_n_steps=1, modules=["rnn*"], validation=False, histograms=False,
                              strict=True)
@@ -253,9 +252,6 @@ def test_probe_under_bf16_autocast_records_float32():
     assert torch.allclose(r.hidden[-1], h.float(), atol=3e-2)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="bug: nn.MultiheadAttention fed bf16 activations "
-                   "under autocast cannot be captured (RuntimeError: expected m1 and m2 to have the same "
-                   "dtype); without strict the attention record is dropped with a warning")
 def test_probe_records_attention_under_bf16_autocast():
     torch.manual_seed(0)
     model = nn.ModuleDict({"proj": nn.Linear(8, 8), "attn": nn.MultiheadAttention(8, 2, batch_first=True)})
@@ -400,8 +396,6 @@ def test_two_rnnviz_instances_have_distinct_state_keys_and_both_restore(tmp_path
         assert torch.equal(cb.decay_history["rnn"][0], want)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: two RNNViz instances watching the same "
-                   "module write the same image tag twice on one step (TensorBoard shows either), silently")
 def test_two_rnnviz_instances_on_one_module_do_not_write_a_tag_twice_silently(tmp_path):
     cbs = [RNNViz(every_n_steps=1, validation=False, histograms=False),
            RNNViz(every_n_steps=2, modules=["rnn"], validation=False, histograms=False)]
@@ -410,7 +404,7 @@ def test_two_rnnviz_instances_on_one_module_do_not_write_a_tag_twice_silently(tm
         trainer.fit(TinySeqModel(), loader())
     steps = _image_steps(_events(trainer.logger.log_dir))
     duplicated = {t: v for t, v in steps.items() if len(v) != len(set(v))}
-    assert not duplicated or _rnnviz_warnings(caught), duplicated
+    assert not duplicated, duplicated
 
 
 # --- loop configurations ----------------------------------------------------------------------------

@@ -216,7 +216,7 @@ def test_labels_wrong_length_is_warned_not_fatal(tmp_path):
     trainer = _trainer(tmp_path, [cb], max_epochs=1)
     with pytest.warns(RNNVizWarning, match="returned 2 input tokens"):
         trainer.fit(TinySeqModel(), loader())
-    assert cb.error_counts["labels"] >= 1
+    assert cb.error_counts["use the `labels` tokens"] >= 1
     assert "rnnviz/hidden/rnn" in _image_steps(_events(trainer))
 
 
