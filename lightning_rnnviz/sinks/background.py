@@ -246,8 +246,8 @@ def serve(stdin: Any = None, stdout: Any = None) -> None:
 
 def _peak_rss_kb() -> int | None:
     """This process's own peak RSS (``VmHWM``; ``ru_maxrss`` would include the parent's at fork time)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in open("/proc/self/status"):  # noqa: SIM115 - a few lines, read once at exit
+    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/self/status") as status:
+        for line in status:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     return None
