@@ -52,10 +52,13 @@ class SharedRecorder:
             attention.update(member.attention or {})
         return Probe(model, modules=modules, attention=attention, strict=any(m.strict for m in members))
 
-    def begin(self, key: Any, model: nn.Module, wanting: list[RNNViz], max_samples: int | None) -> None:
-        """Open the block for batch ``key`` unless it is open already or nobody wants it."""
+    def begin(self, key: Any, model: nn.Module, wanting: list[RNNViz]) -> None:
+        """Open the block for batch ``key`` unless it is open already or nobody wants it; it records as
+        many sequences as the most demanding member asks for."""
         if key == self._key:
             return
+        samples = [m.max_samples for m in wanting]
+        max_samples = None if None in samples else max(samples, default=None)
         self.abort()
         self._key, self._wanting, self._result, self.grad_scale = key, wanting, None, None
         if not wanting:

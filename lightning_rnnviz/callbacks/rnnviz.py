@@ -316,9 +316,7 @@ class RNNViz(Callback):
             return
         recorder = shared_recorder(trainer)
         wanting = [m for m in recorder.members if m._wants(trainer, batch_idx)]
-        samples = [m.max_samples for m in wanting]
-        max_samples = None if None in samples else max(samples, default=None)
-        self._guard("record", lambda: recorder.begin(self._batch_key(trainer), pl_module, wanting, max_samples))
+        self._guard("record", lambda: recorder.begin(self._batch_key(trainer), pl_module, wanting))
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         recorder = self._recorder if self.enabled else None
@@ -396,9 +394,7 @@ class RNNViz(Callback):
             return
         recorder = shared_recorder(trainer)
         wanting = [m for m in recorder.members if m._wants_val(trainer, batch_idx, dataloader_idx)]
-        samples = [m.max_samples for m in wanting]
-        max_samples = None if None in samples else max(samples, default=None)
-        self._guard("record", lambda: recorder.begin(self._val_key(trainer), pl_module, wanting, max_samples))
+        self._guard("record", lambda: recorder.begin(self._val_key(trainer), pl_module, wanting))
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,

@@ -20,14 +20,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lightning_rnnviz.probe.records import GRU_GATES, LSTM_GATES
 
-_CELL_OPS = {
-    "LSTM": torch.lstm_cell,
-    "GRU": torch.gru_cell,
-    "RNN_TANH": torch.rnn_tanh_cell,
-    "RNN_RELU": torch.rnn_relu_cell,
-}
-
-
 @dataclass
 class LayerWeights:
     """The weights of one layer and direction, named as PyTorch names them."""
@@ -107,18 +99,6 @@ def cell_gates(mode: str, x: Tensor, h_prev: Tensor, w: LayerWeights) -> dict[st
     if mode == "GRU":
         return gru_gates(x, h_prev, w)
     return {}
-
-
-def _step(mode: str, x_t: Tensor, h: Tensor, c: Tensor | None, w: LayerWeights) -> tuple[Tensor, Tensor | None]:
-    """One step of a cell. ``torch.lstm_cell`` assumes ``h`` and ``c`` share a size, so a projected LSTM
-    step is written out."""
-    if mode == "LSTM":
-        if w.w_hr is None:
-            return torch.lstm_cell(x_t, (h, c), w.w_ih, w.w_hh, w.b_ih, w.b_hh)
-        i, f, g, o = lstm_gates(x_t, h, w).values()
-        c_new = f * c + i * g
-        return F.linear(o * torch.tanh(c_new), w.w_hr), c_new
-    return _CELL_OPS[mode](x_t, h, w.w_ih, w.w_hh, w.b_ih, w.b_hh), None
 
 
 def replay_rnn(
@@ -226,7 +206,10 @@ def _projected_lstm_forward(
     steps = x.shape[0]
     out = x.new_zeros(steps, h.shape[0], h.shape[1])
     for t in range(steps) if direction == 0 else range(steps - 1, -1, -1):
-        h_new, c_new = _step("LSTM", x[t], h, c, w)
+        # Written out: `torch.lstm_cell` assumes `h` and `c` share a size, which projection breaks.
+        i, f, g, o = lstm_gates(x[t], h, w).values()
+        c_new = f * c + i * g
+        h_new = F.linear(o * torch.tanh(c_new), w.w_hr)
         if lengths is not None:
             keep = (t < lengths).unsqueeze(-1)
             h_new, c_new = torch.where(keep, h_new, h), torch.where(keep, c_new, c)
