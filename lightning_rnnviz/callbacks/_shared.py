@@ -39,6 +39,7 @@ class SharedRecorder:
         self.written: set[tuple[str, int]] = set()  # (tag, step) of images handed over this run
         self.spent_s = 0.0  # time on the training thread for the current batch's recording
         self.replay_s = 0.0
+        self._drawn_before = (0.0, 0.0)
 
     def build_probe(self, model: nn.Module) -> Probe:
         """One probe over the union of what the members watch (``None`` in any member means all)."""
@@ -65,12 +66,22 @@ class SharedRecorder:
             return
         started = time.perf_counter()
         self.spent_s = self.replay_s = 0.0
+        self._drawn_before = self.drawing_s()
         if self.probe is None:
             self.probe = self.build_probe(model)
         self._block = contextlib.ExitStack()
         record = self.probe.record(max_samples=max_samples, grad_scale=lambda: self.grad_scale)
         self._recording = self._block.enter_context(record)
         self.spent_s += time.perf_counter() - started
+
+    def drawing_s(self) -> tuple[float, float]:
+        """Seconds the renderer spent drawing and writing on this thread so far (zero for a child process)."""
+        return getattr(self.renderer, "render_s", 0.0), getattr(self.renderer, "write_s", 0.0)
+
+    def drawing_since_begin(self) -> tuple[float, float]:
+        """``(render, write)`` seconds on this thread since the current batch's block opened."""
+        (render_now, write_now), (render_then, write_then) = self.drawing_s(), self._drawn_before
+        return render_now - render_then, write_now - write_then
 
     @property
     def is_open(self) -> bool:

@@ -25,6 +25,7 @@ from lightning_rnnviz.sinks import FileSink, Sink, TensorBoardSink, safe_name
 from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer, Job
 
 QUANTITIES = ("hidden", "gates", "grad_norm", "grad_decay", "attention")
+RENDERERS = ("fast", "matplotlib")
 
 
 def _is_attention(name: str, module: torch.nn.Module, extractors: set[str]) -> bool:
@@ -81,8 +82,11 @@ class RNNViz(Callback):
         max_heads: most attention heads drawn.
         max_time: most time columns in a figure; longer sequences are averaged in bins.
         histograms: write activation histograms (TensorBoard's distributions view).
+        renderer: ``"fast"`` paints the pictures with numpy and Pillow (about 10-20 ms each);
+            ``"matplotlib"`` draws matplotlib figures (0.1-1 s of CPU each, in a child process by default).
         background: draw figures in a low-priority child process, so the training thread only hands
-            over small already-reduced arrays; ``False`` draws on the training thread.
+            over small already-reduced arrays; ``False`` draws on the training thread. ``None`` (default)
+            picks the training thread for ``"fast"`` and the child process for ``"matplotlib"``.
         validation: draw the fixed validation sample at each validation run.
         log_first_step: also record the very first training batch, for instant feedback.
         strict: re-raise errors of capture and rendering instead of warning once (for tests).
@@ -112,7 +116,8 @@ class RNNViz(Callback):
         max_heads: int = 8,
         max_time: int = 256,
         histograms: bool = True,
-        background: bool = True,
+        renderer: str = "fast",
+        background: bool | None = None,
         validation: bool = True,
         log_first_step: bool = True,
         strict: bool = False,
@@ -135,6 +140,10 @@ class RNNViz(Callback):
                 f"`sample={sample}` is not among the `max_samples={max_samples}` recorded sequences; "
                 f"raise `max_samples` above {sample} or pick a smaller `sample`."
             )
+        if renderer not in RENDERERS:
+            raise ValueError(f"`renderer` must be one of {RENDERERS}, got {renderer!r}.")
+        if background is not None and not isinstance(background, bool):
+            raise ValueError(f"`background` must be True, False or None (automatic), got {background!r}.")
         if isinstance(modules, str):
             modules = [modules]
         if labels is not None and not callable(labels):
@@ -149,7 +158,8 @@ class RNNViz(Callback):
         self.max_heads = max_heads
         self.max_time = max_time
         self.histograms = histograms
-        self.background = background
+        self.renderer = renderer
+        self.background = renderer == "matplotlib" if background is None else background
         self.validation = validation
         self.log_first_step = log_first_step
         self.strict = strict
@@ -355,9 +365,12 @@ class RNNViz(Callback):
         recorder.spent_s += time.perf_counter() - started
         if self is wanting[-1]:  # the last monitor of this batch reports what the batch cost
             self._report_render_errors(recorder.renderer)
+            render_s, write_s = recorder.drawing_since_begin()
             self._guard("overhead statistics", lambda: self._sink.scalars({
                 "rnnviz/overhead/train_thread_ms": 1e3 * recorder.spent_s,
                 "rnnviz/overhead/replay_ms": 1e3 * recorder.replay_s,
+                "rnnviz/overhead/render_ms": 1e3 * render_s,
+                "rnnviz/overhead/write_ms": 1e3 * write_s,
                 "rnnviz/overhead/dropped_figures": float(recorder.renderer.dropped),
             }, step))
 
@@ -551,7 +564,7 @@ class RNNViz(Callback):
         def work() -> None:
             payload = reduce()
             if payload is not None:
-                self._renderer.submit(Job(quantity, payload, tag, step))
+                self._renderer.submit(Job(quantity, payload, tag, step, self.renderer))
 
         self._guard(f"draw {quantity} of {name!r}", work)
 
@@ -599,8 +612,9 @@ class RNNViz(Callback):
 
 def _valid_values(record: RNNRecord, values: torch.Tensor) -> np.ndarray:
     """The entries of ``values`` ``(rows, batch, time, units)`` at valid steps, flattened."""
-    mask = record.valid_mask()
-    return values[:, mask].flatten().numpy()
+    if record.all_valid:
+        return values.reshape(-1).numpy()  # no padding: a view, no copy
+    return values[:, record.valid_mask()].flatten().numpy()
 
 
 def _pad_to(t: torch.Tensor, rows: int, steps: int) -> torch.Tensor:

@@ -54,6 +54,8 @@ class RNNRecord:
     exact: bool = True
     notes: tuple[str, ...] = ()
     grad_enabled: bool = True
+    # Summaries that several renderers need, computed once (not part of the record's identity).
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def time(self) -> int:
@@ -71,16 +73,24 @@ class RNNRecord:
         """
         if self.hidden_grad is None:
             return None
-        norms = torch.linalg.vector_norm(self.hidden_grad, dim=-1)  # (LD, B, T)
-        valid = self.valid_mask().to(norms.dtype)  # (B, T)
-        count = valid.sum(0)  # (T,)
-        total = (norms * valid).sum(1)  # (LD, T)
-        return total / count  # 0/0 -> NaN where no sequence is valid
+        cached = self.derived.get("grad_norm")
+        if cached is None or cached[0] is not self.hidden_grad:
+            norms = torch.linalg.vector_norm(self.hidden_grad, dim=-1)  # (LD, B, T)
+            valid = self.valid_mask().to(norms.dtype)  # (B, T)
+            count = valid.sum(0)  # (T,)
+            total = (norms * valid).sum(1)  # (LD, T)
+            cached = self.derived["grad_norm"] = (self.hidden_grad, total / count)  # 0/0 -> NaN: no valid sequence
+        return cached[1].clone()
 
     def valid_mask(self) -> Tensor:
         """``(batch, time)`` boolean, ``True`` where step ``t`` lies within sequence ``b``."""
         steps = torch.arange(self.time)
         return steps.unsqueeze(0) < self.lengths.unsqueeze(1)
+
+    @property
+    def all_valid(self) -> bool:
+        """Whether every sequence spans the whole time axis (no padding)."""
+        return bool((self.lengths == self.time).all())
 
     def layer_label(self, index: int) -> str:
         """Human label of row ``index`` of the first axis, e.g. ``"layer 1 reverse"``."""

@@ -245,9 +245,11 @@ class _Row:
             c_all = torch.empty_like(ig)
             c = c0
             for t in range(steps) if direction == 0 else range(steps - 1, -1, -1):
-                c_new = torch.addcmul(ig[t], f[t], c)
-                c = torch.where(valid[t], c_new, c) if valid is not None else c_new
-                c_all[t] = c
+                if valid is None:
+                    c = torch.addcmul(ig[t], f[t], c, out=c_all[t])
+                else:
+                    c = torch.where(valid[t], torch.addcmul(ig[t], f[t], c), c)
+                    c_all[t] = c
             self.c = c_all
             c_prev = _previous(c_all, c0, direction, valid)
             tanh_c = torch.tanh(c_all)
@@ -321,26 +323,38 @@ def _backward_row(row: _Row, seed: Tensor, seed_c: Tensor | None,
     dh_rec = torch.zeros_like(seed[0])
     dc_rec = torch.zeros_like(seed_c[0]) if seed_c is not None else None
     order = range(steps - 1, -1, -1) if row.direction == 0 else range(steps)
-    for t in order:
-        dh = seed[t] + dh_rec
-        if mask is not None:
-            dh = dh * mask[t]
-        dh_all[t] = dh
-        if row.mode == "LSTM":
-            dh_cell = dh @ row.w.w_hr if row.w.w_hr is not None else dh
-            dc = torch.addcmul(dc_rec + seed_c[t], dh_cell, row.dh_to_dc[t])
+    if row.mode == "LSTM":
+        # Each step writes into views of the outputs (`out=`): a step is a few kernels, not a dozen.
+        size = row.forget.shape[-1]
+        d_pre = seed.new_empty(steps, batch, 4 * size)
+        seeded_c = set(torch.nonzero(seed_c.flatten(1).any(1)).flatten().tolist())  # usually only c_n's step
+        for t in order:
+            dh = torch.add(seed[t], dh_rec, out=dh_all[t])
             if mask is not None:
-                dc = dc * mask[t]
-            dc_all[t] = dc
-            d_ifg = (dc.unsqueeze(1) * row.dc_factor[t]).flatten(1)
-            d_step = torch.cat([d_ifg, dh_cell * row.do_factor[t]], dim=1)
+                dh.mul_(mask[t])
+            dh_cell = dh @ row.w.w_hr if row.w.w_hr is not None else dh
+            dc = torch.addcmul(dc_rec, dh_cell, row.dh_to_dc[t], out=dc_all[t])
+            if t in seeded_c:
+                dc.add_(seed_c[t])
+            if mask is not None:
+                dc.mul_(mask[t])
+            d_step = d_pre[t]
+            torch.mul(dc.unsqueeze(1), row.dc_factor[t], out=d_step[:, : 3 * size].unflatten(1, (3, size)))
+            torch.mul(dh_cell, row.do_factor[t], out=d_step[:, 3 * size :])
             dc_rec = dc * row.forget[t]
-            dh_rec = d_step @ w_hh
-            d_in = d_step
-        elif row.mode == "GRU":
-            d_in = (dh.unsqueeze(1) * row.gi_factor[t]).flatten(1)
+            dh_rec = torch.mm(d_step, w_hh)
+        return dh_all, dc_all, d_pre
+    for t in order:
+        dh = torch.add(seed[t], dh_rec, out=dh_all[t])
+        if mask is not None:
+            dh.mul_(mask[t])
+        if row.mode == "GRU":
+            if d_pre is None:
+                d_pre = seed.new_empty(steps, batch, row.gi_factor.shape[2] * row.gi_factor.shape[3])
+            d_in = torch.mul(dh.unsqueeze(1), row.gi_factor[t], out=d_pre[t].unflatten(1, row.gi_factor.shape[2:]))
             d_hid = (dh.unsqueeze(1) * row.gh_factor[t]).flatten(1)
             dh_rec = torch.addmm(dh * row.keep[t], d_hid, w_hh)
+            continue
         else:
             d_in = dh * row.pre_factor[t]
             dh_rec = d_in @ w_hh

@@ -21,6 +21,14 @@ from lightning_rnnviz.render.common import figure_to_png, figure_to_rgb, row_suf
 from lightning_rnnviz.render.gates import draw_gates, gate_stats, reduce_gates
 from lightning_rnnviz.render.gradients import draw_grad_decay, draw_grad_norm, grad_stats, reduce_grad_norm
 from lightning_rnnviz.render.hidden import draw_hidden, hidden_stats, reduce_hidden
+from lightning_rnnviz.render.paint import (
+    paint_attention,
+    paint_gates,
+    paint_grad_decay,
+    paint_grad_norm,
+    paint_hidden,
+    paint_message,
+)
 
 __all__ = [
     "attention_stats",
@@ -34,6 +42,12 @@ __all__ = [
     "gate_stats",
     "grad_stats",
     "hidden_stats",
+    "paint_attention",
+    "paint_gates",
+    "paint_grad_decay",
+    "paint_grad_norm",
+    "paint_hidden",
+    "paint_message",
     "reduce_attention",
     "reduce_gates",
     "reduce_grad_norm",

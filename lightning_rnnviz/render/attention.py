@@ -173,13 +173,17 @@ def attention_stats(record: AttentionRecord) -> dict[str, float]:
     scale = torch.where(
         real > 1, real.double().clamp(min=2).log(), torch.inf
     )  # entropy_norm -> 0 for one key
+    p = record.attention.float()  # (B, H, Tq, Tk)
+    if not bool(key_mask.all()):
+        p = torch.where(key_mask[:, None, None, :], p, 0.0)
+    entropy = -torch.special.xlogy(p, p).sum(-1).double()  # (B, H, Tq): all heads at once
+    entropy_norm = entropy / scale[:, None, None]
+    focus = (p.amax(-1) if keys else p.sum(-1)).double()
     stats: dict[str, float] = {}
     for h in range(heads):
-        p = torch.where(key_mask.unsqueeze(1), record.attention[:, h].double(), 0.0)  # (B, Tq, Tk)
-        entropy = -torch.special.xlogy(p, p).sum(-1)  # (B, Tq)
-        stats[f"entropy/head{h}"] = _mean(entropy)
-        stats[f"entropy_norm/head{h}"] = _mean(entropy / scale.unsqueeze(1))
-        stats[f"focus/head{h}"] = _mean(p.amax(-1) if keys else p.sum(-1))
+        stats[f"entropy/head{h}"] = _mean(entropy[:, h])
+        stats[f"entropy_norm/head{h}"] = _mean(entropy_norm[:, h])
+        stats[f"focus/head{h}"] = _mean(focus[:, h])
     return stats
 
 

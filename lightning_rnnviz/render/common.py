@@ -184,10 +184,19 @@ def record_header(record: RNNRecord | AttentionRecord) -> dict[str, Any]:
 
 
 def compose_title(
-    heading: str, payload: dict[str, Any], step: int | None = None, nonfinite: str = "", width: int = 95
+    heading: str,
+    payload: dict[str, Any],
+    step: int | None = None,
+    nonfinite: str = "",
+    width: int = 95,
+    escape: bool = True,
 ) -> str:
-    """Figure title: heading, step, ``contains NaN`` warning and the approximation note on a second line."""
-    line = escape_text(heading)
+    """Figure title: heading, step, ``contains NaN`` warning and the approximation note on a second line.
+
+    ``escape`` protects ``$`` from matplotlib's mathtext; the raster painter writes text as it is.
+    """
+    protect = escape_text if escape else str
+    line = protect(heading)
     if step is not None:
         line += f"  ·  step {step}"
     if nonfinite:
@@ -195,7 +204,7 @@ def compose_title(
     if not payload.get("exact", True):
         note = "; ".join(payload.get("notes", ())) or "replay differs from training"
         line += "\n" + textwrap.shorten(
-            escape_text(f"(approximate: {note})"), width=width, placeholder="...)"
+            protect(f"(approximate: {note})"), width=width, placeholder="...)"
         )
     return line
 

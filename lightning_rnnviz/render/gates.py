@@ -61,31 +61,24 @@ def reduce_gates(record: RNNRecord, max_time: int = 256, max_units: int = 512) -
     if not record.gates:
         return None
     names = tuple(record.gates)
+    summary = gate_summary(record)
     valid = record.valid_mask()  # (B, T)
     horizon = int(record.lengths.max()) if record.lengths.numel() else 0
     count = valid.sum(0)[:horizon].double()  # (L,)
-    steps = valid.sum()
-    rows = record.hidden.shape[0]
+    steps = float(valid.sum())
     size = record.gates[names[0]].shape[-1]
     units = (
-        np.unique(np.linspace(0, size - 1, max_units).round().astype(np.int64)) if size > max_units else None
+        torch.from_numpy(np.unique(np.linspace(0, size - 1, max_units).round().astype(np.int64)))
+        if size > max_units else None
     )
-
-    means = np.zeros((rows, len(names), horizon))
-    low = np.zeros((rows, len(names), size if units is None else units.size))
-    high = np.zeros_like(low)
-    bad = []
-    keep = valid[:, :horizon]
-    for g, gate in enumerate(names):
-        lo, hi = gate_bounds(gate)
-        values = record.gates[gate][:, :, :horizon].float()  # (LD, B, L, U)
-        means[:, g] = (torch.where(keep, values.mean(-1), 0.0).sum(1) / count).numpy()
-        kept = values[:, keep]  # (LD, N, U)
-        bad.append(kept[~kept.isfinite()].numpy())
-        fractions_low = ((kept < lo).sum(1) / steps).numpy()  # (LD, U)
-        fractions_high = ((kept > hi).sum(1) / steps).numpy()
-        low[:, g] = fractions_low if units is None else fractions_low[:, units]
-        high[:, g] = fractions_high if units is None else fractions_high[:, units]
+    means = np.stack([(summary[g]["curve"][:, :horizon] / count).numpy() for g in names], axis=1)
+    low = torch.stack([summary[g]["low"] for g in names], dim=1) / steps  # (LD, G, U)
+    high = torch.stack([summary[g]["high"] for g in names], dim=1) / steps
+    if units is not None:
+        low, high = low[..., units], high[..., units]
+    low, high = low.numpy(), high.numpy()
+    flags = " ".join(summary[g]["nonfinite"] for g in names)
+    rows = record.hidden.shape[0]
     binned, width = common.bin_axis(means, max_time)
     return {
         **common.record_header(record),
@@ -97,7 +90,7 @@ def reduce_gates(record: RNNRecord, max_time: int = 256, max_units: int = 512) -
         "units_shown": int(low.shape[-1]),
         "hidden_size": int(size),
         "row_labels": [record.layer_label(i) for i in range(rows)],
-        "nonfinite": common.nonfinite_flag(*bad),
+        "nonfinite": " and ".join(word for word in ("NaN", "Inf") if word in flags),
     }
 
 
@@ -184,6 +177,43 @@ def draw_gates(payload: dict[str, Any], *, step: int | None = None, title: str |
     return fig
 
 
+def gate_summary(record: RNNRecord) -> dict[str, dict[str, Any]]:
+    """Per gate, over the valid steps of every recorded sequence (computed once per record, shared by
+    :func:`reduce_gates` and :func:`gate_stats`):
+
+    - ``curve``: ``(layers*directions, time)`` float64 sum over sequences of the mean over units;
+    - ``low`` / ``high``: ``(layers*directions, units)`` how many valid steps each unit is left/right-saturated;
+    - ``nonfinite``: ``""``, ``"NaN"``, ``"Inf"`` or ``"NaN and Inf"`` among the valid values.
+    """
+    cached = record.derived.get("gate_summary")
+    if cached is not None and cached[0] is record.gates:
+        return cached[1]
+    valid = record.valid_mask()  # (B, T)
+    padded = not bool(valid.all())
+    summary = {}
+    for gate, values in record.gates.items():
+        lo, hi = gate_bounds(gate)
+        values = values.float()
+        unit_mean = values.mean(-1)  # (LD, B, T); non-finite values make it non-finite
+        below, above = values < lo, values > hi
+        if padded:
+            keep = valid.unsqueeze(-1)
+            below, above = below & keep, above & keep
+            unit_mean = torch.where(valid, unit_mean, 0.0)
+        nonfinite = ""
+        if not bool(unit_mean.isfinite().all()):
+            kept = values[:, valid] if padded else values
+            nonfinite = common.nonfinite_flag(kept[~kept.isfinite()].numpy())
+        summary[gate] = {
+            "curve": unit_mean.double().sum(1),
+            "low": below.sum((1, 2)).double(),
+            "high": above.sum((1, 2)).double(),
+            "nonfinite": nonfinite,
+        }
+    record.derived["gate_summary"] = (record.gates, summary)
+    return summary
+
+
 def gate_stats(record: RNNRecord) -> dict[str, float]:
     """Per gate and layer/direction, over every valid step, unit and sequence of the batch.
 
@@ -193,20 +223,19 @@ def gate_stats(record: RNNRecord) -> dict[str, float]:
 
     Empty for a module without gates. Names carry :func:`~lightning_rnnviz.render.common.row_suffix`.
     """
-    valid = record.valid_mask()
     rows = record.hidden.shape[0]
+    steps = float(record.valid_mask().sum())
     summaries = {}
-    for gate, values in record.gates.items():
-        kept = values.float()[:, valid]  # (LD, N, U)
-        lo, hi = gate_bounds(gate)
-        if kept.shape[1] == 0:
+    for gate, summary in gate_summary(record).items():
+        units = summary["low"].shape[-1]
+        if steps == 0:
             nan = torch.full((rows,), float("nan"))
             summaries[gate] = (nan, nan, nan)
         else:
             summaries[gate] = (
-                kept.mean((1, 2)),
-                (kept < lo).float().mean((1, 2)),
-                (kept > hi).float().mean((1, 2)),
+                summary["curve"].sum(-1) / steps,
+                summary["low"].sum(-1) / (steps * units),
+                summary["high"].sum(-1) / (steps * units),
             )
     stats: dict[str, float] = {}
     for r in range(rows):

@@ -192,28 +192,8 @@ def draw_grad_decay(
     Raises:
         ValueError: empty ``history``, or an entry that is not ``(len(layer_labels), time)``.
     """
-    if not history:
-        raise ValueError("`history` is empty; pass at least one epoch -> (layers*directions, time) array.")
-    max_curves = common.check_positive("max_curves", max_curves)
+    epochs, curves, total, flag = decay_curves(history, layer_labels, max_curves)
     rows = len(layer_labels)
-    epochs = sorted(history)
-    total = len(epochs)
-    if total > max_curves:
-        picks = np.unique(np.linspace(0, total - 1, max_curves).round().astype(np.int64))
-        epochs = [epochs[i] for i in picks]
-    curves = {}
-    for epoch in epochs:
-        values = history[epoch]
-        if hasattr(values, "detach"):  # a tensor; a drawing process sees numpy only
-            values = values.detach().cpu().double().numpy()
-        values = np.asarray(values, dtype=np.float64)
-        if values.ndim != 2 or values.shape[0] != rows:
-            raise ValueError(
-                f"`history[{epoch}]` has shape {values.shape}; "
-                f"expected ({rows}, time) to match `layer_labels`."
-            )
-        curves[epoch] = values
-    flag = common.nonfinite_flag(*(_strip_trailing_nan(v) for v in curves.values()))
     payload = {"exact": True}
     heading = title or f"{name}: gradient norm per step, by epoch"
     if len(epochs) < total:
@@ -268,6 +248,36 @@ def draw_grad_decay(
         fig.text(0.01, 0.01, f"zeros drawn at {floor:.0e}", fontsize=common.TICK_SIZE, color="0.3")
     fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
     return fig
+
+
+def decay_curves(
+    history: Mapping[int, np.ndarray | torch.Tensor], layer_labels: Sequence[str], max_curves: int = 16
+) -> tuple[list[int], dict[int, np.ndarray], int, str]:
+    """Check and thin a :func:`draw_grad_decay` history: ``(epochs drawn, epoch -> float64 curves,
+    epochs in the history, non-finite flag)``."""
+    if not history:
+        raise ValueError("`history` is empty; pass at least one epoch -> (layers*directions, time) array.")
+    max_curves = common.check_positive("max_curves", max_curves)
+    rows = len(layer_labels)
+    epochs = sorted(history)
+    total = len(epochs)
+    if total > max_curves:
+        picks = np.unique(np.linspace(0, total - 1, max_curves).round().astype(np.int64))
+        epochs = [epochs[i] for i in picks]
+    curves = {}
+    for epoch in epochs:
+        values = history[epoch]
+        if hasattr(values, "detach"):  # a tensor; a drawing process sees numpy only
+            values = values.detach().cpu().double().numpy()
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim != 2 or values.shape[0] != rows:
+            raise ValueError(
+                f"`history[{epoch}]` has shape {values.shape}; "
+                f"expected ({rows}, time) to match `layer_labels`."
+            )
+        curves[epoch] = values
+    flag = common.nonfinite_flag(*(_strip_trailing_nan(v) for v in curves.values()))
+    return epochs, curves, total, flag
 
 
 def _log_limits(values: np.ndarray) -> tuple[float, float]:

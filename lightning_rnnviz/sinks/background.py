@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,16 +31,28 @@ _HEADER = struct.Struct("<Q")
 
 @dataclass
 class Job:
-    """One figure to draw: which kind, its payload (from a ``render.reduce_*``), where and when."""
+    """One figure to draw: which kind, its payload (from a ``render.reduce_*``), where and when, and with
+    which renderer (``"fast"``: :mod:`lightning_rnnviz.render.paint`; ``"matplotlib"``: the ``draw_*``
+    figures)."""
 
     kind: str
     payload: Mapping[str, Any]
     tag: str
     step: int
+    renderer: str = "fast"
 
 
 def draw(job: Job) -> np.ndarray:
-    """Draw a job and rasterise it to an ``(H, W, 3)`` uint8 image."""
+    """Draw a job as an ``(H, W, 3)`` uint8 image."""
+    p = job.payload
+    if job.renderer == "fast":
+        from lightning_rnnviz.render import paint
+
+        if job.kind == "grad_decay":
+            return paint.paint_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step)
+        return paint.PAINTERS[job.kind](p, step=job.step)
+    if job.renderer != "matplotlib":
+        raise ValueError(f"unknown renderer {job.renderer!r}; use 'fast' or 'matplotlib'")
     from lightning_rnnviz import render
 
     drawers = {
@@ -49,23 +62,29 @@ def draw(job: Job) -> np.ndarray:
         "attention": render.draw_attention,
     }
     if job.kind == "grad_decay":
-        p = job.payload
         figure = render.draw_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step)
     else:
-        figure = drawers[job.kind](job.payload, step=job.step)
+        figure = drawers[job.kind](p, step=job.step)
     return render.figure_to_rgb(figure)
 
 
 class InlineRenderer:
-    """Draws and writes on the calling thread (``RNNViz(background=False)``; simplest to debug)."""
+    """Draws and writes on the calling thread; ``render_s`` and ``write_s`` add up what that cost."""
 
     dropped = 0
 
     def __init__(self, sink: Sink) -> None:
         self.sink = sink
+        self.render_s = 0.0
+        self.write_s = 0.0
 
     def submit(self, job: Job) -> None:
-        self.sink.image(job.tag, draw(job), job.step)
+        started = time.perf_counter()
+        image = draw(job)
+        drawn = time.perf_counter()
+        self.sink.image(job.tag, image, job.step)
+        self.render_s += drawn - started
+        self.write_s += time.perf_counter() - drawn
 
     def errors(self) -> list[str]:
         return []

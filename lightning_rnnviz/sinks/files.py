@@ -6,9 +6,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from lightning_rnnviz.sinks.base import Sink
+from lightning_rnnviz.sinks.png import encode_png
 
 
 class FileSink(Sink):
@@ -36,7 +36,7 @@ class FileSink(Sink):
     def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
         path = self.path_for(tag, step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rgb).save(path, optimize=False)
+        path.write_bytes(encode_png(rgb))
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if self.log_metrics is not None and values:

@@ -1,22 +1,24 @@
 """What RNNViz costs a real training run: wall time, memory, per-recording-step breakdown.
 
-Run: ``python tests/benchmarks/bench_overhead.py`` (all workloads) or ``--workload cpu-lstm --pairs 5``.
+Run: ``python tests/benchmarks/bench_overhead.py`` (all workloads, CPU) or ``--workload cpu-lstm --pairs 5``;
+``--device cuda`` runs the same workloads on a GPU; ``--variant fast --variant fast-bg --variant mpl-bg``
+compares drawing on the training thread with drawing in the child process, and the two renderers.
 
 Each training run is a fresh subprocess (so peak RSS is its own). Runs with and without the callback are
 interleaved in pairs and the median of the per-pair ratios is reported, so that the noise of a shared
-machine hits both sides alike. Printed per workload:
+machine hits both sides alike. Printed per workload and variant:
 
 - ``overhead``: median wall-time ratio of ``trainer.fit`` with ``RNNViz()`` (default cadence) to without.
-- ``train-thread ms/rec``: time the callback spent on the training thread per recording step (capture,
-  replay, reduction, statistics, hand-over), from its own ``rnnviz/overhead/train_thread_ms`` scalar;
-  ``replay ms/rec`` the replay part of it.
-- ``draw ms/fig``: what one figure costs the drawing process (measured here, in-process, on the same
-  records), i.e. the work kept off the training thread.
+- ``thread ms/rec``: time the callback spent on the training thread per recording step, from its own
+  ``rnnviz/overhead/*`` scalars, split into ``replay`` (exact dL/dh_t), ``render`` (pictures drawn on the
+  training thread), ``write`` (PNG encoding, event file) and ``other`` (capture, reductions, statistics,
+  histograms, hand-over to a drawing process).
+- ``draw ms/fig``: what one figure costs the renderer of the variant, measured here on the same records.
 - ``replay/fused``: replay of the recorded samples over the module's own fused forward+backward on the
   same full batch.
-- ``peak RSS``: training process with / without; the drawing process's peak is reported on its own.
+- ``peak RSS``: training process with / without; a drawing process's peak is reported on its own.
 - ``DIY`` (cpu-lstm only): throughput of the do-it-yourself alternative (``nn.LSTMCell`` unrolled in Python
-  with ``retain_grad()`` on every step, every step) relative to the fused model with RNNViz.
+  with ``retain_grad()`` on every step, every step) relative to the fused model.
 """
 
 from __future__ import annotations
@@ -79,7 +81,15 @@ def _build(cfg: dict):
     return Model, loader
 
 
-def run_once(workload: str, with_callback: bool, out_dir: str) -> dict:
+VARIANTS = {
+    # name: RNNViz keyword arguments
+    "fast": {},  # the default: numpy/Pillow pictures drawn on the training thread
+    "fast-bg": {"background": True},  # the same pictures drawn by the child process
+    "mpl-bg": {"renderer": "matplotlib"},  # matplotlib figures, drawn by the child process
+}
+
+
+def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cpu", variant: str = "fast") -> dict:
     """One training run in this process; returns wall time and peak RSS."""
     import warnings
 
@@ -94,10 +104,11 @@ def run_once(workload: str, with_callback: bool, out_dir: str) -> dict:
     torch.manual_seed(0)
     model_cls, loader = _build(cfg)
     model = model_cls()
-    callbacks = [RNNViz()] if with_callback else []
+    callbacks = [RNNViz(**VARIANTS[variant])] if with_callback else []
     # RUSAGE_CHILDREN would count any child; the drawing process reports its own peak.
     logger = TensorBoardLogger(out_dir, name=workload)
     trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1,
         max_steps=cfg["steps"], log_every_n_steps=cfg["log_every"], logger=logger, callbacks=callbacks,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -115,7 +126,7 @@ def run_once(workload: str, with_callback: bool, out_dir: str) -> dict:
 
         acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
         acc.Reload()
-        for key in ("train_thread_ms", "replay_ms", "dropped_figures"):
+        for key in ("train_thread_ms", "replay_ms", "render_ms", "write_ms", "dropped_figures"):
             values = [e.value for e in acc.Scalars(f"rnnviz/overhead/{key}")]
             result[key] = values
     return result
@@ -128,16 +139,23 @@ def _peak_rss_kb() -> int:
     return peak() or 0
 
 
-def _subprocess_run(workload: str, with_callback: bool, out_dir: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", workload, "--out", out_dir]
+def _subprocess_run(workload: str, with_callback: bool, out_dir: str, device: str, variant: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", workload, "--out", out_dir, "--device", device, "--variant", variant]
     if with_callback:
         cmd.append("--with-callback")
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def draw_costs(workload: str) -> dict:
-    """Time each figure kind once drawn from a real recording of the workload's model."""
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def draw_costs(workload: str, renderer: str) -> dict:
+    """Milliseconds to draw each figure kind once from a real recording of the workload's model."""
     import torch
 
     from lightning_rnnviz import Probe, render
@@ -160,13 +178,14 @@ def draw_costs(workload: str) -> dict:
     for kind, payload in jobs.items():
         if payload is None:
             continue
+        draw(Job(kind, payload, f"rnnviz/{kind}/x", 0, renderer))  # fonts and colour tables load once
         started = time.perf_counter()
-        draw(Job(kind, payload, f"rnnviz/{kind}/x", 0))
+        draw(Job(kind, payload, f"rnnviz/{kind}/x", 0, renderer))
         costs[kind] = 1e3 * (time.perf_counter() - started)
     return costs
 
 
-def replay_ratio(workload: str, repeats: int = 5) -> float:
+def replay_ratio(workload: str, device: str = "cpu", repeats: int = 5) -> float:
     """Replay of the default 16 recorded samples over the module's fused forward+backward (full batch)."""
     import torch
 
@@ -175,41 +194,45 @@ def replay_ratio(workload: str, repeats: int = 5) -> float:
     cfg = WORKLOADS[workload]
     torch.manual_seed(0)
     model_cls, loader = _build(cfg)
-    rnn = model_cls().rnn
-    x, _ = next(iter(loader))
+    rnn = model_cls().rnn.to(device)
+    x = next(iter(loader))[0].to(device)
     probe = Probe(rnn)
     fused, recorded = [], []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
+        _sync(device)
         t0 = time.perf_counter()
         rnn(x)[0].pow(2).mean().backward()
+        _sync(device)
         t1 = time.perf_counter()
         with probe.record(max_samples=16):
             rnn(x)[0].pow(2).mean().backward()
+        _sync(device)
         t2 = time.perf_counter()
         fused.append(t1 - t0)
         recorded.append(t2 - t1)
-    f, r = statistics.median(fused), statistics.median(recorded)
+    f, r = statistics.median(fused[1:]), statistics.median(recorded[1:])
     return (r - f) / f
 
 
-def diy_ratio(steps: int = 20) -> float:
-    """Training throughput of the DIY method over the fused LSTM with RNNViz's recording, cpu-lstm sizes."""
+def diy_ratio(device: str = "cpu", steps: int = 20) -> float:
+    """Training throughput of the DIY method over the fused LSTM, cpu-lstm sizes (no callback on either)."""
     import torch
     from torch import nn
 
     cfg = WORKLOADS["cpu-lstm"]
     torch.manual_seed(0)
-    x = torch.randn(cfg["batch"], cfg["time"], cfg["features"])
-    y = torch.randn(cfg["batch"])
+    x = torch.randn(cfg["batch"], cfg["time"], cfg["features"], device=device)
+    y = torch.randn(cfg["batch"], device=device)
     cells = nn.ModuleList([nn.LSTMCell(cfg["features"], cfg["hidden"]), nn.LSTMCell(cfg["hidden"], cfg["hidden"])])
     head = nn.Linear(cfg["hidden"], 1)
     fused = nn.LSTM(cfg["features"], cfg["hidden"], 2, batch_first=True)
+    cells, head, fused = cells.to(device), head.to(device), fused.to(device)
 
     def diy_step() -> None:
         inp = x.transpose(0, 1)
         states = []
         for cell in cells:
-            h = c = torch.zeros(cfg["batch"], cfg["hidden"])
+            h = c = torch.zeros(cfg["batch"], cfg["hidden"], device=device)
             outs = []
             for t in range(cfg["time"]):
                 h, c = cell(inp[t], (h, c))
@@ -218,7 +241,7 @@ def diy_ratio(steps: int = 20) -> float:
                 outs.append(h)
             inp = torch.stack(outs)
         nn.functional.mse_loss(head(inp[-1]).squeeze(-1), y).backward()
-        torch.stack([s.grad.norm(dim=-1).mean() for s in states])  # what the user would then plot
+        torch.stack([s.grad.norm(dim=-1).mean() for s in states]).cpu()  # what the user would then plot
 
     def fused_step() -> None:
         out, _ = fused(x)
@@ -226,9 +249,11 @@ def diy_ratio(steps: int = 20) -> float:
 
     def rate(fn) -> float:
         fn()
+        _sync(device)
         started = time.perf_counter()
         for _ in range(steps):
             fn()
+        _sync(device)
         return steps / (time.perf_counter() - started)
 
     return rate(diy_step) / rate(fused_step)
@@ -237,46 +262,61 @@ def diy_ratio(steps: int = 20) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=sorted(WORKLOADS), action="append")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), action="append",
+                        help="RNNViz configuration(s) to compare (default: fast, the default RNNViz())")
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--child", choices=sorted(WORKLOADS), help=argparse.SUPPRESS)
     parser.add_argument("--with-callback", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    variants = args.variant or ["fast"]
     if args.child:
-        print(json.dumps(run_once(args.child, args.with_callback, args.out)))
+        print(json.dumps(run_once(args.child, args.with_callback, args.out, args.device, variants[0])))
         return
 
     import torch
 
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
-    header = (f"{'workload':<10} {'overhead':>9} {'train-thread ms/rec':>20} {'replay ms/rec':>14} "
-              f"{'draw ms/fig':>12} {'replay/fused':>13} {'peak RSS':>9} {'drawer RSS MB':>14} {'dropped':>8}")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, device: {where}")
+    header = (f"{'workload':<10} {'variant':<8} {'overhead':>9} {'thread ms/rec':>14} {'replay':>7} {'render':>7} "
+              f"{'write':>6} {'other':>6} {'draw ms/fig':>12} {'replay/fused':>13} {'peak RSS':>9} "
+              f"{'drawer MB':>10} {'dropped':>8}")
     rows = []
     for workload in args.workload or list(WORKLOADS):
-        ratios, rss, spent, replay, child, dropped = [], [], [], [], [], 0.0
-        with tempfile.TemporaryDirectory() as out:
-            for pair in range(args.pairs):
-                order = (False, True) if pair % 2 == 0 else (True, False)
-                results = {flag: _subprocess_run(workload, flag, out) for flag in order}
-                ratios.append(results[True]["wall_s"] / results[False]["wall_s"])
-                rss.append(results[True]["rss_mb"] / results[False]["rss_mb"])
-                spent += results[True]["train_thread_ms"]
-                replay += results[True]["replay_ms"]
-                child.append(results[True]["child_rss_mb"])
-                dropped = max(dropped, max(results[True]["dropped_figures"], default=0.0))
-                print(f"  {workload} pair {pair}: without {results[False]['wall_s']:.1f} s, "
-                      f"with {results[True]['wall_s']:.1f} s", flush=True)
-        draws = draw_costs(workload)
-        row = (f"{workload:<10} {statistics.median(ratios):>8.3f}x {statistics.median(spent):>20.0f} "
-               f"{statistics.median(replay):>14.0f} {statistics.mean(draws.values()):>12.0f} "
-               f"{replay_ratio(workload):>12.2f}x {statistics.median(rss):>8.3f}x {max(child):>14.0f} "
-               f"{dropped:>8.0f}")
-        rows.append(row)
-        print(header, row, sep="\n", flush=True)
+        fused = replay_ratio(workload, args.device)
+        for variant in variants:
+            ratios, rss, child, dropped = [], [], [], 0.0
+            parts: dict[str, list[float]] = {k: [] for k in ("train_thread_ms", "replay_ms", "render_ms", "write_ms")}
+            with tempfile.TemporaryDirectory() as out:
+                for pair in range(args.pairs):
+                    order = (False, True) if pair % 2 == 0 else (True, False)
+                    results = {flag: _subprocess_run(workload, flag, out, args.device, variant) for flag in order}
+                    ratios.append(results[True]["wall_s"] / results[False]["wall_s"])
+                    rss.append(results[True]["rss_mb"] / results[False]["rss_mb"])
+                    for key, values in parts.items():
+                        values += results[True][key]
+                    child.append(results[True]["child_rss_mb"])
+                    dropped = max(dropped, max(results[True]["dropped_figures"], default=0.0))
+                    print(f"  {workload} {variant} pair {pair}: without {results[False]['wall_s']:.2f} s, "
+                          f"with {results[True]['wall_s']:.2f} s", flush=True)
+            median = {key: statistics.median(values) for key, values in parts.items()}
+            other = median["train_thread_ms"] - median["replay_ms"] - median["render_ms"] - median["write_ms"]
+            draws = draw_costs(workload, "matplotlib" if variant.startswith("mpl") else "fast")
+            row = (f"{workload:<10} {variant:<8} {statistics.median(ratios):>8.3f}x {median['train_thread_ms']:>14.0f} "
+                   f"{median['replay_ms']:>7.0f} {median['render_ms']:>7.0f} {median['write_ms']:>6.0f} "
+                   f"{other:>6.0f} {statistics.mean(draws.values()):>12.0f} {fused:>12.2f}x "
+                   f"{statistics.median(rss):>8.3f}x {max(child):>10.0f} {dropped:>8.0f}")
+            rows.append(row)
+            print(header, row, sep="\n", flush=True)
     print("\n" + header)
     print("\n".join(rows))
+    print("(ms per recording step, medians: replay = exact dL/dh_t; render = pictures drawn on the training "
+          "thread; write = PNG encoding and event file; other = capture hooks, reductions, statistics, "
+          "histograms, hand-over)")
     if not args.workload or "cpu-lstm" in args.workload:
-        print(f"\nDIY (LSTMCell unrolled, retain_grad every step) throughput / fused LSTM: {diy_ratio():.2f}x")
+        print(f"\nDIY (LSTMCell unrolled, retain_grad every step) throughput / fused LSTM: "
+              f"{diy_ratio(args.device):.2f}x")
 
 
 if __name__ == "__main__":

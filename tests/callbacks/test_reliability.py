@@ -677,7 +677,7 @@ def test_error_in_our_render_code_propagates_with_strict(tmp_path, monkeypatch):
 def test_error_in_the_drawing_process_is_warned_once_and_counted(tmp_path, monkeypatch):
     """A payload the drawing process cannot draw: it reports back, the callback warns once and counts."""
     monkeypatch.setattr(render, "reduce_hidden", lambda *args, **kwargs: {"not": "a hidden-state payload"})
-    cb = RNNViz(every_n_steps=1, validation=False, histograms=False)
+    cb = RNNViz(every_n_steps=1, validation=False, histograms=False, background=True)
     trainer = _trainer(tmp_path, [cb], limit_train_batches=3)
     with _all_warnings() as caught:
         trainer.fit(TinySeqModel(), loader())

@@ -93,6 +93,29 @@ def test_tags_steps_and_sizes_follow_lightning_logging(tmp_path):
     assert all(tag.startswith("rnnviz/") for tag in steps)
 
 
+@pytest.mark.parametrize(
+    ("renderer", "background", "in_child"),
+    [("fast", None, False), ("fast", True, True), ("matplotlib", None, True), ("matplotlib", False, False)],
+)
+def test_every_renderer_and_placement_writes_the_same_pictures(tmp_path, renderer, background, in_child):
+    """The default paints on the training thread; matplotlib figures default to the drawing process."""
+    cb = RNNViz(renderer=renderer, background=background, validation=False, strict=True)
+    assert cb.background is in_child
+    trainer = _trainer(tmp_path, [cb])
+    trainer.fit(TinySeqModel(), loader())
+    acc = _events(trainer)
+    steps = _image_steps(acc)
+    assert set(steps) == TRAIN_IMAGES | {"rnnviz/grad_decay/rnn"}
+    assert all(steps[tag] == [0, 2, 5] for tag in TRAIN_IMAGES)
+    assert (cb.drawer_peak_rss_mb is not None) is in_child  # only a drawing process reports its peak
+    render_ms = [e.value for e in acc.Scalars("rnnviz/overhead/render_ms")]
+    write_ms = [e.value for e in acc.Scalars("rnnviz/overhead/write_ms")]
+    if in_child:  # the training thread neither draws nor encodes
+        assert render_ms == write_ms == [0.0, 0.0, 0.0]
+    else:
+        assert all(v > 0 for v in render_ms + write_ms)
+
+
 def test_every_n_steps_overrides_log_every_n_steps(tmp_path):
     trainer = _trainer(tmp_path, [RNNViz(every_n_steps=2, log_first_step=False, validation=False)])
     trainer.fit(TinySeqModel(), loader(), loader())
@@ -204,6 +227,8 @@ def test_unknown_module_name_fails_at_fit_start_listing_names(tmp_path):
         ({"max_samples": 0}, "max_samples"),
         ({"sample": 20, "max_samples": 16}, "sample=20"),
         ({"labels": "tokens"}, "labels"),
+        ({"renderer": "seaborn"}, "renderer"),
+        ({"background": "yes"}, "background"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):

@@ -169,7 +169,7 @@ def test_package_never_imports_pyplot():
     assert result.stdout.strip() == "ok"
 
 
-ALLOWED_THIRD_PARTY = {"torch", "numpy", "matplotlib"}
+ALLOWED_THIRD_PARTY = {"torch", "numpy", "matplotlib", "PIL"}
 
 
 @pytest.mark.parametrize("path", sorted(RENDER_DIR.glob("*.py")), ids=lambda p: p.name)

@@ -1,6 +1,10 @@
-"""Sinks: safe names, PNG files that cannot escape their folder, TensorBoard writes read back."""
+"""Sinks: safe names, PNG files that cannot escape their folder, our PNG encoder and event file, TensorBoard
+writes read back."""
 
 from __future__ import annotations
+
+import io
+import struct
 
 import numpy as np
 import pytest
@@ -9,6 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_rnnviz.sinks import FileSink, TensorBoardSink, safe_name
+from lightning_rnnviz.sinks.events import EventFile, histogram_summary, image_summary
+from lightning_rnnviz.sinks.png import encode_png
 
 
 @pytest.mark.parametrize(
@@ -60,6 +66,7 @@ def test_tensorboard_sink_round_trip(tmp_path):
     assert acc.Scalars("rnnviz/hidden/m/mean_abs")[0].value == pytest.approx(0.25)
     histogram = acc.Histograms("rnnviz/hidden/m")[0]
     assert histogram.histogram_value.num == 2  # non-finite values are left out of histograms
+    sink.close()
     writer.close()
 
 
@@ -67,4 +74,61 @@ def test_histograms_can_be_switched_off(tmp_path):
     calls = []
     sink = TensorBoardSink(SummaryWriter(tmp_path), histograms=False)
     sink.histogram("rnnviz/hidden/m", lambda: calls.append(1) or np.ones(3), 0)
+    sink.close()
     assert calls == []
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 13, 3), (450, 800, 3)])
+def test_png_encoder_round_trips_exactly(shape):
+    rgb = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    decoded = np.asarray(Image.open(io.BytesIO(encode_png(rgb))).convert("RGB"))
+    np.testing.assert_array_equal(decoded, rgb)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 3))])
+def test_png_encoder_refuses_other_layouts(bad):
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(bad)
+
+
+def test_event_file_records_carry_tensorboards_own_crc(tmp_path):
+    """Every record of our event file passes the checksum TensorBoard's own (pure Python) code computes."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    events = EventFile(tmp_path)
+    events.add_summary(image_summary("rnnviz/hidden/m", np.zeros((3, 4, 3), np.uint8)), 5)
+    events.add_summary(histogram_summary("rnnviz/gates/m/input", np.linspace(0, 1, 101)), 5)
+    events.close()
+    data = events.path.read_bytes()
+    records = 0
+    while data:
+        header, header_crc = data[:8], struct.unpack("<I", data[8:12])[0]
+        (length,) = struct.unpack("<Q", header)
+        body, body_crc = data[12 : 12 + length], struct.unpack("<I", data[12 + length : 16 + length])[0]
+        assert header_crc == masked_crc32c(header) and body_crc == masked_crc32c(body)
+        data = data[16 + length :]
+        records += 1
+    assert records == 3  # the file-version record, the image, the histogram
+
+
+def test_histogram_summary_counts_every_value_once():
+    values = np.concatenate([np.zeros(10), np.ones(5), np.linspace(0, 1, 85)]).astype(np.float32)
+    histogram = histogram_summary("t", values, bins=10).value[0].histo
+    assert sum(histogram.bucket) == 100 and histogram.num == 100
+    assert histogram.min == 0.0 and histogram.max == 1.0 and histogram.bucket_limit[-1] == 1.0
+    assert histogram.sum == pytest.approx(float(values.astype(np.float64).sum()))
+    assert histogram.sum_squares == pytest.approx(float((values.astype(np.float64) ** 2).sum()))
+    constant = histogram_summary("t", np.full(7, 0.5)).value[0].histo
+    assert list(constant.bucket) == [7.0] and constant.min == constant.max == 0.5
+
+
+def test_tensorboard_sink_writes_pictures_to_its_own_file_beside_the_loggers(tmp_path):
+    writer = SummaryWriter(tmp_path)
+    sink = TensorBoardSink(writer)
+    sink.image("rnnviz/hidden/m", np.zeros((5, 5, 3), np.uint8), 1)
+    sink.close()
+    writer.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and any(name.endswith(".rnnviz") for name in files)
+    remote = TensorBoardSink(writer, own_file=False)
+    assert remote._file is None

@@ -1,0 +1,192 @@
+"""What only a GPU shows: the probe on cuDNN kernels, fp16 autocast with a GradScaler, a 16-mixed Trainer.
+
+Run on a machine with CUDA: ``python tests/benchmarks/check_cuda.py`` (about a minute). Prints one line per
+check and exits non-zero when one fails; the timings on CUDA come from ``bench_overhead.py --device cuda``.
+
+1. cuDNN: the grid of fused-RNN configurations of ``tests/probe/test_exact_rnn.py`` (RNN tanh/relu, LSTM,
+   projected LSTM, GRU; 1-3 layers; bidirectional; packed; given ``hx``; four losses) recorded on CUDA
+   and compared with the float64 step-by-step reference on the CPU. TF32 is switched off for this
+   check so that a difference means a replay error, not TF32 rounding (cuDNN uses TF32 by default).
+2. fp16: a 2-layer LSTM under ``torch.autocast(float16)`` with ``GradScaler``; the recorded ``dL/dh_t``
+   (``grad_scale=scaler.get_scale()``) against the float32 run of the same batch.
+3. Lightning ``precision="16-mixed"`` on the GPU with ``RNNViz(every_n_steps=1)``: images and finite
+   gradient-norm scalars on every step, unscaled (the same order as a float32 run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lightning_rnnviz import Probe  # noqa: E402
+from tests.helpers.cases import KINDS, RNNConfig, build_rnn, loss_for, make_inputs, run_rnn  # noqa: E402
+from tests.helpers.reference import reference_rnn  # noqa: E402
+
+FAILURES: list[str] = []
+DEVICE = "cuda"  # `--dry-run` runs every check on the CPU, to test this script without a GPU
+
+
+def report(name: str, ok: bool, detail: str) -> None:
+    print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+    if not ok:
+        FAILURES.append(name)
+
+
+def _max_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    scale = expected.abs().max().clamp_min(1e-12)
+    return float((actual - expected).abs().max() / scale)
+
+
+def check_cudnn() -> None:
+    structures = [
+        (1, False, True, True, False, False, "all"),
+        (2, True, False, True, True, True, "mixed"),
+        (3, True, True, False, True, False, "final"),
+        (2, False, False, True, True, True, "last"),
+        (1, True, False, False, False, True, "last"),
+        (3, False, True, True, False, False, "mixed"),
+    ]
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    worst = {"hidden": 0.0, "gates": 0.0, "hidden_grad": 0.0, "cell_grad": 0.0}
+    for kind in KINDS:
+        for layers, bi, bf, bias, packed, hx, loss in structures:
+            cfg = RNNConfig(kind=kind, num_layers=layers, bidirectional=bi, batch_first=bf, bias=bias,
+                            packed=packed, given_hx=hx, loss=loss, batch=4, time=9, input_size=5, hidden_size=7)
+            module = build_rnn(cfg)
+            inp = make_inputs(cfg, module)
+            loss_fn = loss_for(cfg, module, inp)
+            reference_module = copy.deepcopy(module)
+            module = module.to(DEVICE)
+            gpu = copy.copy(inp)
+            gpu.x = inp.x.to(DEVICE)
+            gpu.h0 = inp.h0.to(DEVICE) if inp.h0 is not None else None
+            gpu.c0 = inp.c0.to(DEVICE) if inp.c0 is not None else None
+            with Probe(module).record() as rec:
+                out, h_n, c_n = run_rnn(module, gpu, packed)
+                loss_fn(out.cpu(), h_n.cpu(), c_n.cpu() if c_n is not None else None).backward()
+            ref = reference_rnn(reference_module, inp.x, inp.lengths, inp.h0, inp.c0)
+            loss_fn(ref.output, ref.h_n, ref.c_n).backward()
+            r = rec[""]
+            errors = {
+                "hidden": _max_rel(r.hidden, ref.hidden()),
+                "hidden_grad": _max_rel(r.hidden_grad, ref.hidden_grad()),
+                "gates": max((_max_rel(r.gates[g], v) for g, v in ref.gates().items()), default=0.0),
+            }
+            if r.cell_grad is not None:
+                errors["cell_grad"] = _max_rel(r.cell_grad, ref.cell_grad())
+            for key, value in errors.items():
+                worst[key] = max(worst[key], value)
+            if max(errors.values()) > 1e-4:
+                report(f"cuDNN {cfg.describe()}", False, ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    detail = ", ".join(f"{k} {v:.1e}" for k, v in worst.items())
+    report(f"cuDNN grid ({len(KINDS) * len(structures)} configurations) vs float64 reference", max(worst.values()) <= 1e-4,
+           f"largest error relative to each quantity's largest value: {detail}")
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def check_fp16_grad_scaler() -> None:
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(32, 128, 2, batch_first=True).to(DEVICE)
+    head = torch.nn.Linear(128, 1).to(DEVICE)
+    x = torch.randn(32, 100, 32, device=DEVICE)
+    y = torch.randn(32, device=DEVICE)
+    probe = Probe(lstm)
+    with probe.record(max_samples=16) as full:
+        torch.nn.functional.mse_loss(head(lstm(x)[0][:, -1]).squeeze(-1), y).backward()
+    lstm.zero_grad(set_to_none=True)
+    scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**14)
+    with probe.record(max_samples=16, grad_scale=scaler.get_scale()) as half:
+        # (the dry run has no autocast: oneDNN's CPU LSTM refuses reduced precision)
+        with torch.autocast(DEVICE, dtype=torch.float16) if DEVICE == "cuda" else contextlib.nullcontext():
+            loss = torch.nn.functional.mse_loss(head(lstm(x)[0][:, -1]).squeeze(-1).float(), y)
+        scaler.scale(loss).backward()
+    reference, recorded = full[""].grad_norm, half[""].grad_norm
+    error = _max_rel(recorded, reference)
+    scale_ratio = float(recorded.abs().max() / reference.abs().max())
+    report("fp16 autocast + GradScaler(2^14), dL/dh_t norms vs float32", error < 0.05 and 0.9 < scale_ratio < 1.1,
+           f"largest relative error {error:.1e}; recorded/float32 magnitude {scale_ratio:.3f} "
+           f"(1.000 = unscaled, {2.0**14:.0f} = scale left in)")
+
+
+def check_lightning_16_mixed() -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lightning_rnnviz import RNNViz
+
+    class Model(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.LSTM(16, 64, 2, batch_first=True)
+            self.attn = torch.nn.MultiheadAttention(64, 4, batch_first=True)
+            self.head = torch.nn.Linear(64, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            out, _ = self.rnn(x)
+            out, _ = self.attn(out, out, out)
+            loss = torch.nn.functional.mse_loss(self.head(out[:, -1]).squeeze(-1).float(), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    results = {}
+    for precision in ("32-true", "16-mixed"):
+        torch.manual_seed(0)
+        x = torch.randn(64, 50, 16)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :, 0].mean(1)), batch_size=16)
+        with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logger = TensorBoardLogger(out, name="run")
+            trainer = pl.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1,
+                                 precision=precision if DEVICE == "cuda" else "32-true", max_steps=4, logger=logger,
+                                 callbacks=[RNNViz(every_n_steps=1, strict=True)], enable_progress_bar=False,
+                                 enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1)
+            torch.manual_seed(0)
+            trainer.fit(Model(), loader)
+            acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+            acc.Reload()
+            tags = acc.Tags()
+            first = [e.value for e in acc.Scalars("rnnviz/grad_norm/rnn/last_norm/layer1")]
+            results[precision] = (len(acc.Images("rnnviz/grad_norm/rnn")), first, sorted(tags["images"]))
+    images16, norms16, tags16 = results["16-mixed"]
+    images32, norms32, _ = results["32-true"]
+    finite = all(torch.isfinite(torch.tensor(norms16)).tolist())
+    ratio = norms16[0] / norms32[0]
+    report("Lightning 16-mixed on GPU with RNNViz(every_n_steps=1)",
+           images16 == images32 == 4 and finite and 0.8 < ratio < 1.25,
+           f"{images16} grad-norm images (float32 run: {images32}); last-step ||dL/dh|| at step 0: "
+           f"16-mixed {norms16[0]:.3e}, 32-true {norms32[0]:.3e} (ratio {ratio:.3f}); image tags {tags16}")
+
+
+def main() -> None:
+    global DEVICE
+    if "--dry-run" in sys.argv:
+        DEVICE = "cpu"
+        print("dry run on the CPU: checks the script, not CUDA")
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA device (use --dry-run to test the script on the CPU)")
+    else:
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, cuDNN {torch.backends.cudnn.version()}")
+    check_cudnn()
+    check_fp16_grad_scaler()
+    check_lightning_16_mixed()
+    if FAILURES:
+        raise SystemExit(f"{len(FAILURES)} check(s) failed: {FAILURES}")
+
+
+if __name__ == "__main__":
+    main()
