@@ -44,6 +44,11 @@ def _snapshot(module: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters(recurse=False)}
 
 
+def _version(tensor: Tensor) -> int | None:
+    """The tensor's in-place version counter; ``None`` for inference tensors, which keep none."""
+    return None if tensor.is_inference() else tensor._version
+
+
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
     if len(args) > index:
         return args[index]
@@ -309,12 +314,15 @@ class _Session:
                 self._watch_grad(watch, call, out_tensor, "output")
                 self._watch_grad(watch, call, h_n, "h_n")
                 self._watch_grad(watch, call, c_n, "c_n")
-                # Only the packing layout of the output is kept, to unpack its gradient later.
+                # The packing layout of the output, to unpack its gradient later.
                 call.data["output"] = (
                     PackedSequence(torch.empty(0), out.batch_sizes, out.sorted_indices, out.unsorted_indices)
                     if isinstance(out, PackedSequence)
                     else None
                 )
+                # The output itself (a reference, no copy) gives the top layer's states without a replay
+                # forward, unless something changes it in place before the block closes (version check).
+                call.data["output_values"] = (out_tensor.detach(), _version(out_tensor))
 
             self._guarded(watch, "capture", capture)
 
@@ -543,7 +551,18 @@ class _Session:
             for layer in range(module.num_layers)
         ]
         lengths_dev = lengths.to(device) if lengths is not None else None
-        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths_dev, g_out, g_hn, g_cn)
+        top = None
+        values, version = data["output_values"]
+        dropout_differs = data["training"] and module.dropout > 0 and module.num_layers > 1
+        if version is not None and _version(values) == version and not dropout_differs:
+            if packed_layout is not None:
+                top, _ = pad_packed_sequence(packed_layout._replace(data=values), total_length=steps)
+            elif unbatched:
+                top = values.unsqueeze(1)
+            else:
+                top = values.transpose(0, 1) if module.batch_first else values
+            top = top[:, :batch].to(device, dtype)
+        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths_dev, g_out, g_hn, g_cn, top_states=top)
 
         def out(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.transpose(1, 2).float().cpu().contiguous()

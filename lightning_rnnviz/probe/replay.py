@@ -111,6 +111,7 @@ def replay_rnn(
     grad_output: Tensor | None = None,
     grad_h_n: Tensor | None = None,
     grad_c_n: Tensor | None = None,
+    top_states: Tensor | None = None,
 ) -> ReplayResult:
     """Replay a fused RNN layer by layer and, given upstream gradients, compute the total ``dL/dh_t``.
 
@@ -131,6 +132,8 @@ def replay_rnn(
         grad_output: ``(T, B, D*P)`` upstream gradient of the module's output (zero at padded steps).
         grad_h_n: ``(L*D, B, P)`` upstream gradient of ``h_n``.
         grad_c_n: ``(L*D, B, H)`` upstream gradient of ``c_n``.
+        top_states: ``(T, B, D*P)`` the module's own output (zero at padded steps): the last layer's
+            states, so that layer needs no forward here.
 
     Returns:
         The per-step hidden and cell states, gates and, when any upstream gradient is given, the total
@@ -149,8 +152,11 @@ def replay_rnn(
         for layer in range(num_layers):
             layer_inputs.append(layer_in)
             first = layer * num_dirs
-            h_layer = _layer_forward(mode, weights[layer], layer_in, h0[first : first + num_dirs],
-                                     None if c0 is None else c0[first : first + num_dirs], lengths)
+            if layer == num_layers - 1 and top_states is not None:
+                h_layer = list(top_states.chunk(num_dirs, dim=-1))
+            else:
+                h_layer = _layer_forward(mode, weights[layer], layer_in, h0[first : first + num_dirs],
+                                         None if c0 is None else c0[first : first + num_dirs], lengths)
             for direction in range(num_dirs):
                 index = first + direction
                 h_prev = _previous(h_layer[direction], h0[index], direction, valid)

@@ -500,3 +500,27 @@ def test_module_selection_by_name_and_pattern(modules, expected):
 def test_gate_names():
     assert LSTM_GATES == ("input", "forget", "cell", "output")
     assert GRU_GATES == ("reset", "update", "new")
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_top_layer_states_are_the_modules_own_output(kind):
+    """The last layer's recorded states are the output the module returned, bit for bit (no replay)."""
+    torch.manual_seed(0)
+    module = getattr(nn, kind)(3, 4, num_layers=2, batch_first=True, bidirectional=True)
+    x = torch.randn(5, 7, 3)
+    with Probe(module).record() as rec:
+        out, _ = module(x)
+        out.sum().backward()
+    hidden = rec[""].hidden  # (layers*directions, batch, time, hidden)
+    assert torch.equal(torch.cat([hidden[2], hidden[3]], dim=-1), out.detach())
+
+
+def test_output_changed_in_place_before_the_block_closes_is_not_trusted():
+    torch.manual_seed(0)
+    module = nn.GRU(3, 4, batch_first=True)
+    x = torch.randn(2, 5, 3)
+    with Probe(module).record() as rec, torch.no_grad():
+        out, _ = module(x)
+        expected = out.clone()
+        out.mul_(0.0)  # the user reuses the output's memory before the block closes
+    torch.testing.assert_close(rec[""].hidden[0], expected)
