@@ -168,17 +168,18 @@ def hidden_stats(record: RNNRecord) -> dict[str, float]:
     """
     valid = record.valid_mask()  # (B, T)
     pairs = valid[:, 1:] & valid[:, :-1]  # (B, T-1)
+    padded = not record.all_valid
     bounded = common.hidden_is_tanh_bounded(record)
     stats: dict[str, float] = {}
     for index in range(record.hidden.shape[0]):
         suffix = common.row_suffix(record, index)
         states = record.hidden[index].float()  # (B, T, H)
-        kept = states[valid]  # (N, H)
-        stats["mean_abs" + suffix] = _mean(kept.abs())
+        magnitude = (states[valid] if padded else states).abs()  # no copy of the states without padding
+        stats["mean_abs" + suffix] = _mean(magnitude)
         if bounded:
-            stats["saturated" + suffix] = _mean((kept.abs() > 0.95).float())
+            stats["saturated" + suffix] = _mean((magnitude > 0.95).float())
         change = torch.linalg.vector_norm(states[:, 1:] - states[:, :-1], dim=-1)  # (B, T-1)
-        stats["step_change" + suffix] = _mean(change[pairs])
+        stats["step_change" + suffix] = _mean(change[pairs] if padded else change)
     return stats
 
 
