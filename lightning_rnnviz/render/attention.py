@@ -176,7 +176,8 @@ def attention_stats(record: AttentionRecord) -> dict[str, float]:
     p = record.attention.float()  # (B, H, Tq, Tk)
     if not bool(key_mask.all()):
         p = torch.where(key_mask[:, None, None, :], p, 0.0)
-    entropy = -torch.special.xlogy(p, p).sum(-1).double()  # (B, H, Tq): all heads at once
+    # p log p with 0 log 0 = 0 (the clamp only moves log's argument off zero); all heads at once
+    entropy = -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1).double()  # (B, H, Tq)
     entropy_norm = entropy / scale[:, None, None]
     focus = (p.amax(-1) if keys else p.sum(-1)).double()
     stats: dict[str, float] = {}

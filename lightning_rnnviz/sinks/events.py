@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,11 @@ def image_summary(tag: str, rgb: np.ndarray) -> Any:
     height, width = rgb.shape[:2]
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encode_png(rgb))
     return Summary(value=[Summary.Value(tag=tag, image=image)])
+
+
+def scalars_summary(values: Mapping[str, float]) -> Any:
+    """A TensorBoard ``Summary`` holding each ``tag -> value`` as a scalar."""
+    return Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items()])
 
 
 def histogram_summary(tag: str, values: np.ndarray, bins: int = 64) -> Any:

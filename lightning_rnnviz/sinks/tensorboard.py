@@ -8,19 +8,19 @@ from typing import Any
 import numpy as np
 
 from lightning_rnnviz.sinks.base import Sink
-from lightning_rnnviz.sinks.events import EventFile, histogram_summary, image_summary
+from lightning_rnnviz.sinks.events import EventFile, histogram_summary, image_summary, scalars_summary
 
 
 class TensorBoardSink(Sink):
-    """Scalars through the logger's ``SummaryWriter``; images and histograms to an event file of our own
-    in the same run directory (:class:`~lightning_rnnviz.sinks.events.EventFile`: TensorBoard's writer
-    would spend about 25 ms of GIL per picture on a pure-Python CRC).
+    """Images, histograms and scalars to an event file of our own in the logger's run directory
+    (:class:`~lightning_rnnviz.sinks.events.EventFile`: TensorBoard's writer would spend about 25 ms of
+    GIL per picture on a pure-Python CRC); TensorBoard shows them beside the logger's own scalars.
 
     Args:
         writer: the logger's ``torch.utils.tensorboard.SummaryWriter``; flushed, never closed, here.
         histograms: also write histograms (TensorBoard's distributions view).
-        own_file: write images and histograms to our own event file; ``None`` does so when the run
-            directory is a local folder (a remote one such as ``s3://`` goes through ``writer``).
+        own_file: write to our own event file; ``None`` does so when the run directory is a local
+            folder (a remote one such as ``s3://`` goes through ``writer``).
     """
 
     def __init__(self, writer: Any, histograms: bool = True, own_file: bool | None = None) -> None:
@@ -38,6 +38,9 @@ class TensorBoardSink(Sink):
             self.writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
+        if self._file is not None:  # one record for all of this step's statistics
+            self._file.add_summary(scalars_summary(values), step)
+            return
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, global_step=step)
 
@@ -56,9 +59,9 @@ class TensorBoardSink(Sink):
             self.writer.add_histogram(tag, data, global_step=step)
 
     def flush(self) -> None:
-        self.writer.flush()
         if self._file is not None:
             self._file.flush()
+        self.writer.flush()  # the user's scalars of this step appear together with the pictures
 
     def close(self) -> None:
         if self._file is not None:
