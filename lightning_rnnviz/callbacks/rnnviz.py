@@ -17,7 +17,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from lightning_rnnviz import render
-from lightning_rnnviz.callbacks._shared import shared_recorder
+from lightning_rnnviz.callbacks._shared import one_thread, shared_recorder
 from lightning_rnnviz.probe import AttentionRecord, Recording, RNNRecord, RNNVizWarning
 from lightning_rnnviz.probe.probe import Extractor
 from lightning_rnnviz.probe.targets import ATTENTION_TYPES, is_supported, resolve_targets
@@ -389,7 +389,8 @@ class RNNViz(Callback):
             rows = next(iter(history.values())).shape[0]
             labels = self._layer_labels.get(name) or [f"row {i}" for i in range(rows)]
             payload = {"history": {e: h.numpy() for e, h in history.items()}, "name": name, "layer_labels": labels}
-            self._figure("grad_decay", name, step, "rnnviz", lambda p=payload: p)
+            with one_thread():
+                self._figure("grad_decay", name, step, "rnnviz", lambda p=payload: p)
         self._guard("flush", lambda: self._sink.flush())
 
     # --- validation --------------------------------------------------------------------------------
@@ -439,6 +440,10 @@ class RNNViz(Callback):
         return [str(t) for t in tokens]
 
     def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
+        with one_thread():
+            self._emit_records(recording, batch, step, prefix, training)
+
+    def _emit_records(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
         mine = {n: r for n, r in recording.items() if n in self._names}
         self._guard("draw the chosen `sample`", lambda: self._check_sample(mine))
         tokens: dict[str, list[str]] | None = None

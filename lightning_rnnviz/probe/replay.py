@@ -11,6 +11,8 @@ output size (``proj_size`` for a projected LSTM, else ``H``), ``D`` directions, 
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import torch
@@ -194,14 +196,18 @@ def _layer_forward(
         params += [w.w_ih, w.w_hh] + ([w.b_ih, w.b_hh] if w.b_ih is not None else [])
     hx = (h0, c0) if mode == "LSTM" else h0
     op, bidirectional, has_bias = _FUSED_OPS[mode], len(weights) == 2, weights[0].b_ih is not None
-    if lengths is None:
-        out = op(x, hx, params, has_bias, 1, 0.0, False, bidirectional, False)[0]
-    else:
-        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
-        order = packed.sorted_indices
-        hx = (h0[:, order], c0[:, order]) if mode == "LSTM" else h0[:, order]
-        data = op(packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, False, bidirectional)[0]
-        out, _ = pad_packed_sequence(packed._replace(data=data), total_length=x.shape[0])
+    with warnings.catch_warnings():
+        # cuDNN warns that these weights are not one flat buffer (it copies them into one): a replay
+        # detail, not something the user should see.
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+        if lengths is None:
+            out = op(x, hx, params, has_bias, 1, 0.0, False, bidirectional, False)[0]
+        else:
+            packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+            order = packed.sorted_indices
+            hx = (h0[:, order], c0[:, order]) if mode == "LSTM" else h0[:, order]
+            data = op(packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, False, bidirectional)[0]
+            out, _ = pad_packed_sequence(packed._replace(data=data), total_length=x.shape[0])
     return list(out.chunk(len(weights), dim=-1))
 
 

@@ -287,3 +287,28 @@ def test_exception_in_training_step_leaves_no_hooks(tmp_path):
         trainer.fit(model, loader())
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks, module
+
+
+class _ThreadsSeen(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(torch.get_num_threads())
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append(torch.get_num_threads())
+
+
+def test_intra_op_threads_are_restored_after_every_recording(tmp_path):
+    """The callback reduces on one thread and gives the user's thread count back before anyone else runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = _ThreadsSeen()  # after RNNViz in the list: sees the state RNNViz leaves
+        trainer = _trainer(tmp_path, [RNNViz(every_n_steps=1, validation=False), seen], max_epochs=1)
+        trainer.fit(TinySeqModel(), loader())
+        assert seen.seen and set(seen.seen) == {2}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
