@@ -382,6 +382,8 @@ class RNNViz(Callback):
         for name, (total, count) in self._epoch_sums.items():
             self.decay_history.setdefault(name, {})[epoch] = total / count
         updated, self._epoch_sums = set(self._epoch_sums), {}
+        started = time.perf_counter()
+        drawn = False
         # Redraw only what this epoch added to: an epoch without a recording changes no picture.
         for name, history in self.decay_history.items():
             if name not in self._names or name not in updated:
@@ -391,6 +393,11 @@ class RNNViz(Callback):
             payload = {"history": {e: h.numpy() for e, h in history.items()}, "name": name, "layer_labels": labels}
             with one_thread():
                 self._figure("grad_decay", name, step, "rnnviz", lambda p=payload: p)
+            drawn = True
+        if drawn:
+            spent_ms = 1e3 * (time.perf_counter() - started)
+            self._guard("overhead statistics",
+                        lambda: self._sink.scalars({"rnnviz/overhead/epoch_end_ms": spent_ms}, step))
         self._guard("flush", lambda: self._sink.flush())
 
     # --- validation --------------------------------------------------------------------------------
