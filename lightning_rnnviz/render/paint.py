@@ -379,7 +379,9 @@ def paint_attention(payload: Mapping[str, Any], *, step: int | None = None, titl
     right, gap_x, gap_y = 100, 26, 34
     panel = min(260.0, (WIDTH - left - right - gap_x * (ncols - 1)) / ncols)
     panel, height = _layout_rows(nrows, top, bottom, panel, gap_y)
-    canvas = cv.Canvas(WIDTH, math.ceil(height))
+    # A grid narrower than the page (one or two heads) gets a narrower picture, its colour bar beside it.
+    width = min(WIDTH, math.ceil(left + ncols * panel + (ncols - 1) * gap_x + right))
+    canvas = cv.Canvas(max(width, 420), math.ceil(height))
     cv.title_block(canvas, full_title)
     _nonfinite_key(canvas, nonfinite, top - 38)
     query_bin, key_bin = payload["query_bin"], payload["key_bin"]
@@ -409,10 +411,12 @@ def paint_attention(payload: Mapping[str, Any], *, step: int | None = None, titl
             else:
                 ticks = cv.nice_ticks(0, max(rows * query_bin - 1, 0), 5, integer=True)
                 axes.yticks(ticks, [str(int(t)) for t in ticks])
-            axes.ylabel(_bin_label("query (output) step", query_bin), offset=left - 14)
+            axes.ylabel(_bin_label("query (output) step", query_bin),
+                        offset=max(_label_room(canvas, query_tokens), 16) + 20)
     label = "attention weight" + (" (sum over key bin)" if key_bin > 1 else "")
     grid_bottom = top + nrows * panel + (nrows - 1) * gap_y
-    cv.colour_bar(canvas, (WIDTH - 84, top, WIDTH - 70, grid_bottom), "sequential", 0.0, vmax, label)
+    bar_x = left + ncols * panel + (ncols - 1) * gap_x + 16
+    cv.colour_bar(canvas, (bar_x, top, bar_x + 14, grid_bottom), "sequential", 0.0, vmax, label)
     return canvas.to_array()
 
 
