@@ -191,7 +191,10 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-@functools.lru_cache(maxsize=4096)
+_CACHED_TEXT = 24  # longest text kept in the cache
+
+
+@functools.lru_cache(maxsize=2048)
 def _text_mask(text: str, size: int, anchor: str, rotate: bool) -> tuple[Image.Image, tuple[float, float]]:
     """The coverage mask of ``text`` at ``size`` px and its offset from the anchor point (cached: tick
     labels and axis titles repeat across pictures)."""
@@ -252,7 +255,10 @@ class Canvas:
         """
         if not text:
             return
-        mask, (dx, dy) = _text_mask(text, int(round(size * self.scale)), anchor, rotate)
+        # Tick labels and axis titles repeat from picture to picture and are cached; titles carry the
+        # step and are not (the cache would only grow).
+        render = _text_mask if len(text) <= _CACHED_TEXT else _text_mask.__wrapped__
+        mask, (dx, dy) = render(text, int(round(size * self.scale)), anchor, rotate)
         x, y = round(self._px(xy[0]) + dx), round(self._px(xy[1]) + dy)
         self.image.paste(fill, (x, y, x + mask.width, y + mask.height), mask)
 

@@ -224,3 +224,13 @@ def test_titles_are_not_mathtext_escaped():
     title = render.common.compose_title("cost $x", payload, 3, "NaN", escape=False)
     assert "$x" in title and "\\$" not in title and "contains NaN" in title and "approximate" in title
 
+
+
+def test_text_cache_keeps_labels_but_not_titles_with_steps(rnn_record):
+    """Titles carry the step: caching them would grow the cache (and the process) with every recording."""
+    payload = render.reduce_hidden(rnn_record("GRU"))
+    paint.paint_hidden(payload, step=0)
+    before = cv._text_mask.cache_info().currsize
+    for step in range(1, 40):
+        paint.paint_hidden(payload, step=step)
+    assert cv._text_mask.cache_info().currsize == before
