@@ -12,7 +12,6 @@ output size (``proj_size`` for a projected LSTM, else ``H``), ``D`` directions, 
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lightning_rnnviz.probe.records import GRU_GATES, LSTM_GATES
+
 
 @dataclass
 class LayerWeights:

@@ -225,7 +225,7 @@ class Canvas:
         return value * self.scale
 
     def font(self, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-        return _font(int(round(size * self.scale)))
+        return _font(round(size * self.scale))
 
     def text_width(self, text: str, size: int) -> float:
         return self.draw.textlength(text, font=self.font(size)) / self.scale
@@ -258,7 +258,7 @@ class Canvas:
         # Tick labels and axis titles repeat from picture to picture and are cached; titles carry the
         # step and are not (the cache would only grow).
         render = _text_mask if len(text) <= _CACHED_TEXT else _text_mask.__wrapped__
-        mask, (dx, dy) = render(text, int(round(size * self.scale)), anchor, rotate)
+        mask, (dx, dy) = render(text, round(size * self.scale), anchor, rotate)
         x, y = round(self._px(xy[0]) + dx), round(self._px(xy[1]) + dy)
         self.image.paste(fill, (x, y, x + mask.width, y + mask.height), mask)
 

@@ -243,7 +243,8 @@ def _log_curve(canvas: cv.Canvas, panel: cv.Panel, x: np.ndarray, values: np.nda
                        shape="x")
 
 
-def _log_axis(panel: cv.Panel, floor: float, ceiling: float) -> None:
+def _log_axis(panel: cv.Panel, floor: float, ceiling: float) -> np.ndarray:
+    """Decade ticks of a log panel, with light grid lines at them."""
     ticks = cv.log_ticks(floor / 2, ceiling * 2, 7)
     panel.hgrid(ticks)
     return ticks
@@ -333,7 +334,7 @@ def paint_grad_decay(
         for epoch in epochs:
             values = curves[epoch][r]
             any_zero = any_zero or bool((values == 0).any())
-            colour = tuple(int(c) for c in table[int(round((epoch - vmin) / (vmax - vmin) * 255))])
+            colour = tuple(int(c) for c in table[round((epoch - vmin) / (vmax - vmin) * 255)])
             for run in _finite_runs(np.where(values == 0, floor, values)):
                 canvas.line(np.column_stack((panel.x(run[:, 0]), panel.y(run[:, 1]))), colour, width=1.1)
         panel.frame()

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_rnnviz import Probe  # noqa: E402
-from tests.helpers.cases import KINDS, RNNConfig, build_rnn, loss_for, make_inputs, run_rnn  # noqa: E402
-from tests.helpers.reference import reference_rnn  # noqa: E402
+from lightning_rnnviz import Probe
+from tests.helpers.cases import KINDS, RNNConfig, build_rnn, loss_for, make_inputs, run_rnn
+from tests.helpers.reference import reference_rnn
 
 FAILURES: list[str] = []
 DEVICE = "cuda"  # `--dry-run` runs every check on the CPU, to test this script without a GPU
