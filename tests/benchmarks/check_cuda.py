@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_rnnviz import Probe
-from tests.helpers.cases import KINDS, RNNConfig, build_rnn, loss_for, make_inputs, run_rnn
+from tests.helpers.cases import KINDS, STRUCTURES, RNNConfig, build_rnn, loss_for, make_inputs, run_rnn
 from tests.helpers.reference import reference_rnn
 
 FAILURES: list[str] = []
@@ -47,14 +47,7 @@ def _max_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def check_cudnn() -> None:
-    structures = [
-        (1, False, True, True, False, False, "all"),
-        (2, True, False, True, True, True, "mixed"),
-        (3, True, True, False, True, False, "final"),
-        (2, False, False, True, True, True, "last"),
-        (1, True, False, False, False, True, "last"),
-        (3, False, True, True, False, False, "mixed"),
-    ]
+    structures = STRUCTURES
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     worst = {"hidden": 0.0, "gates": 0.0, "hidden_grad": 0.0, "cell_grad": 0.0}

@@ -10,6 +10,16 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 KINDS = ("RNN_TANH", "RNN_RELU", "LSTM", "LSTM_PROJ", "GRU")
 
+STRUCTURES = [
+    # layers, bidirectional, batch_first, bias, packed, given_hx, loss
+    (1, False, True, True, False, False, "all"),
+    (2, True, False, True, True, True, "mixed"),
+    (3, True, True, False, True, False, "final"),
+    (2, False, False, True, True, True, "last"),
+    (1, True, False, False, False, True, "last"),
+    (3, False, True, True, False, False, "mixed"),
+]
+
 
 @dataclass(frozen=True)
 class RNNConfig:

@@ -19,6 +19,7 @@ from lightning_rnnviz import Probe
 from lightning_rnnviz.probe.records import GRU_GATES, LSTM_GATES, RNNRecord
 from tests.helpers.cases import (
     KINDS,
+    STRUCTURES,
     RNNConfig,
     RNNInputs,
     build_rnn,
@@ -112,15 +113,6 @@ def _record_case(cfg: RNNConfig, loss_scale: float = 1.0, **record_kw):
 # the configuration grid
 # --------------------------------------------------------------------------------------------------
 
-STRUCTURES = [
-    # layers, bidirectional, batch_first, bias, packed, given_hx, loss
-    (1, False, True, True, False, False, "all"),
-    (2, True, False, True, True, True, "mixed"),
-    (3, True, True, False, True, False, "final"),
-    (2, False, False, True, True, True, "last"),
-    (1, True, False, False, False, True, "last"),
-    (3, False, True, True, False, False, "mixed"),
-]
 GRID = [
     RNNConfig(
         kind=k, num_layers=nl, bidirectional=bi, batch_first=bf, bias=b, packed=pk, given_hx=hx, loss=ls
