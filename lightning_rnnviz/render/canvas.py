@@ -411,12 +411,11 @@ class Panel:
             self.canvas.line([(x0, y), (x1, y)], GRID_RGB)
 
     def xticks(self, values: np.ndarray, labels: Sequence[str] | None = None, rotate: bool = False,
-               size: int = TICK_SIZE, marks: bool = True) -> None:
+               size: int = TICK_SIZE) -> None:
         _, _, _, y1 = self.box
         labels = [format_tick(v) for v in values] if labels is None else labels
         for x, label in zip(self.x(values), labels):
-            if marks:
-                self.canvas.line([(x, y1), (x, y1 + 4)], FRAME_RGB)
+            self.canvas.line([(x, y1), (x, y1 + 4)], FRAME_RGB)
             if rotate:
                 self.canvas.text((x, y1 + 6), label, size, anchor="rm", rotate=True)
             else:

@@ -78,12 +78,6 @@ def _layout_rows(count: int, top: float, bottom: float, panel: float, gap: float
     return panel, height
 
 
-def _heatmap_ticks(count: int, width: int = 1, most: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """Integer step ticks of an axis of ``count`` cells of ``width`` steps: (positions, values)."""
-    values = cv.nice_ticks(0, max(count * width - 1, 0), most, integer=True)
-    return values, values
-
-
 # --- hidden state ------------------------------------------------------------------------------------
 def paint_hidden(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None) -> np.ndarray:
     """Heatmap of ``h_t``, units x time, one panel per layer (rows) and direction (columns).
@@ -113,7 +107,7 @@ def paint_hidden(payload: Mapping[str, Any], *, step: int | None = None, title: 
     panel_w = (WIDTH - left - right - gap_x * (ncols - 1)) / ncols
     limit = payload["limit"]
     selected = payload["hidden_out"] > units
-    time_ticks, _ = _heatmap_ticks(columns, width)
+    time_ticks = cv.nice_ticks(0, max(columns * width - 1, 0), 6, integer=True)
     for index in range(rows):
         layer, direction = divmod(index, ncols)
         x0 = left + direction * (panel_w + gap_x)
