@@ -82,8 +82,8 @@ class RNNViz(Callback):
         max_heads: most attention heads drawn.
         max_time: most time columns in a figure; longer sequences are averaged in bins.
         histograms: write activation histograms (TensorBoard's distributions view).
-        renderer: ``"fast"`` paints the pictures with numpy and Pillow (about 10-20 ms each);
-            ``"matplotlib"`` draws matplotlib figures (0.1-1 s of CPU each, in a child process by default).
+        renderer: ``"fast"`` paints the pictures with numpy and Pillow (3-30 ms each);
+            ``"matplotlib"`` draws matplotlib figures (0.16-1 s of CPU each, in a child process by default).
         background: draw figures in a low-priority child process, so the training thread only hands
             over small already-reduced arrays; ``False`` draws on the training thread. ``None`` (default)
             picks the training thread for ``"fast"`` and the child process for ``"matplotlib"``.
@@ -473,7 +473,7 @@ class RNNViz(Callback):
             # A finite sum means finite values (one pass, no mask); only a non-finite sum needs the real check.
             bad = [f for f in fields if getattr(record, f) is not None and not bool(getattr(record, f).sum().isfinite())
                    and not bool(torch.isfinite(getattr(record, f)).all())]
-            if bad and "nonfinite" not in self._warned:
+            if bad:
                 self._warned.add("nonfinite")
                 warnings.warn(
                     f"{type(self).__name__}: NaN/Inf in {', '.join(bad)} of {name!r} at step {step}. Training goes "
@@ -481,6 +481,7 @@ class RNNViz(Callback):
                     RNNVizWarning,
                     stacklevel=3,
                 )
+                return
 
     def _check_sample(self, records: Mapping[str, Any]) -> None:
         for name, record in records.items():

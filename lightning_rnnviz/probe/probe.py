@@ -553,6 +553,7 @@ class _Session:
         lengths_dev = lengths.to(device) if lengths is not None else None
         top = None
         values, version = data["output_values"]
+        # inter-layer dropout in training cannot be replayed: the output would not match the replayed layers
         dropout_differs = data["training"] and module.dropout > 0 and module.num_layers > 1
         if version is not None and _version(values) == version and not dropout_differs:
             if packed_layout is not None:
@@ -569,7 +570,7 @@ class _Session:
 
         notes: tuple[str, ...] = ()
         exact = True
-        if data["training"] and module.dropout > 0 and module.num_layers > 1:
+        if dropout_differs:
             exact = False
             notes = (
                 f"inter-layer dropout (p={module.dropout}) in training mode cannot be replayed: layer 0 "

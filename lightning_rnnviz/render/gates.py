@@ -189,7 +189,7 @@ def gate_summary(record: RNNRecord) -> dict[str, dict[str, Any]]:
     if cached is not None and cached[0] is record.gates:
         return cached[1]
     valid = record.valid_mask()  # (B, T)
-    padded = not bool(valid.all())
+    padded = not record.all_valid
     summary = {}
     for gate, values in record.gates.items():
         lo, hi = gate_bounds(gate)

@@ -23,7 +23,6 @@ from lightning_rnnviz.sinks.png import encode_png
 
 def image_summary(tag: str, rgb: np.ndarray) -> Any:
     """A TensorBoard ``Summary`` holding ``rgb`` as a PNG image under ``tag``."""
-
     height, width = rgb.shape[:2]
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encode_png(rgb))
     return Summary(value=[Summary.Value(tag=tag, image=image)])
@@ -37,7 +36,6 @@ def scalars_summary(values: Mapping[str, float]) -> Any:
 def histogram_summary(tag: str, values: np.ndarray, bins: int = 64) -> Any:
     """A TensorBoard ``Summary`` holding the histogram of the finite, non-empty ``values`` in ``bins``
     equal buckets between their minimum and maximum (the last bucket includes the maximum)."""
-
     values = np.asarray(values, dtype=np.float32).ravel()
     low, high = float(values.min()), float(values.max())
     if high > low:
