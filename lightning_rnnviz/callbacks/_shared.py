@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_rnnviz.probe import Probe, Recording
+from lightning_rnnviz.sinks import Fanout
 
 if TYPE_CHECKING:
     from lightning_rnnviz.callbacks.rnnviz import RNNViz
@@ -54,8 +55,8 @@ class SharedRecorder:
         self._result: Recording | None = None
         self.grad_scale: float | None = None
         self.amp_scale: float | None = None
-        self.renderer: Any = None  # one drawing process for every member
-        self.written: set[tuple[str, int]] = set()  # (tag, step) of images handed over this run
+        self.fanout: Fanout | None = None  # one output over every logger, one renderer, for every member
+        self.layout_written = False
         self.spent_s = 0.0  # time on the training thread for the current batch's recording
         self.replay_s = 0.0
         self._drawn_before = (0.0, 0.0)
@@ -94,8 +95,12 @@ class SharedRecorder:
         self.spent_s += time.perf_counter() - started
 
     def drawing_s(self) -> tuple[float, float]:
-        """Seconds the renderer spent drawing and writing on this thread so far (zero for a child process)."""
-        return getattr(self.renderer, "render_s", 0.0), getattr(self.renderer, "write_s", 0.0)
+        """Seconds spent on this thread so far drawing, and encoding and writing pictures and statistics
+        (drawing and encoding are zero when a child process does them)."""
+        if self.fanout is None:
+            return 0.0, 0.0
+        renderer = self.fanout.renderer
+        return renderer.render_s, renderer.encode_s + self.fanout.write_s
 
     def drawing_since_begin(self) -> tuple[float, float]:
         """``(render, write)`` seconds on this thread since the current batch's block opened."""

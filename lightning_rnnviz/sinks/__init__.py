@@ -1,7 +1,9 @@
-"""Where images, scalars and histograms go: a TensorBoard writer, or PNG files beside another logger."""
+"""Where pictures, scalars, histograms and texts go: TensorBoard, PNG files beside another logger, W&B,
+MLflow; one :class:`Fanout` writes to all of a Trainer's loggers."""
 
-from lightning_rnnviz.sinks.base import Sink, safe_name
+from lightning_rnnviz.sinks.base import Histogram, Picture, Sink, safe_name
+from lightning_rnnviz.sinks.fanout import Fanout
 from lightning_rnnviz.sinks.files import FileSink
-from lightning_rnnviz.sinks.tensorboard import TensorBoardSink
+from lightning_rnnviz.sinks.tensorboard import TensorBoardSink, run_dir
 
-__all__ = ["FileSink", "Sink", "TensorBoardSink", "safe_name"]
+__all__ = ["Fanout", "FileSink", "Histogram", "Picture", "Sink", "TensorBoardSink", "run_dir", "safe_name"]

@@ -1,10 +1,14 @@
-"""Drawing off the training process: a low-priority child process draws payloads and writes the images.
+"""Where pictures are drawn: on the training thread, or in a low-priority child process.
 
-The training thread only reduces a record to a small payload (one sample, selected units, binned time)
-and hands it over; it never waits for matplotlib or for disk. The child is a plain ``python -m`` process
-fed through a pipe — not a ``multiprocessing`` child, which would re-import the user's training script —
-and it runs at a lower CPU priority, so on a busy machine it mostly draws in the gaps the training leaves.
-Pending work is bounded: when the child falls behind, the oldest job is dropped and counted.
+Either way a :class:`~lightning_rnnviz.render.jobs.Job` (a small, already-reduced payload) becomes a PNG-encoded
+:class:`~lightning_rnnviz.sinks.base.Picture`, which the caller takes back with ``take()`` and writes to every
+logger itself: drawing happens once per picture, however many loggers there are, and only the training
+process writes, so each run directory has one writer.
+
+The child is a plain ``python -m`` process fed through a pipe — not a ``multiprocessing`` child, which would
+re-import the user's training script — and it runs at a lower CPU priority, so on a busy machine it mostly
+draws in the gaps the training leaves. Pending work is bounded: when the child falls behind, the oldest job
+is dropped and counted.
 """
 
 from __future__ import annotations
@@ -18,106 +22,65 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from lightning_rnnviz.sinks.base import Sink
+from lightning_rnnviz.render.jobs import Job, draw
+from lightning_rnnviz.sinks.base import Picture
 
 _HEADER = struct.Struct("<Q")
 
-
-@dataclass
-class Job:
-    """One figure to draw: which kind, its payload (from a ``render.reduce_*``), where and when, and with
-    which renderer (``"fast"``: :mod:`lightning_rnnviz.render.paint`; ``"matplotlib"``: the ``draw_*``
-    figures)."""
-
-    kind: str
-    payload: Mapping[str, Any]
-    tag: str
-    step: int
-    renderer: str = "fast"
-
-
-def draw(job: Job) -> np.ndarray:
-    """Draw a job as an ``(H, W, 3)`` uint8 image."""
-    p = job.payload
-    if job.renderer == "fast":
-        from lightning_rnnviz.render import paint
-
-        if job.kind == "grad_decay":
-            return paint.paint_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step)
-        return paint.PAINTERS[job.kind](p, step=job.step)
-    if job.renderer != "matplotlib":
-        raise ValueError(f"unknown renderer {job.renderer!r}; use 'fast' or 'matplotlib'")
-    from lightning_rnnviz import render
-
-    drawers = {
-        "hidden": render.draw_hidden,
-        "gates": render.draw_gates,
-        "grad_norm": render.draw_grad_norm,
-        "attention": render.draw_attention,
-    }
-    if job.kind == "grad_decay":
-        figure = render.draw_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step)
-    else:
-        figure = drawers[job.kind](p, step=job.step)
-    return render.figure_to_rgb(figure)
+Drawn = tuple[str, int, Picture]  # (tag, step, picture)
 
 
 class InlineRenderer:
-    """Draws and writes on the calling thread; ``render_s`` and ``write_s`` add up what that cost."""
+    """Draws and encodes on the calling thread; ``render_s`` and ``encode_s`` add up what that cost."""
 
     dropped = 0
+    peak_rss_mb = None
 
-    def __init__(self, sink: Sink) -> None:
-        self.sink = sink
+    def __init__(self) -> None:
         self.render_s = 0.0
-        self.write_s = 0.0
+        self.encode_s = 0.0
+        self._ready: list[Drawn] = []
 
     def submit(self, job: Job) -> None:
         started = time.perf_counter()
-        image = draw(job)
+        rgb = draw(job)
         drawn = time.perf_counter()
-        self.sink.image(job.tag, image, job.step)
+        picture = Picture.from_rgb(rgb)
         self.render_s += drawn - started
-        self.write_s += time.perf_counter() - drawn
+        self.encode_s += time.perf_counter() - drawn
+        self._ready.append((job.tag, job.step, picture))
+
+    @property
+    def has_results(self) -> bool:
+        return bool(self._ready)
+
+    def take(self) -> list[Drawn]:
+        """The pictures drawn since the last call."""
+        ready, self._ready = self._ready, []
+        return ready
 
     def errors(self) -> list[str]:
         return []
 
-    def flush(self) -> None:
-        self.sink.flush()
-
     def close(self, timeout: float = 0.0) -> None:
-        self.sink.flush()
-
-
-def make_sink(spec: tuple[str, str]) -> Sink:
-    """The image sink a drawing process writes to: ``("tensorboard", log_dir)`` or ``("files", root)``."""
-    kind, where = spec
-    if kind == "tensorboard":
-        from lightning_rnnviz.sinks.events import EventImageSink
-
-        return EventImageSink(where)
-    from lightning_rnnviz.sinks.files import FileSink
-
-    return FileSink(where)
+        """Nothing to stop: everything submitted was drawn at once."""
 
 
 class BackgroundRenderer:
-    """Hands jobs to a drawing process; never blocks the caller.
+    """Hands jobs to a drawing process and takes its pictures back; never blocks the caller.
+
+    A thread moves job bytes into the pipe and another reads pictures back (both release the GIL while
+    they wait on the pipe); :meth:`take` hands the caller what has arrived.
 
     Args:
-        sink_spec: where the child writes images, see :func:`make_sink`.
-        max_pending: jobs waiting to be sent; beyond it the oldest is dropped (and counted in
-            ``dropped``).
+        max_pending: jobs waiting to be sent; beyond it the oldest is dropped (and counted in ``dropped``).
     """
 
-    def __init__(self, sink_spec: tuple[str, str], max_pending: int = 64) -> None:
+    render_s = encode_s = 0.0  # nothing is drawn or encoded on the caller's thread
+
+    def __init__(self, max_pending: int = 64) -> None:
         env = dict(os.environ)
         # The child must find this package however the parent found it (editable install, sys.path).
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -129,19 +92,18 @@ class BackgroundRenderer:
             stderr=subprocess.DEVNULL,
             env=env,
         )
-        os.set_blocking(self._process.stdout.fileno(), False)
         self._pending: collections.deque[bytes | None] = collections.deque()
         self._max_pending = max_pending
         self._wake = threading.Condition()
         self._closed = False
-        self._buffer = b""
-        self._report_tail: list[str] = []
+        self._ready: collections.deque[Drawn] = collections.deque()
+        self._errors: collections.deque[str] = collections.deque()
         self.dropped = 0
         self.peak_rss_mb: float | None = None  # the child's, reported when it exits
-        self._send(pickle.dumps(sink_spec, protocol=pickle.HIGHEST_PROTOCOL))
-        # A thread only moves bytes into the pipe; a blocked write releases the GIL.
         self._writer = threading.Thread(target=self._write_loop, name="rnnviz-render-feed", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="rnnviz-render-take", daemon=True)
         self._writer.start()
+        self._reader.start()
 
     def _send(self, blob: bytes | None) -> None:
         with self._wake:
@@ -173,29 +135,39 @@ class BackgroundRenderer:
             except (BrokenPipeError, OSError, ValueError):
                 return
 
+    def _read_loop(self) -> None:
+        stream = self._process.stdout
+        while (message := _receive(stream)) is not None:
+            kind, body = message
+            if kind == "picture":
+                tag, step, png, width, height = body
+                self._ready.append((tag, step, Picture(png, width, height)))
+            elif kind == "error":
+                self._errors.append(body)
+            elif kind == "peak_rss_kb":
+                self.peak_rss_mb = body / 1024
+
+    @property
+    def has_results(self) -> bool:
+        return bool(self._ready)
+
+    def take(self) -> list[Drawn]:
+        """The pictures that came back since the last call."""
+        ready = []
+        while self._ready:
+            ready.append(self._ready.popleft())
+        return ready
+
     def errors(self) -> list[str]:
-        """Error lines the child reported since the last call (read without blocking)."""
-        if self._process.stdout.closed:
-            tail, self._report_tail = self._report_tail, []
-            return tail
-        with contextlib.suppress(BlockingIOError, OSError, ValueError, TypeError):
-            chunk = self._process.stdout.read()
-            if chunk:
-                self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
+        """Errors the child reported since the last call."""
         errors = []
-        for line in lines:
-            if line.startswith(b"#peak_rss_kb "):
-                self.peak_rss_mb = int(line.split()[1]) / 1024
-            elif line:
-                errors.append(line.decode(errors="replace"))
+        while self._errors:
+            errors.append(self._errors.popleft())
         return errors
 
-    def flush(self) -> None:
-        """Nothing to do: the child flushes its writer whenever its queue runs empty."""
-
     def close(self, timeout: float = 60.0) -> None:
-        """Let the child finish what was handed over (at most ``timeout`` seconds), then stop it."""
+        """Let the child finish what was handed over (at most ``timeout`` seconds), then stop it; the
+        pictures it drew are still there for :meth:`take`."""
         if self._closed:
             return
         self._closed = True
@@ -206,7 +178,7 @@ class BackgroundRenderer:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
-        self._report_tail = self.errors()  # read what the child said before closing its pipe
+        self._reader.join(timeout)
         for stream in (self._process.stdin, self._process.stdout):
             with contextlib.suppress(OSError):
                 stream.close()
@@ -219,47 +191,59 @@ class BackgroundRenderer:
 def _read_exact(stream: Any, size: int) -> bytes | None:
     data = b""
     while len(data) < size:
-        chunk = stream.read(size - len(data))
+        try:
+            chunk = stream.read(size - len(data))
+        except (OSError, ValueError):
+            return None
         if not chunk:
             return None
         data += chunk
     return data
 
 
+def _receive(stream: Any) -> Any:
+    """One framed pickle from ``stream``; ``None`` at an empty message or the end of the stream."""
+    header = _read_exact(stream, _HEADER.size)
+    if header is None:
+        return None
+    (size,) = _HEADER.unpack(header)
+    if size == 0:
+        return None
+    blob = _read_exact(stream, size)
+    return None if blob is None else pickle.loads(blob)  # noqa: S301 - our own child / parent, over a pipe
+
+
+def _reply(stream: Any, kind: str, body: Any) -> None:
+    blob = pickle.dumps((kind, body), protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(blob)) + blob)
+    stream.flush()
+
+
 def serve(stdin: Any = None, stdout: Any = None) -> None:
-    """The drawing process: read jobs until an empty message or end of input, draw, write."""
+    """The drawing process: read jobs until an empty message or end of input, draw and encode each, and
+    send the picture (or the error) back."""
+    from lightning_rnnviz.sinks.png import encode_png
+
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
     with contextlib.suppress(OSError, AttributeError):
         # Below the training process, yet not starved: at nice 10 the child gets about a tenth of a
         # core the training wants, which keeps up with the default cadence.
         os.nice(10)
-
-    def receive() -> Any:
-        header = _read_exact(stdin, _HEADER.size)
-        if header is None:
-            return None
-        (size,) = _HEADER.unpack(header)
-        if size == 0:
-            return None
-        blob = _read_exact(stdin, size)
-        return None if blob is None else pickle.loads(blob)
-
-    sink = make_sink(receive())
     try:
-        while (job := receive()) is not None:
+        while (job := _receive(stdin)) is not None:
             try:
-                sink.image(job.tag, draw(job), job.step)
+                rgb = draw(job)
+                reply = ("picture", (job.tag, job.step, encode_png(rgb), int(rgb.shape[1]), int(rgb.shape[0])))
             except Exception as error:  # noqa: BLE001 - reported to the parent, which warns once
-                message = f"{job.kind} {job.tag}: {type(error).__name__}: {error}".replace("\n", " ")
-                stdout.write(message.encode() + b"\n")
-                stdout.flush()
-            sink.flush()
+                reply = ("error", f"{job.kind} {job.tag}: {type(error).__name__}: {error}".replace("\n", " "))
+            _reply(stdout, *reply)
     finally:
-        sink.close()
         peak = _peak_rss_kb()
-        if peak is not None:
-            stdout.write(f"#peak_rss_kb {peak}\n".encode())
+        with contextlib.suppress(OSError, ValueError):
+            if peak is not None:
+                _reply(stdout, "peak_rss_kb", peak)
+            stdout.write(_HEADER.pack(0))
             stdout.flush()
 
 

@@ -1,48 +1,139 @@
-"""The interface every sink implements, and the one place module names are made safe."""
+"""The interface every sink implements, and what it receives: encoded pictures and histogram buckets."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+from lightning_rnnviz.render.names import safe_name
+
+__all__ = ["Histogram", "Picture", "Sink", "safe_name"]
 
 
-def safe_name(name: str) -> str:
-    """A module name as a tag or path component: letters, digits, ``_``, ``-`` and single dots only.
+@dataclass
+class Picture:
+    """One drawn picture, PNG-encoded once for every sink.
 
-    Every dot-separated part is cleaned on its own, so no result can contain a path separator or a
-    ``..`` component; the root module (``""``) becomes ``"root"``.
-
-    Example::
-
-        >>> safe_name("encoder.layers.0.self_attn"), safe_name(""), safe_name("../../etc/passwd")
-        ('encoder.layers.0.self_attn', 'root', '_._._._._etc_passwd')
+    Attributes:
+        png: the PNG file's bytes (8-bit RGB).
+        width, height: its size in pixels.
     """
-    if not name:
-        return "root"
-    parts = [_UNSAFE.sub("_", part) or "_" for part in name.split(".")]
-    return ".".join(parts)
+
+    png: bytes
+    width: int
+    height: int
+    _rgb: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_rgb(cls, rgb: np.ndarray) -> Picture:
+        """Encode an ``(H, W, 3)`` uint8 array (the array is kept, so :meth:`rgb` costs nothing)."""
+        from lightning_rnnviz.sinks.png import encode_png
+
+        picture = cls(encode_png(rgb), int(rgb.shape[1]), int(rgb.shape[0]))
+        picture._rgb = rgb
+        return picture
+
+    def rgb(self) -> np.ndarray:
+        """The ``(H, W, 3)`` uint8 pixels, decoded on first use (for loggers that want an array)."""
+        if self._rgb is None:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(self.png)) as image:
+                self._rgb = np.asarray(image.convert("RGB"))
+        return self._rgb
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Buckets of a set of finite values, computed once for every sink (TensorBoard's layout: each bucket
+    is bounded on the right by ``limits[i]``, the first starts at ``min``).
+
+    Attributes:
+        min, max, num, sum, sum_squares: of the values.
+        limits: ``(buckets,)`` right edge of each bucket; the last equals ``max``.
+        counts: ``(buckets,)`` how many values fall in each bucket.
+    """
+
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
+    limits: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def from_values(cls, values: np.ndarray, bins: int = 64) -> Histogram | None:
+        """``bins`` equal buckets between the minimum and maximum of the finite ``values`` (the last bucket
+        includes the maximum); ``None`` when no value is finite.
+
+        Sums use numpy's pairwise reduction, not BLAS: a BLAS call here woke OpenBLAS's thread pool, whose
+        spinning threads then slowed the user's next training step (measured: +45 ms).
+
+        Example::
+
+            >>> h = Histogram.from_values(np.array([0.0, 1.0, np.nan, 1.0]), bins=2)
+            >>> h.num, h.counts.tolist(), h.limits.tolist()
+            (3.0, [1.0, 2.0], [0.5, 1.0])
+        """
+        values = np.asarray(values, dtype=np.float32).ravel()
+        finite = np.isfinite(values)
+        if not finite.all():
+            values = values[finite]
+        if not values.size:
+            return None
+        low, high = float(values.min()), float(values.max())
+        if high > low:
+            counts, edges = np.histogram(values, bins=bins, range=(low, high))
+            limits = edges[1:]
+        else:
+            counts, limits = np.array([values.size]), np.array([high])
+        wide = values.astype(np.float64)
+        return cls(
+            min=low,
+            max=high,
+            num=float(values.size),
+            sum=float(wide.sum()),
+            sum_squares=float(np.square(wide).sum()),
+            limits=np.asarray(limits, dtype=np.float64),
+            counts=counts.astype(np.float64),
+        )
 
 
 class Sink:
-    """Receives what a recording step produced. Implementations must be cheap to call when idle."""
+    """Receives what a recording step produced. Implementations must be cheap to call when idle.
 
-    def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
-        """Write an ``(H, W, 3)`` uint8 image under ``tag`` (``rnnviz/<quantity>/<module>``)."""
+    Attributes:
+        name: how warnings name this sink, e.g. ``"TensorBoard"``.
+        wants_histograms: whether :meth:`histogram` keeps anything (histograms are computed only if some
+            sink wants them).
+    """
+
+    name = "sink"
+    wants_histograms = False
+
+    def image(self, tag: str, picture: Picture, step: int) -> None:
+        """Write a picture under ``tag`` (``rnnviz/<quantity>/<module>``)."""
         raise NotImplementedError
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """Write scalars, each tag ``rnnviz/<quantity>/<module>/<statistic>``."""
         raise NotImplementedError
 
-    def histogram(self, tag: str, values: Callable[[], np.ndarray], step: int) -> None:
-        """Write a histogram of ``values()`` (called only by sinks that keep histograms)."""
+    def histogram(self, tag: str, histogram: Histogram, step: int) -> None:
+        """Write a histogram (called only when :attr:`wants_histograms`)."""
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        """Write a short markdown text (e.g. a table of findings)."""
+
+    def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
+        """Group scalars into charts, ``{category: {chart title: [tag regex, ...]}}``, where the logger can."""
 
     def flush(self) -> None:
-        """Make everything written so far visible to readers."""
+        """Make everything written so far visible to readers (called at the end of each recording step)."""
 
     def close(self) -> None:
-        """Release files the sink opened itself (a logger's own writer is left to the logger)."""
+        """Release what the sink opened itself (a logger's own writer is left to the logger)."""

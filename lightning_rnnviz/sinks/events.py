@@ -1,5 +1,5 @@
-"""TensorBoard records without torch or Lightning: image and histogram summaries, and an event file of our
-own with a fast CRC (used by the training process and by the drawing process)."""
+"""TensorBoard records without torch, TensorFlow or Lightning: image, scalar, histogram, text and Custom
+Scalars summaries, and an event file of our own with a fast CRC."""
 
 from __future__ import annotations
 
@@ -13,18 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
-import numpy as np
+from tensorboard.compat.proto import types_pb2
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 
-from lightning_rnnviz.sinks.base import Sink
-from lightning_rnnviz.sinks.png import encode_png
+from lightning_rnnviz.sinks.base import Histogram, Picture
 
 
-def image_summary(tag: str, rgb: np.ndarray) -> Any:
-    """A TensorBoard ``Summary`` holding ``rgb`` as a PNG image under ``tag``."""
-    height, width = rgb.shape[:2]
-    image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=encode_png(rgb))
+def image_summary(tag: str, picture: Picture) -> Any:
+    """A TensorBoard ``Summary`` holding ``picture`` (PNG) as an image under ``tag``."""
+    image = Summary.Image(height=picture.height, width=picture.width, colorspace=3,
+                          encoded_image_string=picture.png)
     return Summary(value=[Summary.Value(tag=tag, image=image)])
 
 
@@ -33,27 +34,46 @@ def scalars_summary(values: Mapping[str, float]) -> Any:
     return Summary(value=[Summary.Value(tag=tag, simple_value=float(value)) for tag, value in values.items()])
 
 
-def histogram_summary(tag: str, values: np.ndarray, bins: int = 64) -> Any:
-    """A TensorBoard ``Summary`` holding the histogram of the finite, non-empty ``values`` in ``bins``
-    equal buckets between their minimum and maximum (the last bucket includes the maximum)."""
-    values = np.asarray(values, dtype=np.float32).ravel()
-    low, high = float(values.min()), float(values.max())
-    if high > low:
-        counts, edges = np.histogram(values, bins=bins, range=(low, high))
-        limits = edges[1:]
-    else:
-        counts, limits = np.array([values.size]), np.array([high])
-    wide = values.astype(np.float64)
-    histogram = HistogramProto(
-        min=low,
-        max=high,
-        num=float(values.size),
-        sum=float(wide.sum()),
-        sum_squares=float(np.dot(wide, wide)),
-        bucket_limit=limits.tolist(),
-        bucket=counts.astype(np.float64).tolist(),
+def histogram_summary(tag: str, histogram: Histogram) -> Any:
+    """A TensorBoard ``Summary`` holding ``histogram``'s buckets under ``tag``."""
+    proto = HistogramProto(
+        min=histogram.min,
+        max=histogram.max,
+        num=histogram.num,
+        sum=histogram.sum,
+        sum_squares=histogram.sum_squares,
+        bucket_limit=histogram.limits.tolist(),
+        bucket=histogram.counts.tolist(),
     )
-    return Summary(value=[Summary.Value(tag=tag, histo=histogram)])
+    return Summary(value=[Summary.Value(tag=tag, histo=proto)])
+
+
+def _string_tensor(data: bytes) -> Any:
+    return TensorProto(dtype=types_pb2.DT_STRING, string_val=[data], tensor_shape=TensorShapeProto())
+
+
+def text_summary(tag: str, markdown: str) -> Any:
+    """A TensorBoard ``Summary`` for the Text dashboard (which renders markdown, tables included)."""
+    from tensorboard.plugins.text import metadata
+
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(tag, ""),
+                                        tensor=_string_tensor(markdown.encode()))])
+
+
+def layout_summary(charts: Mapping[str, Mapping[str, list[str]]]) -> Any:
+    """A TensorBoard ``Summary`` with a Custom Scalars layout: one category per key, one multi-line chart per
+    ``title -> [tag regex, ...]``."""
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    layout = layout_pb2.Layout(category=[
+        layout_pb2.Category(title=category, chart=[
+            layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=list(regexes)))
+            for title, regexes in group.items()
+        ])
+        for category, group in charts.items()
+    ])
+    return Summary(value=[Summary.Value(tag=metadata.CONFIG_SUMMARY_TAG, metadata=metadata.create_summary_metadata(),
+                                        tensor=_string_tensor(layout.SerializeToString()))])
 
 
 def _masked_crc(data: bytes) -> bytes:
@@ -67,8 +87,11 @@ class EventFile:
 
     TensorBoard's own writer frames each record with a CRC computed in pure Python (about 25 ms for one
     80 kB picture) on a background thread that holds the GIL while it does so; here the CRC costs
-    microseconds and the write goes to the page cache. TensorBoard reads every ``*tfevents*`` file of a
-    run directory, so these records show beside the logger's own.
+    microseconds and the write goes to the page cache.
+
+    TensorBoard wants one writer per run directory: its Python loader follows only the lexicographically
+    last event file of a directory and never returns to an earlier one. So this file lives in a directory
+    of its own (``<logger run>/rnnviz``, a run of its own in TensorBoard), never beside another writer's.
 
     Args:
         log_dir: the run directory.
@@ -101,26 +124,3 @@ class EventFile:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
-
-
-class EventImageSink(Sink):
-    """Writes images to an event file of its own in ``log_dir`` (used by the drawing process).
-
-    Args:
-        log_dir: the run directory (the logger's ``SummaryWriter.get_logdir()``).
-    """
-
-    def __init__(self, log_dir: str | Path) -> None:
-        self._file = EventFile(log_dir)
-
-    def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
-        self._file.add_summary(image_summary(tag, rgb), step)
-
-    def scalars(self, values, step):  # noqa: ANN001 - scalars stay with the logger in the main process
-        raise NotImplementedError("EventImageSink writes images only")
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()

@@ -1,68 +1,112 @@
-"""TensorBoard: images, scalars and histograms through the logger's own ``SummaryWriter``."""
+"""TensorBoard: pictures, scalars, histograms, text and a Custom Scalars layout in a run of our own."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-import numpy as np
+from lightning_rnnviz.sinks.base import Histogram, Picture, Sink
+from lightning_rnnviz.sinks.events import (
+    EventFile,
+    histogram_summary,
+    image_summary,
+    layout_summary,
+    scalars_summary,
+    text_summary,
+)
 
-from lightning_rnnviz.sinks.base import Sink
-from lightning_rnnviz.sinks.events import EventFile, histogram_summary, image_summary, scalars_summary
+RUN = "rnnviz"
+
+
+def run_dir(logger_dir: str | Path) -> str:
+    """Where the callback's records of a logger's run go: ``<logger_dir>/rnnviz``.
+
+    TensorBoard shows it as a run of its own (``version_0/rnnviz`` beside ``version_0``), because each of its
+    loaders expects one writer per directory: the Python loader follows only the lexicographically last
+    event file of a directory, so a second file beside the logger's would freeze one of the two.
+    """
+    text = str(logger_dir)
+    return f"{text.rstrip('/')}/{RUN}" if "://" in text else str(Path(text) / RUN)
 
 
 class TensorBoardSink(Sink):
-    """Images, histograms and scalars to an event file of our own in the logger's run directory
-    (:class:`~lightning_rnnviz.sinks.events.EventFile`: TensorBoard's writer would spend about 25 ms of
-    GIL per picture on a pure-Python CRC); TensorBoard shows them beside the logger's own scalars.
+    """Everything to one event file of our own in :func:`run_dir` of the logger's run.
+
+    Our file frames each record with ``google-crc32c``; TensorBoard's own writer would spend about 25 ms
+    of GIL per picture on a pure-Python CRC. A remote directory (``s3://``, ``gs://``) goes through a
+    ``SummaryWriter`` of its own in the same place instead.
 
     Args:
-        writer: the logger's ``torch.utils.tensorboard.SummaryWriter``; flushed, never closed, here.
-        histograms: also write histograms (TensorBoard's distributions view).
-        own_file: write to our own event file; ``None`` does so when the run directory is a local
-            folder (a remote one such as ``s3://`` goes through ``writer``).
+        directory: the run directory for our records (see :func:`run_dir`).
+        histograms: keep histograms (TensorBoard's Distributions and Histograms dashboards).
+        flush_also: called on every :meth:`flush`, e.g. the logger's own ``SummaryWriter.flush``, so that
+            the user's scalars of a step appear together with its pictures.
+        writer_factory: makes the writer for a remote ``directory`` (default: torch's ``SummaryWriter``).
     """
 
-    def __init__(self, writer: Any, histograms: bool = True, own_file: bool | None = None) -> None:
-        self.writer = writer
-        self.histograms = histograms
-        log_dir = str(writer.get_logdir())
-        if own_file is None:
-            own_file = "://" not in log_dir
-        self._file: EventFile | None = EventFile(log_dir) if own_file else None
+    name = "TensorBoard"
 
-    def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
-        if self._file is not None:
-            self._file.add_summary(image_summary(tag, rgb), step)
+    def __init__(
+        self,
+        directory: str | Path,
+        histograms: bool = True,
+        flush_also: Callable[[], Any] | None = None,
+        writer_factory: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.directory = str(directory)
+        self.wants_histograms = histograms
+        self._flush_also = flush_also
+        self._file: EventFile | None = None
+        self._writer: Any = None
+        if "://" in self.directory:
+            if writer_factory is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer_factory = SummaryWriter
+            self._writer = writer_factory(self.directory)
         else:
-            self.writer.add_image(tag, rgb, global_step=step, dataformats="HWC")
+            self._file = EventFile(self.directory)
+
+    def _summary(self, summary: Any, step: int) -> None:
+        if self._file is not None:
+            self._file.add_summary(summary, step)
+        else:
+            self._writer._get_file_writer().add_summary(summary, step)
+
+    def image(self, tag: str, picture: Picture, step: int) -> None:
+        self._summary(image_summary(tag, picture), step)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        if self._file is not None:  # one record for all of this step's statistics
-            self._file.add_summary(scalars_summary(values), step)
-            return
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, global_step=step)
+        if values:
+            self._summary(scalars_summary(values), step)  # one record for all of this step's statistics
 
-    def histogram(self, tag: str, values: Callable[[], np.ndarray], step: int) -> None:
-        if not self.histograms:
-            return
-        data = values()
-        finite = np.isfinite(data)
-        if not finite.all():
-            data = data[finite]  # non-finite values are left out (the figures mark them)
-        if not data.size:
-            return
-        if self._file is not None:
-            self._file.add_summary(histogram_summary(tag, data), step)
-        else:
-            self.writer.add_histogram(tag, data, global_step=step)
+    def histogram(self, tag: str, histogram: Histogram, step: int) -> None:
+        if self.wants_histograms:
+            self._summary(histogram_summary(tag, histogram), step)
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self._summary(text_summary(tag, markdown), step)
+
+    def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
+        if charts:
+            self._summary(layout_summary(charts), 0)
+
+    @property
+    def path(self) -> Path | None:
+        """Our event file (``None`` for a remote directory)."""
+        return self._file.path if self._file is not None else None
 
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()
-        self.writer.flush()  # the user's scalars of this step appear together with the pictures
+        else:
+            self._writer.flush()
+        if self._flush_also is not None:
+            self._flush_also()
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        elif self._writer is not None:
+            self._writer.close()

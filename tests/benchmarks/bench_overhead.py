@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 WORKLOADS = {
     # name: dict(model, input, hidden, time, batch, steps, log_every)
@@ -129,7 +128,9 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
     if with_callback:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+        from lightning_rnnviz.sinks import run_dir
+
+        acc = EventAccumulator(run_dir(logger.log_dir), size_guidance={"scalars": 0})
         acc.Reload()
         for key in ("train_thread_ms", "replay_ms", "render_ms", "write_ms", "dropped_figures", "epoch_end_ms"):
             tag = f"rnnviz/overhead/{key}"
@@ -166,7 +167,7 @@ def draw_costs(workload: str, renderer: str) -> dict:
     import torch
 
     from lightning_rnnviz import Probe, render
-    from lightning_rnnviz.sinks.background import Job, draw
+    from lightning_rnnviz.render.jobs import Job, draw
 
     cfg = WORKLOADS[workload]
     torch.manual_seed(0)

@@ -117,6 +117,7 @@ def check_lightning_16_mixed() -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from lightning_rnnviz import RNNViz
+    from lightning_rnnviz.sinks import run_dir
 
     class Model(pl.LightningModule):
         def __init__(self) -> None:
@@ -150,7 +151,7 @@ def check_lightning_16_mixed() -> None:
                                  enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1)
             torch.manual_seed(0)
             trainer.fit(Model(), loader)
-            acc = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+            acc = EventAccumulator(run_dir(logger.log_dir), size_guidance={"images": 0, "scalars": 0})
             acc.Reload()
             tags = acc.Tags()
             first = [e.value for e in acc.Scalars("rnnviz/grad_norm/rnn/last_norm/layer1")]

@@ -28,11 +28,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch import nn
 
 from lightning_rnnviz import GradientNormMonitor, Probe, RNNViz, RNNVizWarning, render
+from tests.helpers.events import RunEvents
 from tests.helpers.models import (
     ConfigureModelSeqModel,
     InterruptModel,
@@ -87,17 +87,15 @@ def _trainer(tmp_path: Path, callbacks, logger="tb", **kwargs) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
-def _events(log_dir: str | Path) -> EventAccumulator:
-    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0, "histograms": 0})
-    acc.Reload()
-    return acc
+def _events(log_dir: str | Path) -> RunEvents:
+    return RunEvents(log_dir)
 
 
-def _image_steps(acc: EventAccumulator) -> dict[str, list[int]]:
+def _image_steps(acc: RunEvents) -> dict[str, list[int]]:
     return {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
 
 
-def _scalars(acc: EventAccumulator, prefix: str = "rnnviz/") -> dict[str, list[tuple[int, float]]]:
+def _scalars(acc: RunEvents, prefix: str = "rnnviz/") -> dict[str, list[tuple[int, float]]]:
     tags = [t for t in acc.Tags()["scalars"] if t.startswith(prefix)]
     return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags}
 

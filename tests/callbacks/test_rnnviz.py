@@ -10,7 +10,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_rnnviz import (
     AttentionMonitor,
@@ -21,6 +20,7 @@ from lightning_rnnviz import (
     RNNViz,
     RNNVizWarning,
 )
+from tests.helpers.events import RunEvents, run_dirs, tag_kinds
 from tests.helpers.models import NoRNNModel, TinySeqModel, loader
 
 pytestmark = pytest.mark.filterwarnings(
@@ -46,13 +46,11 @@ def _trainer(tmp_path: Path, callbacks, logger="tb", **kwargs) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
-def _events(trainer: pl.Trainer) -> EventAccumulator:
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0, "histograms": 0})
-    acc.Reload()
-    return acc
+def _events(trainer: pl.Trainer) -> RunEvents:
+    return RunEvents(trainer.logger.log_dir)
 
 
-def _image_steps(acc: EventAccumulator) -> dict[str, list[int]]:
+def _image_steps(acc: RunEvents) -> dict[str, list[int]]:
     return {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
 
 
@@ -89,8 +87,30 @@ def test_tags_steps_and_sizes_follow_lightning_logging(tmp_path):
     assert [e.step for e in acc.Scalars("rnnviz/grad_norm/rnn/first_norm/layer0")] == [0, 2, 5]
     assert [e.step for e in acc.Scalars("rnnviz/overhead/train_thread_ms")] == [0, 2, 5]
     histograms = set(acc.Tags()["histograms"])
-    assert {"rnnviz/hidden/rnn", "rnnviz/gates/rnn/forget", "rnnviz/val/hidden/rnn"} <= histograms
+    assert {"rnnviz/hidden_dist/rnn", "rnnviz/gates_dist/rnn/forget", "rnnviz/val/hidden_dist/rnn"} <= histograms
     assert all(tag.startswith("rnnviz/") for tag in steps)
+
+
+def test_every_tag_has_one_plugin_and_every_run_one_writer(tmp_path):
+    """TensorBoard gives a (run, tag) to one plugin (an image and a histogram under one tag break both), and
+    its Python loader follows only the last event file of a directory: check everything a real run writes."""
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, [RNNViz(strict=True), GradientNormMonitor(strict=True)])
+    trainer.fit(TinySeqModel(), loader(), loader())
+    log_dir = Path(trainer.logger.log_dir)
+    kinds = tag_kinds(log_dir)
+    assert {tag: k for tag, k in kinds.items() if len(k) != 1} == {}
+    runs = {run for run, _ in kinds}
+    assert runs == {".", "rnnviz"}  # the logger's run, and ours beside it
+    assert all(tag.startswith("rnnviz/") or tag == "custom_scalars__config__"
+               for run, tag in kinds if run == "rnnviz")
+    assert {tag for run, tag in kinds if run == "."} >= {"train_loss", "val_loss"}
+    for directory in run_dirs(log_dir):
+        assert len(list(directory.glob("*tfevents*"))) == 1, directory
+    plugins = {tag: next(iter(k)) for (run, tag), k in kinds.items()}
+    assert plugins["rnnviz/hidden/rnn"] == "images" and plugins["rnnviz/hidden_dist/rnn"] == "histograms"
+    assert plugins["rnnviz/val/hidden_dist/rnn"] == "histograms" and plugins["rnnviz/gates_dist/rnn/forget"] == "histograms"
+    assert plugins["custom_scalars__config__"] == "custom_scalars"
 
 
 @pytest.mark.parametrize(
@@ -110,10 +130,12 @@ def test_every_renderer_and_placement_writes_the_same_pictures(tmp_path, rendere
     assert (cb.drawer_peak_rss_mb is not None) is in_child  # only a drawing process reports its peak
     render_ms = [e.value for e in acc.Scalars("rnnviz/overhead/render_ms")]
     write_ms = [e.value for e in acc.Scalars("rnnviz/overhead/write_ms")]
-    if in_child:  # the training thread neither draws nor encodes
-        assert render_ms == write_ms == [0.0, 0.0, 0.0]
+    # Only the training process writes (one writer per run directory); a drawing process draws and encodes.
+    assert all(v > 0 for v in write_ms)
+    if in_child:  # the training thread does not draw
+        assert render_ms == [0.0, 0.0, 0.0]
     else:
-        assert all(v > 0 for v in render_ms + write_ms)
+        assert all(v > 0 for v in render_ms)
 
 
 def test_every_n_steps_overrides_log_every_n_steps(tmp_path):

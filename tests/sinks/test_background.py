@@ -1,15 +1,21 @@
-"""The drawing process: bounded, drop-oldest, reports errors, loads no torch, stops cleanly."""
+"""The drawing process: draws and encodes, hands pictures back, bounded and drop-oldest, reports errors,
+loads no torch, stops cleanly."""
 
 from __future__ import annotations
 
+import io
+import os
+import pickle
+import signal
+import struct
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer, Job, serve
-from lightning_rnnviz.sinks.files import FileSink
+from lightning_rnnviz.render.jobs import Job
+from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer, serve
 
 
 def _job(step: int = 0) -> Job:
@@ -18,31 +24,34 @@ def _job(step: int = 0) -> Job:
                "rnnviz/grad_decay/rnn", step)
 
 
-def test_child_draws_writes_and_stops(tmp_path):
-    renderer = BackgroundRenderer(("files", str(tmp_path)))
+def _size(png: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(png)) as image:
+        return image.size
+
+
+def test_child_draws_hands_pictures_back_and_stops():
+    renderer = BackgroundRenderer()
     renderer.submit(_job(step=3))
     renderer.close(timeout=120)
     assert not renderer.alive
-    image = np.asarray(Image.open(tmp_path / "grad_decay" / "rnn" / "step_3.png"))
-    assert image.ndim == 3 and image.shape[2] in (3, 4) and max(image.shape[:2]) <= 800
-    assert renderer.errors() == []
+    [(tag, step, picture)] = renderer.take()
+    assert (tag, step) == ("rnnviz/grad_decay/rnn", 3)
+    assert _size(picture.png) == (picture.width, picture.height) and max(picture.width, picture.height) <= 800
+    assert renderer.errors() == [] and renderer.peak_rss_mb > 0
 
 
-def test_child_reports_errors_instead_of_dying(tmp_path):
-    renderer = BackgroundRenderer(("files", str(tmp_path)))
+def test_child_reports_errors_instead_of_dying():
+    renderer = BackgroundRenderer()
     renderer.submit(Job("hidden", {"not": "a payload"}, "rnnviz/hidden/rnn", 0))
     renderer.submit(_job(step=1))
     renderer.close(timeout=120)
     errors = renderer.errors()
     assert len(errors) == 1 and errors[0].startswith("hidden rnnviz/hidden/rnn: ")
-    assert (tmp_path / "grad_decay" / "rnn" / "step_1.png").exists()  # the next job still ran
+    assert [step for _, step, _ in renderer.take()] == [1]  # the next job still ran
 
 
-def test_pending_work_is_bounded_and_drops_the_oldest(tmp_path):
-    import os
-    import signal
-
-    renderer = BackgroundRenderer(("files", str(tmp_path)), max_pending=2)
+def test_pending_work_is_bounded_and_drops_the_oldest():
+    renderer = BackgroundRenderer(max_pending=2)
     os.kill(renderer._process.pid, signal.SIGSTOP)  # a child that has fallen behind
     try:
         big = _job(step=0)
@@ -59,42 +68,43 @@ def test_pending_work_is_bounded_and_drops_the_oldest(tmp_path):
     finally:
         os.kill(renderer._process.pid, signal.SIGCONT)
     renderer.close(timeout=120)
-    written = sorted(p.name for p in (tmp_path / "grad_decay" / "rnn").iterdir())
-    assert written == ["step_0.png", "step_4.png", "step_5.png"]
+    assert [step for _, step, _ in renderer.take()] == [0, 4, 5]
 
 
-def test_child_loads_neither_torch_nor_lightning(tmp_path):
-    renderer = BackgroundRenderer(("files", str(tmp_path)))
+def test_child_loads_neither_torch_nor_lightning():
+    renderer = BackgroundRenderer()
     renderer.submit(_job(step=0))
     deadline = time.monotonic() + 120
-    path = tmp_path / "grad_decay" / "rnn" / "step_0.png"
-    while not path.exists() and time.monotonic() < deadline:
+    while not renderer.has_results and time.monotonic() < deadline:
         time.sleep(0.2)
     maps = Path(f"/proc/{renderer._process.pid}/maps").read_text()
     renderer.close(timeout=60)
-    assert path.exists()
+    assert len(renderer.take()) == 1
     assert "libtorch" not in maps and "pytorch_lightning" not in maps
 
 
-def test_serve_reads_until_end_of_input(tmp_path):
-    import io
-    import pickle
-    import struct
-
+def test_serve_reads_until_end_of_input():
     header = struct.Struct("<Q")
-    stream = io.BytesIO()
-    for message in (("files", str(tmp_path)), _job(step=9)):
-        blob = pickle.dumps(message)
-        stream.write(header.pack(len(blob)) + blob)
-    stream.seek(0)
+    blob = pickle.dumps(_job(step=9))
+    stream = io.BytesIO(header.pack(len(blob)) + blob)
     out = io.BytesIO()
     serve(stream, out)
-    assert (tmp_path / "grad_decay" / "rnn" / "step_9.png").exists()
-    assert out.getvalue().startswith(b"#peak_rss_kb ")  # no error line, only the exit report
+    replies, data = [], out.getvalue()
+    while data:
+        (size,) = header.unpack(data[:8])
+        if size == 0:
+            break
+        replies.append(pickle.loads(data[8 : 8 + size]))
+        data = data[8 + size :]
+    assert [kind for kind, _ in replies] == ["picture", "peak_rss_kb"]
+    tag, step, png, width, height = replies[0][1]
+    assert (tag, step) == ("rnnviz/grad_decay/rnn", 9) and _size(png) == (width, height)
 
 
-def test_inline_renderer_writes_on_the_calling_thread(tmp_path):
-    renderer = InlineRenderer(FileSink(tmp_path))
+def test_inline_renderer_draws_on_the_calling_thread():
+    renderer = InlineRenderer()
     renderer.submit(_job(step=2))
-    assert (tmp_path / "grad_decay" / "rnn" / "step_2.png").exists()
-    assert renderer.dropped == 0 and renderer.errors() == []
+    assert renderer.has_results and renderer.render_s > 0 and renderer.encode_s > 0
+    [(tag, step, picture)] = renderer.take()
+    assert step == 2 and picture.rgb().shape == (picture.height, picture.width, 3)
+    assert renderer.dropped == 0 and renderer.errors() == [] and renderer.take() == []

@@ -12,9 +12,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_rnnviz.sinks import FileSink, TensorBoardSink, safe_name
+from lightning_rnnviz.sinks import Fanout, FileSink, Histogram, Picture, TensorBoardSink, run_dir, safe_name
+from lightning_rnnviz.sinks.background import InlineRenderer
 from lightning_rnnviz.sinks.events import EventFile, histogram_summary, image_summary
 from lightning_rnnviz.sinks.png import encode_png
+from tests.helpers.events import tag_kinds
 
 
 @pytest.mark.parametrize(
@@ -39,7 +41,7 @@ def test_file_sink_writes_png_and_scalars(tmp_path):
     sink = FileSink(tmp_path / "rnnviz", lambda metrics, step: logged.append((metrics, step)))
     rgb = np.zeros((20, 30, 3), dtype=np.uint8)
     rgb[..., 0] = 255
-    sink.image(f"rnnviz/hidden/{safe_name('../evil')}", rgb, 7)
+    sink.image(f"rnnviz/hidden/{safe_name('../evil')}", Picture.from_rgb(rgb), 7)
     path = tmp_path / "rnnviz" / "hidden" / "_._._evil" / "step_7.png"
     assert np.array_equal(np.asarray(Image.open(path)), rgb)
     sink.scalars({"rnnviz/hidden/m/mean_abs": 0.5}, 7)
@@ -49,33 +51,74 @@ def test_file_sink_writes_png_and_scalars(tmp_path):
 def test_file_sink_refuses_paths_outside_its_folder(tmp_path):
     sink = FileSink(tmp_path / "rnnviz")
     with pytest.raises(ValueError, match="outside"):
-        sink.image("rnnviz/../../escape", np.zeros((2, 2, 3), np.uint8), 0)
+        sink.image("rnnviz/../../escape", Picture.from_rgb(np.zeros((2, 2, 3), np.uint8)), 0)
 
 
 def test_tensorboard_sink_round_trip(tmp_path):
-    writer = SummaryWriter(tmp_path)
-    sink = TensorBoardSink(writer)
-    sink.image("rnnviz/hidden/m", np.full((10, 12, 3), 128, np.uint8), 3)
+    flushed = []
+    sink = TensorBoardSink(run_dir(tmp_path), flush_also=lambda: flushed.append(1))
+    sink.image("rnnviz/hidden/m", Picture.from_rgb(np.full((10, 12, 3), 128, np.uint8)), 3)
     sink.scalars({"rnnviz/hidden/m/mean_abs": 0.25}, 3)
-    sink.histogram("rnnviz/hidden/m", lambda: np.array([0.1, np.nan, 0.3, np.inf]), 3)
+    sink.histogram("rnnviz/hidden_dist/m", Histogram.from_values(np.array([0.1, np.nan, 0.3, np.inf])), 3)
+    sink.text("rnnviz/findings", "| a | b |\n|---|---|\n| 1 | 2 |", 3)
+    sink.layout({"rnnviz: m": {"hidden": ["rnnviz/hidden/m/.*"]}})
     sink.flush()
-    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    assert flushed == [1]  # the logger's own writer is flushed with ours
+    acc = EventAccumulator(str(tmp_path / "rnnviz"), size_guidance={"images": 0, "tensors": 0})
     acc.Reload()
     image = acc.Images("rnnviz/hidden/m")[0]
     assert (image.step, image.width, image.height) == (3, 12, 10)
     assert acc.Scalars("rnnviz/hidden/m/mean_abs")[0].value == pytest.approx(0.25)
-    histogram = acc.Histograms("rnnviz/hidden/m")[0]
+    histogram = acc.Histograms("rnnviz/hidden_dist/m")[0]
     assert histogram.histogram_value.num == 2  # non-finite values are left out of histograms
+    assert acc.Tensors("rnnviz/findings")[0].tensor_proto.string_val == [b"| a | b |\n|---|---|\n| 1 | 2 |"]
+    assert tag_kinds(tmp_path) == {
+        ("rnnviz", "rnnviz/hidden/m"): {"images"},
+        ("rnnviz", "rnnviz/hidden/m/mean_abs"): {"scalars"},
+        ("rnnviz", "rnnviz/hidden_dist/m"): {"histograms"},
+        ("rnnviz", "rnnviz/findings"): {"text"},
+        ("rnnviz", "custom_scalars__config__"): {"custom_scalars"},
+    }
     sink.close()
-    writer.close()
 
 
 def test_histograms_can_be_switched_off(tmp_path):
     calls = []
-    sink = TensorBoardSink(SummaryWriter(tmp_path), histograms=False)
-    sink.histogram("rnnviz/hidden/m", lambda: calls.append(1) or np.ones(3), 0)
-    sink.close()
-    assert calls == []
+    sink = TensorBoardSink(tmp_path, histograms=False)
+    fanout = Fanout([sink], InlineRenderer())
+    assert not fanout.wants_histograms
+    fanout.histogram("rnnviz/hidden_dist/m", lambda: calls.append(1) or np.ones(3), 0)
+    fanout.close()
+    assert calls == []  # nothing is bucketed when no sink keeps histograms
+
+
+def test_fanout_draws_once_writes_everywhere_and_isolates_a_failing_sink(tmp_path):
+    class Broken(FileSink):
+        def image(self, tag, picture, step):
+            raise OSError("disk full")
+
+    problems = []
+
+    def guard(what, fn):
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001
+            problems.append((what, str(error)))
+
+    renderer = InlineRenderer()
+    sinks = [FileSink(tmp_path / "a"), Broken(tmp_path / "b", name="Broken"), FileSink(tmp_path / "c")]
+    fanout = Fanout(sinks, renderer, guard)
+    from lightning_rnnviz.render.jobs import Job
+
+    job = Job("grad_decay", {"history": {0: np.logspace(-3, 0, 10)[None]}, "name": "rnn", "layer_labels": ["layer 0"]},
+              "rnnviz/grad_decay/rnn", 4)
+    fanout.picture(job)
+    fanout.picture(job)  # the same tag and step again (another monitor): not drawn twice
+    fanout.close()
+    assert (tmp_path / "a" / "grad_decay" / "rnn" / "step_4.png").exists()
+    assert (tmp_path / "c" / "grad_decay" / "rnn" / "step_4.png").exists()
+    assert problems == [("write 'rnnviz/grad_decay/rnn' to Broken", "disk full")]
+    assert renderer.render_s > 0 and renderer.take() == []
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (7, 13, 3), (450, 800, 3)])
@@ -96,8 +139,8 @@ def test_event_file_records_carry_tensorboards_own_crc(tmp_path):
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
     events = EventFile(tmp_path)
-    events.add_summary(image_summary("rnnviz/hidden/m", np.zeros((3, 4, 3), np.uint8)), 5)
-    events.add_summary(histogram_summary("rnnviz/gates/m/input", np.linspace(0, 1, 101)), 5)
+    events.add_summary(image_summary("rnnviz/hidden/m", Picture.from_rgb(np.zeros((3, 4, 3), np.uint8))), 5)
+    events.add_summary(histogram_summary("rnnviz/gates_dist/m/input", Histogram.from_values(np.linspace(0, 1, 101))), 5)
     events.close()
     data = events.path.read_bytes()
     records = 0
@@ -113,22 +156,57 @@ def test_event_file_records_carry_tensorboards_own_crc(tmp_path):
 
 def test_histogram_summary_counts_every_value_once():
     values = np.concatenate([np.zeros(10), np.ones(5), np.linspace(0, 1, 85)]).astype(np.float32)
-    histogram = histogram_summary("t", values, bins=10).value[0].histo
+    histogram = histogram_summary("t", Histogram.from_values(values, bins=10)).value[0].histo
     assert sum(histogram.bucket) == 100 and histogram.num == 100
     assert histogram.min == 0.0 and histogram.max == 1.0 and histogram.bucket_limit[-1] == 1.0
     assert histogram.sum == pytest.approx(float(values.astype(np.float64).sum()))
     assert histogram.sum_squares == pytest.approx(float((values.astype(np.float64) ** 2).sum()))
-    constant = histogram_summary("t", np.full(7, 0.5)).value[0].histo
+    constant = histogram_summary("t", Histogram.from_values(np.full(7, 0.5))).value[0].histo
     assert list(constant.bucket) == [7.0] and constant.min == constant.max == 0.5
 
 
-def test_tensorboard_sink_writes_pictures_to_its_own_file_beside_the_loggers(tmp_path):
+def test_tensorboard_sink_writes_a_run_of_its_own_never_beside_another_writer(tmp_path):
+    """TensorBoard's Python loader follows only the last event file of a directory: ours lives in a directory
+    of its own (a run of its own), so neither the logger's scalars nor our pictures freeze."""
     writer = SummaryWriter(tmp_path)
-    sink = TensorBoardSink(writer)
-    sink.image("rnnviz/hidden/m", np.zeros((5, 5, 3), np.uint8), 1)
+    writer.add_scalar("train_loss", 1.0, 0)
+    sink = TensorBoardSink(run_dir(writer.get_logdir()))
+    sink.image("rnnviz/hidden/m", Picture.from_rgb(np.zeros((5, 5, 3), np.uint8)), 1)
     sink.close()
     writer.close()
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2 and any(name.endswith(".rnnviz") for name in files)
-    remote = TensorBoardSink(writer, own_file=False)
-    assert remote._file is None
+    assert len(list(tmp_path.glob("*tfevents*"))) == 1  # the logger's alone
+    assert sink.path.parent == tmp_path / "rnnviz" and len(list((tmp_path / "rnnviz").iterdir())) == 1
+
+
+def test_remote_directories_go_through_a_summary_writer_of_their_own():
+    made = []
+
+    class FakeWriter:
+        def __init__(self, directory):
+            made.append(directory)
+            self.summaries = []
+
+        def _get_file_writer(self):
+            return self
+
+        def add_summary(self, summary, step):
+            self.summaries.append((summary.value[0].tag, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    sink = TensorBoardSink(run_dir("s3://bucket/logs/version_0"), writer_factory=FakeWriter)
+    sink.image("rnnviz/hidden/m", Picture.from_rgb(np.zeros((5, 5, 3), np.uint8)), 2)
+    sink.close()
+    assert made == ["s3://bucket/logs/version_0/rnnviz"] and sink.path is None
+    assert sink._writer.summaries == [("rnnviz/hidden/m", 2)]
+
+
+def test_picture_decodes_its_png_only_when_asked():
+    rgb = np.random.default_rng(1).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    picture = Picture.from_rgb(rgb)
+    assert (picture.width, picture.height) == (9, 6) and picture.rgb() is rgb
+    np.testing.assert_array_equal(Picture(picture.png, 9, 6).rgb(), rgb)

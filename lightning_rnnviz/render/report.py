@@ -1,0 +1,376 @@
+"""What a recording becomes, for any logger and either Lightning namespace: pictures to draw, scalars and
+histograms.
+
+:class:`Reporter` is the Lightning-free core of the callbacks. It turns one :class:`~lightning_rnnviz.Recording`
+into calls on an *output* (:meth:`picture`, :meth:`scalars`, :meth:`histogram`; see :class:`Output`), keeps
+the per-epoch gradient curves behind the ``grad_decay`` picture, and guards every piece of work so that an
+error in a figure never reaches training. The callbacks only decide when to record and which loggers the
+output writes to.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+import lightning_rnnviz.render as render
+from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
+from lightning_rnnviz.render.jobs import Job
+from lightning_rnnviz.render.names import safe_name
+
+QUANTITIES = ("hidden", "gates", "grad_norm", "grad_decay", "attention")
+
+
+class Output(Protocol):
+    """Where a :class:`Reporter` sends what it makes (the callbacks' fan-out over every logger)."""
+
+    def picture(self, job: Job) -> None: ...
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None: ...
+
+    def histogram(self, tag: str, values: Callable[[], np.ndarray], step: int) -> None: ...
+
+
+class Guard:
+    """Runs one piece of a callback's work; an error is warned once per kind of work, counted in
+    ``counts`` and never reaches training. ``strict`` re-raises it instead (for tests).
+
+    Args:
+        owner: the name warnings start with, e.g. ``"RNNViz"``.
+        strict: re-raise instead of warning.
+        category: the warnings' class (the callbacks use :class:`~lightning_rnnviz.RNNVizWarning`).
+    """
+
+    def __init__(self, owner: str, strict: bool = False, category: type[Warning] = UserWarning) -> None:
+        self.owner = owner
+        self.strict = strict
+        self.category = category
+        self.counts: Counter[str] = Counter()
+        self.warned: set[str] = set()
+
+    def __call__(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 - the run must not die for a picture
+            if self.strict:
+                raise
+            self.problem(what, error)
+            return None
+
+    def problem(self, what: str, error: BaseException | str) -> None:
+        """Count a failure of ``what``; the first one is warned."""
+        self.counts[what] += 1
+        detail = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.once(what, f"{self.owner} could not {what} ({detail}); skipped, training goes on. Further errors "
+                  "are counted in `error_counts`.")
+
+    def once(self, key: str, message: str) -> bool:
+        """Warn ``message`` unless a warning was given under ``key`` already; whether it was given now."""
+        if key in self.warned:
+            return False
+        self.warned.add(key)
+        warnings.warn(message, self.category, stacklevel=4)
+        return True
+
+
+class Reporter:
+    """Turns recordings into pictures, scalars and histograms for one monitor.
+
+    Args:
+        quantities: what to produce, a subset of :data:`QUANTITIES`.
+        names: the modules this monitor shows (records of other modules are ignored).
+        guard: runs each piece of work (see :class:`Guard`).
+        sample: which sequence of the batch the figures draw.
+        top_k: most units per layer in hidden-state heatmaps.
+        max_heads: most attention heads drawn.
+        max_time: most time columns drawn.
+        renderer: ``"fast"`` or ``"matplotlib"``, carried by every :class:`~lightning_rnnviz.render.jobs.Job`.
+        histograms: produce activation histograms.
+    """
+
+    def __init__(
+        self,
+        quantities: Iterable[str],
+        names: Iterable[str],
+        guard: Guard,
+        *,
+        sample: int = 0,
+        top_k: int = 64,
+        max_heads: int = 8,
+        max_time: int = 256,
+        renderer: str = "fast",
+        histograms: bool = True,
+    ) -> None:
+        self.quantities = tuple(quantities)
+        self.names = set(names)
+        self.guard = guard
+        self.sample, self.top_k, self.max_heads, self.max_time = sample, top_k, max_heads, max_time
+        self.renderer = renderer
+        self.histograms = histograms
+        self.decay_history: dict[str, dict[int, torch.Tensor]] = {}
+        self.layer_labels: dict[str, list[str]] = {}  # module -> "layer 0", "layer 0 reverse", ...
+        self._epoch_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # --- one recording ---------------------------------------------------------------------------
+    def report(
+        self,
+        recording: Recording,
+        out: Output,
+        step: int,
+        *,
+        prefix: str = "rnnviz",
+        training: bool = True,
+        tokens: Callable[[], Any] | None = None,
+    ) -> None:
+        """Everything one recording shows, sent to ``out``.
+
+        Args:
+            recording: the probe's recording of one batch.
+            out: where pictures, scalars and histograms go.
+            step: the step they are logged at.
+            prefix: ``"rnnviz"`` for training, ``"rnnviz/val"`` for the validation sample.
+            training: whether the batch was a training batch (statistics and gradients only then).
+            tokens: ``labels(batch)``, called at most once, for the time axes.
+        """
+        mine = {n: r for n, r in recording.items() if n in self.names}
+        self.guard("draw the chosen `sample`", lambda: self._check_sample(mine))
+        labels = None
+        if tokens is not None:
+            labels = self.guard("use the `labels` tokens", lambda: self._checked_tokens(tokens(), mine))
+        self._warn_nonfinite(mine, step)
+        for name, record in mine.items():
+            if isinstance(record, RNNRecord):
+                self._report_rnn(name, record, out, step, prefix, training, labels)
+            elif isinstance(record, AttentionRecord) and "attention" in self.quantities:
+                self._report_attention(name, record, out, step, prefix, training, labels)
+
+    def _warn_nonfinite(self, records: Mapping[str, Any], step: int) -> None:
+        """One warning per run when a recording holds NaN/Inf (the figures mark them at every step)."""
+        if "nonfinite" in self.guard.warned:
+            return
+        for name, record in records.items():
+            fields = ("hidden", "hidden_grad", "cell", "cell_grad") if isinstance(record, RNNRecord) else ("attention",)
+            # A finite sum means finite values (one pass, no mask); only a non-finite sum needs the real check.
+            bad = [f for f in fields if getattr(record, f) is not None and not bool(getattr(record, f).sum().isfinite())
+                   and not bool(torch.isfinite(getattr(record, f)).all())]
+            if bad:
+                self.guard.once("nonfinite", f"{self.guard.owner}: NaN/Inf in {', '.join(bad)} of {name!r} at step "
+                                f"{step}. Training goes on; the figures mark non-finite values (this warning is shown once).")
+                return
+
+    def _check_sample(self, records: Mapping[str, Any]) -> None:
+        for name, record in records.items():
+            batch = record.batch if isinstance(record, RNNRecord) else record.attention.shape[0]
+            if self.sample >= batch:
+                raise ValueError(
+                    f"`sample={self.sample}` is past the {batch} recorded sequences of {name!r}; the last one is "
+                    f"drawn instead. Pick `sample` below {batch}."
+                )
+
+    def _checked_tokens(self, tokens: Any, records: Mapping[str, Any]) -> dict[str, list[str]] | None:
+        """``labels(batch)``, checked against the time axes of this recording: each token list must fit
+        at least one of them; figures then use it wherever its length matches."""
+        tokens = _token_lists(tokens)
+        lengths: set[int] = set()
+        for record in records.values():
+            if isinstance(record, RNNRecord):
+                lengths.add(int(record.lengths[min(self.sample, record.batch - 1)]))
+            else:
+                sample = min(self.sample, record.attention.shape[0] - 1)
+                queries, keys = record.attention.shape[-2:]
+                lengths.update((queries, int(record.key_lengths[sample]) if record.key_lengths is not None else keys))
+        for axis, values in (tokens or {}).items():
+            if len(values) not in lengths:
+                raise ValueError(
+                    f"`labels(batch)` returned {len(values)} {axis} tokens but the recorded sequences have "
+                    f"{', '.join(str(n) for n in sorted(lengths))} steps; return one token per time step of "
+                    f"batch row `sample={self.sample}`."
+                )
+        return tokens
+
+    def _picture(self, out: Output, quantity: str, name: str, step: int, prefix: str,
+                 reduce: Callable[[], Any]) -> None:
+        """Reduce on this thread (milliseconds); the output draws and writes it."""
+        tag = f"{prefix}/{quantity}/{safe_name(name)}"
+
+        def work() -> None:
+            payload = reduce()
+            if payload is not None:
+                out.picture(Job(quantity, payload, tag, step, self.renderer))
+
+        self.guard(f"draw {quantity} of {name!r}", work)
+
+    def _stats(self, out: Output, quantity: str, name: str, step: int,
+               compute: Callable[[], Mapping[str, float]]) -> None:
+        base = f"rnnviz/{quantity}/{safe_name(name)}"
+        self.guard(f"{quantity} statistics of {name!r}",
+                   lambda: out.scalars({f"{base}/{k}": float(v) for k, v in compute().items()}, step))
+
+    def _histogram(self, out: Output, tag: str, step: int, values: Callable[[], np.ndarray]) -> None:
+        if self.histograms:
+            self.guard(f"histogram {tag!r}", lambda: out.histogram(tag, values, step))
+
+    def _report_rnn(self, name: str, record: RNNRecord, out: Output, step: int, prefix: str, training: bool,
+                    tokens: dict[str, list[str]] | None) -> None:
+        sample = min(self.sample, record.batch - 1)
+        safe = safe_name(name)
+        self.layer_labels[name] = [record.layer_label(i) for i in range(record.hidden.shape[0])]
+        if "hidden" in self.quantities:
+            length = int(record.lengths[sample])
+            labels = _fitting(tokens.get("input") if tokens else None, length)
+            self._picture(out, "hidden", name, step, prefix,
+                          lambda: render.reduce_hidden(record, sample, self.top_k, self.max_time, labels))
+            if training:
+                self._stats(out, "hidden", name, step, lambda: render.hidden_stats(record))
+            self._histogram(out, f"{prefix}/hidden_dist/{safe}", step, lambda: valid_values(record, record.hidden))
+        if "gates" in self.quantities and record.gates:
+            self._picture(out, "gates", name, step, prefix, lambda: render.reduce_gates(record, self.max_time))
+            if training:
+                self._stats(out, "gates", name, step, lambda: render.gate_stats(record))
+            for gate, values in record.gates.items():
+                self._histogram(out, f"{prefix}/gates_dist/{safe}/{gate}", step,
+                                lambda v=values: valid_values(record, v))
+        if training and "grad_norm" in self.quantities and record.hidden_grad is not None:
+            self._picture(out, "grad_norm", name, step, prefix, lambda: render.reduce_grad_norm(record))
+            self._stats(out, "grad_norm", name, step, lambda: render.grad_stats(record))
+        if training and "grad_decay" in self.quantities and record.hidden_grad is not None:
+            self.guard(f"collect the gradient curve of {name!r}", lambda: self._accumulate_decay(name, record))
+
+    def _report_attention(self, name: str, record: AttentionRecord, out: Output, step: int, prefix: str,
+                          training: bool, tokens: dict[str, list[str]] | None) -> None:
+        sample = min(self.sample, record.attention.shape[0] - 1)
+        queries, keys = record.attention.shape[-2:]
+        if record.key_lengths is not None:
+            keys = int(record.key_lengths[sample])
+        key_labels = query_labels = None
+        if tokens:
+            key_labels = _fitting(tokens.get("input"), keys)
+            query_labels = _fitting(tokens.get("output"), queries)
+            if "output" not in tokens and record.kind == "MultiheadAttention" and queries == keys:
+                query_labels = key_labels  # self-attention over one sequence
+        self._picture(out, "attention", name, step, prefix, lambda: render.reduce_attention(
+            record, sample, self.max_heads, query_labels, key_labels, self.max_time))
+        if training:
+            self._stats(out, "attention", name, step, lambda: render.attention_stats(record))
+
+    # --- epochs ------------------------------------------------------------------------------------
+    def _accumulate_decay(self, name: str, record: RNNRecord) -> None:
+        norm = record.grad_norm  # (rows, T)
+        finite = torch.isfinite(norm)
+        values = torch.where(finite, norm, torch.zeros_like(norm)).double()
+        total, count = self._epoch_sums.get(name, (values.new_zeros(0), values.new_zeros(0)))
+        steps = max(total.shape[-1] if total.numel() else 0, values.shape[-1])
+        total = _pad_to(total, values.shape[0], steps)
+        count = _pad_to(count, values.shape[0], steps)
+        total[:, : values.shape[-1]] += values
+        count[:, : values.shape[-1]] += finite.double()
+        self._epoch_sums[name] = (total, count)
+
+    def end_epoch(self, epoch: int, step: int, out: Output) -> bool:
+        """Close a training epoch: store its mean gradient curves and redraw ``grad_decay`` for every module
+        this epoch added to (an epoch without a recording changes no picture). Whether anything was drawn."""
+        if "grad_decay" not in self.quantities:
+            self._epoch_sums = {}
+            return False
+        for name, (total, count) in self._epoch_sums.items():
+            self.decay_history.setdefault(name, {})[epoch] = total / count
+        updated, self._epoch_sums = set(self._epoch_sums), {}
+        drawn = False
+        for name, history in self.decay_history.items():
+            if name not in self.names or name not in updated:
+                continue
+            rows = next(iter(history.values())).shape[0]
+            labels = self.layer_labels.get(name) or [f"row {i}" for i in range(rows)]
+            payload = {"history": {e: h.numpy() for e, h in history.items()}, "name": name, "layer_labels": labels}
+            self._picture(out, "grad_decay", name, step, "rnnviz", lambda p=payload: p)
+            drawn = True
+        return drawn
+
+
+def scalar_layout(kinds: Mapping[str, str], quantities: Iterable[str] = QUANTITIES) -> dict[str, dict[str, list[str]]]:
+    r"""Charts for TensorBoard's Custom Scalars dashboard: one category per module, one multi-line chart per
+    family of statistics (every layer, direction, gate or head as one line), plus one category comparing
+    every module. Charts are ``{category: {title: [tag regex, ...]}}``.
+
+    Args:
+        kinds: module name -> ``"attention"`` or the recurrent module's type (``"LSTM"``, ``"GRUCell"``, ...).
+        quantities: what the monitors log.
+
+    Example::
+
+        >>> charts = scalar_layout({"enc.rnn": "LSTM"}, ("grad_norm",))
+        >>> charts["rnnviz: enc.rnn"]["gradient: log10(first / last norm)"]
+        ['rnnviz/grad_norm/enc\\.rnn/log10_ratio(/.*)?$']
+    """
+    wanted = set(quantities)
+    charts: dict[str, dict[str, list[str]]] = {}
+    every: dict[str, list[str]] = {}
+    for name, kind in sorted(kinds.items()):
+        m = re.escape(safe_name(name))
+        group: dict[str, list[str]] = {}
+        if kind == "attention":
+            if "attention" in wanted:
+                group["attention: normalised entropy per head (1 = uniform)"] = [f"rnnviz/attention/{m}/entropy_norm/.*"]
+                group["attention: largest weight per head"] = [f"rnnviz/attention/{m}/focus/.*"]
+                every.setdefault("attention: normalised entropy, every module", []).append(
+                    f"rnnviz/attention/{m}/entropy_norm/.*")
+        else:
+            if "grad_norm" in wanted:
+                group["gradient: norm at the first and last processed step"] = [
+                    f"rnnviz/grad_norm/{m}/(first|last)_norm(/.*)?$"]
+                group["gradient: log10(first / last norm)"] = [f"rnnviz/grad_norm/{m}/log10_ratio(/.*)?$"]
+                group["gradient: decay per step (log10)"] = [f"rnnviz/grad_norm/{m}/decay_per_step(/.*)?$"]
+                every.setdefault("gradient: log10(first / last norm), every module", []).append(
+                    f"rnnviz/grad_norm/{m}/log10_ratio(/.*)?$")
+            if "gates" in wanted and kind in ("LSTM", "GRU", "LSTMCell", "GRUCell"):
+                group["gates: mean activation"] = [f"rnnviz/gates/{m}/[a-z]+_mean(/.*)?$"]
+                group["gates: fraction saturated"] = [f"rnnviz/gates/{m}/[a-z]+_saturated_(low|high)(/.*)?$"]
+            if "hidden" in wanted:
+                group["hidden: mean |h| and fraction saturated"] = [f"rnnviz/hidden/{m}/(mean_abs|saturated)(/.*)?$"]
+                group["hidden: step change ||h_t - h_(t-1)||"] = [f"rnnviz/hidden/{m}/step_change(/.*)?$"]
+        if group:
+            charts[f"rnnviz: {name or 'root'}"] = group
+    if every:
+        charts["rnnviz: every module"] = every
+    return charts
+
+
+def valid_values(record: RNNRecord, values: torch.Tensor) -> np.ndarray:
+    """The entries of ``values`` ``(rows, batch, time, units)`` at valid steps, flattened."""
+    if record.all_valid:
+        return values.reshape(-1).numpy()  # no padding: a view, no copy
+    return values[:, record.valid_mask()].flatten().numpy()
+
+
+def _token_lists(tokens: Any) -> dict[str, list[str]] | None:
+    if tokens is None:
+        return None
+    if isinstance(tokens, Mapping):
+        unknown = set(tokens) - {"input", "output"}
+        if unknown:
+            raise ValueError(f"`labels(batch)` may return keys 'input' and 'output', got {sorted(unknown)}.")
+        return {k: _token_list(v) for k, v in tokens.items()}
+    return {"input": _token_list(tokens)}
+
+
+def _token_list(tokens: Any) -> list[str]:
+    if isinstance(tokens, str) or not isinstance(tokens, Sequence):
+        raise ValueError(f"`labels(batch)` must return a list of str, got {type(tokens).__name__}.")
+    return [str(t) for t in tokens]
+
+
+def _fitting(tokens: list[str] | None, length: int) -> list[str] | None:
+    return tokens if tokens is not None and len(tokens) == length else None
+
+
+def _pad_to(t: torch.Tensor, rows: int, steps: int) -> torch.Tensor:
+    out = torch.zeros(rows, steps, dtype=torch.float64)
+    if t.numel():
+        out[:, : t.shape[-1]] = t
+    return out

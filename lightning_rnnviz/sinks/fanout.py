@@ -1,0 +1,98 @@
+"""One output for every logger of a Trainer: pictures drawn once, then written to each sink."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from lightning_rnnviz.render.jobs import Job
+from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer
+from lightning_rnnviz.sinks.base import Histogram, Sink
+
+Guard = Callable[[str, Callable[[], Any]], Any]
+
+
+def _unguarded(what: str, fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+class Fanout:
+    """Sends each picture, scalar, histogram and text to every sink; a failing sink never stops the others.
+
+    Pictures go to the renderer first (drawn and encoded once); :meth:`drain` writes what it has drawn to
+    every sink. A picture is drawn at most once per ``(tag, step)``, however many monitors ask for it.
+
+    Args:
+        sinks: one per logger.
+        renderer: draws the jobs (on this thread or in a child process).
+        guard: ``guard(what, fn)`` runs each write, so that an error is warned and counted, not raised.
+    """
+
+    def __init__(self, sinks: Sequence[Sink], renderer: InlineRenderer | BackgroundRenderer,
+                 guard: Guard = _unguarded) -> None:
+        self.sinks = list(sinks)
+        self.renderer = renderer
+        self.guard = guard
+        self.written: set[tuple[str, int]] = set()  # (tag, step) of pictures handed over this run
+        self.write_s = 0.0  # time spent writing to the sinks
+
+    @property
+    def wants_histograms(self) -> bool:
+        return any(sink.wants_histograms for sink in self.sinks)
+
+    def _each(self, what: str, call: Callable[[Sink], Any]) -> None:
+        started = time.perf_counter()
+        for sink in self.sinks:
+            self.guard(f"{what} to {sink.name}", lambda s=sink: call(s))
+        self.write_s += time.perf_counter() - started
+
+    def picture(self, job: Job) -> None:
+        """Have ``job`` drawn, unless its tag was drawn for this step already."""
+        key = (job.tag, job.step)
+        if key in self.written:
+            return
+        self.written.add(key)
+        self.renderer.submit(job)
+        if self.renderer.has_results:
+            self.drain()
+
+    def drain(self) -> None:
+        """Write every picture the renderer has drawn so far."""
+        for tag, step, picture in self.renderer.take():
+            self._each(f"write {tag!r}", lambda s, t=tag, p=picture, n=step: s.image(t, p, n))
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        if values:
+            self._each("write scalars", lambda s: s.scalars(values, step))
+
+    def histogram(self, tag: str, values: Callable[[], np.ndarray], step: int) -> None:
+        """Bucket ``values()`` once (only if some sink keeps histograms) and write it everywhere."""
+        takers = [sink for sink in self.sinks if sink.wants_histograms]
+        if not takers:
+            return
+        histogram = Histogram.from_values(values())
+        if histogram is None:
+            return  # nothing finite to show
+        started = time.perf_counter()
+        for sink in takers:
+            self.guard(f"write {tag!r} to {sink.name}", lambda s=sink: s.histogram(tag, histogram, step))
+        self.write_s += time.perf_counter() - started
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self._each(f"write {tag!r}", lambda s: s.text(tag, markdown, step))
+
+    def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
+        self._each("write the chart layout", lambda s: s.layout(charts))
+
+    def flush(self) -> None:
+        self.drain()
+        self._each("flush", lambda s: s.flush())
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Let the renderer finish, write what it drew, then flush and close every sink."""
+        self.guard("stop the drawing process", lambda: self.renderer.close(timeout))
+        self.flush()
+        self._each("close", lambda s: s.close())
