@@ -24,15 +24,20 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch import nn
 
 from lightning_rnnviz import GradientNormMonitor, Probe, RNNViz, RNNVizWarning, render
 from tests.helpers.events import RunEvents
+from tests.helpers.namespace import (
+    Callback,
+    CSVLogger,
+    MixedPrecision,
+    ModelCheckpoint,
+    TensorBoardLogger,
+    pl,
+)
 from tests.helpers.models import (
     ConfigureModelSeqModel,
     InterruptModel,
@@ -276,7 +281,6 @@ def test_16_mixed_with_gradscaler_reports_unscaled_gradients(tmp_path, fp32_rnn_
     """``Trainer(precision="16-mixed")`` on CPU silently becomes bf16-mixed (Lightning's choice), but the
     ``MixedPrecision("16-mixed")`` plugin with a CPU ``GradScaler`` runs for real: the hooks see gradients
     1024 times too large (and 1/k with accumulation); the callback must take both out."""
-    from pytorch_lightning.plugins.precision import MixedPrecision
 
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     assert scaler.is_enabled()

@@ -7,9 +7,7 @@ import csv
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_rnnviz import (
     AttentionMonitor,
@@ -21,6 +19,7 @@ from lightning_rnnviz import (
     RNNVizWarning,
 )
 from tests.helpers.events import RunEvents, run_dirs, tag_kinds
+from tests.helpers.namespace import CSVLogger, TensorBoardLogger, pl
 from tests.helpers.models import NoRNNModel, TinySeqModel, loader
 
 pytestmark = pytest.mark.filterwarnings(

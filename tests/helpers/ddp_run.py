@@ -18,12 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_rnnviz import Probe, RNNViz
+from tests.helpers.namespace import Callback, TensorBoardLogger, pl
 from tests.helpers.models import TinySeqModel, loader
 
 # Count recording blocks in this process: at module level so that spawned ranks (which import this file

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
+
+from tests.helpers.namespace import pl
 
 
 class TinySeqModel(pl.LightningModule):
