@@ -59,7 +59,7 @@ INSTALL_HINT = (
 # Debian's /usr/bin/chromium is a shell wrapper that sources /etc/chromium.d (extra flags, extensions);
 # the binary behind it is started directly when it is there.
 _BROWSERS = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "chromium", "chromium-browser",
-             "google-chrome")  # fmt: skip
+             "google-chrome")
 _DRIVERS = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver", "chromedriver")
 
 
@@ -152,10 +152,11 @@ def chromium(paths: ChromiumPaths | None = None, *, window_size: tuple[int, int]
     profile = tempfile.mkdtemp(prefix="tensorboard-harness-chromium-")
     options = Options()
     options.binary_location = paths.browser
-    for flag in (*CHROMIUM_FLAGS, f"--window-size={window_size[0]},{window_size[1]}", f"--user-data-dir={profile}"):
+    size = f"--window-size={window_size[0]},{window_size[1]}"
+    for flag in (*CHROMIUM_FLAGS, size, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     service = Service(paths.driver, log_output=os.path.join(profile, "chromedriver.log"),
-                      popen_kw={"start_new_session": True})  # fmt: skip
+                      popen_kw={"start_new_session": True})
     driver = None
     try:
         driver = webdriver.Chrome(service=service, options=options)
@@ -177,7 +178,7 @@ def chromium(paths: ChromiumPaths | None = None, *, window_size: tuple[int, int]
 
 
 def open_dashboard(driver: Any, server: TensorBoardServer, dashboard: str) -> None:
-    """Load TensorBoard afresh at ``/#<dashboard>`` (``timeseries``, ``images``, ``custom_scalars``, ``text``)."""
+    """Load TensorBoard afresh at ``/#<dashboard>`` (``timeseries``, ``images``, ``custom_scalars``, ...)."""
     driver.get("about:blank")  # a new hash on the same page would not reload it
     driver.get(f"{server.url}/#{dashboard}")
 
@@ -197,7 +198,8 @@ def image_cards(driver: Any, server: TensorBoardServer, *, tag_filter: str | Non
     """
     open_dashboard(driver, server, dashboard)
     if tag_filter:
-        _type_into(driver, "tf-tag-filterer" if dashboard == "images" else "metrics-tag-filter", tag_filter, timeout)
+        host = "tf-tag-filterer" if dashboard == "images" else "metrics-tag-filter"
+        _type_into(driver, host, tag_filter, timeout)
     looks: list[list[ImageCard]] = []
 
     def look() -> list[ImageCard]:
@@ -210,11 +212,11 @@ def image_cards(driver: Any, server: TensorBoardServer, *, tag_filter: str | Non
     def settled(cards: list[ImageCard]) -> bool:
         enough = bool(cards) if expect is None else len(cards) == expect
         return (enough and (not loaded or all(c.loaded for c in cards))
-                and len(looks) > 1 and looks[-2] == cards)  # fmt: skip
+                and len(looks) > 1 and looks[-2] == cards)
 
     return wait_until(look, timeout, 0.25, until=settled, ignore=_js_errors(),
                       what=f"{expect or 'some'} {'loaded ' if loaded else ''}image cards on /#{dashboard} "
-                           f"(filter {tag_filter!r})")  # fmt: skip
+                           f"(filter {tag_filter!r})")
 
 
 def read_image_cards(driver: Any, dashboard: Literal["images", "timeseries"] = "images") -> list[ImageCard]:
@@ -242,7 +244,8 @@ def custom_scalar_charts(driver: Any, server: TensorBoardServer, *, expect: int 
         return enough and all(c.lines > 0 for c in charts)
 
     return wait_until(lambda: [ChartCard(**raw) for raw in driver.execute_script(_DEEP + _CHARTS)],
-                      timeout, 0.25, until=ready, ignore=_js_errors(), what=f"{expect or 'some'} drawn custom-scalar charts")
+                      timeout, 0.25, until=ready, ignore=_js_errors(),
+                      what=f"{expect or 'some'} drawn custom-scalar charts")
 
 
 def text_cards(driver: Any, server: TensorBoardServer, *, expect: int | None = None,
@@ -254,14 +257,15 @@ def text_cards(driver: Any, server: TensorBoardServer, *, expect: int | None = N
         raw = driver.execute_script(_DEEP + _TEXT_CARDS)
         cards = [TextCard(c["tag"], c["run"], tuple(
             TextEntry(e["step"], e["text"], tuple(tuple(tuple(row) for row in t) for t in e["tables"]))
-            for e in c["entries"])) for c in raw]  # fmt: skip
+            for e in c["entries"])) for c in raw]
         return sorted(cards, key=lambda c: (c.run, c.tag))
 
     def ready(cards: list[TextCard]) -> bool:
         enough = bool(cards) if expect is None else len(cards) == expect
         return enough and all(c.entries for c in cards)
 
-    return wait_until(look, timeout, 0.25, until=ready, ignore=_js_errors(), what=f"{expect or 'some'} text cards with text")
+    return wait_until(look, timeout, 0.25, until=ready, ignore=_js_errors(),
+                      what=f"{expect or 'some'} text cards with text")
 
 
 def screenshot(driver: Any, path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -318,7 +322,8 @@ def _js_errors() -> tuple[type[BaseException], ...]:
 
 def _type_into(driver: Any, host: str, text: str, timeout: float) -> None:
     """Type ``text`` into the first ``<input>`` under the element ``host``, as a person would."""
-    field = wait_until(lambda: driver.execute_script(_DEEP + _FIND_INPUT, host), timeout, 0.2, ignore=_js_errors(),
+    field = wait_until(lambda: driver.execute_script(_DEEP + _FIND_INPUT, host), timeout, 0.2,
+                       ignore=_js_errors(),
                        what=f"the <input> of <{host}>")
     field.click()
     field.send_keys(text)
@@ -329,7 +334,7 @@ def _reap(profile: str, pgid: int | None) -> list[Any]:
 
     def ours() -> list[Any]:
         return [p for p in processes() if (pgid is not None and p.pgid == pgid)
-                or any(profile in a for a in p.argv)]  # fmt: skip
+                or any(profile in a for a in p.argv)]
 
     deadline = time.monotonic() + 5.0
     while ours() and time.monotonic() < deadline:  # quit() is asynchronous for the renderer processes
@@ -357,7 +362,11 @@ function deepAll(root, selector, out) {
 function deepFirst(root, selector) { const all = deepAll(root, selector); return all.length ? all[0] : null; }
 function words(el) { return el ? (el.innerText || el.textContent || '').replace(/\\s+/g, ' ').trim() : ''; }
 function loaded(img) { return !!img && img.complete && img.naturalWidth > 0; }
-function box(el) { const r = el ? el.getBoundingClientRect() : null; return r ? [r.width, r.height] : [0, 0]; }
+function box(el) {
+  const r = el ? el.getBoundingClientRect() : null;
+  return r ? [r.width, r.height] : [0, 0];
+}
+function orNull(v) { return v === undefined ? null : v; }
 """
 
 _FIND_INPUT = """
@@ -377,7 +386,7 @@ return deepAll(document, 'tf-image-loader').map(el => {
           natural_width: img ? img.naturalWidth : 0, natural_height: img ? img.naturalHeight : 0,
           shown_width: w, shown_height: h,
           step: current ? current.step : null, steps: steps ? steps.length : null,
-          sample: el.sample === undefined ? null : el.sample, of_samples: el.ofSamples === undefined ? null : el.ofSamples,
+          sample: orNull(el.sample), of_samples: orNull(el.ofSamples),
           category: String(category.name), search_result: category.metadata.type === 0,
           visible: box(el)[0] > 0};
 });
@@ -418,7 +427,8 @@ return deepAll(document, sel).map(el => {
 _TEXT_CARDS = """
 return deepAll(document, 'tf-text-loader').map(el => {
   const root = el.shadowRoot || el;
-  const steps = Array.from(root.querySelectorAll('.step-container')).map(s => words(s.querySelector('.step-value')));
+  const steps = Array.from(root.querySelectorAll('.step-container'))
+    .map(s => words(s.querySelector('.step-value')));
   const texts = Array.from(root.querySelectorAll('.text')).map(t => {
     const view = t.querySelector('tf-markdown-view');
     const md = view && view.shadowRoot ? view.shadowRoot.querySelector('#markdown') : t;
@@ -427,6 +437,7 @@ return deepAll(document, 'tf-text-loader').map(el => {
       tr => Array.from(tr.querySelectorAll('th, td')).map(words)))};
   });
   return {tag: String(el.tag), run: String(el.run), entries: texts.map((t, i) => ({
-    step: steps[i] !== undefined && steps[i] !== '' ? Number(steps[i]) : null, text: t.text, tables: t.tables}))};
+    step: steps[i] !== undefined && steps[i] !== '' ? Number(steps[i]) : null,
+    text: t.text, tables: t.tables}))};
 });
 """

@@ -1,4 +1,4 @@
-"""A real TensorBoard for tests: started in a subprocess on loopback, read through its HTTP API, always stopped.
+"""A real TensorBoard for tests: a subprocess on loopback, read through its HTTP API, always stopped.
 
 Tests that say "the user sees it in TensorBoard" start ``python -m tensorboard.main`` on a log folder with
 either of its two loaders and ask it what it serves, as its web page does:
@@ -256,7 +256,7 @@ class TensorBoardServer:
                 raise ValueError(f"`extra_flags` may not contain {flag!r}: the server stays on 127.0.0.1")
 
     # ----------------------------------------------------------------------------------- lifecycle
-    def __enter__(self) -> TensorBoardServer:
+    def __enter__(self) -> TensorBoardServer:  # noqa: PYI034 - Self needs Python 3.11
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -293,7 +293,7 @@ class TensorBoardServer:
             f"--load_fast={_LOAD_FAST[self.loader]}",
             "--samples_per_plugin", self.samples_per_plugin,
             *self.extra_flags,
-        ]  # fmt: skip
+        ]
 
     def start(self) -> TensorBoardServer:
         """Start TensorBoard, wait until it answers and check its loader; on failure it is stopped again."""
@@ -350,8 +350,8 @@ class TensorBoardServer:
             except NOT_YET:
                 time.sleep(0.1)
         raise TensorBoardStartupError(
-            f"TensorBoard ({self.loader} loader) did not answer on {self.url} within {self.startup_timeout:g} "
-            f"s; its log ends:\n{self.log_tail()}"
+            f"TensorBoard ({self.loader} loader) did not answer on {self.url} within "
+            f"{self.startup_timeout:g} s; its log ends:\n{self.log_tail()}"
         )
 
     def _check_loader(self) -> Loader:
@@ -366,9 +366,10 @@ class TensorBoardServer:
         if found != self.loader:
             raise TensorBoardStartupError(
                 f"asked for the {self.loader} loader (--load_fast={_LOAD_FAST[self.loader]}, flags "
-                f"{list(self.extra_flags)}) but TensorBoard serves from {provider or 'an unnamed provider'!r} "
-                f"with data-server processes {servers}: a test on this server would not test the "
-                f"{self.loader} loader. Is `tensorboard-data-server` installed and runnable? Log ends:\n"
+                f"{list(self.extra_flags)}) but TensorBoard serves from "
+                f"{provider or 'an unnamed provider'!r} with data-server processes {servers}: a test on "
+                f"this server would not test the {self.loader} loader. Is `tensorboard-data-server` "
+                f"installed and runnable? Log ends:\n"
                 f"{self.log_tail()}"
             )
         return found
@@ -380,7 +381,7 @@ class TensorBoardServer:
         return [
             p.pid for p in processes()
             if p.ppid == self._proc.pid and any(a.startswith("--port-file=") for a in p.argv)
-        ]  # fmt: skip
+        ]
 
     def stop(self) -> None:
         """Stop TensorBoard and its data server (SIGTERM, then SIGKILL); raise if any process is left."""
@@ -479,7 +480,8 @@ class TensorBoardServer:
                 infos = {tag: TagInfo(display_name="") for tag in tags}
             else:
                 infos = {
-                    tag: TagInfo(info.get("displayName", ""), info.get("description", ""), info.get("samples"))
+                    tag: TagInfo(info.get("displayName", ""), info.get("description", ""),
+                                 info.get("samples"))
                     for tag, info in tags.items()
                 }
             if infos:
@@ -489,7 +491,7 @@ class TensorBoardServer:
     def _custom_scalar_tags(self) -> dict[str, dict[str, TagInfo]]:
         charts = [(chart.get("title", ""), _chart_patterns(chart))
                   for category in self.custom_scalars_layout().get("category", [])
-                  for chart in category.get("chart", [])]  # fmt: skip
+                  for chart in category.get("chart", [])]
         out: dict[str, dict[str, TagInfo]] = {}
         for run in self.runs():
             for title, patterns in charts:
@@ -509,7 +511,7 @@ class TensorBoardServer:
             ImageEntry(run, tag, int(row["step"]), float(row["wall_time"]),
                        f"{self.url}/data/plugin/images/individualImage?{row['query']}")
             for row in rows
-        ]  # fmt: skip
+        ]
         if not sizes:
             return entries
         out = []
@@ -556,7 +558,7 @@ class TensorBoardServer:
         return self.get_json("/data/plugin/custom_scalars/layout")
 
     def custom_scalars(self, run: str, pattern: str) -> dict[str, list[ScalarPoint]]:
-        """What a custom-scalars chart plots for ``run``: ``{tag: points}`` for the tags ``pattern`` matches."""
+        """What a custom-scalars chart draws for ``run``: ``{tag: points}``, the tags ``pattern`` matches."""
         body = self.get_json("/data/plugin/custom_scalars/scalars", {"run": run, "tag": pattern})
         if not body.get("regex_valid", False):
             raise ValueError(f"TensorBoard finds the custom-scalars regex {pattern!r} invalid")
@@ -649,7 +651,8 @@ def processes() -> list[Process]:
         state, ppid, pgid = fields[0], int(fields[1]), int(fields[2])
         if state in ("Z", "X"):
             continue
-        out.append(Process(int(entry), ppid, pgid, state, tuple(a.decode("utf-8", "replace") for a in argv if a)))
+        args = tuple(a.decode("utf-8", "replace") for a in argv if a)
+        out.append(Process(int(entry), ppid, pgid, state, args))
     return out
 
 
@@ -678,7 +681,8 @@ def _chart_patterns(chart: Mapping[str, Any]) -> list[str]:
     if "multiline" in chart:
         return list(chart["multiline"].get("tag", []))
     if "margin" in chart:
-        return [s[k] for s in chart["margin"].get("series", []) for k in ("value", "lower", "upper") if k in s]
+        series = chart["margin"].get("series", [])
+        return [s[k] for s in series for k in ("value", "lower", "upper") if k in s]
     return []
 
 
