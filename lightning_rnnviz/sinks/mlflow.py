@@ -9,9 +9,12 @@ Works with the ``MLFlowLogger`` of either Lightning namespace, duck-typed: the s
   arrives).
 - Pictures go to the client's ``log_image(run_id, image, key=tag, step=step)`` where the installed MLflow
   has it (2.12 and later; feature-detected once per sink from its signature): MLflow's run page then
-  shows them by key with a step slider. MLflow stores them as ``images/<key, '/' as '~'>+step+<n>+...``
-  (a full-size PNG it encodes itself, about 20 ms for an 800x600 picture, and a small WebP). Older
-  MLflow gets our own PNG bytes, unchanged, as the artifact ``<tag>/step_<n>.png``.
+  shows them by key with a step slider. MLflow 3.11+ stores them as ``images/<key, '/' as
+  '~'>+step+<n>+...`` (a full-size PNG it encodes itself, about 20 ms for an 800x600 picture, and a
+  small WebP). MLflow 2.12 to 3.10 wrote a key's ``/`` as ``#``, which its own artifact download (API
+  and UI) then refuses as an unsafe path, so there the key's ``/`` become ``-``
+  (``rnnviz-hidden-<module>``). Older MLflow gets our own PNG bytes, unchanged, as the artifact
+  ``<tag>/step_<n>.png``.
 - Text (markdown findings) is the artifact ``<tag>/step_<n>.md`` (``log_text``).
 - Histograms: MLflow has no histogram view, so none are sent (``wants_histograms`` is False).
 
@@ -33,6 +36,18 @@ if TYPE_CHECKING:  # the refactored interface's types
     from lightning_rnnviz.sinks.base import Histogram, Picture  # type: ignore[attr-defined]
 
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+
+
+def slashes_survive_image_keys() -> bool:
+    """Whether the installed MLflow's ``log_image(key=)`` keeps a ``/`` readable (3.11+ writes it as
+    ``~``; 2.12 to 3.10 wrote ``#``, which MLflow's artifact download rejects)."""
+    try:
+        import mlflow
+
+        major, minor = (int(part) for part in mlflow.__version__.split(".")[:2])
+    except (ImportError, AttributeError, ValueError):
+        return True
+    return (major, minor) >= (3, 11)
 
 
 def has_image_keys(client: Any) -> bool:
@@ -61,6 +76,7 @@ class MLflowSink(Sink):
         self.client = logger.experiment  # creates the run, as Lightning would on its first log
         self.run_id = logger.run_id
         self.image_keys = has_image_keys(self.client) if image_keys is None else image_keys
+        self._slashes = slashes_survive_image_keys()
         prefix = getattr(logger, "_prefix", "") or ""
         self._prefix = f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
         self._step: int | None = None
@@ -77,13 +93,18 @@ class MLflowSink(Sink):
             self._tmpdir = tempfile.mkdtemp(prefix="rnnviz-mlflow-")
         return self._tmpdir
 
+    def image_key(self, tag: str) -> str:
+        """The image key ``tag`` is logged under with ``log_image(key=)``."""
+        key = self._prefix + tag
+        return key if self._slashes else key.replace("/", "-")
+
     def image(self, tag: str, picture: Picture, step: int) -> None:
         if self.run_id is None:  # not rank zero: Lightning gave a dummy experiment
             return
         self._at(step)
         key = self._prefix + tag
         if self.image_keys:
-            self.client.log_image(self.run_id, picture.rgb(), key=key, step=int(step))
+            self.client.log_image(self.run_id, picture.rgb(), key=self.image_key(tag), step=int(step))
             return
         # Older MLflow: our PNG as it is (log_image(artifact_file=) would re-encode it).
         folder = os.path.join(self._tmp(), "image")
