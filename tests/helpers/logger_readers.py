@@ -5,8 +5,8 @@ panel) from the run's ``.wandb`` transaction log, and the media files under ``fi
 ``read_mlflow`` reads an MLflow run through :class:`mlflow.MlflowClient`: metric histories, the images of
 MLflow's image-key API (``log_image(key=..., step=...)``), and the other artifacts.
 
-An offline W&B run keeps its history only in ``run-<id>.wandb``. Up to about wandb 0.17 the SDK read that
-file with ``wandb.sdk.internal.datastore.DataStore``; wandb 0.31 has no Python reader of it (the Go core
+An offline W&B run keeps its history only in ``run-<id>.wandb``. Older SDKs (0.16, for one) read that
+file with ``wandb.sdk.internal.datastore.DataStore``; wandb 0.31 has no Python reader of it (its Go core
 reads and writes it). Its framing is LevelDB's log format behind a 7-byte ``:W&B`` header: 32 KiB blocks
 of chunks, each ``crc32 (4) | length (2) | type (1) | data``, with the CRC-32 (zlib's) of the type byte
 and the data; the records are ``wandb_internal_pb2.Record`` messages. The datastore is used where it
@@ -71,10 +71,13 @@ def _records(path: Path) -> Iterator[Any]:
     if datastore is not None:
         store = datastore.DataStore()
         store.open_for_scan(str(path))
-        while (found := store.scan_data()) is not None:
-            record = pb.Record()
-            record.ParseFromString(found)
-            yield record
+        try:
+            while (found := store.scan_data()) is not None:
+                record = pb.Record()
+                record.ParseFromString(found)
+                yield record
+        finally:
+            store.close()
         return
     for blob in _chunks_to_records(path.read_bytes()):
         record = pb.Record()
