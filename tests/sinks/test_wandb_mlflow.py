@@ -13,6 +13,8 @@ import importlib
 import importlib.util
 import io
 import os
+import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -182,15 +184,17 @@ def fit(namespace: str, logger, make_sink) -> tuple:
 
 
 # --- W&B -----------------------------------------------------------------------------------------
-def _wandb_core_pids() -> list[str]:
-    """wandb-core (and its system monitor) processes serving this test process."""
-    found = subprocess.run(
-        ["pgrep", "-af", "wandb-core|wandb-symon"], capture_output=True, text=True, check=False
-    ).stdout
+def _wandb_services() -> list[str]:
+    """Command lines of the W&B service processes serving this test process: ``wandb-core --pid <ours>``
+    (and its helpers) in wandb 0.18+, ``wandb-service(2-<ours>-...)`` before."""
+    pid = os.getpid()
+    if shutil.which("pgrep") is None:
+        return []
+    found = subprocess.run(["pgrep", "-af", "wandb"], capture_output=True, text=True, check=False).stdout
     return [
         line
         for line in found.splitlines()
-        if f"--pid {os.getpid()}" in line or f"--ppid {os.getpid()}" in line
+        if f"wandb-service(2-{pid}-" in line or ("wandb-" in line and re.search(rf"--p?pid {pid}\b", line))
     ]
 
 
@@ -223,9 +227,9 @@ def wandb_offline(tmp_path, monkeypatch):
             wandb.run.finish()
         wandb.teardown()
         deadline = time.monotonic() + 10
-        while _wandb_core_pids() and time.monotonic() < deadline:
+        while _wandb_services() and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _wandb_core_pids(), "a wandb service process was left running"
+        assert not _wandb_services(), "a wandb service process was left running"
 
 
 @needs_wandb
@@ -345,7 +349,9 @@ def mlflow_env(tmp_path, monkeypatch):
 @namespaces
 @pytest.mark.parametrize("store", ["sqlite", "file"])
 def test_mlflow_sink_lines_up_with_the_users_scalars(namespace, store, mlflow_env):
-    from lightning_rnnviz.sinks.mlflow import MLflowSink
+    from mlflow import MlflowClient
+
+    from lightning_rnnviz.sinks.mlflow import MLflowSink, has_image_keys, slashes_survive_image_keys
 
     tmp_path = mlflow_env
     loggers = importlib.import_module(f"{namespace}.loggers")
@@ -362,19 +368,27 @@ def test_mlflow_sink_lines_up_with_the_users_scalars(namespace, store, mlflow_en
     assert logger.log_dir is None
 
     sink, driver = fit(namespace, logger, MLflowSink)
-    assert sink.image_keys  # the installed MLflow has log_image(key=, step=)
+    assert sink.image_keys == has_image_keys(MlflowClient)
     read = read_mlflow(uri, logger.run_id)
 
     user_steps = [step for step, _ in read["metrics"]["train_loss"]]
     assert user_steps == [1, 3, 5, 7] == driver.steps
     assert read["metrics"][SCALAR] == [(s, 0.5 + s) for s in user_steps]  # "/" kept in metric names
     for index, tag in enumerate(TAGS):
-        assert sorted(read["images"][tag]) == user_steps  # "/" in the key is "~" in the file name
-        assert sorted(read["thumbnails"][tag]) == user_steps
-        for step, path in read["images"][tag].items():  # MLflow re-encodes, losslessly
+        if not sink.image_keys:  # MLflow < 2.12: our PNG files as artifacts
+            for step in user_steps:
+                with open(read["step_images"][f"{tag}/step_{step}.png"], "rb") as file:
+                    assert file.read() == driver.expected[step]["pictures"][index].png
+            continue
+        key = sink.image_key(tag)  # the tag itself where MLflow keeps "/" ("~" in the file name)
+        assert key == tag or not slashes_survive_image_keys()
+        assert sorted(read["images"][key]) == user_steps
+        assert sorted(read["thumbnails"][key]) == user_steps
+        for step, path in read["images"][key].items():  # MLflow re-encodes, losslessly
             expected = driver.expected[step]["pictures"][index].rgb()
             assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected)
-    assert read["tags"].get("mlflow.loggedImages") == "True"
+    if sink.image_keys:
+        assert read["tags"].get("mlflow.loggedImages") == "True"
     assert sorted(read["text"]) == [f"{FINDINGS}/step_{s}.md" for s in user_steps]
     assert read["text"][f"{FINDINGS}/step_5.md"] == findings(5)
     assert not any(key.startswith("rnnviz/hidden") and "hist" in key for key in read["artifacts"])
@@ -390,7 +404,11 @@ def test_mlflow_sink_keeps_our_png_where_log_image_has_no_key(mlflow_env):
     class OldClient:  # MLflow before 2.12
         def log_image(self, run_id, image, artifact_file): ...
 
-    assert not has_image_keys(OldClient()) and has_image_keys(MlflowClient)
+    import mlflow
+
+    assert not has_image_keys(OldClient())
+    version = tuple(int(part) for part in mlflow.__version__.split(".")[:2])
+    assert has_image_keys(MlflowClient) == (version >= (2, 12))
 
     uri = f"sqlite:///{mlflow_env / 'mlflow.db'}"
     client = MlflowClient(uri)
