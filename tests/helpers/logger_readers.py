@@ -232,11 +232,11 @@ def read_wandb_offline(
 
 # ------------------------------------------------------------------------------------------- MLflow
 
-# ``images/<key, "/" as "~">+step+<n>+timestamp+<ms>+<uuid>[+compressed].<ext>`` in MLflow 3.x; earlier
-# releases with the image-key API wrote "#" for "/" and "%" between the fields.
+# ``images/<key, "/" as "~">+step+<n>+timestamp+<ms>+<id>[+compressed].<ext>`` from MLflow 3.11; from 2.12
+# to 3.10, "#" for "/" and "%" between the fields (the id is not always hex: 3.10 wrote "rb847821-...").
 _MLFLOW_IMAGE = re.compile(
     r"^(?P<key>.+?)(?P<sep>[+%])step(?P=sep)(?P<step>\d+)(?P=sep)timestamp(?P=sep)(?P<ts>\d+)"
-    r"(?P=sep)(?P<uuid>[0-9a-fA-F-]+)(?P<compressed>(?P=sep)compressed)?\.(?P<ext>\w+)$"
+    r"(?P=sep)(?P<uuid>[0-9A-Za-z-]+)(?P<compressed>(?P=sep)compressed)?\.(?P<ext>\w+)$"
 )
 
 

@@ -51,6 +51,8 @@ namespaces = pytest.mark.parametrize(
 pytestmark = [
     # MLflow's SQL store uses a SQLAlchemy loader option that SQLAlchemy 2.1 deprecates: not ours to fix
     pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),
+    # MLflow 3.10-3.12 on a file: store (3.13+ refuses one unless MLFLOW_ALLOW_FILE_STORE is set)
+    pytest.mark.filterwarnings("ignore:The filesystem tracking backend:FutureWarning"),
 ]
 
 TAGS = ("rnnviz/hidden/rnn", "rnnviz/gates/rnn.l0")
@@ -339,7 +341,7 @@ def test_histogram_edges_merge_past_wandbs_bin_limit():
 def mlflow_env(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
     monkeypatch.chdir(tmp_path)  # anything MLflow puts in the working directory lands here
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.x refuses file: stores otherwise
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.13+ refuses file: stores otherwise
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_ENABLE_ASYNC_LOGGING", raising=False)
     return tmp_path
