@@ -57,6 +57,7 @@ class SharedRecorder:
         self.amp_scale: float | None = None
         self.fanout: Fanout | None = None  # one output over every logger, one renderer, for every member
         self.layout_written = False
+        self.flush_next = False  # flush the loggers at the next batch start (the user's scalars of a recorded step)
         self.spent_s = 0.0  # time on the training thread for the current batch's recording
         self.replay_s = 0.0
         self._drawn_before = (0.0, 0.0)

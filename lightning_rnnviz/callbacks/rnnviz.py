@@ -346,6 +346,11 @@ class RNNViz(*CALLBACK_BASES):
         if not self.enabled:
             return
         recorder = shared_recorder(trainer)
+        if recorder.flush_next and self is recorder.members[0]:
+            # Lightning writes a step's `self.log` scalars after the callbacks' batch end: flush them now,
+            # so that the user's scalars show live with the pictures of their step.
+            recorder.flush_next = False
+            self._guard("flush", recorder.fanout.flush)
         wanting = [m for m in recorder.members if m._wants(trainer, batch_idx)]
         self._guard("record", lambda: recorder.begin(self._batch_key(trainer), pl_module, wanting))
 
@@ -395,6 +400,7 @@ class RNNViz(*CALLBACK_BASES):
                 "rnnviz/overhead/dropped_figures": float(recorder.fanout.renderer.dropped),
             }, step))
             self._guard("flush", recorder.fanout.flush)
+            recorder.flush_next = True
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.enabled:

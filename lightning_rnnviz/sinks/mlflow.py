@@ -28,12 +28,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lightning_rnnviz.sinks.base import Sink
-
-if TYPE_CHECKING:  # the refactored interface's types
-    from lightning_rnnviz.sinks.base import Histogram, Picture  # type: ignore[attr-defined]
+from lightning_rnnviz.sinks.base import Histogram, Picture, Sink
 
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 

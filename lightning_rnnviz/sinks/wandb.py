@@ -27,26 +27,13 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from lightning_rnnviz.sinks.base import Sink
-
-if TYPE_CHECKING:  # the refactored interface's types
-    from lightning_rnnviz.sinks.base import Histogram, Picture  # type: ignore[attr-defined]
+from lightning_rnnviz.sinks.base import Histogram, Picture, Sink
 
 _MAX_BINS = 512  # wandb.Histogram refuses more
-
-
-def histogram_key(tag: str) -> str:
-    """The W&B key of the histogram logged under ``tag``: ``<tag>/histogram``.
-
-    A W&B key holds one value per row, and the picture of a module is logged under the same tag as
-    its histogram (TensorBoard keeps the two apart by kind); the suffix sits where scalars have their
-    statistic (``rnnviz/<quantity>/<module>/<statistic>``), so the histogram shows beside them.
-    """
-    return f"{tag}/histogram"
 
 
 def histogram_edges(histogram: Histogram, max_bins: int = _MAX_BINS) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +142,7 @@ class WandbSink(Sink):
     """Everything a recording step produced, as one W&B history row at that step.
 
     Pictures appear in W&B's media panel under their tags (``rnnviz/hidden/<module>``), scalars as
-    charts, histograms in W&B's histogram view under ``<tag>/histogram`` (:func:`histogram_key`), and
+    charts, histograms in W&B's histogram view (``rnnviz/hidden_dist/<module>``), and
     text (markdown findings) as HTML beside the pictures: an HTML media panel has the same step slider
     as the pictures and shows the table as a table, where a ``wandb.Table`` would be a separate table
     panel of string cells.
@@ -203,7 +190,7 @@ class WandbSink(Sink):
         if not self.wants_histograms or not float(histogram.num) or not len(histogram.counts):
             return
         self._at(step)
-        self._pending[histogram_key(tag)] = ("histogram", histogram)
+        self._pending[tag] = ("histogram", histogram)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
         self._at(step)

@@ -19,8 +19,8 @@ from lightning_rnnviz import (
     RNNVizWarning,
 )
 from tests.helpers.events import RunEvents, run_dirs, tag_kinds
-from tests.helpers.namespace import CSVLogger, TensorBoardLogger, pl
 from tests.helpers.models import NoRNNModel, TinySeqModel, loader
+from tests.helpers.namespace import CSVLogger, TensorBoardLogger, pl
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*", "ignore:.*LeafSpec.*", "ignore:.*Checkpoint directory.*",
@@ -110,6 +110,25 @@ def test_every_tag_has_one_plugin_and_every_run_one_writer(tmp_path):
     assert plugins["rnnviz/hidden/rnn"] == "images" and plugins["rnnviz/hidden_dist/rnn"] == "histograms"
     assert plugins["rnnviz/val/hidden_dist/rnn"] == "histograms" and plugins["rnnviz/gates_dist/rnn/forget"] == "histograms"
     assert plugins["custom_scalars__config__"] == "custom_scalars"
+
+
+class _LookBeforeStep1(pl.Callback):
+    """At the start of the second training step, reads what the run directory already holds."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, list[int]] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1:
+            events = RunEvents(trainer.logger.log_dir)
+            self.seen = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags().get("images", [])}
+
+
+def test_first_pictures_are_on_disk_before_the_second_step(tmp_path):
+    look = _LookBeforeStep1()
+    trainer = _trainer(tmp_path, [RNNViz(strict=True), look], max_epochs=1, limit_train_batches=2)
+    trainer.fit(TinySeqModel(), loader())
+    assert look.seen == {tag: [0] for tag in TRAIN_IMAGES}
 
 
 @pytest.mark.parametrize(

@@ -21,8 +21,8 @@ if str(ROOT) not in sys.path:
 import torch
 
 from lightning_rnnviz import Probe, RNNViz
-from tests.helpers.namespace import Callback, TensorBoardLogger, pl
 from tests.helpers.models import TinySeqModel, loader
+from tests.helpers.namespace import Callback, TensorBoardLogger, pl
 
 # Count recording blocks in this process: at module level so that spawned ranks (which import this file
 # as ``__mp_main__``) count too, but only when run as a script (pytest imports it to look for doctests).
@@ -59,7 +59,7 @@ def main() -> None:
     out_dir, strategy = sys.argv[1], sys.argv[2]
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    pl.seed_everything(0, verbose=False)
+    torch.manual_seed(0)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

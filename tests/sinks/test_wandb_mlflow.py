@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import io
 import os
-import re
-import shutil
-import subprocess
 import tempfile
-import time
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lightning_rnnviz.sinks import Histogram, Picture
 from lightning_rnnviz.sinks.png import encode_png
 from tests.helpers.logger_readers import parse_mlflow_image_name, read_mlflow, read_wandb_offline
 
@@ -56,30 +51,9 @@ pytestmark = [
 ]
 
 TAGS = ("rnnviz/hidden/rnn", "rnnviz/gates/rnn.l0")
+HISTOGRAM = "rnnviz/hidden_dist/rnn"
 SCALAR = "rnnviz/hidden/rnn/mean_abs"
 FINDINGS = "rnnviz/findings"
-
-
-# --- stand-ins for the refactor's Picture and Histogram --------------------------------------------
-@dataclass
-class Picture:
-    png: bytes
-    width: int
-    height: int
-
-    def rgb(self) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(self.png)).convert("RGB"))
-
-
-@dataclass
-class Histogram:
-    min: float
-    max: float
-    num: float
-    sum: float
-    sum_squares: float
-    limits: np.ndarray
-    counts: np.ndarray
 
 
 def make_picture(step: int, index: int = 0, height: int = 24, width: int = 40) -> Picture:
@@ -153,7 +127,7 @@ def lightning_parts(namespace: str):
                 self.sink.image(tag, picture, step)
             self.sink.scalars({SCALAR: 0.5 + step}, step)
             if self.sink.wants_histograms:
-                self.sink.histogram(TAGS[0], make_histogram(step), step)
+                self.sink.histogram(HISTOGRAM, make_histogram(step), step)
             self.sink.text(FINDINGS, findings(step), step)
             self.sink.flush()
             self.steps.append(step)
@@ -186,54 +160,6 @@ def fit(namespace: str, logger, make_sink) -> tuple:
 
 
 # --- W&B -----------------------------------------------------------------------------------------
-def _wandb_services() -> list[str]:
-    """Command lines of the W&B service processes serving this test process: ``wandb-core --pid <ours>``
-    (and its helpers) in wandb 0.18+, ``wandb-service(2-<ours>-...)`` before."""
-    pid = os.getpid()
-    if shutil.which("pgrep") is None:
-        return []
-    found = subprocess.run(["pgrep", "-af", "wandb"], capture_output=True, text=True, check=False).stdout
-    return [
-        line
-        for line in found.splitlines()
-        if f"wandb-service(2-{pid}-" in line or ("wandb-" in line and re.search(rf"--p?pid {pid}\b", line))
-    ]
-
-
-@pytest.fixture
-def wandb_offline(tmp_path, monkeypatch):
-    """W&B in offline mode with every folder under ``tmp_path``; its service is stopped afterwards."""
-    wandb = pytest.importorskip("wandb")
-    for name, value in {
-        "WANDB_MODE": "offline",  # WandbLogger(offline=True) sets it to "dryrun"; monkeypatch restores it
-        "WANDB_SILENT": "true",
-        "WANDB_CONSOLE": "off",
-        "WANDB_ERROR_REPORTING": "false",
-        "WANDB_DISABLE_GIT": "true",
-        "WANDB_DISABLE_CODE": "true",
-        "WANDB__DISABLE_STATS": "true",
-        "WANDB__DISABLE_MACHINE_INFO": "true",
-        "WANDB_DIR": str(tmp_path / "wandb-dir"),
-        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
-        "WANDB_DATA_DIR": str(tmp_path / "wandb-data"),
-        "WANDB_ARTIFACT_DIR": str(tmp_path / "wandb-artifacts"),
-    }.items():
-        monkeypatch.setenv(name, value)
-    (tmp_path / "wandb-dir").mkdir()
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    try:
-        yield wandb
-    finally:
-        if wandb.run is not None:
-            wandb.run.finish()
-        wandb.teardown()
-        deadline = time.monotonic() + 10
-        while _wandb_services() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _wandb_services(), "a wandb service process was left running"
-
-
 @needs_wandb
 @namespaces
 def test_wandb_sink_lines_up_with_the_users_scalars(namespace, tmp_path, monkeypatch, wandb_offline):
@@ -268,9 +194,9 @@ def test_wandb_sink_lines_up_with_the_users_scalars(namespace, tmp_path, monkeyp
             assert read["image_files"][relative] == (tag, read["image_rows"][tag][step][0])
     assert [step for step, _ in read["metrics"][SCALAR]] == user_steps
     assert [value for _, value in read["metrics"][SCALAR]] == [0.5 + s for s in user_steps]
-    assert sorted(read["histograms"]) == [f"{TAGS[0]}/histogram"]  # its picture has the plain tag
-    assert sorted(read["histograms"][f"{TAGS[0]}/histogram"]) == user_steps
-    for step, hist in read["histograms"][f"{TAGS[0]}/histogram"].items():
+    assert sorted(read["histograms"]) == [HISTOGRAM]  # its picture has the plain tag
+    assert sorted(read["histograms"][HISTOGRAM]) == user_steps
+    for step, hist in read["histograms"][HISTOGRAM].items():
         assert hist["values"] == make_histogram(step).counts.tolist() and len(hist["bins"]) == 17
     assert sorted(read["html"][FINDINGS]) == user_steps
     assert "<table>" in read["html"][FINDINGS][3] and "<b>saturated</b> gates: 3" in read["html"][FINDINGS][3]
@@ -278,7 +204,7 @@ def test_wandb_sink_lines_up_with_the_users_scalars(namespace, tmp_path, monkeyp
     # one row per recording step holds all of it, beside (not merged into) the user's row of that step
     ours = [row for row in read["rows"] if TAGS[0] in row]
     assert [row["trainer/global_step"] for row in ours] == user_steps
-    assert all(set(TAGS) | {SCALAR, FINDINGS, f"{TAGS[0]}/histogram"} <= set(row) for row in ours)
+    assert all(set(TAGS) | {SCALAR, FINDINGS, HISTOGRAM} <= set(row) for row in ours)
     steps = [row["_step"] for row in read["rows"]]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
 
@@ -337,16 +263,6 @@ def test_histogram_edges_merge_past_wandbs_bin_limit():
 
 
 # --- MLflow --------------------------------------------------------------------------------------
-@pytest.fixture
-def mlflow_env(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
-    monkeypatch.chdir(tmp_path)  # anything MLflow puts in the working directory lands here
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3.13+ refuses file: stores otherwise
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_ENABLE_ASYNC_LOGGING", raising=False)
-    return tmp_path
-
-
 @needs_mlflow
 @namespaces
 @pytest.mark.parametrize("store", ["sqlite", "file"])
