@@ -38,7 +38,7 @@ Run it and look::
 
     python examples/seq2seq_attention.py            # about a minute on 2 CPU cores
     python examples/seq2seq_attention.py --fast     # smoke run, well under a minute
-    tensorboard --logdir lightning_logs --samples_per_plugin images=100
+    tensorboard --logdir lightning_logs --samples_per_plugin images=1000
 
 At the end the script decodes the validation set greedily (no teacher forcing) and prints the token and
 whole-string accuracy.
@@ -322,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print("  (--fast is a smoke run of the pipeline, far too short to learn the task.)")
     print(
         "  the decoder.attn maps sharpen into the anti-diagonal as the model learns; see them with\n"
-        f"  tensorboard --logdir {opts.save_dir} --samples_per_plugin images=100"
+        f"  tensorboard --logdir {opts.save_dir} --samples_per_plugin images=1000"
     )
     return result
 

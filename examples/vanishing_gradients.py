@@ -28,7 +28,7 @@ Run it and look::
 
     python examples/vanishing_gradients.py          # about 3 minutes on 2 CPU cores
     python examples/vanishing_gradients.py --fast   # smoke run, well under a minute
-    tensorboard --logdir lightning_logs --samples_per_plugin images=100
+    tensorboard --logdir lightning_logs --samples_per_plugin images=1000
 
 At the end the script prints, measured on the validation set independently of the callback, each
 model's loss next to the baseline, ``||dL/dh_t||`` at the first step relative to the last one, and the
@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "The vanilla RNN's gradient dies out exponentially on its way back from the last step, so it never\n"
         "learns that the marked values matter; the gated models learn to keep state, the gradient reaches\n"
         "the marked steps, and they learn. See it step by step:\n"
-        f"  tensorboard --logdir {opts.save_dir} --samples_per_plugin images=100"
+        f"  tensorboard --logdir {opts.save_dir} --samples_per_plugin images=1000"
     )
     return results
 

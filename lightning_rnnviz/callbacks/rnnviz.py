@@ -11,7 +11,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -110,9 +110,9 @@ class RNNViz(*CALLBACK_BASES):
     def __init__(
         self,
         every_n_steps: int | None = None,
-        modules: Sequence[str] | None = None,
+        modules: str | Sequence[str] | None = None,
         attention: Mapping[str, Extractor] | None = None,
-        labels: Callable[[Any], Sequence[str]] | None = None,
+        labels: Callable[[Any], Sequence[str] | Mapping[str, Sequence[str]]] | None = None,
         *,
         sample: int = 0,
         max_samples: int | None = 16,
@@ -120,7 +120,7 @@ class RNNViz(*CALLBACK_BASES):
         max_heads: int = 8,
         max_time: int = 256,
         histograms: bool = True,
-        renderer: str = "fast",
+        renderer: Literal["fast", "matplotlib"] = "fast",
         background: bool | None = None,
         validation: bool = True,
         log_first_step: bool = True,
