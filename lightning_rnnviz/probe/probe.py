@@ -23,7 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_rnnviz.probe.attention import encoder_layer_step, key_lengths_from_mask, mha_weights
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
-from lightning_rnnviz.probe.replay import LayerWeights, cell_gates, replay_rnn
+from lightning_rnnviz.probe.replay import LayerWeights, ReplayResult, cell_gates, replay_rnn, replay_with_dropout
 from lightning_rnnviz.probe.targets import CELL_TYPES, FUSED_TYPES, resolve_targets
 
 Extractor = Callable[[nn.Module, tuple, Any], Tensor]
@@ -72,6 +72,8 @@ class _Watch:
     module: nn.Module
     calls: list[_Call] = field(default_factory=list)
     failed: str | None = None
+    # CPU generator states taken by the forward pre-hook, each popped by its call's forward hook
+    rng_states: list[Tensor | None] = field(default_factory=list)
 
 
 def _choose_calls(calls: list[_Call]) -> list[_Call]:
@@ -92,6 +94,32 @@ def _last_call(calls: list[_Call]) -> _Call:
     chosen = _choose_calls(calls)
     with_grad = [c for c in chosen if c.grads]
     return (with_grad or chosen)[-1]
+
+
+def _same_values(a: Tensor | None, b: Tensor | None) -> bool:
+    return (a is None) == (b is None) and (
+        a is None or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    )
+
+
+def _dropout_note(p: float, reason: str) -> str:
+    """One sentence, short enough for a figure's subtitle, on why a dropout record is approximate."""
+    because = {
+        "cuda": f"On CUDA, cuDNN draws the inter-layer dropout masks (p={p}) inside the library",
+        "differs": f"The inter-layer dropout replay (p={p}) did not give the module's output bit for bit",
+        "in_place": f"The output changed in place or is an inference tensor, so the dropout replay (p={p}) is unchecked",
+        "no_state": f"The generator state at the call is unknown, so the dropout (p={p}) cannot be replayed",
+    }[reason]
+    return f"{because}: layers above 0 and all gradients are computed without dropout."
+
+
+@dataclass
+class _Replayed:
+    """The replay of one call of a fused module, time-major (see ``ReplayResult``)."""
+
+    result: ReplayResult
+    lengths: Tensor
+    notes: tuple[str, ...]
 
 
 class Probe:
@@ -235,6 +263,8 @@ class _Session:
                 hook = self._extractor_hook(watch)
             elif isinstance(module, FUSED_TYPES):
                 hook = self._fused_hook(watch)
+                if module.dropout > 0 and module.num_layers > 1:
+                    self.handles.append(module.register_forward_pre_hook(self._rng_hook(watch), with_kwargs=True))
             elif isinstance(module, CELL_TYPES):
                 hook = self._cell_hook(watch)
             else:
@@ -286,6 +316,21 @@ class _Session:
         if tensor is not None and tensor.requires_grad:
             self.handles.append(tensor.register_hook(self._grad_hook(watch, call, key)))
 
+    def _rng_hook(self, watch: _Watch) -> Callable:
+        """Forward pre-hook: the CPU generator's state just before the call, from which the fused kernel
+        draws its inter-layer dropout masks (``get_rng_state`` copies it and draws nothing)."""
+
+        def hook(module: nn.RNNBase, args: tuple, kwargs: dict) -> None:
+            def snapshot() -> None:
+                inp = _arg(args, kwargs, 0, "input")
+                data = inp.data if isinstance(inp, PackedSequence) else inp
+                on_cpu = isinstance(data, Tensor) and data.device.type == "cpu"
+                watch.rng_states.append(torch.get_rng_state() if module.training and on_cpu else None)
+
+            self._guarded(watch, "capture", snapshot)
+
+        return hook
+
     def _fused_hook(self, watch: _Watch) -> Callable:
         def hook(module: nn.RNNBase, args: tuple, kwargs: dict, output: Any) -> None:
             def capture() -> None:
@@ -293,6 +338,7 @@ class _Session:
                 hx = _arg(args, kwargs, 1, "hx")
                 out, hidden = output
                 call = _Call(in_backward=_in_backward())
+                call.data["rng_state"] = watch.rng_states.pop() if watch.rng_states else None
                 if isinstance(inp, PackedSequence):
                     inp = PackedSequence(inp.data.detach(), inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices)
                 else:
@@ -475,7 +521,7 @@ class _Session:
         if watch.name in self.probe.extractors or isinstance(module, nn.MultiheadAttention):
             return self._build_attention(watch)
         if isinstance(module, FUSED_TYPES):
-            return self._build_fused(watch, _last_call(watch.calls), scale)
+            return self._build_fused(watch, [_last_call(watch.calls)], scale)
         return self._build_cell(watch, _choose_calls(watch.calls), scale)
 
     def _build_attention(self, watch: _Watch) -> AttentionRecord:
@@ -488,8 +534,47 @@ class _Session:
             watch.name, "MultiheadAttention", call.data["attention"].float().cpu(), call.data["key_lengths"]
         )
 
-    def _build_fused(self, watch: _Watch, call: _Call, scale: float | None) -> RNNRecord:
+    def _build_fused(self, watch: _Watch, calls: list[_Call], scale: float | None) -> RNNRecord:
+        """One call replayed, or the single-step calls of a chain replayed one by one and stacked in time."""
         module: nn.RNNBase = watch.module  # type: ignore[assignment]
+        parts = [self._replay_call(module, call, scale) for call in calls]
+        results = [part.result for part in parts]
+
+        def stack(tensors: list[Tensor | None], like: list[Tensor | None]) -> Tensor | None:
+            if all(t is None for t in tensors):
+                return None
+            if len(tensors) == 1:
+                return tensors[0]
+            # a step whose outputs received no gradient has a zero gradient
+            return torch.cat([t if t is not None else torch.zeros_like(o) for t, o in zip(tensors, like)], dim=1)
+
+        hidden = [r.hidden for r in results]
+        cell = [r.cell for r in results]
+        gates = {k: stack([r.gates[k] for r in results], hidden) for k in results[0].gates}
+
+        def out(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.transpose(1, 2).float().cpu().contiguous()
+
+        notes = tuple(dict.fromkeys(note for part in parts for note in part.notes))
+        hidden_all = out(stack(hidden, hidden))
+        lengths = parts[0].lengths if len(parts) == 1 else torch.full((hidden_all.shape[1],), len(parts), dtype=torch.long)
+        return RNNRecord(
+            name=watch.name,
+            kind=module.mode,
+            hidden=hidden_all,
+            gates={k: out(v) for k, v in gates.items()},
+            hidden_grad=out(stack([r.hidden_grad for r in results], hidden)),
+            cell=out(stack(cell, cell)),
+            cell_grad=out(stack([r.cell_grad for r in results], cell)),
+            lengths=lengths,
+            num_layers=module.num_layers,
+            num_directions=2 if module.bidirectional else 1,
+            exact=not notes,
+            notes=notes,
+            grad_enabled=any(call.data["grad_enabled"] for call in calls),
+        )
+
+    def _replay_call(self, module: nn.RNNBase, call: _Call, scale: float | None) -> _Replayed:
         data = call.data
         weights = data["weights"]
         dtype = torch.float64 if next(iter(weights.values())).dtype == torch.float64 else torch.float32
@@ -536,6 +621,18 @@ class _Session:
 
         h0 = h0.to(device, dtype)
         c0 = c0.to(device, dtype) if c0 is not None else None
+        layer_weights = [
+            [LayerWeights.from_flat({n: w.to(dtype) for n, w in weights.items()}, layer, d) for d in range(dirs)]
+            for layer in range(module.num_layers)
+        ]
+        values, version = data["output_values"]
+        unchanged = version is not None and _version(values) == version
+        states = masks = None
+        notes: tuple[str, ...] = ()
+        if data["training"] and module.dropout > 0 and module.num_layers > 1:
+            # The masks depend on the whole batch: drawn again on the full batch, sliced afterwards.
+            states, masks, note = self._dropout_replay(module, data, x, h0, c0, layer_weights, unchanged)
+            notes = () if note is None else (note,)
         if self.max_samples is not None and self.max_samples < batch:
             k = self.max_samples
             x, h0 = x[:, :k], h0[:, :k]
@@ -544,18 +641,14 @@ class _Session:
             g_hn = g_hn[:, :k] if g_hn is not None else None
             g_cn = g_cn[:, :k] if g_cn is not None else None
             lengths = lengths[:k] if lengths is not None else None
+            states = [t[:, :k] for t in states] if states is not None else None
+            masks = [t[:, :k] for t in masks] if masks is not None else None
             batch = k
 
-        layer_weights = [
-            [LayerWeights.from_flat({n: w.to(dtype) for n, w in weights.items()}, layer, d) for d in range(dirs)]
-            for layer in range(module.num_layers)
-        ]
         lengths_dev = lengths.to(device) if lengths is not None else None
         top = None
-        values, version = data["output_values"]
-        # inter-layer dropout in training cannot be replayed: the output would not match the replayed layers
-        dropout_differs = data["training"] and module.dropout > 0 and module.num_layers > 1
-        if version is not None and _version(values) == version and not dropout_differs:
+        # Without the masks, the module's output is not the top layer of the replayed network.
+        if unchanged and not notes:
             if packed_layout is not None:
                 top, _ = pad_packed_sequence(packed_layout._replace(data=values), total_length=steps)
             elif unbatched:
@@ -563,35 +656,54 @@ class _Session:
             else:
                 top = values.transpose(0, 1) if module.batch_first else values
             top = top[:, :batch].to(device, dtype)
-        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths_dev, g_out, g_hn, g_cn, top_states=top)
+        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths_dev, g_out, g_hn, g_cn, top_states=top,
+                            layer_states=states, dropout_masks=masks)
+        if lengths is None:
+            lengths = torch.full((batch,), steps, dtype=torch.long)
+        return _Replayed(result, lengths.cpu(), notes)
 
-        def out(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.transpose(1, 2).float().cpu().contiguous()
+    def _dropout_replay(
+        self, module: nn.RNNBase, data: dict[str, Any], x: Tensor, h0: Tensor, c0: Tensor | None,
+        layer_weights: list[list[LayerWeights]], unchanged: bool,
+    ) -> tuple[list[Tensor] | None, list[Tensor] | None, str | None]:
+        """States of the layers below the top and the inter-layer dropout masks of one call in training mode,
+        each ``(T, B, D*P)`` for the full batch, or a note on why they are not known.
 
-        notes: tuple[str, ...] = ()
-        exact = True
-        if dropout_differs:
-            exact = False
-            notes = (
-                f"inter-layer dropout (p={module.dropout}) in training mode cannot be replayed: layer 0 "
-                "states and gates are exact; higher layers and all gradients are those of the network "
-                "without dropout",
-            )
-        return RNNRecord(
-            name=watch.name,
-            kind=module.mode,
-            hidden=out(result.hidden),
-            gates={k: out(v) for k, v in result.gates.items()},
-            hidden_grad=out(result.hidden_grad),
-            cell=out(result.cell),
-            cell_grad=out(result.cell_grad),
-            lengths=lengths.cpu() if lengths is not None else torch.full((batch,), steps, dtype=torch.long),
-            num_layers=module.num_layers,
-            num_directions=dirs,
-            exact=exact,
-            notes=notes,
-            grad_enabled=data["grad_enabled"],
-        )
+        The masks are drawn again from the CPU generator's state at the call and kept only when the
+        replayed top layer equals the module's output bit for bit.
+        """
+        p = module.dropout
+        if x.device.type != "cpu":
+            return None, None, _dropout_note(p, "cuda")
+        if data["rng_state"] is None:
+            return None, None, _dropout_note(p, "no_state")
+        if not unchanged:
+            return None, None, _dropout_note(p, "in_place")
+        values = data["output_values"][0]
+        inp = data["input"]
+        if isinstance(inp, PackedSequence):
+            # In the module's own layout: the kernel drew the masks on the packed data, in the user's order.
+            order = inp.sorted_indices
+            if order is not None:
+                h0 = h0.index_select(1, order.to(h0.device))
+                c0 = c0.index_select(1, order.to(c0.device)) if c0 is not None else None
+            replay = replay_with_dropout(module.mode, layer_weights, inp.data.to(x.device, x.dtype), h0, c0, p,
+                                         data["rng_state"], inp.batch_sizes, data["grad_enabled"])
+            top = values
+
+            def padded(t: Tensor) -> Tensor:
+                return pad_packed_sequence(inp._replace(data=t), total_length=x.shape[0])[0]
+        else:
+            # The kernel reads a time-major contiguous input (a strided view rounds differently).
+            replay = replay_with_dropout(module.mode, layer_weights, x.contiguous(), h0, c0, p, data["rng_state"],
+                                         grad_enabled=data["grad_enabled"])
+            top = values.unsqueeze(1) if inp.dim() == 2 else values.transpose(0, 1) if module.batch_first else values
+
+            def padded(t: Tensor) -> Tensor:
+                return t
+        if not _same_values(replay.outputs[-1], top):
+            return None, None, _dropout_note(p, "differs")
+        return [padded(t) for t in replay.outputs[:-1]], [padded(m) for m in replay.masks], None
 
     def _build_cell(self, watch: _Watch, calls: list[_Call], scale: float | None) -> RNNRecord:
         module: nn.RNNCellBase = watch.module  # type: ignore[assignment]

@@ -35,8 +35,9 @@ class RNNRecord:
         lengths: ``(batch,)`` valid length of each sequence.
         num_layers: number of stacked layers (1 for a cell).
         num_directions: 2 for a bidirectional module, else 1.
-        exact: ``False`` when the replay could not reproduce the training forward exactly (inter-layer
-            dropout of a fused RNN in training mode); ``notes`` says why.
+        exact: ``False`` when the replay could not reproduce the training forward exactly: inter-layer
+            dropout of a fused RNN in training mode whose masks were not replayed bit for bit (always on
+            CUDA); ``notes`` says why.
         notes: human-readable caveats about this record.
         grad_enabled: whether the recorded call ran with autograd enabled.
     """
