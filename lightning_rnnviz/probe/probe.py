@@ -96,10 +96,32 @@ def _last_call(calls: list[_Call]) -> _Call:
     return (with_grad or chosen)[-1]
 
 
+def _is_step_chain(module: nn.RNNBase, calls: list[_Call]) -> bool:
+    """Whether a fused module's calls are the steps of one recurrence: a unidirectional module called
+    with one step at a time, each call starting from the previous call's final state (a decoder that
+    calls ``nn.GRU`` once per output step)."""
+    if module.bidirectional or any(c.in_backward for c in calls):
+        return False
+    if not all(c.data["single_step"] for c in calls) or not all(c.data["follows"] for c in calls[1:]):
+        return False
+    return len({c.data["batch"] for c in calls}) == 1
+
+
 def _same_values(a: Tensor | None, b: Tensor | None) -> bool:
     return (a is None) == (b is None) and (
         a is None or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
     )
+
+
+def _follows(previous: _Call | None, hx: Any) -> bool:
+    """Whether ``hx`` holds the final state of ``previous`` (values equal, that state not changed since)."""
+    if previous is None or hx is None or "state_out" not in previous.data:
+        return False
+    h, c = hx if isinstance(hx, tuple) else (hx, None)
+    h_n, h_version, c_n, c_version = previous.data["state_out"]
+    if _version(h_n) != h_version or (c_n is not None and _version(c_n) != c_version):
+        return False
+    return _same_values(h, h_n) and _same_values(c, c_n)
 
 
 def _dropout_note(p: float, reason: str) -> str:
@@ -139,10 +161,18 @@ class Probe:
             decoding step. The rows of all calls in a block are stacked in call order.
         strict: re-raise errors from capture and replay instead of warning once and dropping that
             module's record (for tests).
+        call: which call of a fused ``nn.RNN/LSTM/GRU`` a record shows when the module is called several
+            times in one block: an index among the block's forward calls (0-based, negative from the
+            end). ``None`` records the calls as the time axis when they are one step each and each
+            starts from the previous call's final state (a decoder that calls ``nn.GRU`` once per
+            output step; unidirectional modules only); otherwise it shows the last call whose outputs
+            received a gradient, else the last call, and warns once which one it shows. An index past
+            a block's calls drops that module's record for the block (as an error of capture).
 
     Raises:
         ValueError: a name or pattern matches no module (the message lists those that exist), names a
-            module of an unsupported type, or the model has no supported module.
+            module of an unsupported type, or the model has no supported module; ``call`` is not an int
+            or ``None``.
 
     Example::
 
@@ -166,7 +196,14 @@ class Probe:
         modules: Iterable[str] | None = None,
         attention: Mapping[str, Extractor] | None = None,
         strict: bool = False,
+        call: int | None = None,
     ) -> None:
+        if call is not None and (isinstance(call, bool) or not isinstance(call, int)):
+            raise ValueError(
+                f"`call` must be an int (0-based index of a module's forward call in a block, negative from "
+                f"the end) or None (the last call that received a gradient), got {call!r}."
+            )
+        self.call = call
         self.model = model
         self.targets, extractor_keys = resolve_targets(model, modules, attention)
         self.extractors: dict[str, Extractor] = {n: attention[k] for n, k in extractor_keys.items()}
@@ -228,6 +265,21 @@ class Probe:
             self._warned.add(watch.name)
             warnings.warn(f"lightning_rnnviz does not record module {watch.name!r} here ({reason}).",
                           RNNVizWarning, stacklevel=4)
+
+    def _warn_calls(self, name: str, shown: int, total: int, with_grad: bool) -> None:
+        """Once per module: several calls that are not one chain of steps; say which one is shown."""
+        key = f"{name}\0calls"
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        which = "the last whose output received a gradient" if with_grad else "the last (none received a gradient)"
+        warnings.warn(
+            f"lightning_rnnviz: module {name!r} was called {total} times in one recording, not as a chain of "
+            f"single steps, so its record shows call {shown + 1} of {total}, {which}. Choose another with "
+            "`Probe(call=...)` (0-based among the forward calls, negative from the end).",
+            RNNVizWarning,
+            stacklevel=2,
+        )
 
     def _fail(self, watch: _Watch, error: BaseException, where: str) -> None:
         self.error_counts[watch.name] += 1
@@ -338,7 +390,20 @@ class _Session:
                 hx = _arg(args, kwargs, 1, "hx")
                 out, hidden = output
                 call = _Call(in_backward=_in_backward())
-                call.data["rng_state"] = watch.rng_states.pop() if watch.rng_states else None
+                previous = next((c for c in reversed(watch.calls) if not c.in_backward), None)
+                if isinstance(inp, PackedSequence):
+                    steps, batch = None, int(inp.batch_sizes[0])
+                elif inp.dim() == 2:
+                    steps, batch = inp.shape[0], 1
+                else:
+                    steps, batch = (inp.shape[1], inp.shape[0]) if module.batch_first else inp.shape[:2]
+                call.data.update(
+                    rng_state=watch.rng_states.pop() if watch.rng_states else None,
+                    single_step=steps == 1,
+                    batch=batch,
+                    # a decoder calling the module once per step: does this call start where the last ended?
+                    follows=steps == 1 and not call.in_backward and _follows(previous, hx),
+                )
                 if isinstance(inp, PackedSequence):
                     inp = PackedSequence(inp.data.detach(), inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices)
                 else:
@@ -356,6 +421,9 @@ class _Session:
                 )
                 watch.calls.append(call)
                 h_n, c_n = hidden if isinstance(hidden, tuple) else (hidden, None)
+                # The final state (references, no copy), to tell whether the next call starts from it.
+                call.data["state_out"] = (h_n.detach(), _version(h_n), None if c_n is None else c_n.detach(),
+                                          None if c_n is None else _version(c_n))
                 out_tensor = out.data if isinstance(out, PackedSequence) else out
                 self._watch_grad(watch, call, out_tensor, "output")
                 self._watch_grad(watch, call, h_n, "h_n")
@@ -521,8 +589,28 @@ class _Session:
         if watch.name in self.probe.extractors or isinstance(module, nn.MultiheadAttention):
             return self._build_attention(watch)
         if isinstance(module, FUSED_TYPES):
-            return self._build_fused(watch, [_last_call(watch.calls)], scale)
+            return self._build_fused(watch, self._fused_calls(watch), scale)
         return self._build_cell(watch, _choose_calls(watch.calls), scale)
+
+    def _fused_calls(self, watch: _Watch) -> list[_Call]:
+        """The calls a fused module's record shows: one call, or every call of a chain of single steps."""
+        wanted = self.probe.call
+        if wanted is not None:
+            forward = [c for c in watch.calls if not c.in_backward]
+            if not -len(forward) <= wanted < len(forward):
+                raise ValueError(
+                    f"`call`={wanted} is out of range: module {watch.name!r} was called {len(forward)} time(s) "
+                    "in this block (forward calls, 0-based, negative from the end)"
+                )
+            return [forward[wanted]]
+        calls = _choose_calls(watch.calls)
+        if len(calls) > 1 and _is_step_chain(watch.module, calls):
+            return calls
+        call = _last_call(calls)
+        if len(calls) > 1:
+            shown = next(i for i, c in enumerate(calls) if c is call)
+            self.probe._warn_calls(watch.name, shown, len(calls), bool(call.grads))
+        return [call]
 
     def _build_attention(self, watch: _Watch) -> AttentionRecord:
         if watch.name in self.probe.extractors:
