@@ -21,7 +21,12 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils.hooks import RemovableHandle
 
-from lightning_rnnviz.probe.attention import encoder_layer_step, key_lengths_from_mask, mha_weights
+from lightning_rnnviz.probe.attention import (
+    allowed_key_counts,
+    encoder_layer_step,
+    key_lengths_from_mask,
+    mha_weights,
+)
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
 from lightning_rnnviz.probe.replay import LayerWeights, ReplayResult, cell_gates, replay_rnn, replay_with_dropout
 from lightning_rnnviz.probe.targets import CELL_TYPES, FUSED_TYPES, resolve_targets
@@ -478,9 +483,11 @@ class _Session:
     def _sliced(self, t: Tensor, dim: int) -> Tensor:
         return t if self.max_samples is None else t.narrow(dim, 0, min(self.max_samples, t.shape[dim]))
 
-    def _store_attention(self, watch: _Watch, weights: Tensor, key_padding_mask: Tensor | None) -> None:
+    def _store_attention(self, watch: _Watch, weights: Tensor, key_padding_mask: Tensor | None,
+                         key_counts: Tensor | None = None) -> None:
         call = _Call(in_backward=False)
-        call.data.update(attention=weights, key_lengths=key_lengths_from_mask(key_padding_mask, batched=True))
+        call.data.update(attention=weights, key_lengths=key_lengths_from_mask(key_padding_mask, batched=True),
+                         key_counts=key_counts)
         watch.calls.append(call)
 
     def _mha_recompute(self, module: nn.MultiheadAttention, q, k, v, kpm, mask, is_causal, watch: _Watch):
@@ -495,8 +502,9 @@ class _Session:
             weights = mha_weights(module, q, k, v, kpm, mask, is_causal)
         if kpm is not None and not batched:
             kpm = kpm.unsqueeze(0)
-        extra = module.bias_k is not None or module.add_zero_attn
-        self._store_attention(watch, weights, None if extra else kpm)
+        extra = int(module.bias_k is not None) + int(module.add_zero_attn)
+        counts = allowed_key_counts(weights.shape, kpm, mask, is_causal, extra)
+        self._store_attention(watch, weights, None if extra else kpm, counts)
 
     def _mha_hook(self, watch: _Watch) -> Callable:
         def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
@@ -537,11 +545,16 @@ class _Session:
                     break
                 x, weights = encoder_layer_step(layer, x, mask, kpm, is_causal)
                 if index in by_index:
-                    watch = by_index[index]
-                    self._guarded(watch, "capture", lambda w=watch, a=weights: self._store_attention(
-                        w, self._sliced(a, 0), self._sliced(kpm, 0) if kpm is not None else None))
+                    self._guarded(by_index[index], "capture",
+                                  lambda w=by_index[index], a=weights: self._store_encoder_attention(
+                                      w, self._sliced(a, 0), mask, kpm, is_causal))
 
         return hook
+
+    def _store_encoder_attention(self, watch: _Watch, weights: Tensor, mask: Tensor | None,
+                                 kpm: Tensor | None, is_causal: bool) -> None:
+        counts = allowed_key_counts(weights.shape, kpm, mask, is_causal)
+        self._store_attention(watch, weights, self._sliced(kpm, 0) if kpm is not None else None, counts)
 
     def _extractor_hook(self, watch: _Watch) -> Callable:
         extractor = self.probe.extractors[watch.name]
@@ -615,11 +628,15 @@ class _Session:
     def _build_attention(self, watch: _Watch) -> AttentionRecord:
         if watch.name in self.probe.extractors:
             parts = [c.data["attention"] for c in watch.calls]
-            weights = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-            return AttentionRecord(watch.name, "custom", weights.float().cpu())
+            weights = (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]).float().cpu()
+            # No masks are known: the keys a query may attend to are those it gives any weight.
+            counts = (weights > 0).sum(-1)
+            counts = None if bool((counts == weights.shape[-1]).all()) else counts
+            return AttentionRecord(watch.name, "custom", weights, key_counts=counts)
         call = watch.calls[-1]
         return AttentionRecord(
-            watch.name, "MultiheadAttention", call.data["attention"].float().cpu(), call.data["key_lengths"]
+            watch.name, "MultiheadAttention", call.data["attention"].float().cpu(), call.data["key_lengths"],
+            key_counts=call.data["key_counts"],
         )
 
     def _build_fused(self, watch: _Watch, calls: list[_Call], scale: float | None) -> RNNRecord:

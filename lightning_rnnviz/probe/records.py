@@ -115,6 +115,12 @@ class AttentionRecord:
             marks a right-padded batch; ``None`` when every key is real.
         exact: always ``True`` for ``nn.MultiheadAttention``; as reported for custom extractors.
         notes: human-readable caveats.
+        key_counts: ``(batch, heads or 1, T_query)`` long: how many keys each query may attend to. For
+            ``nn.MultiheadAttention`` (also followed through an ``nn.TransformerEncoder``) it is computed
+            from the call's masks: ``attn_mask`` (boolean, or ``-inf`` in a float mask), ``is_causal``,
+            ``key_padding_mask``, plus the columns of ``add_bias_kv`` / ``add_zero_attn``. For custom
+            extractors, whose masks are unknown, it counts the keys with a weight above zero. ``None``
+            when every key is allowed for every query.
     """
 
     name: str
@@ -123,6 +129,7 @@ class AttentionRecord:
     key_lengths: Tensor | None = None
     exact: bool = True
     notes: tuple[str, ...] = ()
+    key_counts: Tensor | None = None
 
     @property
     def heads(self) -> int:
