@@ -140,6 +140,51 @@ def _dropout_note(p: float, reason: str) -> str:
     return f"{because}: layers above 0 and all gradients are computed without dropout."
 
 
+_EXPECTED_WEIGHTS = (
+    "non-negative weights (batch, [heads,] T_out, T_in), or (batch, T_in) for one decoding step, whose rows "
+    "(last axis) sum to 1"
+)
+
+
+def _checked_weights(extractor: Extractor, name: str, weights: Any, earlier: tuple[int, int, int] | None) -> Tensor:
+    """What an extractor returned, as ``(batch, heads, T_out, T_in)``, if it is attention weights.
+
+    Raises:
+        ValueError: naming the extractor, the module, the shape returned and what was wrong: not a
+            floating-point tensor of 2-4 dimensions, negative values, rows (last axis) that do not sum
+            to 1 (within 1e-3, or 2e-2 for 16-bit floats; rows holding NaN, as fully masked rows do,
+            are not checked), or batch, heads or key length unlike an earlier call of the block.
+    """
+    label = f"the attention extractor `{getattr(extractor, '__qualname__', type(extractor).__qualname__)}`"
+    if not isinstance(weights, Tensor):
+        raise ValueError(f"{label} returned a {type(weights).__name__} for module {name!r}; expected {_EXPECTED_WEIGHTS}")
+
+    def wrong(problem: str) -> ValueError:
+        return ValueError(f"{label} returned shape {tuple(weights.shape)} for module {name!r}, {problem}; "
+                          f"expected {_EXPECTED_WEIGHTS}")
+
+    if not 2 <= weights.dim() <= 4:
+        raise wrong(f"{weights.dim()} dimensions")
+    if not weights.is_floating_point():
+        raise wrong(f"of dtype {weights.dtype}")
+    w = weights.detach()
+    w = w[:, None, None, :] if w.dim() == 2 else w[:, None] if w.dim() == 3 else w
+    half = w.element_size() == 2
+    rows = w.flatten(0, -2).float() if half else w.flatten(0, -2)
+    rows = rows[~torch.isnan(rows).any(-1)]
+    if rows.numel() and bool((rows < 0).any()):
+        raise wrong(f"with negative values (down to {float(rows.min()):.3g})")
+    if rows.numel():
+        sums = rows.sum(-1)
+        worst = int((sums - 1).abs().argmax())
+        if not abs(float(sums[worst]) - 1) <= (2e-2 if half else 1e-3):
+            raise wrong(f"whose rows along the last axis sum to {float(sums[worst]):.4g}, not 1")
+    if earlier is not None and earlier != (w.shape[0], w.shape[1], w.shape[3]):
+        batch, heads, keys = earlier
+        raise wrong(f"but an earlier call of this block gave batch {batch}, {heads} head(s) and {keys} keys")
+    return w
+
+
 @dataclass
 class _Replayed:
     """The replay of one call of a fused module, time-major (see ``ReplayResult``)."""
@@ -163,7 +208,12 @@ class Probe:
             record; ``None`` records every supported module.
         attention: ``{name or pattern: fn(module, args, output) -> weights}`` for custom attention
             modules; ``weights`` is ``(batch, [heads,] T_out, T_in)``, or ``(batch, T_in)`` for one
-            decoding step. The rows of all calls in a block are stacked in call order.
+            decoding step. The rows of all calls in a block are stacked in call order. What an
+            extractor returns is checked: non-negative, each row (last axis) summing to 1 (within 1e-3,
+            2e-2 for 16-bit floats; rows of NaN, fully masked, pass), the same batch, heads and key
+            length in every call of a block. Anything else (a context vector, transposed weights) is
+            an error of capture: one warning naming the extractor, the module and the shape, and that
+            module's record is dropped for the block.
         strict: re-raise errors from capture and replay instead of warning once and dropping that
             module's record (for tests).
         call: which call of a fused ``nn.RNN/LSTM/GRU`` a record shows when the module is called several
@@ -564,18 +614,10 @@ class _Session:
                 return
 
             def capture() -> None:
-                weights = extractor(module, args, output)
-                if not isinstance(weights, Tensor) or not 2 <= weights.dim() <= 4:
-                    raise ValueError(
-                        "the attention extractor must return a tensor (batch, [heads,] T_out, T_in) or "
-                        f"(batch, T_in), got {getattr(weights, 'shape', type(weights))}"
-                    )
-                w = weights.detach()
-                if w.dim() == 2:
-                    w = w[:, None, None, :]
-                elif w.dim() == 3:
-                    w = w[:, None]
+                earlier = watch.calls[-1].data["extracted"] if watch.calls else None
+                w = _checked_weights(extractor, watch.name, extractor(module, args, output), earlier)
                 self._store_attention(watch, self._sliced(w, 0), None)
+                watch.calls[-1].data["extracted"] = (w.shape[0], w.shape[1], w.shape[3])
 
             self._guarded(watch, "capture", capture)
 
