@@ -445,6 +445,9 @@ class _Session:
                 hx = _arg(args, kwargs, 1, "hx")
                 out, hidden = output
                 call = _Call(in_backward=_in_backward())
+                inp_requires_grad = (inp.data if isinstance(inp, PackedSequence) else inp).requires_grad
+                hx_requires_grad = tuple(h.requires_grad for h in (hx if isinstance(hx, tuple) else (hx,))
+                                         if h is not None)
                 previous = next((c for c in reversed(watch.calls) if not c.in_backward), None)
                 if isinstance(inp, PackedSequence):
                     steps, batch = None, int(inp.batch_sizes[0])
@@ -473,6 +476,9 @@ class _Session:
                     weights=_snapshot(module),
                     training=module.training,
                     grad_enabled=torch.is_grad_enabled(),
+                    # what the kernels' rounding depends on, for a replay that must match bit for bit
+                    requires_grad={n: p.requires_grad for n, p in module.named_parameters(recurse=False)},
+                    input_requires_grad=(inp_requires_grad, hx_requires_grad),
                 )
                 watch.calls.append(call)
                 h_n, c_n = hidden if isinstance(hidden, tuple) else (hidden, None)
@@ -778,7 +784,7 @@ class _Session:
         notes: tuple[str, ...] = ()
         if data["training"] and module.dropout > 0 and module.num_layers > 1:
             # The masks depend on the whole batch: drawn again on the full batch, sliced afterwards.
-            states, masks, note = self._dropout_replay(module, data, x, h0, c0, layer_weights, unchanged)
+            states, masks, note = self._dropout_replay(module, data, x, h0, c0, unchanged)
             notes = () if note is None else (note,)
         if self.max_samples is not None and self.max_samples < batch:
             k = self.max_samples
@@ -810,8 +816,7 @@ class _Session:
         return _Replayed(result, lengths.cpu(), notes)
 
     def _dropout_replay(
-        self, module: nn.RNNBase, data: dict[str, Any], x: Tensor, h0: Tensor, c0: Tensor | None,
-        layer_weights: list[list[LayerWeights]], unchanged: bool,
+        self, module: nn.RNNBase, data: dict[str, Any], x: Tensor, h0: Tensor, c0: Tensor | None, unchanged: bool,
     ) -> tuple[list[Tensor] | None, list[Tensor] | None, str | None]:
         """States of the layers below the top and the inter-layer dropout masks of one call in training mode,
         each ``(T, B, D*P)`` for the full batch, or a note on why they are not known.
@@ -828,22 +833,35 @@ class _Session:
             return None, None, _dropout_note(p, "in_place")
         values = data["output_values"][0]
         inp = data["input"]
+        # The same tensors as at the call, as far as the kernels can tell: layout and requires_grad
+        # (aliases of our copies, so the flags stay off what the rest of the replay reads).
+        flags = data["requires_grad"]
+        flat = {n: w.to(x.dtype).detach().requires_grad_(flags[n]) for n, w in data["weights"].items()}
+        dirs = 2 if module.bidirectional else 1
+        weights = [[LayerWeights.from_flat(flat, layer, d) for d in range(dirs)] for layer in range(module.num_layers)]
+        input_grad, hx_grad = data["input_requires_grad"]
+        h0 = h0.detach().requires_grad_(bool(hx_grad) and hx_grad[0])
+        if c0 is not None:
+            c0 = c0.detach().requires_grad_(len(hx_grad) > 1 and hx_grad[1])
         if isinstance(inp, PackedSequence):
             # In the module's own layout: the kernel drew the masks on the packed data, in the user's order.
             order = inp.sorted_indices
             if order is not None:
                 h0 = h0.index_select(1, order.to(h0.device))
                 c0 = c0.index_select(1, order.to(c0.device)) if c0 is not None else None
-            replay = replay_with_dropout(module.mode, layer_weights, inp.data.to(x.device, x.dtype), h0, c0, p,
-                                         data["rng_state"], inp.batch_sizes, data["grad_enabled"])
+            data_in = inp.data.to(x.device, x.dtype).detach().requires_grad_(input_grad)
+            replay = replay_with_dropout(module.mode, weights, data_in, h0, c0, p, data["rng_state"],
+                                         inp.batch_sizes, grad_enabled=data["grad_enabled"])
             top = values
 
             def padded(t: Tensor) -> Tensor:
                 return pad_packed_sequence(inp._replace(data=t), total_length=x.shape[0])[0]
         else:
-            # The kernel reads a time-major contiguous input (a strided view rounds differently).
-            replay = replay_with_dropout(module.mode, layer_weights, x.contiguous(), h0, c0, p, data["rng_state"],
-                                         grad_enabled=data["grad_enabled"])
+            # As the module received it: its own layout, an unbatched input with the batch axis it adds.
+            given = inp.unsqueeze(0 if module.batch_first else 1) if inp.dim() == 2 else inp
+            given = given.to(x.device, x.dtype).detach().requires_grad_(input_grad)
+            replay = replay_with_dropout(module.mode, weights, given, h0, c0, p, data["rng_state"],
+                                         batch_first=module.batch_first, grad_enabled=data["grad_enabled"])
             top = values.unsqueeze(1) if inp.dim() == 2 else values.transpose(0, 1) if module.batch_first else values
 
             def padded(t: Tensor) -> Tensor:

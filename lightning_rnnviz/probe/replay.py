@@ -227,6 +227,7 @@ def replay_with_dropout(
     p: float,
     rng_state: Tensor,
     batch_sizes: Tensor | None = None,
+    batch_first: bool = False,
     grad_enabled: bool = True,
 ) -> DropoutReplay:
     """Forward of a fused multi-layer RNN in training mode, inter-layer dropout masks drawn again.
@@ -237,21 +238,28 @@ def replay_with_dropout(
     generator is restored afterwards). Whether they really are the module's is for the caller to check:
     the top layer must equal the module's output bit for bit.
 
+    The kernel's matrix products round differently with the input's memory layout, with whether the
+    weights require grad and (oneDNN's LSTM) with whether autograd is enabled: the caller passes the
+    input as the module received it and weights whose ``requires_grad`` is that of the module's
+    parameters, and gives the call's grad mode. A graph may be built here; it is dropped on return.
+
     Args:
         mode: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``.
         weights: ``weights[layer][direction]``, in the module's dtype.
-        x: ``(T, B, I)`` time-major and contiguous, as the kernel sees it; or the ``(N, I)`` data of a
+        x: the input as the module received it, ``(B, T, I)`` with ``batch_first`` else ``(T, B, I)`` (an
+            unbatched input with the batch axis the module adds); or the ``(N, I)`` data of a
             ``PackedSequence`` with its ``batch_sizes``, in the user's own packing order.
         h0: ``(L*D, B, P)`` initial hidden state, in ``x``'s batch order (the packing order when packed).
         c0: ``(L*D, B, H)`` initial cell state (LSTM).
         p: the module's ``dropout``.
         rng_state: ``torch.get_rng_state()`` taken just before the module was called.
         batch_sizes: the ``PackedSequence``'s ``batch_sizes``; ``None`` for a padded input.
-        grad_enabled: whether autograd was enabled at the call. oneDNN's LSTM takes a different kernel
-            (another rounding) with and without it; nothing here requires grad, so no graph is built.
+        batch_first: the module's ``batch_first`` (padded input only).
+        grad_enabled: whether autograd was enabled at the call.
 
     Returns:
-        Every layer's output and the masks, in ``x``'s layout.
+        Every layer's output and the masks, time-major ``(T, B, D*P)``, or packed data ``(N, D*P)``;
+        detached.
     """
     num_dirs = len(weights[0])
     outputs: list[Tensor] = []
@@ -260,9 +268,12 @@ def replay_with_dropout(
     with torch.set_grad_enabled(grad_enabled), generator_state(rng_state):
         for layer, layer_weights in enumerate(weights):
             rows = slice(layer * num_dirs, (layer + 1) * num_dirs)
+            # layer 0 reads the input as the module did; the kernel hands on time-major outputs
+            first = layer == 0 and batch_first and batch_sizes is None
             out = _fused_layer(mode, layer_weights, layer_in, h0[rows], None if c0 is None else c0[rows],
-                               batch_sizes)
-            outputs.append(out)
+                               batch_sizes, batch_first=first)
+            out = out.transpose(0, 1) if first else out
+            outputs.append(out.detach())
             if layer < len(weights) - 1:
                 # F.dropout(out) is out * mask with the mask drawn for out's shape; dropping out ones draws
                 # the same mask and gives it as it is.
@@ -273,7 +284,7 @@ def replay_with_dropout(
 
 
 def _fused_layer(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
-                 batch_sizes: Tensor | None) -> Tensor:
+                 batch_sizes: Tensor | None, batch_first: bool = False) -> Tensor:
     """One layer (all directions) through the module's own fused kernel; output in ``x``'s layout."""
     params: list[Tensor] = []
     for w in weights:
@@ -288,7 +299,7 @@ def _fused_layer(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, 
         warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
         warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
         if batch_sizes is None:
-            return op(x, hx, params, has_bias, 1, 0.0, False, bidirectional, False)[0]
+            return op(x, hx, params, has_bias, 1, 0.0, False, bidirectional, batch_first)[0]
         return op(x, batch_sizes, hx, params, has_bias, 1, 0.0, False, bidirectional)[0]
 
 

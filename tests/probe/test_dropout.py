@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -56,16 +58,21 @@ class _Snapshots:
         self.handle.remove()
 
 
-def _call(module, inp: RNNInputs, packing: str):
-    """Call ``module`` as a user would; return ``(output (B, T, D*P), h_n, c_n, packed input or None)``."""
+def _call(module, inp: RNNInputs, packing: str, input_grad: bool = False):
+    """Call ``module`` as a user would; return ``(output (B, T, D*P), h_n, c_n, packed input or None)``.
+
+    ``input_grad``: the input requires grad, as the output of an embedding or a layer below would.
+    """
     T = inp.x.shape[1]
-    x = inp.x if module.batch_first else inp.x.transpose(0, 1).contiguous()
+    dtype = module.weight_ih_l0.dtype
+    x = (inp.x if module.batch_first else inp.x.transpose(0, 1).contiguous()).to(dtype).requires_grad_(input_grad)
     packed = None
     if packing != "padded":
         packed = pack_padded_sequence(x, inp.lengths, batch_first=module.batch_first,
                                       enforce_sorted=packing == "sorted")
         x = packed
-    hx = None if inp.h0 is None else ((inp.h0, inp.c0) if isinstance(module, nn.LSTM) else inp.h0)
+    h0, c0 = (None if t is None else t.to(dtype) for t in (inp.h0, inp.c0))
+    hx = None if h0 is None else ((h0, c0) if isinstance(module, nn.LSTM) else h0)
     out, state = module(x, hx)
     if packed is not None:
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)
@@ -84,8 +91,12 @@ def _reference_masks(module, inp: RNNInputs, state: torch.Tensor, packed) -> lis
     return batch_first_masks(masks, packed, T)
 
 
-def _dropout_case(cfg: RNNConfig, packing: str, grad: bool = True, **record_kw):
-    module = build_rnn(cfg).train()
+def _dropout_case(cfg: RNNConfig, packing: str, grad: bool = True, dtype=torch.float32, input_grad=False,
+                  frozen_layer0=False, **record_kw):
+    module = build_rnn(cfg).to(dtype).train()
+    if frozen_layer0:
+        for name, param in module.named_parameters():
+            param.requires_grad_("_l0" not in name)
     inp = make_inputs(cfg, module)
     if packing == "sorted":
         inp = _sorted_by_length(inp)
@@ -95,7 +106,7 @@ def _dropout_case(cfg: RNNConfig, packing: str, grad: bool = True, **record_kw):
     try:
         with Probe(module, strict=True).record(**record_kw) as rec:
             with torch.set_grad_enabled(grad):
-                out, h_n, c_n, packed = _call(module, inp, packing)
+                out, h_n, c_n, packed = _call(module, inp, packing, input_grad)
             if grad:
                 loss_fn(out, h_n, c_n).backward()
     finally:
@@ -105,7 +116,7 @@ def _dropout_case(cfg: RNNConfig, packing: str, grad: bool = True, **record_kw):
     if grad:
         loss_fn(ref.output, ref.h_n, ref.c_n).backward()
     # the masks drawn for the reference are the module's: with them, the reference gives its output
-    torch.testing.assert_close(ref.output.float(), out.detach(), **VAL_TOL)
+    torch.testing.assert_close(ref.output.float(), out.detach().float(), **VAL_TOL)
     return rec[""], ref, module, out.detach()
 
 
@@ -120,6 +131,56 @@ def test_dropout_record_is_exact_and_matches_the_reference(cfg, packing):
     assert torch.equal(top, out)
 
 
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    kind=st.sampled_from(KINDS),
+    num_layers=st.integers(2, 3),
+    bidirectional=st.booleans(),
+    batch_first=st.booleans(),
+    packing=st.sampled_from(["padded", "unsorted", "sorted"]),
+    given_hx=st.booleans(),
+    batch=st.integers(1, 4),
+    time=st.integers(1, 6),
+    input_size=st.integers(1, 4),
+    hidden_size=st.integers(2, 5),
+    dropout=st.sampled_from([0.1, 0.5]),
+    double=st.booleans(),
+    input_grad=st.booleans(),
+    frozen_layer0=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_dropout_record_matches_the_reference_property(packing, double, input_grad, frozen_layer0, **kw):
+    """float64 modules, inputs that require grad and frozen layers change how the kernel rounds: the
+    replay must still give the module's output bit for bit (or the record could not say exact)."""
+    if kw["kind"] == "LSTM_PROJ":
+        kw["proj_size"] = kw["hidden_size"] - 1
+    cfg = RNNConfig(packed=packing != "padded", loss="mixed", **kw)
+    r, ref, _, _ = _dropout_case(cfg, packing, dtype=torch.float64 if double else torch.float32,
+                                 input_grad=input_grad, frozen_layer0=frozen_layer0)
+    assert_matches(r, ref)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH", "LSTM_PROJ"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_realistic_sizes_are_exact(kind, dtype, batch_first):
+    """Sizes where the matrix products take their blocked paths (the reference would be slow here)."""
+    cfg = RNNConfig(kind=kind, num_layers=3, bidirectional=True, batch_first=batch_first, dropout=0.2,
+                    batch=16, time=30, input_size=32, hidden_size=64, proj_size=32, seed=4)
+    module = build_rnn(cfg).to(dtype).train()
+    inp = make_inputs(cfg, module)
+    with Probe(module, strict=True).record(max_samples=4) as rec:
+        out, h_n, _, _ = _call(module, inp, "padded", input_grad=True)
+        (out.square().sum() + h_n.sum()).backward()
+    assert rec[""].exact is True, rec[""].notes
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("packing", ["padded", "unsorted"])
 def test_replayed_top_layer_is_bit_equal_to_the_module_output(kind, packing):
@@ -131,7 +192,8 @@ def test_replayed_top_layer_is_bit_equal_to_the_module_output(kind, packing):
     snapshots = _Snapshots(module)
     out, _, _, packed = _call(module, inp, packing)
     snapshots.remove()
-    weights = {n: p.detach() for n, p in module.named_parameters()}
+    # as at the call: weights that require grad, the input in the module's layout
+    weights = {n: p.detach().requires_grad_(p.requires_grad) for n, p in module.named_parameters()}
     layers = [[LayerWeights.from_flat(weights, layer, d) for d in range(2)] for layer in range(3)]
     h0, c0 = inp.h0, inp.c0
     if packed is not None:
@@ -139,9 +201,10 @@ def test_replayed_top_layer_is_bit_equal_to_the_module_output(kind, packing):
         c0 = None if c0 is None else c0[:, packed.sorted_indices]
         x, batch_sizes = packed.data, packed.batch_sizes
     else:
-        x, batch_sizes = inp.x.transpose(0, 1).contiguous(), None
+        x, batch_sizes = inp.x, None  # batch-first, as given
     before = torch.get_rng_state()
-    result = replay_with_dropout(module.mode, layers, x, h0, c0, module.dropout, snapshots.states[0], batch_sizes)
+    result = replay_with_dropout(module.mode, layers, x, h0, c0, module.dropout, snapshots.states[0], batch_sizes,
+                                 batch_first=True)
     assert torch.equal(torch.get_rng_state(), before)  # the generator is back where it was
     if packed is not None:
         top = pack_padded_sequence(out, inp.lengths, batch_first=True, enforce_sorted=False).data
