@@ -28,7 +28,13 @@ from lightning_rnnviz.probe.attention import (
     mha_weights,
 )
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
-from lightning_rnnviz.probe.replay import LayerWeights, ReplayResult, cell_gates, replay_rnn, replay_with_dropout
+from lightning_rnnviz.probe.replay import (
+    LayerWeights,
+    ReplayResult,
+    cell_gates,
+    replay_rnn,
+    replay_with_dropout,
+)
 from lightning_rnnviz.probe.targets import CELL_TYPES, FUSED_TYPES, resolve_targets
 
 Extractor = Callable[[nn.Module, tuple, Any], Tensor]
@@ -114,7 +120,8 @@ def _is_step_chain(module: nn.RNNBase, calls: list[_Call]) -> bool:
 
 def _same_values(a: Tensor | None, b: Tensor | None) -> bool:
     return (a is None) == (b is None) and (
-        a is None or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+        a is None
+        or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
     )
 
 
@@ -134,7 +141,8 @@ def _dropout_note(p: float, reason: str) -> str:
     because = {
         "cuda": f"On CUDA, cuDNN draws the inter-layer dropout masks (p={p}) inside the library",
         "differs": f"The inter-layer dropout replay (p={p}) did not give the module's output bit for bit",
-        "in_place": f"The output changed in place or is an inference tensor, so the dropout replay (p={p}) is unchecked",
+        "in_place": f"The output changed in place or is an inference tensor, so the dropout replay (p={p}) "
+                    "is unchecked",
         "no_state": f"The generator state at the call is unknown, so the dropout (p={p}) cannot be replayed",
     }[reason]
     return f"{because}: layers above 0 and all gradients are computed without dropout."
@@ -146,7 +154,9 @@ _EXPECTED_WEIGHTS = (
 )
 
 
-def _checked_weights(extractor: Extractor, name: str, weights: Any, earlier: tuple[int, int, int] | None) -> Tensor:
+def _checked_weights(
+    extractor: Extractor, name: str, weights: Any, earlier: tuple[int, int, int] | None
+) -> Tensor:
     """What an extractor returned, as ``(batch, heads, T_out, T_in)``, if it is attention weights.
 
     Raises:
@@ -157,7 +167,9 @@ def _checked_weights(extractor: Extractor, name: str, weights: Any, earlier: tup
     """
     label = f"the attention extractor `{getattr(extractor, '__qualname__', type(extractor).__qualname__)}`"
     if not isinstance(weights, Tensor):
-        raise ValueError(f"{label} returned a {type(weights).__name__} for module {name!r}; expected {_EXPECTED_WEIGHTS}")
+        raise ValueError(
+            f"{label} returned a {type(weights).__name__} for module {name!r}; expected {_EXPECTED_WEIGHTS}"
+        )
 
     def wrong(problem: str) -> ValueError:
         return ValueError(f"{label} returned shape {tuple(weights.shape)} for module {name!r}, {problem}; "
@@ -198,7 +210,8 @@ class Probe:
     """Record what happens inside a model's recurrent and attention modules on one batch.
 
     Supported: ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` (fused, replayed for gates and exact gradients),
-    ``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell`` called in a loop (each call is one step),
+    ``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell`` called in a loop (each call is one step; so is each
+    call of a fused module called once per step from the previous call's state, see ``call``),
     ``nn.MultiheadAttention`` (also inside the ``nn.Transformer*Layer`` modules), and any module with a
     custom attention extractor.
 
@@ -327,7 +340,9 @@ class Probe:
         if key in self._warned:
             return
         self._warned.add(key)
-        which = "the last whose output received a gradient" if with_grad else "the last (none received a gradient)"
+        which = "the last whose output received a gradient"
+        if not with_grad:
+            which = "the last (none received a gradient)"
         warnings.warn(
             f"lightning_rnnviz: module {name!r} was called {total} times in one recording, not as a chain of "
             f"single steps, so its record shows call {shown + 1} of {total}, {which}. Choose another with "
@@ -371,7 +386,8 @@ class _Session:
             elif isinstance(module, FUSED_TYPES):
                 hook = self._fused_hook(watch)
                 if module.dropout > 0 and module.num_layers > 1:
-                    self.handles.append(module.register_forward_pre_hook(self._rng_hook(watch), with_kwargs=True))
+                    pre_hook = module.register_forward_pre_hook(self._rng_hook(watch), with_kwargs=True)
+                    self.handles.append(pre_hook)
             elif isinstance(module, CELL_TYPES):
                 hook = self._cell_hook(watch)
             else:
@@ -660,8 +676,8 @@ class _Session:
             forward = [c for c in watch.calls if not c.in_backward]
             if not -len(forward) <= wanted < len(forward):
                 raise ValueError(
-                    f"`call`={wanted} is out of range: module {watch.name!r} was called {len(forward)} time(s) "
-                    "in this block (forward calls, 0-based, negative from the end)"
+                    f"`call`={wanted} is out of range: module {watch.name!r} was called "
+                    f"{len(forward)} time(s) in this block (forward calls, 0-based, negative from the end)"
                 )
             return [forward[wanted]]
         calls = _choose_calls(watch.calls)
@@ -699,7 +715,8 @@ class _Session:
             if len(tensors) == 1:
                 return tensors[0]
             # a step whose outputs received no gradient has a zero gradient
-            return torch.cat([t if t is not None else torch.zeros_like(o) for t, o in zip(tensors, like)], dim=1)
+            filled = [t if t is not None else torch.zeros_like(o) for t, o in zip(tensors, like)]
+            return torch.cat(filled, dim=1)
 
         hidden = [r.hidden for r in results]
         cell = [r.cell for r in results]
@@ -710,7 +727,10 @@ class _Session:
 
         notes = tuple(dict.fromkeys(note for part in parts for note in part.notes))
         hidden_all = out(stack(hidden, hidden))
-        lengths = parts[0].lengths if len(parts) == 1 else torch.full((hidden_all.shape[1],), len(parts), dtype=torch.long)
+        if len(parts) == 1:
+            lengths = parts[0].lengths
+        else:
+            lengths = torch.full((hidden_all.shape[1],), len(parts), dtype=torch.long)
         return RNNRecord(
             name=watch.name,
             kind=module.mode,
@@ -774,8 +794,9 @@ class _Session:
 
         h0 = h0.to(device, dtype)
         c0 = c0.to(device, dtype) if c0 is not None else None
+        cast = {n: w.to(dtype) for n, w in weights.items()}
         layer_weights = [
-            [LayerWeights.from_flat({n: w.to(dtype) for n, w in weights.items()}, layer, d) for d in range(dirs)]
+            [LayerWeights.from_flat(cast, layer, d) for d in range(dirs)]
             for layer in range(module.num_layers)
         ]
         values, version = data["output_values"]
@@ -809,14 +830,20 @@ class _Session:
             else:
                 top = values.transpose(0, 1) if module.batch_first else values
             top = top[:, :batch].to(device, dtype)
-        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths_dev, g_out, g_hn, g_cn, top_states=top,
-                            layer_states=states, dropout_masks=masks)
+        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths_dev, g_out, g_hn, g_cn,
+                            top_states=top, layer_states=states, dropout_masks=masks)
         if lengths is None:
             lengths = torch.full((batch,), steps, dtype=torch.long)
         return _Replayed(result, lengths.cpu(), notes)
 
     def _dropout_replay(
-        self, module: nn.RNNBase, data: dict[str, Any], x: Tensor, h0: Tensor, c0: Tensor | None, unchanged: bool,
+        self,
+        module: nn.RNNBase,
+        data: dict[str, Any],
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor | None,
+        unchanged: bool,
     ) -> tuple[list[Tensor] | None, list[Tensor] | None, str | None]:
         """States of the layers below the top and the inter-layer dropout masks of one call in training mode,
         each ``(T, B, D*P)`` for the full batch, or a note on why they are not known.
@@ -838,7 +865,8 @@ class _Session:
         flags = data["requires_grad"]
         flat = {n: w.to(x.dtype).detach().requires_grad_(flags[n]) for n, w in data["weights"].items()}
         dirs = 2 if module.bidirectional else 1
-        weights = [[LayerWeights.from_flat(flat, layer, d) for d in range(dirs)] for layer in range(module.num_layers)]
+        weights = [[LayerWeights.from_flat(flat, layer, d) for d in range(dirs)]
+                   for layer in range(module.num_layers)]
         input_grad, hx_grad = data["input_requires_grad"]
         h0 = h0.detach().requires_grad_(bool(hx_grad) and hx_grad[0])
         if c0 is not None:
@@ -862,7 +890,10 @@ class _Session:
             given = given.to(x.device, x.dtype).detach().requires_grad_(input_grad)
             replay = replay_with_dropout(module.mode, weights, given, h0, c0, p, data["rng_state"],
                                          batch_first=module.batch_first, grad_enabled=data["grad_enabled"])
-            top = values.unsqueeze(1) if inp.dim() == 2 else values.transpose(0, 1) if module.batch_first else values
+            if inp.dim() == 2:
+                top = values.unsqueeze(1)
+            else:
+                top = values.transpose(0, 1) if module.batch_first else values
 
             def padded(t: Tensor) -> Tensor:
                 return t

@@ -18,7 +18,9 @@ class RNNRecord:
 
     Every tensor is float32 on the CPU and batch-first. The first axis indexes
     ``layer * num_directions + direction`` as in ``h_n``; the time axis is the sequence position for
-    both directions. Steps past a sequence's length (``PackedSequence`` input) are zero.
+    both directions. Steps past a sequence's length (``PackedSequence`` input) are zero. For a cell called
+    in a loop, and for a fused module called once per step with each call starting from the previous
+    call's final state (a decoder), the time axis is the calls.
 
     Attributes:
         name: the module's qualified name, as in ``model.named_modules()``.

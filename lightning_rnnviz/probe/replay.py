@@ -396,7 +396,8 @@ class _Row:
 
 def _backward(rows: list[_Row], num_layers: int, num_dirs: int, x: Tensor, lengths: Tensor | None,
               valid: Tensor | None, grad_output: Tensor | None, grad_h_n: Tensor | None,
-              grad_c_n: Tensor | None, dropout_masks: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+              grad_c_n: Tensor | None,
+              dropout_masks: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
     """Back-propagation through time and layers; returns ``(dL/dh, dL/dc)``, each ``(L*D, T, B, .)``."""
     steps, batch = x.shape[:2]
     mask = valid.to(x.dtype) if valid is not None else None

@@ -19,10 +19,12 @@ E, HEADS, B, TQ, TK = 8, 2, 3, 4, 5
 LENGTHS = torch.tensor([5, 2, 4])
 
 MASKS = [
-    "none", "causal", "causal_float", "rectangular_is_causal", "bool", "float_inf", "3d_bool", "kpm", "kpm_float",
-    "kpm_scattered", "kpm+causal", "kpm+3d_bool",
+    "none", "causal", "causal_float", "rectangular_is_causal", "bool", "float_inf", "3d_bool", "kpm",
+    "kpm_float", "kpm_scattered", "kpm+causal", "kpm+3d_bool",
 ]
-OPTIONS = [dict(), dict(add_bias_kv=True), dict(add_zero_attn=True), dict(add_bias_kv=True, add_zero_attn=True)]
+OPTIONS = [
+    dict(), dict(add_bias_kv=True), dict(add_zero_attn=True), dict(add_bias_kv=True, add_zero_attn=True),
+]
 
 
 SQUARE = ("causal", "causal_float", "kpm+causal")  # self-attention: as many keys as queries
@@ -41,14 +43,16 @@ def _masks(kind: str, g: torch.Generator) -> dict:
             kw["key_padding_mask"] = torch.zeros(B, tk).masked_fill(pad, float("-inf"))
     if kind in SQUARE:
         mask = causal_mask(TQ)
-        kw["attn_mask"] = torch.zeros(TQ, TQ).masked_fill(mask, float("-inf")) if kind == "causal_float" else mask
+        additive = torch.zeros(TQ, TQ).masked_fill(mask, float("-inf"))
+        kw["attn_mask"] = additive if kind == "causal_float" else mask
         kw["is_causal"] = kind != "causal_float"
     if kind == "rectangular_is_causal":
         kw.update(attn_mask=causal_mask(TQ, TK), is_causal=True)
     if kind == "bool":
         kw["attn_mask"] = torch.rand(TQ, TK, generator=g) > 0.5
     if kind == "float_inf":  # an additive mask: 0 where allowed, -inf where not
-        kw["attn_mask"] = torch.zeros(TQ, TK).masked_fill(torch.rand(TQ, TK, generator=g) > 0.5, float("-inf"))
+        blocked = torch.rand(TQ, TK, generator=g) > 0.5
+        kw["attn_mask"] = torch.zeros(TQ, TK).masked_fill(blocked, float("-inf"))
     if kind.endswith("3d_bool"):
         kw["attn_mask"] = torch.rand(B * HEADS, TQ, TK, generator=g) > 0.5
     if "attn_mask" in kw and kind not in (*SQUARE, "rectangular_is_causal"):
@@ -207,7 +211,7 @@ def test_decoder_layer_self_attention_with_causal_target_mask():
     tgt, memory = torch.randn(B, TQ, E), torch.randn(B, TK, E)
     memory_kpm = torch.arange(TK).unsqueeze(0) >= LENGTHS.unsqueeze(1)
     with Probe(layer, strict=True).record() as rec:
-        layer(tgt, memory, tgt_mask=causal_mask(TQ), tgt_is_causal=True, memory_key_padding_mask=memory_kpm).sum()
+        layer(tgt, memory, tgt_mask=causal_mask(TQ), tgt_is_causal=True, memory_key_padding_mask=memory_kpm)
     self_counts = rec["self_attn"].key_counts
     assert self_counts[0, 0].tolist() == [1, 2, 3, 4]
     assert rec["multihead_attn"].key_counts[:, 0, 0].tolist() == LENGTHS.tolist()

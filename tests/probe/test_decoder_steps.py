@@ -167,7 +167,8 @@ def test_several_calls_warn_once_which_is_shown(grad_to, shown, which):
     model = Twice()
     a, b = _twice_inputs()
     probe = Probe(model)
-    message = rf"module 'rnn' was called 2 times .* shows call {shown} of 2, {which}\. .*`Probe\(call=\.\.\.\)`"
+    message = (rf"module 'rnn' was called 2 times .* shows call {shown} of 2, {which}\. "
+               r".*`Probe\(call=\.\.\.\)`")
     with pytest.warns(RNNVizWarning, match=message):
         with probe.record() as rec:
             model(a, b, grad_to).backward()
@@ -209,7 +210,8 @@ def test_call_out_of_range_drops_the_record_with_a_warning_or_raises():
     model = Twice()
     a, b = _twice_inputs()
     probe = Probe(model, call=2)
-    with pytest.warns(RNNVizWarning, match=r"could not replay module 'rnn' \(ValueError: `call`=2 is out of range"):
+    expected = r"could not replay module 'rnn' \(ValueError: `call`=2 is out of range"
+    with pytest.warns(RNNVizWarning, match=expected):
         with probe.record() as rec:
             model(a, b).backward()
     assert "rnn" not in rec and "out of range" in rec.errors["rnn"]

@@ -65,7 +65,8 @@ def _call(module, inp: RNNInputs, packing: str, input_grad: bool = False):
     """
     T = inp.x.shape[1]
     dtype = module.weight_ih_l0.dtype
-    x = (inp.x if module.batch_first else inp.x.transpose(0, 1).contiguous()).to(dtype).requires_grad_(input_grad)
+    x = inp.x if module.batch_first else inp.x.transpose(0, 1).contiguous()
+    x = x.to(dtype).requires_grad_(input_grad)
     packed = None
     if packing != "padded":
         packed = pack_padded_sequence(x, inp.lengths, batch_first=module.batch_first,
@@ -203,8 +204,8 @@ def test_replayed_top_layer_is_bit_equal_to_the_module_output(kind, packing):
     else:
         x, batch_sizes = inp.x, None  # batch-first, as given
     before = torch.get_rng_state()
-    result = replay_with_dropout(module.mode, layers, x, h0, c0, module.dropout, snapshots.states[0], batch_sizes,
-                                 batch_first=True)
+    result = replay_with_dropout(module.mode, layers, x, h0, c0, module.dropout, snapshots.states[0],
+                                 batch_sizes, batch_first=True)
     assert torch.equal(torch.get_rng_state(), before)  # the generator is back where it was
     if packed is not None:
         top = pack_padded_sequence(out, inp.lengths, batch_first=True, enforce_sorted=False).data
@@ -310,7 +311,7 @@ def test_output_changed_in_place_makes_the_record_approximate():
     _note_fits_a_subtitle(r.notes[0])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN keeps its dropout state)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (cuDNN's own dropout state)")
 def test_cuda_dropout_is_approximate_and_says_why():
     torch.manual_seed(0)
     module = nn.LSTM(3, 4, num_layers=2, dropout=0.5, batch_first=True).cuda().train()
@@ -352,7 +353,7 @@ class DropoutModel(nn.Module):
 
 
 def _train(steps: int, record_every: int | None, probe_kw=None):
-    """``steps`` SGD steps from fixed seeds, recording every ``record_every``-th; returns what training gave."""
+    """``steps`` SGD steps from fixed seeds, recording every ``record_every``-th; what training gave."""
     torch.manual_seed(0)
     model = DropoutModel().train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -420,7 +421,8 @@ def test_a_replay_that_raises_leaves_the_rng_stream_untouched(monkeypatch):
         return fused_layer(mode, *args, **kwargs)
 
     monkeypatch.setattr(replay_module, "_fused_layer", failing)
-    with pytest.warns(RNNVizWarning, match=r"could not replay module 'lstm' \(RuntimeError: replay exploded\)"):
+    expected = r"could not replay module 'lstm' \(RuntimeError: replay exploded\)"
+    with pytest.warns(RNNVizWarning, match=expected):
         probed = _train(3, 1)
     _assert_same_training(plain, probed)
     assert "lstm" in probed[4][0].errors and set(probed[4][0]) == {"gru"}

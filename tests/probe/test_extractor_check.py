@@ -70,7 +70,8 @@ def test_an_extractor_that_returns_no_weights_is_rejected(extractor, tq, shape, 
     model = Model()
     q, k = _inputs(tq=tq)
     probe = Probe(model, attention={"attn": extractor})
-    message = (rf"could not capture module 'attn' \(ValueError: the attention extractor `{extractor.__qualname__}` "
+    message = (r"could not capture module 'attn' \(ValueError: "
+               rf"the attention extractor `{extractor.__qualname__}` "
                rf"returned shape {re.escape(shape)} for module 'attn', .*{problem}.*"
                r"expected non-negative weights \(batch, \[heads,\] T_out, T_in\)")
     with pytest.warns(RNNVizWarning, match=message):
@@ -104,8 +105,8 @@ def test_inconsistent_calls_of_one_block_are_rejected():
             self.attn(q, k_short)
 
     model = TwoLengths()
-    with pytest.warns(RNNVizWarning, match=r"returned shape \(2, 1, 5\) .*earlier call of this block gave batch 2, "
-                                           r"1 head\(s\) and 7 keys"):
+    expected = r"returned shape \(2, 1, 5\) .*earlier call of this block gave batch 2, 1 head\(s\) and 7 keys"
+    with pytest.warns(RNNVizWarning, match=expected):
         with Probe(model, attention={"attn": weights_of}).record() as rec:
             model()
     assert "attn" not in rec
@@ -137,7 +138,8 @@ def test_not_a_tensor_or_wrong_rank_or_integer():
     q, k = _inputs()
     cases = {
         "a tuple": (lambda m, a, out: out, r"returned a tuple for module 'attn'"),
-        "5-D": (lambda m, a, out: out[1][None, None], r"returned shape \(1, 1, 2, 1, 7\) for module 'attn', 5 dimensions"),
+        "5-D": (lambda m, a, out: out[1][None, None],
+                r"returned shape \(1, 1, 2, 1, 7\) for module 'attn', 5 dimensions"),
         "integer": (lambda m, a, out: (out[1] > 0.5).long(), r"of dtype torch\.int64"),
     }
     for name, (extractor, match) in cases.items():
