@@ -104,6 +104,53 @@ def key_lengths_from_mask(key_padding_mask: Tensor | None, batched: bool) -> Ten
     return lengths.cpu() if right_padded else None
 
 
+def allowed_key_counts(
+    weights_shape: tuple[int, ...],
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    extra: int = 0,
+) -> Tensor | None:
+    """``(batch, heads or 1, T_query)`` long: how many keys each query may attend to, from the call's masks.
+
+    A key is not allowed where a boolean mask is ``True`` or a float mask is ``-inf``; ``is_causal``
+    without ``attn_mask`` hides the future keys. The ``extra`` columns that ``add_bias_kv`` and
+    ``add_zero_attn`` append are always allowed. Masks of a larger batch are cut to the recorded one.
+
+    Args:
+        weights_shape: ``(batch, heads, T_query, T_key)`` of the recorded weights, ``extra`` columns included.
+        key_padding_mask: ``(batch, T_key)`` or ``(T_key,)`` as passed to the call.
+        attn_mask: ``(T_query, T_key)`` or ``(batch*heads, T_query, T_key)`` as passed to the call.
+        is_causal: as passed to the call.
+        extra: columns appended after the keys.
+
+    Returns:
+        The counts on the CPU; ``None`` when every key is allowed for every query.
+    """
+    batch, heads, queries, total = weights_shape
+    keys = total - extra
+
+    def blocked_by(mask: Tensor) -> Tensor:
+        return mask if mask.dtype == torch.bool else torch.isneginf(mask)
+
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(queries, keys, dtype=torch.bool).triu(1)
+    blocked = None
+    if attn_mask is not None:
+        mask = blocked_by(attn_mask)
+        if mask.dim() == 3:
+            blocked = mask[: batch * heads].reshape(batch, heads, queries, keys)
+        else:
+            blocked = mask.reshape(1, 1, queries, keys)
+    if key_padding_mask is not None:
+        padded = blocked_by(key_padding_mask).reshape(-1, keys)[:batch].reshape(batch, 1, 1, keys)
+        blocked = padded if blocked is None else blocked.to(padded.device) | padded
+    if blocked is None or not bool(blocked.any()):
+        return None
+    counts = (~blocked).sum(-1)
+    return (counts.expand(batch, counts.shape[1], queries) + extra).long().cpu().contiguous()
+
+
 def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 

@@ -21,9 +21,20 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils.hooks import RemovableHandle
 
-from lightning_rnnviz.probe.attention import encoder_layer_step, key_lengths_from_mask, mha_weights
+from lightning_rnnviz.probe.attention import (
+    allowed_key_counts,
+    encoder_layer_step,
+    key_lengths_from_mask,
+    mha_weights,
+)
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
-from lightning_rnnviz.probe.replay import LayerWeights, cell_gates, replay_rnn
+from lightning_rnnviz.probe.replay import (
+    LayerWeights,
+    ReplayResult,
+    cell_gates,
+    replay_rnn,
+    replay_with_dropout,
+)
 from lightning_rnnviz.probe.targets import CELL_TYPES, FUSED_TYPES, resolve_targets
 
 Extractor = Callable[[nn.Module, tuple, Any], Tensor]
@@ -72,6 +83,8 @@ class _Watch:
     module: nn.Module
     calls: list[_Call] = field(default_factory=list)
     failed: str | None = None
+    # CPU generator states taken by the forward pre-hook, each popped by its call's forward hook
+    rng_states: list[Tensor | None] = field(default_factory=list)
 
 
 def _choose_calls(calls: list[_Call]) -> list[_Call]:
@@ -94,11 +107,111 @@ def _last_call(calls: list[_Call]) -> _Call:
     return (with_grad or chosen)[-1]
 
 
+def _is_step_chain(module: nn.RNNBase, calls: list[_Call]) -> bool:
+    """Whether a fused module's calls are the steps of one recurrence: a unidirectional module called
+    with one step at a time, each call starting from the previous call's final state (a decoder that
+    calls ``nn.GRU`` once per output step)."""
+    if module.bidirectional or any(c.in_backward for c in calls):
+        return False
+    if not all(c.data["single_step"] for c in calls) or not all(c.data["follows"] for c in calls[1:]):
+        return False
+    return len({c.data["batch"] for c in calls}) == 1
+
+
+def _same_values(a: Tensor | None, b: Tensor | None) -> bool:
+    return (a is None) == (b is None) and (
+        a is None
+        or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    )
+
+
+def _follows(previous: _Call | None, hx: Any) -> bool:
+    """Whether ``hx`` holds the final state of ``previous`` (values equal, that state not changed since)."""
+    if previous is None or hx is None or "state_out" not in previous.data:
+        return False
+    h, c = hx if isinstance(hx, tuple) else (hx, None)
+    h_n, h_version, c_n, c_version = previous.data["state_out"]
+    if _version(h_n) != h_version or (c_n is not None and _version(c_n) != c_version):
+        return False
+    return _same_values(h, h_n) and _same_values(c, c_n)
+
+
+def _dropout_note(p: float, reason: str) -> str:
+    """One sentence, short enough for a figure's subtitle, on why a dropout record is approximate."""
+    because = {
+        "cuda": f"On CUDA, cuDNN draws the inter-layer dropout masks (p={p}) inside the library",
+        "differs": f"The inter-layer dropout replay (p={p}) did not give the module's output bit for bit",
+        "in_place": f"The output changed in place or is an inference tensor, so the dropout replay (p={p}) "
+                    "is unchecked",
+        "no_state": f"The generator state at the call is unknown, so the dropout (p={p}) cannot be replayed",
+    }[reason]
+    return f"{because}: layers above 0 and all gradients are computed without dropout."
+
+
+_EXPECTED_WEIGHTS = (
+    "non-negative weights (batch, [heads,] T_out, T_in), or (batch, T_in) for one decoding step, whose rows "
+    "(last axis) sum to 1"
+)
+
+
+def _checked_weights(
+    extractor: Extractor, name: str, weights: Any, earlier: tuple[int, int, int] | None
+) -> Tensor:
+    """What an extractor returned, as ``(batch, heads, T_out, T_in)``, if it is attention weights.
+
+    Raises:
+        ValueError: naming the extractor, the module, the shape returned and what was wrong: not a
+            floating-point tensor of 2-4 dimensions, negative values, rows (last axis) that do not sum
+            to 1 (within 1e-3, or 2e-2 for 16-bit floats; rows holding NaN, as fully masked rows do,
+            are not checked), or batch, heads or key length unlike an earlier call of the block.
+    """
+    label = f"the attention extractor `{getattr(extractor, '__qualname__', type(extractor).__qualname__)}`"
+    if not isinstance(weights, Tensor):
+        raise ValueError(
+            f"{label} returned a {type(weights).__name__} for module {name!r}; expected {_EXPECTED_WEIGHTS}"
+        )
+
+    def wrong(problem: str) -> ValueError:
+        return ValueError(f"{label} returned shape {tuple(weights.shape)} for module {name!r}, {problem}; "
+                          f"expected {_EXPECTED_WEIGHTS}")
+
+    if not 2 <= weights.dim() <= 4:
+        raise wrong(f"{weights.dim()} dimensions")
+    if not weights.is_floating_point():
+        raise wrong(f"of dtype {weights.dtype}")
+    w = weights.detach()
+    w = w[:, None, None, :] if w.dim() == 2 else w[:, None] if w.dim() == 3 else w
+    half = w.element_size() == 2
+    rows = w.flatten(0, -2).float() if half else w.flatten(0, -2)
+    rows = rows[~torch.isnan(rows).any(-1)]
+    if rows.numel() and bool((rows < 0).any()):
+        raise wrong(f"with negative values (down to {float(rows.min()):.3g})")
+    if rows.numel():
+        sums = rows.sum(-1)
+        worst = int((sums - 1).abs().argmax())
+        if not abs(float(sums[worst]) - 1) <= (2e-2 if half else 1e-3):
+            raise wrong(f"whose rows along the last axis sum to {float(sums[worst]):.4g}, not 1")
+    if earlier is not None and earlier != (w.shape[0], w.shape[1], w.shape[3]):
+        batch, heads, keys = earlier
+        raise wrong(f"but an earlier call of this block gave batch {batch}, {heads} head(s) and {keys} keys")
+    return w
+
+
+@dataclass
+class _Replayed:
+    """The replay of one call of a fused module, time-major (see ``ReplayResult``)."""
+
+    result: ReplayResult
+    lengths: Tensor
+    notes: tuple[str, ...]
+
+
 class Probe:
     """Record what happens inside a model's recurrent and attention modules on one batch.
 
     Supported: ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` (fused, replayed for gates and exact gradients),
-    ``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell`` called in a loop (each call is one step),
+    ``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell`` called in a loop (each call is one step; so is each
+    call of a fused module called once per step from the previous call's state, see ``call``),
     ``nn.MultiheadAttention`` (also inside the ``nn.Transformer*Layer`` modules), and any module with a
     custom attention extractor.
 
@@ -108,13 +221,26 @@ class Probe:
             record; ``None`` records every supported module.
         attention: ``{name or pattern: fn(module, args, output) -> weights}`` for custom attention
             modules; ``weights`` is ``(batch, [heads,] T_out, T_in)``, or ``(batch, T_in)`` for one
-            decoding step. The rows of all calls in a block are stacked in call order.
+            decoding step. The rows of all calls in a block are stacked in call order. What an
+            extractor returns is checked: non-negative, each row (last axis) summing to 1 (within 1e-3,
+            2e-2 for 16-bit floats; rows of NaN, fully masked, pass), the same batch, heads and key
+            length in every call of a block. Anything else (a context vector, transposed weights) is
+            an error of capture: one warning naming the extractor, the module and the shape, and that
+            module's record is dropped for the block.
         strict: re-raise errors from capture and replay instead of warning once and dropping that
             module's record (for tests).
+        call: which call of a fused ``nn.RNN/LSTM/GRU`` a record shows when the module is called several
+            times in one block: an index among the block's forward calls (0-based, negative from the
+            end). ``None`` records the calls as the time axis when they are one step each and each
+            starts from the previous call's final state (a decoder that calls ``nn.GRU`` once per
+            output step; unidirectional modules only); otherwise it shows the last call whose outputs
+            received a gradient, else the last call, and warns once which one it shows. An index past
+            a block's calls drops that module's record for the block (as an error of capture).
 
     Raises:
         ValueError: a name or pattern matches no module (the message lists those that exist), names a
-            module of an unsupported type, or the model has no supported module.
+            module of an unsupported type, or the model has no supported module; ``call`` is not an int
+            or ``None``.
 
     Example::
 
@@ -138,7 +264,14 @@ class Probe:
         modules: Iterable[str] | None = None,
         attention: Mapping[str, Extractor] | None = None,
         strict: bool = False,
+        call: int | None = None,
     ) -> None:
+        if call is not None and (isinstance(call, bool) or not isinstance(call, int)):
+            raise ValueError(
+                f"`call` must be an int (0-based index of a module's forward call in a block, negative from "
+                f"the end) or None (the last call that received a gradient), got {call!r}."
+            )
+        self.call = call
         self.model = model
         self.targets, extractor_keys = resolve_targets(model, modules, attention)
         self.extractors: dict[str, Extractor] = {n: attention[k] for n, k in extractor_keys.items()}
@@ -201,6 +334,23 @@ class Probe:
             warnings.warn(f"lightning_rnnviz does not record module {watch.name!r} here ({reason}).",
                           RNNVizWarning, stacklevel=4)
 
+    def _warn_calls(self, name: str, shown: int, total: int, with_grad: bool) -> None:
+        """Once per module: several calls that are not one chain of steps; say which one is shown."""
+        key = f"{name}\0calls"
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        which = "the last whose output received a gradient"
+        if not with_grad:
+            which = "the last (none received a gradient)"
+        warnings.warn(
+            f"lightning_rnnviz: module {name!r} was called {total} times in one recording, not as a chain of "
+            f"single steps, so its record shows call {shown + 1} of {total}, {which}. Choose another with "
+            "`Probe(call=...)` (0-based among the forward calls, negative from the end).",
+            RNNVizWarning,
+            stacklevel=2,
+        )
+
     def _fail(self, watch: _Watch, error: BaseException, where: str) -> None:
         self.error_counts[watch.name] += 1
         watch.failed = f"{type(error).__name__}: {error}"
@@ -235,6 +385,9 @@ class _Session:
                 hook = self._extractor_hook(watch)
             elif isinstance(module, FUSED_TYPES):
                 hook = self._fused_hook(watch)
+                if module.dropout > 0 and module.num_layers > 1:
+                    pre_hook = module.register_forward_pre_hook(self._rng_hook(watch), with_kwargs=True)
+                    self.handles.append(pre_hook)
             elif isinstance(module, CELL_TYPES):
                 hook = self._cell_hook(watch)
             else:
@@ -286,6 +439,21 @@ class _Session:
         if tensor is not None and tensor.requires_grad:
             self.handles.append(tensor.register_hook(self._grad_hook(watch, call, key)))
 
+    def _rng_hook(self, watch: _Watch) -> Callable:
+        """Forward pre-hook: the CPU generator's state just before the call, from which the fused kernel
+        draws its inter-layer dropout masks (``get_rng_state`` copies it and draws nothing)."""
+
+        def hook(module: nn.RNNBase, args: tuple, kwargs: dict) -> None:
+            def snapshot() -> None:
+                inp = _arg(args, kwargs, 0, "input")
+                data = inp.data if isinstance(inp, PackedSequence) else inp
+                on_cpu = isinstance(data, Tensor) and data.device.type == "cpu"
+                watch.rng_states.append(torch.get_rng_state() if module.training and on_cpu else None)
+
+            self._guarded(watch, "capture", snapshot)
+
+        return hook
+
     def _fused_hook(self, watch: _Watch) -> Callable:
         def hook(module: nn.RNNBase, args: tuple, kwargs: dict, output: Any) -> None:
             def capture() -> None:
@@ -293,6 +461,23 @@ class _Session:
                 hx = _arg(args, kwargs, 1, "hx")
                 out, hidden = output
                 call = _Call(in_backward=_in_backward())
+                inp_requires_grad = (inp.data if isinstance(inp, PackedSequence) else inp).requires_grad
+                hx_requires_grad = tuple(h.requires_grad for h in (hx if isinstance(hx, tuple) else (hx,))
+                                         if h is not None)
+                previous = next((c for c in reversed(watch.calls) if not c.in_backward), None)
+                if isinstance(inp, PackedSequence):
+                    steps, batch = None, int(inp.batch_sizes[0])
+                elif inp.dim() == 2:
+                    steps, batch = inp.shape[0], 1
+                else:
+                    steps, batch = (inp.shape[1], inp.shape[0]) if module.batch_first else inp.shape[:2]
+                call.data.update(
+                    rng_state=watch.rng_states.pop() if watch.rng_states else None,
+                    single_step=steps == 1,
+                    batch=batch,
+                    # a decoder calling the module once per step: does this call start where the last ended?
+                    follows=steps == 1 and not call.in_backward and _follows(previous, hx),
+                )
                 if isinstance(inp, PackedSequence):
                     inp = PackedSequence(inp.data.detach(), inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices)
                 else:
@@ -307,9 +492,15 @@ class _Session:
                     weights=_snapshot(module),
                     training=module.training,
                     grad_enabled=torch.is_grad_enabled(),
+                    # what the kernels' rounding depends on, for a replay that must match bit for bit
+                    requires_grad={n: p.requires_grad for n, p in module.named_parameters(recurse=False)},
+                    input_requires_grad=(inp_requires_grad, hx_requires_grad),
                 )
                 watch.calls.append(call)
                 h_n, c_n = hidden if isinstance(hidden, tuple) else (hidden, None)
+                # The final state (references, no copy), to tell whether the next call starts from it.
+                call.data["state_out"] = (h_n.detach(), _version(h_n), None if c_n is None else c_n.detach(),
+                                          None if c_n is None else _version(c_n))
                 out_tensor = out.data if isinstance(out, PackedSequence) else out
                 self._watch_grad(watch, call, out_tensor, "output")
                 self._watch_grad(watch, call, h_n, "h_n")
@@ -364,9 +555,11 @@ class _Session:
     def _sliced(self, t: Tensor, dim: int) -> Tensor:
         return t if self.max_samples is None else t.narrow(dim, 0, min(self.max_samples, t.shape[dim]))
 
-    def _store_attention(self, watch: _Watch, weights: Tensor, key_padding_mask: Tensor | None) -> None:
+    def _store_attention(self, watch: _Watch, weights: Tensor, key_padding_mask: Tensor | None,
+                         key_counts: Tensor | None = None) -> None:
         call = _Call(in_backward=False)
-        call.data.update(attention=weights, key_lengths=key_lengths_from_mask(key_padding_mask, batched=True))
+        call.data.update(attention=weights, key_lengths=key_lengths_from_mask(key_padding_mask, batched=True),
+                         key_counts=key_counts)
         watch.calls.append(call)
 
     def _mha_recompute(self, module: nn.MultiheadAttention, q, k, v, kpm, mask, is_causal, watch: _Watch):
@@ -381,8 +574,9 @@ class _Session:
             weights = mha_weights(module, q, k, v, kpm, mask, is_causal)
         if kpm is not None and not batched:
             kpm = kpm.unsqueeze(0)
-        extra = module.bias_k is not None or module.add_zero_attn
-        self._store_attention(watch, weights, None if extra else kpm)
+        extra = int(module.bias_k is not None) + int(module.add_zero_attn)
+        counts = allowed_key_counts(weights.shape, kpm, mask, is_causal, extra)
+        self._store_attention(watch, weights, None if extra else kpm, counts)
 
     def _mha_hook(self, watch: _Watch) -> Callable:
         def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
@@ -423,11 +617,16 @@ class _Session:
                     break
                 x, weights = encoder_layer_step(layer, x, mask, kpm, is_causal)
                 if index in by_index:
-                    watch = by_index[index]
-                    self._guarded(watch, "capture", lambda w=watch, a=weights: self._store_attention(
-                        w, self._sliced(a, 0), self._sliced(kpm, 0) if kpm is not None else None))
+                    self._guarded(by_index[index], "capture",
+                                  lambda w=by_index[index], a=weights: self._store_encoder_attention(
+                                      w, self._sliced(a, 0), mask, kpm, is_causal))
 
         return hook
+
+    def _store_encoder_attention(self, watch: _Watch, weights: Tensor, mask: Tensor | None,
+                                 kpm: Tensor | None, is_causal: bool) -> None:
+        counts = allowed_key_counts(weights.shape, kpm, mask, is_causal)
+        self._store_attention(watch, weights, self._sliced(kpm, 0) if kpm is not None else None, counts)
 
     def _extractor_hook(self, watch: _Watch) -> Callable:
         extractor = self.probe.extractors[watch.name]
@@ -437,18 +636,10 @@ class _Session:
                 return
 
             def capture() -> None:
-                weights = extractor(module, args, output)
-                if not isinstance(weights, Tensor) or not 2 <= weights.dim() <= 4:
-                    raise ValueError(
-                        "the attention extractor must return a tensor (batch, [heads,] T_out, T_in) or "
-                        f"(batch, T_in), got {getattr(weights, 'shape', type(weights))}"
-                    )
-                w = weights.detach()
-                if w.dim() == 2:
-                    w = w[:, None, None, :]
-                elif w.dim() == 3:
-                    w = w[:, None]
+                earlier = watch.calls[-1].data["extracted"] if watch.calls else None
+                w = _checked_weights(extractor, watch.name, extractor(module, args, output), earlier)
                 self._store_attention(watch, self._sliced(w, 0), None)
+                watch.calls[-1].data["extracted"] = (w.shape[0], w.shape[1], w.shape[3])
 
             self._guarded(watch, "capture", capture)
 
@@ -475,21 +666,88 @@ class _Session:
         if watch.name in self.probe.extractors or isinstance(module, nn.MultiheadAttention):
             return self._build_attention(watch)
         if isinstance(module, FUSED_TYPES):
-            return self._build_fused(watch, _last_call(watch.calls), scale)
+            return self._build_fused(watch, self._fused_calls(watch), scale)
         return self._build_cell(watch, _choose_calls(watch.calls), scale)
+
+    def _fused_calls(self, watch: _Watch) -> list[_Call]:
+        """The calls a fused module's record shows: one call, or every call of a chain of single steps."""
+        wanted = self.probe.call
+        if wanted is not None:
+            forward = [c for c in watch.calls if not c.in_backward]
+            if not -len(forward) <= wanted < len(forward):
+                raise ValueError(
+                    f"`call`={wanted} is out of range: module {watch.name!r} was called "
+                    f"{len(forward)} time(s) in this block (forward calls, 0-based, negative from the end)"
+                )
+            return [forward[wanted]]
+        calls = _choose_calls(watch.calls)
+        if len(calls) > 1 and _is_step_chain(watch.module, calls):
+            return calls
+        call = _last_call(calls)
+        if len(calls) > 1:
+            shown = next(i for i, c in enumerate(calls) if c is call)
+            self.probe._warn_calls(watch.name, shown, len(calls), bool(call.grads))
+        return [call]
 
     def _build_attention(self, watch: _Watch) -> AttentionRecord:
         if watch.name in self.probe.extractors:
             parts = [c.data["attention"] for c in watch.calls]
-            weights = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-            return AttentionRecord(watch.name, "custom", weights.float().cpu())
+            weights = (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]).float().cpu()
+            # No masks are known: the keys a query may attend to are those it gives any weight.
+            counts = (weights > 0).sum(-1)
+            counts = None if bool((counts == weights.shape[-1]).all()) else counts
+            return AttentionRecord(watch.name, "custom", weights, key_counts=counts)
         call = watch.calls[-1]
         return AttentionRecord(
-            watch.name, "MultiheadAttention", call.data["attention"].float().cpu(), call.data["key_lengths"]
+            watch.name, "MultiheadAttention", call.data["attention"].float().cpu(), call.data["key_lengths"],
+            key_counts=call.data["key_counts"],
         )
 
-    def _build_fused(self, watch: _Watch, call: _Call, scale: float | None) -> RNNRecord:
+    def _build_fused(self, watch: _Watch, calls: list[_Call], scale: float | None) -> RNNRecord:
+        """One call replayed, or the single-step calls of a chain replayed one by one and stacked in time."""
         module: nn.RNNBase = watch.module  # type: ignore[assignment]
+        parts = [self._replay_call(module, call, scale) for call in calls]
+        results = [part.result for part in parts]
+
+        def stack(tensors: list[Tensor | None], like: list[Tensor | None]) -> Tensor | None:
+            if all(t is None for t in tensors):
+                return None
+            if len(tensors) == 1:
+                return tensors[0]
+            # a step whose outputs received no gradient has a zero gradient
+            filled = [t if t is not None else torch.zeros_like(o) for t, o in zip(tensors, like)]
+            return torch.cat(filled, dim=1)
+
+        hidden = [r.hidden for r in results]
+        cell = [r.cell for r in results]
+        gates = {k: stack([r.gates[k] for r in results], hidden) for k in results[0].gates}
+
+        def out(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.transpose(1, 2).float().cpu().contiguous()
+
+        notes = tuple(dict.fromkeys(note for part in parts for note in part.notes))
+        hidden_all = out(stack(hidden, hidden))
+        if len(parts) == 1:
+            lengths = parts[0].lengths
+        else:
+            lengths = torch.full((hidden_all.shape[1],), len(parts), dtype=torch.long)
+        return RNNRecord(
+            name=watch.name,
+            kind=module.mode,
+            hidden=hidden_all,
+            gates={k: out(v) for k, v in gates.items()},
+            hidden_grad=out(stack([r.hidden_grad for r in results], hidden)),
+            cell=out(stack(cell, cell)),
+            cell_grad=out(stack([r.cell_grad for r in results], cell)),
+            lengths=lengths,
+            num_layers=module.num_layers,
+            num_directions=2 if module.bidirectional else 1,
+            exact=not notes,
+            notes=notes,
+            grad_enabled=any(call.data["grad_enabled"] for call in calls),
+        )
+
+    def _replay_call(self, module: nn.RNNBase, call: _Call, scale: float | None) -> _Replayed:
         data = call.data
         weights = data["weights"]
         dtype = torch.float64 if next(iter(weights.values())).dtype == torch.float64 else torch.float32
@@ -536,6 +794,19 @@ class _Session:
 
         h0 = h0.to(device, dtype)
         c0 = c0.to(device, dtype) if c0 is not None else None
+        cast = {n: w.to(dtype) for n, w in weights.items()}
+        layer_weights = [
+            [LayerWeights.from_flat(cast, layer, d) for d in range(dirs)]
+            for layer in range(module.num_layers)
+        ]
+        values, version = data["output_values"]
+        unchanged = version is not None and _version(values) == version
+        states = masks = None
+        notes: tuple[str, ...] = ()
+        if data["training"] and module.dropout > 0 and module.num_layers > 1:
+            # The masks depend on the whole batch: drawn again on the full batch, sliced afterwards.
+            states, masks, note = self._dropout_replay(module, data, x, h0, c0, unchanged)
+            notes = () if note is None else (note,)
         if self.max_samples is not None and self.max_samples < batch:
             k = self.max_samples
             x, h0 = x[:, :k], h0[:, :k]
@@ -544,18 +815,14 @@ class _Session:
             g_hn = g_hn[:, :k] if g_hn is not None else None
             g_cn = g_cn[:, :k] if g_cn is not None else None
             lengths = lengths[:k] if lengths is not None else None
+            states = [t[:, :k] for t in states] if states is not None else None
+            masks = [t[:, :k] for t in masks] if masks is not None else None
             batch = k
 
-        layer_weights = [
-            [LayerWeights.from_flat({n: w.to(dtype) for n, w in weights.items()}, layer, d) for d in range(dirs)]
-            for layer in range(module.num_layers)
-        ]
         lengths_dev = lengths.to(device) if lengths is not None else None
         top = None
-        values, version = data["output_values"]
-        # inter-layer dropout in training cannot be replayed: the output would not match the replayed layers
-        dropout_differs = data["training"] and module.dropout > 0 and module.num_layers > 1
-        if version is not None and _version(values) == version and not dropout_differs:
+        # Without the masks, the module's output is not the top layer of the replayed network.
+        if unchanged and not notes:
             if packed_layout is not None:
                 top, _ = pad_packed_sequence(packed_layout._replace(data=values), total_length=steps)
             elif unbatched:
@@ -563,35 +830,76 @@ class _Session:
             else:
                 top = values.transpose(0, 1) if module.batch_first else values
             top = top[:, :batch].to(device, dtype)
-        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths_dev, g_out, g_hn, g_cn, top_states=top)
+        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths_dev, g_out, g_hn, g_cn,
+                            top_states=top, layer_states=states, dropout_masks=masks)
+        if lengths is None:
+            lengths = torch.full((batch,), steps, dtype=torch.long)
+        return _Replayed(result, lengths.cpu(), notes)
 
-        def out(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.transpose(1, 2).float().cpu().contiguous()
+    def _dropout_replay(
+        self,
+        module: nn.RNNBase,
+        data: dict[str, Any],
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor | None,
+        unchanged: bool,
+    ) -> tuple[list[Tensor] | None, list[Tensor] | None, str | None]:
+        """States of the layers below the top and the inter-layer dropout masks of one call in training mode,
+        each ``(T, B, D*P)`` for the full batch, or a note on why they are not known.
 
-        notes: tuple[str, ...] = ()
-        exact = True
-        if dropout_differs:
-            exact = False
-            notes = (
-                f"inter-layer dropout (p={module.dropout}) in training mode cannot be replayed: layer 0 "
-                "states and gates are exact; higher layers and all gradients are those of the network "
-                "without dropout",
-            )
-        return RNNRecord(
-            name=watch.name,
-            kind=module.mode,
-            hidden=out(result.hidden),
-            gates={k: out(v) for k, v in result.gates.items()},
-            hidden_grad=out(result.hidden_grad),
-            cell=out(result.cell),
-            cell_grad=out(result.cell_grad),
-            lengths=lengths.cpu() if lengths is not None else torch.full((batch,), steps, dtype=torch.long),
-            num_layers=module.num_layers,
-            num_directions=dirs,
-            exact=exact,
-            notes=notes,
-            grad_enabled=data["grad_enabled"],
-        )
+        The masks are drawn again from the CPU generator's state at the call and kept only when the
+        replayed top layer equals the module's output bit for bit.
+        """
+        p = module.dropout
+        if x.device.type != "cpu":
+            return None, None, _dropout_note(p, "cuda")
+        if data["rng_state"] is None:
+            return None, None, _dropout_note(p, "no_state")
+        if not unchanged:
+            return None, None, _dropout_note(p, "in_place")
+        values = data["output_values"][0]
+        inp = data["input"]
+        # The same tensors as at the call, as far as the kernels can tell: layout and requires_grad
+        # (aliases of our copies, so the flags stay off what the rest of the replay reads).
+        flags = data["requires_grad"]
+        flat = {n: w.to(x.dtype).detach().requires_grad_(flags[n]) for n, w in data["weights"].items()}
+        dirs = 2 if module.bidirectional else 1
+        weights = [[LayerWeights.from_flat(flat, layer, d) for d in range(dirs)]
+                   for layer in range(module.num_layers)]
+        input_grad, hx_grad = data["input_requires_grad"]
+        h0 = h0.detach().requires_grad_(bool(hx_grad) and hx_grad[0])
+        if c0 is not None:
+            c0 = c0.detach().requires_grad_(len(hx_grad) > 1 and hx_grad[1])
+        if isinstance(inp, PackedSequence):
+            # In the module's own layout: the kernel drew the masks on the packed data, in the user's order.
+            order = inp.sorted_indices
+            if order is not None:
+                h0 = h0.index_select(1, order.to(h0.device))
+                c0 = c0.index_select(1, order.to(c0.device)) if c0 is not None else None
+            data_in = inp.data.to(x.device, x.dtype).detach().requires_grad_(input_grad)
+            replay = replay_with_dropout(module.mode, weights, data_in, h0, c0, p, data["rng_state"],
+                                         inp.batch_sizes, grad_enabled=data["grad_enabled"])
+            top = values
+
+            def padded(t: Tensor) -> Tensor:
+                return pad_packed_sequence(inp._replace(data=t), total_length=x.shape[0])[0]
+        else:
+            # As the module received it: its own layout, an unbatched input with the batch axis it adds.
+            given = inp.unsqueeze(0 if module.batch_first else 1) if inp.dim() == 2 else inp
+            given = given.to(x.device, x.dtype).detach().requires_grad_(input_grad)
+            replay = replay_with_dropout(module.mode, weights, given, h0, c0, p, data["rng_state"],
+                                         batch_first=module.batch_first, grad_enabled=data["grad_enabled"])
+            if inp.dim() == 2:
+                top = values.unsqueeze(1)
+            else:
+                top = values.transpose(0, 1) if module.batch_first else values
+
+            def padded(t: Tensor) -> Tensor:
+                return t
+        if not _same_values(replay.outputs[-1], top):
+            return None, None, _dropout_note(p, "differs")
+        return [padded(t) for t in replay.outputs[:-1]], [padded(m) for m in replay.masks], None
 
     def _build_cell(self, watch: _Watch, calls: list[_Call], scale: float | None) -> RNNRecord:
         module: nn.RNNCellBase = watch.module  # type: ignore[assignment]

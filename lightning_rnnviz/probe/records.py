@@ -18,7 +18,9 @@ class RNNRecord:
 
     Every tensor is float32 on the CPU and batch-first. The first axis indexes
     ``layer * num_directions + direction`` as in ``h_n``; the time axis is the sequence position for
-    both directions. Steps past a sequence's length (``PackedSequence`` input) are zero.
+    both directions. Steps past a sequence's length (``PackedSequence`` input) are zero. For a cell called
+    in a loop, and for a fused module called once per step with each call starting from the previous
+    call's final state (a decoder), the time axis is the calls.
 
     Attributes:
         name: the module's qualified name, as in ``model.named_modules()``.
@@ -35,8 +37,9 @@ class RNNRecord:
         lengths: ``(batch,)`` valid length of each sequence.
         num_layers: number of stacked layers (1 for a cell).
         num_directions: 2 for a bidirectional module, else 1.
-        exact: ``False`` when the replay could not reproduce the training forward exactly (inter-layer
-            dropout of a fused RNN in training mode); ``notes`` says why.
+        exact: ``False`` when the replay could not reproduce the training forward exactly: inter-layer
+            dropout of a fused RNN in training mode whose masks were not replayed bit for bit (always on
+            CUDA); ``notes`` says why.
         notes: human-readable caveats about this record.
         grad_enabled: whether the recorded call ran with autograd enabled.
     """
@@ -114,6 +117,12 @@ class AttentionRecord:
             marks a right-padded batch; ``None`` when every key is real.
         exact: always ``True`` for ``nn.MultiheadAttention``; as reported for custom extractors.
         notes: human-readable caveats.
+        key_counts: ``(batch, heads or 1, T_query)`` long: how many keys each query may attend to. For
+            ``nn.MultiheadAttention`` (also followed through an ``nn.TransformerEncoder``) it is computed
+            from the call's masks: ``attn_mask`` (boolean, or ``-inf`` in a float mask), ``is_causal``,
+            ``key_padding_mask``, plus the columns of ``add_bias_kv`` / ``add_zero_attn``. For custom
+            extractors, whose masks are unknown, it counts the keys with a weight above zero. ``None``
+            when every key is allowed for every query.
     """
 
     name: str
@@ -122,6 +131,7 @@ class AttentionRecord:
     key_lengths: Tensor | None = None
     exact: bool = True
     notes: tuple[str, ...] = ()
+    key_counts: Tensor | None = None
 
     @property
     def heads(self) -> int:

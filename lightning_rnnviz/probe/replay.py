@@ -11,7 +11,9 @@ output size (``proj_size`` for a projected LSTM, else ``H``), ``D`` directions, 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +116,8 @@ def replay_rnn(
     grad_h_n: Tensor | None = None,
     grad_c_n: Tensor | None = None,
     top_states: Tensor | None = None,
+    layer_states: list[Tensor] | None = None,
+    dropout_masks: list[Tensor] | None = None,
 ) -> ReplayResult:
     """Replay a fused RNN layer by layer and, given upstream gradients, compute the total ``dL/dh_t``.
 
@@ -136,6 +140,11 @@ def replay_rnn(
         grad_c_n: ``(L*D, B, H)`` upstream gradient of ``c_n``.
         top_states: ``(T, B, D*P)`` the module's own output (zero at padded steps): the last layer's
             states, so that layer needs no forward here.
+        layer_states: ``L - 1`` tensors ``(T, B, D*P)``, the states of the layers below the top, already
+            known (from :func:`replay_with_dropout`): those layers need no forward here either.
+        dropout_masks: ``L - 1`` tensors ``(T, B, D*P)``, the factor (``0`` or ``1 / (1 - p)``) that
+            inter-layer dropout multiplied each layer's output by before the next layer read it. The
+            upper layers read the dropped-out states and the backward goes through the same masks.
 
     Returns:
         The per-step hidden and cell states, gates and, when any upstream gradient is given, the total
@@ -156,6 +165,8 @@ def replay_rnn(
             first = layer * num_dirs
             if layer == num_layers - 1 and top_states is not None:
                 h_layer = list(top_states.chunk(num_dirs, dim=-1))
+            elif layer_states is not None and layer < num_layers - 1:
+                h_layer = list(layer_states[layer].chunk(num_dirs, dim=-1))
             else:
                 h_layer = _layer_forward(mode, weights[layer], layer_in, h0[first : first + num_dirs],
                                          None if c0 is None else c0[first : first + num_dirs], lengths)
@@ -165,11 +176,13 @@ def replay_rnn(
                 rows.append(_Row(mode, weights[layer][direction], direction, layer_in, h_layer[direction],
                                  h_prev, None if c0 is None else c0[index], valid))
             layer_in = h_layer[0] if num_dirs == 1 else torch.cat(h_layer, dim=-1)
+            if dropout_masks is not None and layer < num_layers - 1:
+                layer_in = layer_in * dropout_masks[layer]
 
         hidden_grad = cell_grad = None
         if any(g is not None for g in (grad_output, grad_h_n, grad_c_n)):
             hidden_grad, cell_grad = _backward(rows, num_layers, num_dirs, x, lengths, valid,
-                                               grad_output, grad_h_n, grad_c_n)
+                                               grad_output, grad_h_n, grad_c_n, dropout_masks)
 
         hidden = torch.stack([r.h for r in rows])
         cell = torch.stack([r.c for r in rows]) if mode == "LSTM" else None
@@ -185,29 +198,125 @@ def replay_rnn(
 _FUSED_OPS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}
 
 
+@contextlib.contextmanager
+def generator_state(state: Tensor) -> Iterator[None]:
+    """Run the block from the CPU generator's ``state``; the generator's own state comes back afterwards,
+    also when the block raises, so the user's random stream goes on as if nothing had been drawn."""
+    saved = torch.get_rng_state()
+    torch.set_rng_state(state)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved)
+
+
+@dataclass
+class DropoutReplay:
+    """What :func:`replay_with_dropout` gives, in the layout of its input (time-major, or packed data)."""
+
+    outputs: list[Tensor]  # L tensors (T, B, D*P) or (N, D*P): each layer's output before dropout
+    masks: list[Tensor]  # L - 1 tensors like outputs: 0 or 1 / (1 - p), what the next layer's input was
+
+
+def replay_with_dropout(
+    mode: str,
+    weights: list[list[LayerWeights]],
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    p: float,
+    rng_state: Tensor,
+    batch_sizes: Tensor | None = None,
+    batch_first: bool = False,
+    grad_enabled: bool = True,
+) -> DropoutReplay:
+    """Forward of a fused multi-layer RNN in training mode, inter-layer dropout masks drawn again.
+
+    On the CPU the fused kernel runs its layers one after the other and draws each mask with
+    ``F.dropout`` from the global generator. Starting from the generator's state at the call, the same
+    kernel per layer and the same draws between layers give the module's layers and masks again (the
+    generator is restored afterwards). Whether they really are the module's is for the caller to check:
+    the top layer must equal the module's output bit for bit.
+
+    The kernel's matrix products round differently with the input's memory layout, with whether the
+    weights require grad and (oneDNN's LSTM) with whether autograd is enabled: the caller passes the
+    input as the module received it and weights whose ``requires_grad`` is that of the module's
+    parameters, and gives the call's grad mode. A graph may be built here; it is dropped on return.
+
+    Args:
+        mode: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``.
+        weights: ``weights[layer][direction]``, in the module's dtype.
+        x: the input as the module received it, ``(B, T, I)`` with ``batch_first`` else ``(T, B, I)`` (an
+            unbatched input with the batch axis the module adds); or the ``(N, I)`` data of a
+            ``PackedSequence`` with its ``batch_sizes``, in the user's own packing order.
+        h0: ``(L*D, B, P)`` initial hidden state, in ``x``'s batch order (the packing order when packed).
+        c0: ``(L*D, B, H)`` initial cell state (LSTM).
+        p: the module's ``dropout``.
+        rng_state: ``torch.get_rng_state()`` taken just before the module was called.
+        batch_sizes: the ``PackedSequence``'s ``batch_sizes``; ``None`` for a padded input.
+        batch_first: the module's ``batch_first`` (padded input only).
+        grad_enabled: whether autograd was enabled at the call.
+
+    Returns:
+        Every layer's output and the masks, time-major ``(T, B, D*P)``, or packed data ``(N, D*P)``;
+        detached.
+    """
+    num_dirs = len(weights[0])
+    outputs: list[Tensor] = []
+    masks: list[Tensor] = []
+    layer_in = x
+    with torch.set_grad_enabled(grad_enabled), generator_state(rng_state):
+        for layer, layer_weights in enumerate(weights):
+            rows = slice(layer * num_dirs, (layer + 1) * num_dirs)
+            # layer 0 reads the input as the module did; the kernel hands on time-major outputs
+            first = layer == 0 and batch_first and batch_sizes is None
+            out = _fused_layer(mode, layer_weights, layer_in, h0[rows], None if c0 is None else c0[rows],
+                               batch_sizes, batch_first=first)
+            out = out.transpose(0, 1) if first else out
+            outputs.append(out.detach())
+            if layer < len(weights) - 1:
+                # F.dropout(out) is out * mask with the mask drawn for out's shape; dropping out ones draws
+                # the same mask and gives it as it is.
+                mask = F.dropout(torch.ones_like(out), p, training=True)
+                masks.append(mask)
+                layer_in = out * mask
+    return DropoutReplay(outputs, masks)
+
+
+def _fused_layer(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
+                 batch_sizes: Tensor | None, batch_first: bool = False) -> Tensor:
+    """One layer (all directions) through the module's own fused kernel; output in ``x``'s layout."""
+    params: list[Tensor] = []
+    for w in weights:
+        params += [w.w_ih, w.w_hh] + ([w.b_ih, w.b_hh] if w.b_ih is not None else [])
+        params += [w.w_hr] if w.w_hr is not None else []
+    hx = (h0, c0) if mode == "LSTM" else h0
+    op, bidirectional, has_bias = _FUSED_OPS[mode], len(weights) == 2, weights[0].b_ih is not None
+    with warnings.catch_warnings():
+        # cuDNN warns that these weights are not one flat buffer (it copies them into one), and oneDNN
+        # that it has no projected LSTM (the module's own call said so already): replay details, not
+        # something the user should see.
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
+        warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
+        if batch_sizes is None:
+            return op(x, hx, params, has_bias, 1, 0.0, False, bidirectional, batch_first)[0]
+        return op(x, batch_sizes, hx, params, has_bias, 1, 0.0, False, bidirectional)[0]
+
+
 def _layer_forward(
     mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None, lengths: Tensor | None
 ) -> list[Tensor]:
     """Hidden states ``(T, B, P)`` of each direction of one layer, from the fused kernel."""
     if mode == "LSTM" and weights[0].w_hr is not None:
         return [_projected_lstm_forward(w, x, h0[d], c0[d], lengths, d) for d, w in enumerate(weights)]
-    params: list[Tensor] = []
-    for w in weights:
-        params += [w.w_ih, w.w_hh] + ([w.b_ih, w.b_hh] if w.b_ih is not None else [])
-    hx = (h0, c0) if mode == "LSTM" else h0
-    op, bidirectional, has_bias = _FUSED_OPS[mode], len(weights) == 2, weights[0].b_ih is not None
-    with warnings.catch_warnings():
-        # cuDNN warns that these weights are not one flat buffer (it copies them into one): a replay
-        # detail, not something the user should see.
-        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-        if lengths is None:
-            out = op(x, hx, params, has_bias, 1, 0.0, False, bidirectional, False)[0]
-        else:
-            packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
-            order = packed.sorted_indices
-            hx = (h0[:, order], c0[:, order]) if mode == "LSTM" else h0[:, order]
-            data = op(packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, False, bidirectional)[0]
-            out, _ = pad_packed_sequence(packed._replace(data=data), total_length=x.shape[0])
+    if lengths is None:
+        out = _fused_layer(mode, weights, x, h0, c0, None)
+    else:
+        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        order = packed.sorted_indices
+        data = _fused_layer(mode, weights, packed.data, h0[:, order], None if c0 is None else c0[:, order],
+                            packed.batch_sizes)
+        out, _ = pad_packed_sequence(packed._replace(data=data), total_length=x.shape[0])
     return list(out.chunk(len(weights), dim=-1))
 
 
@@ -287,7 +396,8 @@ class _Row:
 
 def _backward(rows: list[_Row], num_layers: int, num_dirs: int, x: Tensor, lengths: Tensor | None,
               valid: Tensor | None, grad_output: Tensor | None, grad_h_n: Tensor | None,
-              grad_c_n: Tensor | None) -> tuple[Tensor, Tensor | None]:
+              grad_c_n: Tensor | None,
+              dropout_masks: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
     """Back-propagation through time and layers; returns ``(dL/dh, dL/dc)``, each ``(L*D, T, B, .)``."""
     steps, batch = x.shape[:2]
     mask = valid.to(x.dtype) if valid is not None else None
@@ -316,7 +426,8 @@ def _backward(rows: list[_Row], num_layers: int, num_dirs: int, x: Tensor, lengt
             hidden_grad[index], cell_grad[index] = dh_all, dc_all
             contribution = F.linear(d_pre, row.w.w_ih.t())  # (T, B, I): gradient into the layer input
             d_input = contribution if d_input is None else d_input + contribution
-        direct = d_input
+        # The layer read the dropped-out states of the layer below: its gradient passes the same mask.
+        direct = d_input * dropout_masks[layer - 1] if dropout_masks is not None and layer > 0 else d_input
     return torch.stack(hidden_grad), (torch.stack(cell_grad) if rows[0].mode == "LSTM" else None)
 
 

@@ -152,9 +152,15 @@ def attention_stats(record: AttentionRecord) -> dict[str, float]:
     """Per head, over every sample and query of the batch (padded keys excluded).
 
     - ``entropy/head<h>``: mean of ``-sum_k p log p`` (nats).
-    - ``entropy_norm/head<h>``: the same with each row's entropy divided by ``log`` of its sample's
-      number of real keys (0 for a sample with a single key); 1 means uniform, 0 one-hot.
+    - ``entropy_norm/head<h>``: mean of each query's entropy divided by ``log`` of the number of keys
+      that query may attend to: ``record.key_counts`` (from the call's masks, causal ones included),
+      else its sample's real keys (``key_lengths``), else all keys. 1 means uniform over the allowed
+      keys, 0 one-hot. A query with fewer than 2 allowed keys carries no entropy information and is
+      left out of this mean (``NaN`` when no query is left).
     - ``focus/head<h>``: mean of the largest weight of each query.
+
+    Where ``key_counts`` says a query may attend to no key at all (its weights are ``NaN``), that query
+    is left out of all three means.
 
     Example::
 
@@ -163,28 +169,37 @@ def attention_stats(record: AttentionRecord) -> dict[str, float]:
         >>> rec = AttentionRecord("attn", "MultiheadAttention", torch.full((1, 1, 2, 4), 0.25))
         >>> {k: round(v, 4) for k, v in attention_stats(rec).items()}
         {'entropy/head0': 1.3863, 'entropy_norm/head0': 1.0, 'focus/head0': 0.25}
+        >>> causal = torch.tensor([[1.0, 0.0], [0.5, 0.5]]).reshape(1, 1, 2, 2)  # uniform over allowed keys
+        >>> counts = torch.tensor([[[1, 2]]])  # the first query may attend to one key only
+        >>> stats = attention_stats(AttentionRecord("attn", "MultiheadAttention", causal, key_counts=counts))
+        >>> round(stats["entropy_norm/head0"], 4)  # the one-key query is left out
+        1.0
     """
-    batch, heads, _, keys = record.attention.shape
+    batch, heads, queries, keys = record.attention.shape
     if record.key_lengths is None:
         real = torch.full((batch,), keys, dtype=torch.int64)
     else:
         real = record.key_lengths.to(torch.int64).clamp(max=keys)
     key_mask = torch.arange(keys).unsqueeze(0) < real.unsqueeze(1)  # (B, Tk)
-    scale = torch.where(
-        real > 1, real.double().clamp(min=2).log(), torch.inf
-    )  # entropy_norm -> 0 for one key
     p = record.attention.float()  # (B, H, Tq, Tk)
     if not bool(key_mask.all()):
         p = torch.where(key_mask[:, None, None, :], p, 0.0)
     # p log p with 0 log 0 = 0 (the clamp only moves log's argument off zero); all heads at once
     entropy = -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1).double()  # (B, H, Tq)
-    entropy_norm = entropy / scale[:, None, None]
     focus = (p.amax(-1) if keys else p.sum(-1)).double()
+    if record.key_counts is not None:
+        counts = record.key_counts.to(torch.int64).expand(batch, heads, queries)
+        attended = counts > 0
+    else:
+        counts = real[:, None, None].expand(batch, heads, queries)
+        attended = torch.ones(batch, heads, queries, dtype=torch.bool)
+    informative = counts > 1
+    entropy_norm = entropy / counts.clamp(min=2).double().log()
     stats: dict[str, float] = {}
     for h in range(heads):
-        stats[f"entropy/head{h}"] = _mean(entropy[:, h])
-        stats[f"entropy_norm/head{h}"] = _mean(entropy_norm[:, h])
-        stats[f"focus/head{h}"] = _mean(focus[:, h])
+        stats[f"entropy/head{h}"] = _mean(entropy[:, h][attended[:, h]])
+        stats[f"entropy_norm/head{h}"] = _mean(entropy_norm[:, h][informative[:, h]])
+        stats[f"focus/head{h}"] = _mean(focus[:, h][attended[:, h]])
     return stats
 
 

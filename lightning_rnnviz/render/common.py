@@ -191,8 +191,9 @@ def compose_title(
     width: int = 95,
     escape: bool = True,
 ) -> str:
-    """Figure title: heading, step, ``contains NaN`` warning and the approximation note on a second line.
+    """Figure title: heading, step, ``contains NaN`` warning and the approximation note below it.
 
+    The note is wrapped onto as many lines as it needs (``width`` characters each), never cut.
     ``escape`` protects ``$`` from matplotlib's mathtext; the raster painter writes text as it is.
     """
     protect = escape_text if escape else str
@@ -203,9 +204,7 @@ def compose_title(
         line += f"  ·  contains {nonfinite}"
     if not payload.get("exact", True):
         note = "; ".join(payload.get("notes", ())) or "replay differs from training"
-        line += "\n" + textwrap.shorten(
-            protect(f"(approximate: {note})"), width=width, placeholder="...)"
-        )
+        line += "\n" + "\n".join(textwrap.wrap(protect(f"(approximate: {note})"), width=width))
     return line
 
 

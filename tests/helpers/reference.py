@@ -237,6 +237,7 @@ def reference_rnn(
     *,
     dtype: torch.dtype = torch.float64,
     through_module: bool = False,
+    dropout_masks: list[Tensor] | None = None,
 ) -> RNNReference:
     """Re-run ``module`` (``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``) step by step, one sequence at a time.
 
@@ -247,6 +248,9 @@ def reference_rnn(
         dtype: compute dtype (parameters and inputs are cast).
         through_module: when ``True`` gradients flow into the module's own parameters (and into
             ``x`` / ``h0`` / ``c0`` if they require grad); otherwise parameters are fresh leaf copies.
+        dropout_masks: inter-layer dropout as the module applied it in training: ``num_layers - 1``
+            tensors ``(B, T, D*H_out)`` (batch-first, padded), the factor (0 or ``1/(1-p)``) each element
+            of layer ``l``'s output is multiplied by before layer ``l + 1`` reads it. ``None``: no dropout.
     """
     kind = module_kind(module)
     base = _base(kind)
@@ -304,6 +308,9 @@ def reference_rnn(
                     c_final[row][b] = c
                     per_dir.append(outs)
                 layer_in = [torch.cat([per_dir[d][t] for d in range(D)]) for t in range(n)]
+                if dropout_masks is not None and l < L - 1:
+                    # h_n keeps the states themselves; only the next layer reads them dropped out
+                    layer_in = [v * dropout_masks[l][b, t].to(dtype) for t, v in enumerate(layer_in)]
             seq = torch.stack(layer_in) if n > 0 else torch.zeros(0, D * H_out, dtype=dtype)
             if n < T:
                 seq = torch.cat([seq, torch.zeros(T - n, D * H_out, dtype=dtype)])
@@ -531,3 +538,44 @@ def reference_additive_attention(query: Tensor, keys: Tensor, w_q: Tensor, w_k: 
             s = s.masked_fill(mask[b], float("-inf"))
         out[b] = softmax_last(s)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# inter-layer dropout of the fused CPU kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def cpu_dropout_masks(rng_state: Tensor, num_layers: int, shape: tuple[int, ...], p: float) -> list[Tensor]:
+    """The inter-layer dropout masks a fused CPU ``nn.RNN/LSTM/GRU`` draws in training, written out.
+
+    Between layers the kernel drops out each layer's output: a tensor of the output's shape is filled
+    with ``bernoulli(1 - p)`` from the global CPU generator and divided by ``1 - p``, once per layer below
+    the top, in layer order. Here the same draws are made from ``rng_state`` (the generator's state just
+    before the module was called) and the generator is put back as it was.
+
+    Args:
+        shape: the layer output as the kernel holds it: time-major ``(T, B, D*H_out)`` for a padded input,
+            ``(N, D*H_out)`` for the data of a ``PackedSequence``.
+
+    Returns:
+        ``num_layers - 1`` float32 masks of ``shape``.
+    """
+    saved = torch.get_rng_state()
+    torch.set_rng_state(rng_state)
+    try:
+        return [torch.empty(shape).bernoulli_(1 - p).div_(1 - p) for _ in range(num_layers - 1)]
+    finally:
+        torch.set_rng_state(saved)
+
+
+def batch_first_masks(masks: list[Tensor], packed=None, total_length: int | None = None) -> list[Tensor]:
+    """Masks from :func:`cpu_dropout_masks` as :func:`reference_rnn` takes them, ``(B, T, D*H_out)``.
+
+    ``packed``: the ``PackedSequence`` the module was called with (its data's layout), else ``None``.
+    """
+    from torch.nn.utils.rnn import pad_packed_sequence
+
+    if packed is None:
+        return [m.transpose(0, 1) for m in masks]
+    return [pad_packed_sequence(packed._replace(data=m), batch_first=True, total_length=total_length)[0]
+            for m in masks]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_rnnviz import Probe
-from lightning_rnnviz.probe.records import GRU_GATES, LSTM_GATES, RNNRecord
+from lightning_rnnviz.probe.records import GRU_GATES, LSTM_GATES
 from tests.helpers.cases import (
     KINDS,
     STRUCTURES,
@@ -25,72 +25,17 @@ from tests.helpers.cases import (
     build_rnn,
     loss_for,
     make_inputs,
-    rows_and_sizes,
     run_rnn,
 )
-from tests.helpers.reference import RNNReference, module_kind, reference_cell_loop, reference_rnn
+from tests.helpers.checks import GRAD_TOL, VAL_TOL, assert_matches
+from tests.helpers.checks import close as _close
+from tests.helpers.reference import module_kind, reference_cell_loop, reference_rnn
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported:UserWarning")
-
-VAL_TOL = dict(rtol=1e-5, atol=1e-5)
-GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
-
 
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _close(actual, expected, what: str, tol) -> None:
-    assert actual is not None, f"{what} is None"
-    assert actual.dtype == torch.float32, f"{what} dtype {actual.dtype}"
-    assert actual.device.type == "cpu", f"{what} on {actual.device}"
-    got, want = tuple(actual.shape), tuple(expected.shape)
-    assert got == want, f"{what}: shape {got} != {want}"
-    torch.testing.assert_close(actual, expected.float(), **tol, msg=lambda m: f"{what}: {m}")
-
-
-def assert_matches(r: RNNRecord, ref: RNNReference, *, grads: bool = True, grad_scale: float = 1.0) -> None:
-    """Every field of ``r`` against the reference (``grads=False``: gradients must be absent)."""
-    assert isinstance(r, RNNRecord)
-    assert r.kind == ref.kind
-    assert r.num_layers == ref.num_layers
-    assert r.num_directions == ref.num_directions
-    assert r.exact is True
-    assert torch.equal(r.lengths.long(), ref.lengths.long()), (r.lengths, ref.lengths)
-    _close(r.hidden, ref.hidden(), "hidden", VAL_TOL)
-
-    expected_gates = ref.gates()
-    assert set(r.gates) == set(expected_gates), sorted(r.gates)
-    for name, value in expected_gates.items():
-        _close(r.gates[name], value, f"gates[{name!r}]", VAL_TOL)
-
-    if ref.kind.startswith("LSTM"):
-        _close(r.cell, ref.cell(), "cell", VAL_TOL)
-    else:
-        assert r.cell is None and r.cell_grad is None
-
-    if not grads:
-        assert r.hidden_grad is None
-        assert r.cell_grad is None
-        assert r.grad_norm is None
-        return
-    _close(r.hidden_grad, ref.hidden_grad() / grad_scale, "hidden_grad", GRAD_TOL)
-    if ref.kind.startswith("LSTM"):
-        _close(r.cell_grad, ref.cell_grad() / grad_scale, "cell_grad", GRAD_TOL)
-    gn = r.grad_norm
-    assert gn is not None and tuple(gn.shape) == (ref.rows, ref.time)
-    torch.testing.assert_close(gn, (ref.grad_norm() / grad_scale).float(), equal_nan=True, **GRAD_TOL)
-
-    # padded steps are exactly zero everywhere
-    pad = ~ref.valid_mask()
-    if pad.any():
-        assert not r.hidden[:, pad].any()
-        assert not r.hidden_grad[:, pad].any()
-        for g in r.gates.values():
-            assert not g[:, pad].any()
-        if r.cell is not None:
-            assert not r.cell[:, pad].any() and not r.cell_grad[:, pad].any()
 
 
 def _record_case(cfg: RNNConfig, loss_scale: float = 1.0, **record_kw):
@@ -397,26 +342,6 @@ def test_records_without_autograd(mode, kind):
     r = rec[""]
     assert_matches(r, ref, grads=False)
     assert r.grad_enabled is False
-
-
-@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])
-def test_train_mode_inter_layer_dropout_is_not_exact(kind):
-    cfg = RNNConfig(kind=kind, num_layers=2, dropout=0.5, loss="all", seed=2)
-    module = build_rnn(cfg).train()
-    inp = make_inputs(cfg, module)
-    loss_fn = loss_for(cfg, module, inp)
-    torch.manual_seed(123)
-    with Probe(module).record() as rec:
-        out, h_n, c_n = run_rnn(module, inp, cfg.packed)
-        loss_fn(out, h_n, c_n).backward()
-    r = rec[""]
-    assert r.exact is False
-    assert r.notes, "an inexact record must say why"
-    rows, h_out, _ = rows_and_sizes(module)
-    assert tuple(r.hidden.shape) == (rows, cfg.batch, cfg.time, h_out)
-    # layer 0 comes before any dropout: its states are still the true ones
-    ref = reference_rnn(module, inp.x)
-    torch.testing.assert_close(r.hidden[0], ref.hidden()[0].float(), **VAL_TOL)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN_TANH"])

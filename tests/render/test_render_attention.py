@@ -47,13 +47,47 @@ def test_one_hot_and_mixed_heads():
     assert stats["focus/head1"] == pytest.approx(0.5)
 
 
-def test_padded_keys_are_ignored_and_single_key_rows_are_zero():
+def test_padded_keys_are_ignored_and_single_key_rows_are_left_out_of_entropy_norm():
     record = uniform_over_real_keys([4, 1])
     record.attention[1, :, :, 1:] = float("nan")  # junk in padded keys must not leak into the statistics
     stats = attention_stats(record)
     assert stats["entropy/head0"] == pytest.approx(math.log(4) / 2)
-    assert stats["entropy_norm/head0"] == pytest.approx(0.5)
+    assert stats["entropy_norm/head0"] == pytest.approx(1.0)  # one key: no entropy information
     assert stats["focus/head0"] == pytest.approx((0.25 + 1.0) / 2)
+    only_single = attention_stats(uniform_over_real_keys([1, 1]))
+    assert math.isnan(only_single["entropy_norm/head0"]) and only_single["entropy/head0"] == 0.0
+
+
+def causal_uniform(steps: int, heads: int = 1) -> AttentionRecord:
+    """Query ``t`` uniform over keys ``0..t``, with the counts the probe records for a causal mask."""
+    allowed = torch.ones(steps, steps).tril()
+    weights = (allowed / allowed.sum(-1, keepdim=True)).expand(2, heads, steps, steps).clone()
+    counts = torch.arange(1, steps + 1).expand(2, 1, steps)
+    return AttentionRecord("attn", "MultiheadAttention", weights, key_counts=counts)
+
+
+def test_entropy_norm_divides_each_query_by_its_own_allowed_keys():
+    record = causal_uniform(8, heads=2)
+    stats = attention_stats(record)
+    assert stats["entropy_norm/head0"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["entropy_norm/head1"] == pytest.approx(1.0, abs=1e-6)
+    # every query counts for the entropy in nats, the one-key query 0 included
+    assert stats["entropy/head0"] == pytest.approx(sum(math.log(t) for t in range(1, 9)) / 8)
+    # what dividing by log of the key length read for the same attention
+    old = sum(math.log(t) / math.log(8) for t in range(2, 9)) / 8
+    assert old < 0.75
+
+
+def test_key_counts_per_head_and_fully_masked_queries():
+    weights = torch.zeros(1, 2, 2, 3)
+    weights[0, 0] = torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3]])
+    weights[0, 1, 0] = float("nan")  # head 1, query 0: no allowed key
+    weights[0, 1, 1] = torch.tensor([0.0, 0.0, 1.0])
+    counts = torch.tensor([[[2, 3], [0, 3]]])
+    stats = attention_stats(AttentionRecord("attn", "MultiheadAttention", weights, key_counts=counts))
+    assert stats["entropy_norm/head0"] == pytest.approx(1.0)
+    assert stats["entropy_norm/head1"] == 0.0 and stats["entropy/head1"] == 0.0
+    assert stats["focus/head1"] == 1.0
 
 
 @settings(max_examples=30, deadline=None)
