@@ -87,6 +87,11 @@ def test_tensorboard_shows_every_picture_live_and_at_the_end(tmp_path, loader):
                 assert board.fetch_image(entry).size == (event.width, event.height)
         assert [e.step for e in written.Images("rnnviz/hidden/rnn")] == RECORDED[24]
         assert set(board.tags("histograms")[OURS]) >= HISTOGRAMS
+        # The findings' table of each epoch (8 steps an epoch), in the Text dashboard.
+        texts = wait_until(lambda: board.text(OURS, "rnnviz/findings"), 30, until=lambda t: len(t) == 3,
+                           what="three findings tables")
+        assert [t.step for t in texts] == [8, 16, 24] and texts[0].plain.startswith("Epoch 0 (step 8)")
+        assert "<table>" in texts[-1].html or "no findings" in texts[-1].plain
         layout = board.custom_scalars_layout()
         titles = {category["title"] for category in layout["category"]}
         assert {"rnnviz: rnn", "rnnviz: attn", "rnnviz: every module"} <= titles
@@ -100,3 +105,7 @@ def test_tensorboard_shows_every_picture_live_and_at_the_end(tmp_path, loader):
             assert {c.category for c in charts} >= {"rnnviz: rnn", "rnnviz: attn"}
             assert all(c.lines > 0 for c in charts if c.category == "rnnviz: rnn")
             browser.screenshot(driver, tmp_path / f"custom-scalars-{loader}.png")
+            [card] = browser.text_cards(driver, board, expect=1)
+            assert card.tag == "rnnviz/findings" and card.run == OURS
+            assert any(entry.tables for entry in card.entries) or "no findings" in card.entries[0].text
+            browser.screenshot(driver, tmp_path / f"text-{loader}.png")

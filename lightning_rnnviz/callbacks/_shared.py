@@ -72,7 +72,8 @@ class SharedRecorder:
         attention: dict[str, Callable] = {}
         for member in members:
             attention.update(member.attention or {})
-        return Probe(model, modules=modules, attention=attention, strict=any(m.strict for m in members))
+        call = next((m.call for m in members if m.call is not None), None)
+        return Probe(model, modules=modules, attention=attention, strict=any(m.strict for m in members), call=call)
 
     def begin(self, key: Any, model: nn.Module, wanting: list[RNNViz]) -> None:
         """Open the block for batch ``key`` unless it is open already or nobody wants it; it records as

@@ -21,6 +21,7 @@ from lightning_rnnviz.callbacks._shared import one_thread, shared_recorder
 from lightning_rnnviz.probe import Recording, RNNVizWarning
 from lightning_rnnviz.probe.probe import Extractor
 from lightning_rnnviz.probe.targets import ATTENTION_TYPES, is_supported, resolve_targets
+from lightning_rnnviz.render.findings import Finding
 from lightning_rnnviz.render.jobs import RENDERERS
 from lightning_rnnviz.render.report import QUANTITIES, Guard, Reporter, scalar_layout
 from lightning_rnnviz.sinks import Fanout
@@ -93,6 +94,9 @@ class RNNViz(*CALLBACK_BASES):
             picks the training thread for ``"fast"`` and the child process for ``"matplotlib"``.
         validation: draw the fixed validation sample at each validation run.
         log_first_step: also record the very first training batch, for instant feedback.
+        call: for a fused RNN called several times in one training step (not as a chain of single steps),
+            which forward call is recorded (0-based, negative from the end); ``None`` records the last
+            call whose output received a gradient, and one warning per module says so.
         strict: re-raise errors of capture and rendering instead of warning once (for tests).
 
     Raises:
@@ -124,6 +128,7 @@ class RNNViz(*CALLBACK_BASES):
         background: bool | None = None,
         validation: bool = True,
         log_first_step: bool = True,
+        call: int | None = None,
         strict: bool = False,
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
@@ -150,6 +155,9 @@ class RNNViz(*CALLBACK_BASES):
             raise ValueError(f"`background` must be True, False or None (automatic), got {background!r}.")
         if isinstance(modules, str):
             modules = [modules]
+        if call is not None and (isinstance(call, bool) or not isinstance(call, int)):
+            raise ValueError(f"`call` must be an int (which forward call of a module, 0-based, negative from the "
+                             f"end) or None (the last call that received a gradient), got {call!r}.")
         if labels is not None and not callable(labels):
             raise ValueError(f"`labels` must be a function `batch -> list[str]`, got {type(labels).__name__}.")
         self.every_n_steps = every_n_steps
@@ -166,6 +174,7 @@ class RNNViz(*CALLBACK_BASES):
         self.background = renderer == "matplotlib" if background is None else background
         self.validation = validation
         self.log_first_step = log_first_step
+        self.call = call
         self.strict = strict
         self._guard = Guard(type(self).__name__, strict, RNNVizWarning)
         self._reporter = Reporter(self.quantities, (), self._guard, sample=sample, top_k=top_k,
@@ -196,11 +205,17 @@ class RNNViz(*CALLBACK_BASES):
             attention=sorted(self.attention or {}),
         )
 
+    @property
+    def findings(self) -> list[Finding]:
+        """Every finding so far, epoch by epoch (see :mod:`lightning_rnnviz.render.findings`); saved with the
+        callback, so a resumed run keeps them."""
+        return self._reporter.findings
+
     def state_dict(self) -> dict[str, Any]:
-        return {"decay_history": {m: dict(h) for m, h in self.decay_history.items()}}
+        return self._reporter.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._reporter.decay_history = {m: dict(h) for m, h in state_dict.get("decay_history", {}).items()}
+        self._reporter.load_state_dict(state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -409,7 +424,9 @@ class RNNViz(*CALLBACK_BASES):
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         started = time.perf_counter()
         with one_thread():
-            drawn = self._reporter.end_epoch(trainer.current_epoch, step, fanout)
+            drawn, lines = self._reporter.end_epoch(trainer.current_epoch, step, fanout)
+        for line in lines:  # a finding that appeared or cleared
+            info(trainer, line)
         if drawn:
             spent_ms = 1e3 * (time.perf_counter() - started)
             self._guard("overhead statistics", lambda: fanout.scalars({"rnnviz/overhead/epoch_end_ms": spent_ms}, step))

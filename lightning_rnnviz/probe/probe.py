@@ -346,7 +346,7 @@ class Probe:
         warnings.warn(
             f"lightning_rnnviz: module {name!r} was called {total} times in one recording, not as a chain of "
             f"single steps, so its record shows call {shown + 1} of {total}, {which}. Choose another with "
-            "`Probe(call=...)` (0-based among the forward calls, negative from the end).",
+            "`call=` (`RNNViz(call=...)`, `Probe(call=...)`: 0-based among the forward calls, negative from the end).",
             RNNVizWarning,
             stacklevel=2,
         )

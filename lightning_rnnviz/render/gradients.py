@@ -114,6 +114,67 @@ def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: s
     return fig
 
 
+HORIZON_FRACTION = 0.01
+
+
+def sequence_grad_norms(record: RNNRecord) -> torch.Tensor | None:
+    """``(layers*directions, batch, time)``: ``||dL/dh_t||_2`` of every recorded sequence (zero past its end);
+    ``None`` without gradient. Computed once per record."""
+    if record.hidden_grad is None:
+        return None
+    cached = record.derived.get("sequence_grad_norms")
+    if cached is None or cached[0] is not record.hidden_grad:
+        norms = torch.linalg.vector_norm(record.hidden_grad.float(), dim=-1).double()
+        cached = record.derived["sequence_grad_norms"] = (record.hidden_grad, norms)
+    return cached[1]
+
+
+def grad_horizon(record: RNNRecord, fraction: float = HORIZON_FRACTION) -> torch.Tensor | None:
+    """The gradient horizon of each row: ``(layers*directions,)`` float64 steps, ``None`` without gradient.
+
+    For one sequence and row, count the steps back from the last one the direction processes (the
+    sequence's last valid step going forward, ``t = 0`` in reverse) over which ``||dL/dh_t||`` stays at or
+    above ``fraction`` of its largest value over that sequence; the first step below ends the count. The
+    horizon is the mean of this count over the recorded sequences (each counted from its own end, so
+    padding does not matter). It is the distance over which the module can still learn, in steps: a
+    many-to-one loss on a vanilla RNN gives a few steps, a healthy LSTM the whole sequence; a loss on
+    every step gives every step a direct gradient, so the horizon is then the sequence length. Sequences
+    without a positive finite peak (no gradient, NaN/Inf) are left out; NaN when none is left.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_rnnviz.probe.records import RNNRecord
+        >>> grad = torch.zeros(1, 2, 5, 1)
+        >>> grad[0, 0, :, 0] = torch.tensor([1e-4, 1e-3, 1e-2, 1e-1, 1.0])  # 1 % of the peak 2 steps back: 3 steps
+        >>> grad[0, 1, :3, 0] = torch.tensor([0.5, 0.5, 1.0])               # length 3: every step counts
+        >>> rec = RNNRecord("rnn", "RNN_TANH", torch.zeros(1, 2, 5, 1), {}, grad, None, None, torch.tensor([5, 3]))
+        >>> grad_horizon(rec).tolist()  # (3 + 3) / 2
+        [3.0]
+    """
+    norms = sequence_grad_norms(record)
+    if norms is None:
+        return None
+    rows, batch, steps = norms.shape
+    lengths = record.lengths.to(torch.int64)
+    t = torch.arange(steps)
+    valid = t.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+    forward = (lengths.unsqueeze(1) - 1 - t.unsqueeze(0)).double()  # distance back from the last step
+    reverse = t.unsqueeze(0).expand(batch, steps).double()
+    out = torch.full((rows,), float("nan"), dtype=torch.float64)
+    for r in range(rows):
+        distance = reverse if r % record.num_directions == 1 else forward
+        n = norms[r]
+        finite = torch.where(valid, n.isfinite(), True).all(-1)
+        peak = torch.where(valid, n, 0.0).amax(-1)  # (B,)
+        below = valid & (n < fraction * (1 - 1e-6) * peak.unsqueeze(-1))  # 1e-6: float32's 0.01 is not below 1 %
+        count = torch.where(below, distance, lengths.unsqueeze(1).double()).amin(-1)
+        usable = finite & (peak > 0) & (lengths > 0)
+        if bool(usable.any()):
+            out[r] = count[usable].mean()
+    return out
+
+
 def grad_stats(record: RNNRecord) -> dict[str, float]:
     """How the gradient norm changes along each row's processing order.
 
@@ -125,6 +186,8 @@ def grad_stats(record: RNNRecord) -> dict[str, float]:
     - ``decay_per_step``: least-squares slope of ``log10`` norm against the distance in steps from the last
       processed step, over finite positive points (NaN with fewer than two); negative when vanishing,
       positive when exploding.
+    - ``horizon``: :func:`grad_horizon`, the steps back over which the norm stays at or above 1 % of its
+      largest value.
 
     Empty when the record has no gradient. Names carry :func:`~lightning_rnnviz.render.common.row_suffix`.
 
@@ -137,13 +200,14 @@ def grad_stats(record: RNNRecord) -> dict[str, float]:
         >>> h = torch.zeros(1, 1, 4, 2)
         >>> rec = RNNRecord("rnn", "RNN_TANH", h, {}, grad, None, None, torch.tensor([4]))
         >>> {k: round(v, 6) for k, v in grad_stats(rec).items()}
-        {'first_norm': 0.001, 'last_norm': 1.0, 'log10_ratio': -3.0, 'decay_per_step': -1.0}
+        {'first_norm': 0.001, 'last_norm': 1.0, 'log10_ratio': -3.0, 'decay_per_step': -1.0, 'horizon': 3.0}
     """
     norms = record.grad_norm
     if norms is None:
         return {}
     horizon = int(record.lengths.max()) if record.lengths.numel() else 0
     norms = norms[:, :horizon].double()
+    horizons = grad_horizon(record)
     stats: dict[str, float] = {}
     for r in range(norms.shape[0]):
         suffix = common.row_suffix(record, r)
@@ -155,6 +219,7 @@ def grad_stats(record: RNNRecord) -> dict[str, float]:
         stats["last_norm" + suffix] = float(last)
         stats["log10_ratio" + suffix] = float(torch.log10(first) - torch.log10(last))
         stats["decay_per_step" + suffix] = _log_slope(ordered)
+        stats["horizon" + suffix] = float(horizons[r])
     return stats
 
 
@@ -177,8 +242,11 @@ def draw_grad_decay(
     step: int | None = None,
     title: str | None = None,
     max_curves: int = 16,
+    horizons: Mapping[int, Sequence[float | None]] | None = None,
+    notes: Sequence[str] = (),
 ) -> Figure:
-    """Gradient norm per step, one line per epoch, one panel per layer/direction.
+    """Gradient norm per step, one line per epoch, one panel per layer/direction; each panel's legend gives
+    the gradient horizon of some of the epochs drawn.
 
     Args:
         history: epoch -> ``(layers*directions, time)`` gradient norms (e.g. ``RNNRecord.grad_norm`` of a
@@ -188,13 +256,16 @@ def draw_grad_decay(
         step: training step for the title.
         title: replaces the heading ``"<name>: gradient norm per step, by epoch"``.
         max_curves: most epochs drawn; beyond that, evenly spaced epochs (first and last included).
+        horizons: epoch -> per-row gradient horizon (:func:`grad_horizon`, averaged over the epoch), for
+            the legends; ``None`` draws none.
+        notes: approximation notes of the recordings behind the curves; the title says "approximate".
 
     Raises:
         ValueError: empty ``history``, or an entry that is not ``(len(layer_labels), time)``.
     """
     epochs, curves, total, flag = decay_curves(history, layer_labels, max_curves)
     rows = len(layer_labels)
-    payload = {"exact": True}
+    payload = {"exact": not notes, "notes": tuple(notes)}
     heading = title or f"{name}: gradient norm per step, by epoch"
     if len(epochs) < total:
         heading += f" ({len(epochs)} of {total} epochs)"
@@ -234,6 +305,11 @@ def draw_grad_decay(
         ax.set_title(
             common.escape_text(str(layer_labels[r])), fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0
         )
+        entries = horizon_entries(horizons, epochs, r)
+        if entries:
+            handles = [Line2D([], [], color=mappable.to_rgba(e), linewidth=1.6) for e, _ in entries]
+            ax.legend(handles, [f"epoch {e}: horizon {h:.0f}" for e, h in entries], loc="upper right",
+                      fontsize=common.TICK_SIZE, framealpha=0.9)
         if r % ncols == 0:
             ax.set_ylabel("||dL/dh_t||", fontsize=common.LABEL_SIZE)
         if r >= rows - ncols:
@@ -248,6 +324,19 @@ def draw_grad_decay(
         fig.text(0.01, 0.01, f"zeros drawn at {floor:.0e}", fontsize=common.TICK_SIZE, color="0.3")
     fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
     return fig
+
+
+def horizon_entries(horizons: Mapping[int, Sequence[float | None]] | None, epochs: Sequence[int], row: int,
+                    most: int = 4) -> list[tuple[int, float]]:
+    """``(epoch, horizon)`` for the legend of row ``row``: at most ``most`` of the ``epochs`` drawn that have
+    a finite horizon, evenly spaced, the first and the last included."""
+    known = [(e, horizons[e][row]) for e in epochs
+             if horizons and e in horizons and row < len(horizons[e]) and horizons[e][row] is not None
+             and math.isfinite(horizons[e][row])]
+    if len(known) > most:
+        picks = np.unique(np.linspace(0, len(known) - 1, most).round().astype(np.int64))
+        known = [known[i] for i in picks]
+    return [(e, float(h)) for e, h in known]
 
 
 def decay_curves(

@@ -39,7 +39,8 @@ def draw(job: Job) -> np.ndarray:
         from lightning_rnnviz.render import paint
 
         if job.kind == "grad_decay":
-            return paint.paint_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step)
+            return paint.paint_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step,
+                                          horizons=p.get("horizons"), notes=p.get("notes", ()))
         return paint.PAINTERS[job.kind](p, step=job.step)
     if job.renderer != "matplotlib":
         raise ValueError(f"unknown renderer {job.renderer!r}; use one of {RENDERERS}")
@@ -52,7 +53,8 @@ def draw(job: Job) -> np.ndarray:
         "attention": render.draw_attention,
     }
     if job.kind == "grad_decay":
-        figure = render.draw_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step)
+        figure = render.draw_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step,
+                                        horizons=p.get("horizons"), notes=p.get("notes", ()))
     else:
         figure = drawers[job.kind](p, step=job.step)
     return render.figure_to_rgb(figure)

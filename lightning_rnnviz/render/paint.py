@@ -26,7 +26,7 @@ import numpy as np
 from lightning_rnnviz.render import canvas as cv
 from lightning_rnnviz.render import common
 from lightning_rnnviz.render.gates import TANH_GATES
-from lightning_rnnviz.render.gradients import _finite_runs, _log_limits, decay_curves
+from lightning_rnnviz.render.gradients import _finite_runs, _log_limits, decay_curves, horizon_entries
 
 WIDTH = 800
 MAX_HEIGHT = 800
@@ -291,8 +291,11 @@ def paint_grad_decay(
     step: int | None = None,
     title: str | None = None,
     max_curves: int = 16,
+    horizons: Mapping[int, Sequence[float | None]] | None = None,
+    notes: Sequence[str] = (),
 ) -> np.ndarray:
-    """Gradient norm per step, one line per epoch (colour: epoch), one panel per layer/direction.
+    """Gradient norm per step, one line per epoch (colour: epoch), one panel per layer/direction; each
+    panel's legend gives the gradient horizon of some of the epochs drawn (first and last among them).
 
     Arguments and errors as :func:`~lightning_rnnviz.render.draw_grad_decay`.
     """
@@ -301,7 +304,7 @@ def paint_grad_decay(
     heading = title or f"{name}: gradient norm per step, by epoch"
     if len(epochs) < total:
         heading += f" ({len(epochs)} of {total} epochs)"
-    full_title = _title(heading, {"exact": True}, step, flag)
+    full_title = _title(heading, {"exact": not notes, "notes": tuple(notes)}, step, flag)
     length = max(v.shape[1] for v in curves.values())
     if length == 0:
         return paint_message(full_title, "no steps recorded")
@@ -336,6 +339,13 @@ def paint_grad_decay(
         last = r >= rows - ncols
         panel.xticks(time_ticks, [str(int(v)) for v in time_ticks] if last else [""] * len(time_ticks))
         panel.title(str(layer_labels[r]))
+        entries = [(f"epoch {e}: horizon {h:.0f}", tuple(int(c) for c in table[round((e - vmin) / (vmax - vmin) * 255)]),
+                    "-") for e, h in horizon_entries(horizons, epochs, r)]
+        if entries:
+            box_w, box_h = 150, len(entries) * (cv.TICK_SIZE + 7) + 6
+            x1 = x0 + panel_w - 4
+            canvas.rectangle((x1 - box_w, y0 + 4, x1, y0 + 4 + box_h), outline=(200, 200, 200), fill=(255, 255, 255))
+            cv.legend(canvas, (x1 - box_w + 4, y0 + 7), entries, column_width=box_w - 6)
         if column == 0:
             panel.ylabel("||dL/dh_t||", offset=48)
         if last:

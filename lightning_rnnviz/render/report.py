@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import lightning_rnnviz.render as render
+from lightning_rnnviz.render import findings as findings_
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
 from lightning_rnnviz.render.jobs import Job
 from lightning_rnnviz.render.names import safe_name
@@ -35,6 +36,10 @@ class Output(Protocol):
     def scalars(self, values: Mapping[str, float], step: int) -> None: ...
 
     def histogram(self, tag: str, values: Callable[[], np.ndarray], step: int) -> None: ...
+
+    def text(self, tag: str, markdown: str, step: int) -> None: ...
+
+    def document(self, name: str, data: Mapping[str, Any], step: int) -> None: ...
 
 
 class Guard:
@@ -115,7 +120,12 @@ class Reporter:
         self.histograms = histograms
         self.decay_history: dict[str, dict[int, torch.Tensor]] = {}
         self.layer_labels: dict[str, list[str]] = {}  # module -> "layer 0", "layer 0 reverse", ...
+        self.findings: list[findings_.Finding] = []  # every epoch's, in order
+        self.summary: dict[str, dict[str, Any]] = {}  # module -> {"kind", "rows", "epochs": {epoch: {...}}}
+        self.notes: dict[str, list[str]] = {}  # module -> approximation notes of any recording so far
         self._epoch_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._epoch: dict[str, _Collected] = {}  # this epoch's statistics per module
+        self._recordings = 0  # recordings reported so far (an index for the epoch's statistics)
 
     # --- one recording ---------------------------------------------------------------------------
     def report(
@@ -139,6 +149,7 @@ class Reporter:
             tokens: ``labels(batch)``, called at most once, for the time axes.
         """
         mine = {n: r for n, r in recording.items() if n in self.names}
+        self._recordings += 1
         self.guard("draw the chosen `sample`", lambda: self._check_sample(mine))
         labels = None
         if tokens is not None:
@@ -206,11 +217,34 @@ class Reporter:
 
         self.guard(f"draw {quantity} of {name!r}", work)
 
-    def _stats(self, out: Output, quantity: str, name: str, step: int,
+    def _stats(self, out: Output, quantity: str, name: str, step: int, record: RNNRecord | AttentionRecord,
                compute: Callable[[], Mapping[str, float]]) -> None:
+        """Statistics of one quantity, with ``exact`` (1, or 0 for an approximate record) to filter on."""
         base = f"rnnviz/{quantity}/{safe_name(name)}"
-        self.guard(f"{quantity} statistics of {name!r}",
-                   lambda: out.scalars({f"{base}/{k}": float(v) for k, v in compute().items()}, step))
+
+        def work() -> None:
+            stats = {k: float(v) for k, v in compute().items()}
+            self._collect(name, record).add(self._recordings, stats)
+            values = {f"{base}/{k}": v for k, v in stats.items()}
+            values[f"{base}/exact"] = float(bool(record.exact))
+            out.scalars(values, step)
+
+        self.guard(f"{quantity} statistics of {name!r}", work)
+
+    def _collect(self, name: str, record: RNNRecord | AttentionRecord) -> _Collected:
+        collected = self._epoch.get(name)
+        if collected is None:
+            collected = self._epoch[name] = _Collected(record)
+        return collected
+
+    def _warn_approximate(self, name: str, record: RNNRecord | AttentionRecord) -> None:
+        if not record.exact:
+            notes = self.notes.setdefault(name, [])
+            notes.extend(n for n in record.notes if n not in notes)
+            note = " ".join(record.notes) or "the replay could not reproduce the training forward."
+            self.guard.once(f"approximate {name}", f"{self.guard.owner}: the record of {name!r} is approximate: "
+                            f"{note} Its figures say so, and its statistics carry `exact` = 0 (this warning is "
+                            "shown once per module).")
 
     def _histogram(self, out: Output, tag: str, step: int, values: Callable[[], np.ndarray]) -> None:
         if self.histograms:
@@ -220,6 +254,7 @@ class Reporter:
                     tokens: dict[str, list[str]] | None) -> None:
         sample = min(self.sample, record.batch - 1)
         safe = safe_name(name)
+        self._warn_approximate(name, record)
         self.layer_labels[name] = [record.layer_label(i) for i in range(record.hidden.shape[0])]
         if "hidden" in self.quantities:
             length = int(record.lengths[sample])
@@ -227,24 +262,27 @@ class Reporter:
             self._picture(out, "hidden", name, step, prefix,
                           lambda: render.reduce_hidden(record, sample, self.top_k, self.max_time, labels))
             if training:
-                self._stats(out, "hidden", name, step, lambda: render.hidden_stats(record))
+                self._stats(out, "hidden", name, step, record, lambda: render.hidden_stats(record))
             self._histogram(out, f"{prefix}/hidden_dist/{safe}", step, lambda: valid_values(record, record.hidden))
         if "gates" in self.quantities and record.gates:
             self._picture(out, "gates", name, step, prefix, lambda: render.reduce_gates(record, self.max_time))
             if training:
-                self._stats(out, "gates", name, step, lambda: render.gate_stats(record))
+                self._stats(out, "gates", name, step, record, lambda: render.gate_stats(record))
             for gate, values in record.gates.items():
                 self._histogram(out, f"{prefix}/gates_dist/{safe}/{gate}", step,
                                 lambda v=values: valid_values(record, v))
         if training and "grad_norm" in self.quantities and record.hidden_grad is not None:
             self._picture(out, "grad_norm", name, step, prefix, lambda: render.reduce_grad_norm(record))
-            self._stats(out, "grad_norm", name, step, lambda: render.grad_stats(record))
+            self._stats(out, "grad_norm", name, step, record, lambda: render.grad_stats(record))
         if training and "grad_decay" in self.quantities and record.hidden_grad is not None:
             self.guard(f"collect the gradient curve of {name!r}", lambda: self._accumulate_decay(name, record))
+        if training:
+            self.guard(f"collect the findings' statistics of {name!r}", lambda: self._collect(name, record).rnn(self._recordings, record))
 
     def _report_attention(self, name: str, record: AttentionRecord, out: Output, step: int, prefix: str,
                           training: bool, tokens: dict[str, list[str]] | None) -> None:
         sample = min(self.sample, record.attention.shape[0] - 1)
+        self._warn_approximate(name, record)
         queries, keys = record.attention.shape[-2:]
         if record.key_lengths is not None:
             keys = int(record.key_lengths[sample])
@@ -257,7 +295,9 @@ class Reporter:
         self._picture(out, "attention", name, step, prefix, lambda: render.reduce_attention(
             record, sample, self.max_heads, query_labels, key_labels, self.max_time))
         if training:
-            self._stats(out, "attention", name, step, lambda: render.attention_stats(record))
+            self._stats(out, "attention", name, step, record, lambda: render.attention_stats(record))
+            self.guard(f"collect the findings' statistics of {name!r}",
+                       lambda: self._collect(name, record).attention(self._recordings, record))
 
     # --- epochs ------------------------------------------------------------------------------------
     def _accumulate_decay(self, name: str, record: RNNRecord) -> None:
@@ -272,25 +312,174 @@ class Reporter:
         count[:, : values.shape[-1]] += finite.double()
         self._epoch_sums[name] = (total, count)
 
-    def end_epoch(self, epoch: int, step: int, out: Output) -> bool:
-        """Close a training epoch: store its mean gradient curves and redraw ``grad_decay`` for every module
-        this epoch added to (an epoch without a recording changes no picture). Whether anything was drawn."""
-        if "grad_decay" not in self.quantities:
-            self._epoch_sums = {}
-            return False
+    def end_epoch(self, epoch: int, step: int, out: Output) -> tuple[bool, list[str]]:
+        """Close a training epoch: store its mean gradient curves and statistics, check the findings' rules,
+        write their table (``rnnviz/findings``) and the run's summary (``summary.json``), and redraw
+        ``grad_decay`` for every module this epoch added to (an epoch without a recording changes nothing).
+
+        Returns:
+            Whether anything was drawn, and one console line per finding that appeared or cleared.
+        """
         for name, (total, count) in self._epoch_sums.items():
             self.decay_history.setdefault(name, {})[epoch] = total / count
-        updated, self._epoch_sums = set(self._epoch_sums), {}
+        decayed, self._epoch_sums = set(self._epoch_sums), {}
+        collected, self._epoch = self._epoch, {}
+        lines: list[str] = []
+        if collected:
+            lines = self.guard("check the findings", lambda: self._summarise(epoch, step, collected, out)) or []
         drawn = False
         for name, history in self.decay_history.items():
-            if name not in self.names or name not in updated:
+            if name not in self.names or name not in decayed or "grad_decay" not in self.quantities:
                 continue
             rows = next(iter(history.values())).shape[0]
             labels = self.layer_labels.get(name) or [f"row {i}" for i in range(rows)]
-            payload = {"history": {e: h.numpy() for e, h in history.items()}, "name": name, "layer_labels": labels}
+            epochs = self.summary.get(name, {}).get("epochs", {})
+            horizons = {e: epochs[e]["horizon"] for e in history if e in epochs and epochs[e].get("horizon")}
+            notes = tuple(self.notes.get(name, ()))
+            payload = {"history": {e: h.numpy() for e, h in history.items()}, "name": name, "layer_labels": labels,
+                       "horizons": horizons, "exact": not notes, "notes": notes}
             self._picture(out, "grad_decay", name, step, "rnnviz", lambda p=payload: p)
             drawn = True
-        return drawn
+        return drawn, lines
+
+    def _summarise(self, epoch: int, step: int, collected: Mapping[str, _Collected], out: Output) -> list[str]:
+        previous = {f.key: f for f in self.findings if f.epoch == self._last_epoch()}
+        found: list[findings_.Finding] = []
+        for name, data in sorted(collected.items()):
+            summary = data.summary()
+            entry = self.summary.setdefault(name, {"kind": summary.kind, "rows": summary.rows, "epochs": {}})
+            record = {"step": step, "recordings": summary.recordings, "length": _json_number(summary.length)}
+            for stat in ("horizon", "decay_per_step", "log10_ratio", "entropy_norm", "entropy", "focus"):
+                if stat in summary.stats:
+                    record[stat] = [_json_number(v) for v in summary.stats[stat]]
+            gates = {k.removesuffix("_mean"): [_json_number(v) for v in values]
+                     for k, values in summary.stats.items() if k.endswith("_mean") and k != "mean_abs"}
+            if gates:
+                record["gate_means"] = gates
+            curve = self.decay_history.get(name, {}).get(epoch)
+            if curve is not None:
+                record["grad_norm"] = [[_json_number(v) for v in row] for row in curve.tolist()]
+            entry["epochs"][epoch] = record
+            found.extend(findings_.check(name, summary, epoch, step))
+        self.findings.extend(found)
+        now = {f.key: f for f in found}
+        lines = [findings_.console_line(f) for key, f in now.items() if key not in previous]
+        lines += [findings_.console_line(f, cleared_in=epoch) for key, f in previous.items()
+                  if key not in now and f.module in collected]
+        out.text("rnnviz/findings", findings_.markdown(found, epoch, step), step)
+        out.document("summary.json", self.summary_document(), step)
+        return lines
+
+    def _last_epoch(self) -> int | None:
+        epochs = [e for entry in self.summary.values() for e in entry["epochs"]]
+        return max(epochs) if epochs else None
+
+    def summary_document(self) -> dict[str, Any]:
+        """What ``summary.json`` holds (see the README's Diagnosis section)."""
+        return {
+            "format": "lightning_rnnviz.summary",
+            "version": 1,
+            "modules": {name: {"kind": entry["kind"], "rows": entry["rows"],
+                               "epochs": {str(e): v for e, v in sorted(entry["epochs"].items())}}
+                        for name, entry in sorted(self.summary.items())},
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+    # --- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "decay_history": {m: dict(h) for m, h in self.decay_history.items()},
+            "findings": [f.to_dict() for f in self.findings],
+            "summary": {m: {**entry, "epochs": dict(entry["epochs"])} for m, entry in self.summary.items()},
+            "notes": {m: list(n) for m, n in self.notes.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decay_history = {m: dict(h) for m, h in state.get("decay_history", {}).items()}
+        self.findings = [findings_.Finding.from_dict(f) for f in state.get("findings", [])]
+        self.summary = {m: {**entry, "epochs": {int(e): v for e, v in entry["epochs"].items()}}
+                        for m, entry in state.get("summary", {}).items()}
+        self.notes = {m: list(n) for m, n in state.get("notes", {}).items()}
+
+
+class _Collected:
+    """One module's statistics over the recordings of the current epoch."""
+
+    def __init__(self, record: RNNRecord | AttentionRecord) -> None:
+        self.attention_kind = isinstance(record, AttentionRecord)
+        if self.attention_kind:
+            self.kind = "attention"
+            self.rows = [f"head {h}" for h in range(record.heads)]
+            self.suffixes = [f"/head{h}" for h in range(record.heads)]
+            self.num_directions = 1
+        else:
+            self.kind = record.kind
+            self.rows = [record.layer_label(i) for i in range(record.hidden.shape[0])]
+            self.suffixes = [render.row_suffix(record, i) for i in range(record.hidden.shape[0])]
+            self.num_directions = record.num_directions
+        self.values: dict[str, list[list[float]]] = {}
+        self.recordings: set[int] = set()
+        self.nonfinite: set[int] = set()
+        self.unit_peak: torch.Tensor | None = None
+        self.same_key: list[np.ndarray] = []
+        self.lengths: list[float] = []
+
+    def add(self, index: int, stats: Mapping[str, float]) -> None:
+        """Recording ``index``'s statistics (``<stat><row suffix>`` -> value)."""
+        self.recordings.add(index)
+        for key, value in stats.items():
+            for row, suffix in enumerate(self.suffixes):
+                if (suffix and key.endswith(suffix)) or (not suffix and len(self.suffixes) == 1):
+                    stat = key[: len(key) - len(suffix)] if suffix else key
+                    rows = self.values.setdefault(stat, [[] for _ in self.suffixes])
+                    rows[row].append(value)
+                    break
+            if not np.isfinite(value) and key.split("/")[0] in ("mean_abs", "first_norm", "last_norm", "entropy"):
+                self.nonfinite.add(index)  # NaN/Inf in the states, gradients or weights
+
+    def rnn(self, index: int, record: RNNRecord) -> None:
+        """What the rules need beyond the statistics: each unit's largest ``|h|`` (dead units) and lengths."""
+        self.recordings.add(index)
+        magnitude = record.hidden.abs()
+        # (rows, units); padding is 0; a NaN/Inf unit is not a dead one (the nonfinite rule covers it)
+        peak = torch.where(magnitude.isfinite(), magnitude, torch.inf).amax(dim=(1, 2))
+        self.unit_peak = peak if self.unit_peak is None else torch.maximum(self.unit_peak, peak)
+        self.lengths.append(float(record.lengths.double().mean()) if record.lengths.numel() else float("nan"))
+        norm = record.grad_norm
+        if norm is not None and not bool(norm[:, : int(record.lengths.max())].isfinite().all()):
+            self.nonfinite.add(index)
+
+    def attention(self, index: int, record: AttentionRecord) -> None:
+        """For heads that focus hard (``attention_collapse``): the share of queries on their sample's most
+        attended key; computed only when some head's largest weights average 0.9 or more."""
+        self.recordings.add(index)
+        weights = record.attention.float()
+        focus = weights.amax(-1).mean((0, 2))  # (heads,)
+        if not bool((focus >= findings_.RULES["attention_collapse"][0]).any()):
+            self.same_key.append(np.zeros(record.heads))
+            return
+        top = weights.argmax(-1)  # (B, H, Tq)
+        mode = top.mode(-1).values  # (B, H)
+        self.same_key.append((top == mode.unsqueeze(-1)).double().mean(-1).mean(0).numpy())
+
+    def summary(self) -> findings_.ModuleEpoch:
+        stats = {stat: [_nanmean(values) for values in rows] for stat, rows in self.values.items()}
+        dead: list[float] = []
+        if self.unit_peak is not None:
+            level = findings_.RULES["dead_unit_level"][0]
+            dead = (self.unit_peak < level).double().mean(-1).tolist()
+        same = np.mean(self.same_key, axis=0).tolist() if self.same_key else []
+        return findings_.ModuleEpoch(self.kind, self.rows, self.num_directions, stats, dead, same,
+                                     _nanmean(self.lengths), len(self.recordings), len(self.nonfinite))
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _json_number(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def scalar_layout(kinds: Mapping[str, str], quantities: Iterable[str] = QUANTITIES) -> dict[str, dict[str, list[str]]]:

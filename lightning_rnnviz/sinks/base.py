@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -103,6 +107,14 @@ class Histogram:
         )
 
 
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=1, allow_nan=False))
+    os.replace(temporary, path)
+
+
 class Sink:
     """Receives what a recording step produced. Implementations must be cheap to call when idle.
 
@@ -131,6 +143,18 @@ class Sink:
 
     def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
         """Group scalars into charts, ``{category: {chart title: [tag regex, ...]}}``, where the logger can."""
+
+    @property
+    def data_dir(self) -> Path | None:
+        """A local folder that belongs to the run, for the callback's data files (``summary.json``,
+        ``records/``); ``None`` when the logger has none."""
+        return None
+
+    def document(self, name: str, data: Mapping[str, Any]) -> None:
+        """Store a JSON document with the run: ``<data_dir>/<name>``, replaced atomically."""
+        folder = self.data_dir
+        if folder is not None:
+            write_json(folder / name, data)
 
     def flush(self) -> None:
         """Make everything written so far visible to readers (called at the end of each recording step)."""

@@ -36,7 +36,7 @@ class Fanout:
         self.sinks = list(sinks)
         self.renderer = renderer
         self.guard = guard
-        self.written: set[tuple[str, int]] = set()  # (tag, step) of pictures handed over this run
+        self.written: set[tuple[str, int]] = set()  # (tag, step) of pictures and texts handed over this run
         self.write_s = 0.0  # time spent writing to the sinks
 
     @property
@@ -51,10 +51,8 @@ class Fanout:
 
     def picture(self, job: Job) -> None:
         """Have ``job`` drawn, unless its tag was drawn for this step already."""
-        key = (job.tag, job.step)
-        if key in self.written:
+        if not self._first(job.tag, job.step):
             return
-        self.written.add(key)
         self.renderer.submit(job)
         if self.renderer.has_results:
             self.drain()
@@ -82,7 +80,20 @@ class Fanout:
         self.write_s += time.perf_counter() - started
 
     def text(self, tag: str, markdown: str, step: int) -> None:
-        self._each(f"write {tag!r}", lambda s: s.text(tag, markdown, step))
+        """Write a text everywhere, once per ``(tag, step)`` (the first monitor's, as for pictures)."""
+        if self._first(tag, step):
+            self._each(f"write {tag!r}", lambda s: s.text(tag, markdown, step))
+
+    def document(self, name: str, data: Mapping[str, Any], step: int) -> None:
+        """Store a JSON document with the run (each sink where it can), once per ``(name, step)``."""
+        if self._first(name, step):
+            self._each(f"write {name!r}", lambda s: s.document(name, data))
+
+    def _first(self, key: str, step: int) -> bool:
+        if (key, step) in self.written:
+            return False
+        self.written.add((key, step))
+        return True
 
     def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
         self._each("write the chart layout", lambda s: s.layout(charts))

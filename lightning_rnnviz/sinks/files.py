@@ -26,6 +26,10 @@ class FileSink(Sink):
         self.log_metrics = log_metrics
         self.name = name
 
+    @property
+    def data_dir(self) -> Path:
+        return self.root
+
     def path_for(self, tag: str, step: int, suffix: str = ".png") -> Path:
         relative = tag.removeprefix("rnnviz/")
         path = (self.root / relative / f"step_{step}{suffix}").resolve()

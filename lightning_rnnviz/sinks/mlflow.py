@@ -24,6 +24,7 @@ The sink never ends the run: that stays with the logger (``finalize``).
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -128,6 +129,11 @@ class MLflowSink(Sink):
             return
         self._at(step)
         self.client.log_text(self.run_id, markdown, f"{self._prefix}{tag}/step_{int(step)}.md")
+
+    def document(self, name: str, data: Mapping[str, Any]) -> None:
+        """The artifact ``rnnviz/<name>`` (replaced each time)."""
+        if self.run_id is not None:
+            self.client.log_text(self.run_id, json.dumps(data, indent=1, allow_nan=False), f"{self._prefix}rnnviz/{name}")
 
     def flush(self) -> None:
         """Send the step's scalars as one batch (the logger applies its prefix, as for the user's)."""

@@ -93,6 +93,11 @@ class TensorBoardSink(Sink):
             self._summary(layout_summary(charts), 0)
 
     @property
+    def data_dir(self) -> Path | None:
+        """Our run directory (data files sit beside our event file); ``None`` when remote."""
+        return Path(self.directory) if self._file is not None else None
+
+    @property
     def path(self) -> Path | None:
         """Our event file (``None`` for a remote directory)."""
         return self._file.path if self._file is not None else None

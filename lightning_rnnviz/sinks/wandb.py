@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,6 +170,12 @@ class WandbSink(Sink):
         self._tmpdir: str | None = None
         self._counter = 0
         self._copy_media: bool | None = None
+
+    @property
+    def data_dir(self) -> Path | None:
+        """``rnnviz/`` in the run's own files folder (W&B uploads it with the run)."""
+        folder = getattr(getattr(self.logger, "experiment", None), "dir", None)
+        return Path(folder) / "rnnviz" if folder else None
 
     # --- buffering ---------------------------------------------------------------------------------
     def _at(self, step: int) -> None:

@@ -353,10 +353,17 @@ def test_probe_survives_an_inf_step_that_the_scaler_skips():
 
 # --- manual optimization ----------------------------------------------------------------------------
 @pytest.mark.slow
-def test_manual_optimization_with_two_optimizers(tmp_path):
-    cb = RNNViz(every_n_steps=1, validation=False, histograms=False, strict=True)
+@pytest.mark.parametrize("call", [None, 0])
+def test_manual_optimization_with_two_optimizers(tmp_path, call):
+    """The LSTM runs twice a batch (once per optimizer): one warning says which call is shown, unless
+    `call` picks one (here the first, whose gradients the recurrent optimizer steps on)."""
+    cb = RNNViz(every_n_steps=1, validation=False, histograms=False, strict=True, call=call)
     trainer = _trainer(tmp_path, [cb], limit_train_batches=3)
-    trainer.fit(ManualTwoOptimizerModel(), loader())
+    if call is None:
+        with pytest.warns(RNNVizWarning, match=r"'rnn' was called 2 times .* shows call 2 of 2.*RNNViz\(call="):
+            trainer.fit(ManualTwoOptimizerModel(), loader())
+    else:
+        trainer.fit(ManualTwoOptimizerModel(), loader())
     assert trainer.global_step == 6  # two optimizer steps per batch
     acc = _events(trainer.logger.log_dir)
     loss_steps = [e.step for e in acc.Scalars("train_loss")]

@@ -14,6 +14,7 @@ from lightning_rnnviz.render import (
     grad_stats,
     reduce_grad_norm,
 )
+from lightning_rnnviz.render.gradients import grad_horizon
 
 
 def record_with_norms(
@@ -54,7 +55,7 @@ def test_reverse_direction_processes_backwards():
     stats = grad_stats(record_with_norms([forward, forward[::-1]], directions=2))
     assert set(stats) == {
         f"{name}/layer0{suffix}"
-        for name in ("first_norm", "last_norm", "log10_ratio", "decay_per_step")
+        for name in ("first_norm", "last_norm", "log10_ratio", "decay_per_step", "horizon")
         for suffix in ("", "_reverse")
     }
     for suffix in ("", "_reverse"):
@@ -170,3 +171,52 @@ def test_grad_decay_errors():
         draw_grad_decay({}, "rnn", ["layer 0"])
     with pytest.raises(ValueError, match=r"`history\[2\]` has shape \(3, 4\); expected \(2, time\)"):
         draw_grad_decay({2: np.ones((3, 4))}, "rnn", ["layer 0", "layer 1"])
+
+
+# --- the gradient horizon ------------------------------------------------------------------------------
+def _record(per_sequence: list[list[float]], lengths: list[int], directions: int = 1) -> RNNRecord:
+    """Rows x sequences of norms: ``per_sequence[r * batch + b]`` is row r, sequence b (zero past its length)."""
+    batch, time = len(lengths), max(lengths)
+    rows = len(per_sequence) // batch
+    grad = torch.zeros(rows, batch, time, 2)
+    for index, values in enumerate(per_sequence):
+        r, b = divmod(index, batch)
+        grad[r, b, : len(values), 1] = torch.tensor(values)
+    return RNNRecord("rnn", "GRU", torch.zeros(rows, batch, time, 2), {}, grad, None, None, torch.tensor(lengths),
+                     num_layers=rows // directions, num_directions=directions)
+
+
+def test_horizon_counts_steps_back_until_the_norm_falls_below_one_percent_of_its_peak():
+    # peak 1.0 at the last step; 1 % is 0.01: steps 0 (1.0), 1 (0.2), 2 (0.01, exactly 1 %) count; 3 does not
+    record = _record([[1e-4, 5e-3, 0.01, 0.2, 1.0]], [5])
+    assert grad_horizon(record).tolist() == [3.0]
+    assert grad_stats(record)["horizon"] == 3.0
+
+
+def test_horizon_of_a_loss_on_every_step_is_the_sequence_length():
+    assert grad_horizon(_record([[0.8, 1.0, 0.9, 0.7, 1.1, 0.9]], [6])).tolist() == [6.0]
+
+
+def test_horizon_is_counted_from_each_padded_sequence_own_end():
+    # lengths 5 and 3: sequence 0 decays tenfold per step back (1.0, 0.1, 0.01 | 1e-3) -> 3;
+    # sequence 1 is flat over its 3 steps -> 3; their mean 3. Aligned on the time axis instead, the
+    # padded zeros of sequence 1 would look like a vanished gradient.
+    record = _record([[1e-4, 1e-3, 0.01, 0.1, 1.0], [0.5, 0.5, 0.5]], [5, 3])
+    assert grad_horizon(record).tolist() == [3.0]
+    record = _record([[1e-4, 1e-3, 0.01, 0.1, 1.0], [1e-3, 1.0, 1.0]], [5, 3])  # 1e-3 is below 1 %: 2 steps
+    assert grad_horizon(record).tolist() == [2.5]
+
+
+def test_horizon_of_the_reverse_direction_counts_from_t0():
+    forward = [1e-4, 1e-3, 0.01, 0.1, 1.0]
+    record = _record([forward, forward[::-1]], [5], directions=2)  # reverse: processed from t=4 to t=0
+    assert grad_horizon(record).tolist() == [3.0, 3.0]
+    # a peak in the middle: the count stops at the first step below 1 % of it
+    record = _record([[2.0, 1.0, 100.0, 0.5, 0.009]], [5], directions=1)
+    assert grad_horizon(record).tolist() == [0.0]  # the last step already holds less than 1 % of 100
+
+
+def test_horizon_leaves_out_sequences_without_a_usable_peak():
+    record = _record([[0.0, 0.0, 0.0], [0.1, 1.0, 1.0], [float("nan"), 1.0, 1.0]], [3, 3, 3])
+    assert grad_horizon(record).tolist() == [3.0]  # only the middle sequence counts
+    assert math.isnan(grad_horizon(_record([[0.0, 0.0]], [2])).item())
