@@ -25,7 +25,7 @@ from lightning_rnnviz.render.findings import Finding
 from lightning_rnnviz.render.jobs import RENDERERS
 from lightning_rnnviz.render.report import QUANTITIES, Guard, Reporter, scalar_layout
 from lightning_rnnviz.sinks import Fanout
-from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer
+from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer, ThreadRenderer, spare_cores
 
 
 def _is_attention(name: str, module: torch.nn.Module, extractors: set[str]) -> bool:
@@ -89,9 +89,12 @@ class RNNViz(*CALLBACK_BASES):
         histograms: write activation histograms (TensorBoard's distributions view).
         renderer: ``"fast"`` paints the pictures with numpy and Pillow (3-30 ms each);
             ``"matplotlib"`` draws matplotlib figures (0.16-1 s of CPU each, in a child process by default).
-        background: draw figures in a low-priority child process, so the training thread only hands
-            over small already-reduced arrays; ``False`` draws on the training thread. ``None`` (default)
-            picks the training thread for ``"fast"`` and the child process for ``"matplotlib"``.
+        background: ``True`` draws figures in a low-priority child process (the training thread only hands
+            over small, already-reduced arrays); ``"thread"`` on a worker thread of the training process;
+            ``False`` on the training thread. ``None`` (default): the child process for ``"matplotlib"``;
+            for ``"fast"``, a worker thread when the machine has two or more cores beyond the training's
+            intra-op threads and one for data loading, else the training thread (``placement`` says
+            which was used).
         validation: draw the fixed validation sample at each validation run.
         log_first_step: also record the very first training batch, for instant feedback.
         call: for a fused RNN called several times in one training step (not as a chain of single steps),
@@ -125,7 +128,7 @@ class RNNViz(*CALLBACK_BASES):
         max_time: int = 256,
         histograms: bool = True,
         renderer: Literal["fast", "matplotlib"] = "fast",
-        background: bool | None = None,
+        background: bool | Literal["thread"] | None = None,
         validation: bool = True,
         log_first_step: bool = True,
         call: int | None = None,
@@ -151,8 +154,9 @@ class RNNViz(*CALLBACK_BASES):
             )
         if renderer not in RENDERERS:
             raise ValueError(f"`renderer` must be one of {RENDERERS}, got {renderer!r}.")
-        if background is not None and not isinstance(background, bool):
-            raise ValueError(f"`background` must be True, False or None (automatic), got {background!r}.")
+        if background is not None and not isinstance(background, bool) and background != "thread":
+            raise ValueError(f"`background` must be True (a child process), \"thread\", False (the training thread) "
+                             f"or None (automatic), got {background!r}.")
         if isinstance(modules, str):
             modules = [modules]
         if call is not None and (isinstance(call, bool) or not isinstance(call, int)):
@@ -171,7 +175,8 @@ class RNNViz(*CALLBACK_BASES):
         self.max_time = max_time
         self.histograms = histograms
         self.renderer = renderer
-        self.background = renderer == "matplotlib" if background is None else background
+        self.background = True if background is None and renderer == "matplotlib" else background
+        self.placement: str | None = None  # where pictures were drawn in the last fit: "inline", "thread", "process"
         self.validation = validation
         self.log_first_step = log_first_step
         self.call = call
@@ -184,6 +189,7 @@ class RNNViz(*CALLBACK_BASES):
         self._recorder: Any = None
         self._kinds: dict[str, str] = {}  # watched module -> "LSTM", "GRU", ..., or "attention"
         self.drawer_peak_rss_mb: float | None = None
+        self.fit_overhead_ms: dict[str, float] = {}  # time spent in fit start and at fit end (closing, flushing)
 
     # --- identity and state ----------------------------------------------------------------------
     @property
@@ -198,12 +204,15 @@ class RNNViz(*CALLBACK_BASES):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            quantities=self.quantities,
-            every_n_steps=self.every_n_steps,
-            modules=self.modules,
-            attention=sorted(self.attention or {}),
-        )
+        # Lightning reads it on every hook call (to name the hook for its profiler): built once per settings.
+        settings = (self.quantities, self.every_n_steps, tuple(self.modules or ()), self.modules is None,
+                    tuple(sorted(self.attention or {})))
+        cached = self.__dict__.get("_state_key")
+        if cached is None or cached[0] != settings:
+            key = self._generate_state_key(quantities=self.quantities, every_n_steps=self.every_n_steps,
+                                           modules=self.modules, attention=sorted(self.attention or {}))
+            cached = self._state_key = (settings, key)
+        return cached[1]
 
     @property
     def findings(self) -> list[Finding]:
@@ -230,6 +239,13 @@ class RNNViz(*CALLBACK_BASES):
         return (attention and wants_attention) or (not attention and wants_rnn and is_supported(module))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        started = time.perf_counter()
+        try:
+            self._start(trainer, pl_module)
+        finally:
+            self.fit_overhead_ms["start"] = 1e3 * (time.perf_counter() - started)
+
+    def _start(self, trainer: Any, pl_module: Any) -> None:
         self.enabled = False
         if not trainer.is_global_zero:
             return
@@ -291,12 +307,22 @@ class RNNViz(*CALLBACK_BASES):
                     "it does nothing in this run."
                 )
             return False
-        renderer = BackgroundRenderer() if self.background else InlineRenderer()
+        self.placement = self._placement()
+        renderer = {"process": BackgroundRenderer, "thread": ThreadRenderer, "inline": InlineRenderer}[self.placement]()
         recorder.fanout = Fanout(sinks, renderer, self._guard)
         if any(logger_kind(lg) == "tensorboard" for lg in trainer.loggers):
             info(trainer, "lightning_rnnviz: TensorBoard keeps 10 images per tag by default; to see every recorded "
                  "step run `tensorboard --logdir <dir> --samples_per_plugin images=1000`.")
         return True
+
+    def _placement(self) -> str:
+        """Where pictures are drawn: as asked, or (``background=None``, the fast renderer) on a worker thread
+        when the machine has at least two cores the training does not use, else on the training thread."""
+        if self.background is True:
+            return "process"
+        if self.background == "thread" or (self.background is None and spare_cores() >= 2):
+            return "thread"
+        return "inline"
 
     def _disable(self, message: str) -> None:
         self.enabled = False
@@ -312,6 +338,13 @@ class RNNViz(*CALLBACK_BASES):
         self._shutdown(trainer)
 
     def _shutdown(self, trainer: Any) -> None:
+        started = time.perf_counter()
+        try:
+            self._stop(trainer)
+        finally:
+            self.fit_overhead_ms["end"] = self.fit_overhead_ms.get("end", 0.0) + 1e3 * (time.perf_counter() - started)
+
+    def _stop(self, trainer: Any) -> None:
         recorder = shared_recorder(trainer)
         recorder.abort()
         was_member = self in recorder.members

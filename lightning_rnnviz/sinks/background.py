@@ -1,4 +1,4 @@
-"""Where pictures are drawn: on the training thread, or in a low-priority child process.
+"""Where pictures are drawn: on the training thread, on a worker thread, or in a low-priority child process.
 
 Either way a :class:`~lightning_rnnviz.render.jobs.Job` (a small, already-reduced payload) becomes a PNG-encoded
 :class:`~lightning_rnnviz.sinks.base.Picture`, which the caller takes back with ``take()`` and writes to every
@@ -66,6 +66,96 @@ class InlineRenderer:
 
     def close(self, timeout: float = 0.0) -> None:
         """Nothing to stop: everything submitted was drawn at once."""
+
+
+class ThreadRenderer:
+    """Draws and encodes on a worker thread of this process, for machines with cores to spare: numpy's
+    array work, Pillow and zlib release the GIL for much of a picture, so the training thread goes on.
+
+    ``render_s`` and ``encode_s`` stay zero (that time is not the training thread's); pending work is
+    bounded like the child process's, dropping the oldest job.
+
+    Args:
+        max_pending: jobs waiting to be drawn; beyond it the oldest is dropped (and counted in ``dropped``).
+    """
+
+    render_s = encode_s = 0.0
+    peak_rss_mb = None
+
+    def __init__(self, max_pending: int = 64) -> None:
+        self._pending: collections.deque[Job | None] = collections.deque()
+        self._max_pending = max_pending
+        self._wake = threading.Condition()
+        self._ready: collections.deque[Drawn] = collections.deque()
+        self._errors: collections.deque[str] = collections.deque()
+        self._closed = False
+        self.dropped = 0
+        self._worker = threading.Thread(target=self._loop, name="rnnviz-paint", daemon=True)
+        self._worker.start()
+
+    def submit(self, job: Job) -> None:
+        if self._closed:
+            return
+        with self._wake:
+            if len(self._pending) >= self._max_pending:
+                self._pending.popleft()
+                self.dropped += 1
+            self._pending.append(job)
+            self._wake.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending:
+                    self._wake.wait()
+                job = self._pending.popleft()
+            if job is None:
+                return
+            try:
+                self._ready.append((job.tag, job.step, Picture.from_rgb(draw(job))))
+            except Exception as error:  # noqa: BLE001 - reported to the caller, which warns once
+                self._errors.append(f"{job.kind} {job.tag}: {type(error).__name__}: {error}".replace("\n", " "))
+
+    @property
+    def has_results(self) -> bool:
+        return bool(self._ready)
+
+    def take(self) -> list[Drawn]:
+        ready = []
+        while self._ready:
+            ready.append(self._ready.popleft())
+        return ready
+
+    def errors(self) -> list[str]:
+        errors = []
+        while self._errors:
+            errors.append(self._errors.popleft())
+        return errors
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Draw what was handed over (at most ``timeout`` seconds), then stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._wake:
+            self._pending.append(None)
+            self._wake.notify()
+        self._worker.join(timeout)
+
+
+def spare_cores() -> int:
+    """CPUs this process may use beyond the training's intra-op threads (and one for the data loading)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        available = os.cpu_count() or 1
+    try:
+        import torch
+
+        busy = torch.get_num_threads()
+    except ImportError:  # pragma: no cover - the training process has torch
+        busy = available
+    return available - busy - 1
 
 
 class BackgroundRenderer:

@@ -21,6 +21,11 @@ machine hits both sides alike. Printed per workload and variant:
 - ``replay/fused``: replay of the recorded samples over the module's own fused forward+backward on the
   same full batch.
 - ``peak RSS``: training process with / without; a drawing process's peak is reported on its own.
+- ``fit ms``: what the callback's fit start and fit end cost (opening and closing its writers, the first
+  steps' set-up), reported on its own.
+- ``next step ms``: median wall time of the training step right after each recording step, with / without the
+  callback: a cost the callback causes outside its own time (a thread pool left spinning, caches evicted)
+  shows here and nowhere else; ``other step ms`` is the same for all other steps.
 - ``DIY`` (cpu-lstm only): throughput of the do-it-yourself alternative (``nn.LSTMCell`` unrolled in Python
   with ``retain_grad()`` on every step, every step) relative to the fused model.
 """
@@ -108,7 +113,10 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
     torch.manual_seed(0)
     model_cls, loader = _build(cfg)
     model = model_cls()
-    callbacks = [RNNViz(**VARIANTS[variant])] if with_callback else []
+    log_every = cfg["log_every"]
+    recorded = {0} | {s for s in range(cfg["steps"]) if (s + 1) % log_every == 0}
+    timer = _StepTimer(device)
+    callbacks = ([RNNViz(**VARIANTS[variant])] if with_callback else []) + [timer]
     # RUSAGE_CHILDREN would count any child; the drawing process reports its own peak.
     logger = TensorBoardLogger(out_dir, name=workload)
     trainer = pl.Trainer(
@@ -120,10 +128,16 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
     started = time.perf_counter()
     trainer.fit(model, loader)
     wall = time.perf_counter() - started
+    after = [ms for step, ms in enumerate(timer.step_ms) if step - 1 in recorded]  # the step right after one
+    plain = [ms for step, ms in enumerate(timer.step_ms) if step not in recorded and step - 1 not in recorded]
     result = {
         "wall_s": wall,
         "rss_mb": _peak_rss_kb() / 1024,
-        "child_rss_mb": (callbacks[0].drawer_peak_rss_mb or 0.0) if callbacks else 0.0,
+        "child_rss_mb": (callbacks[0].drawer_peak_rss_mb or 0.0) if with_callback else 0.0,
+        "after_ms": statistics.median(after[1:]) if len(after) > 1 else float("nan"),  # the first is a warm-up
+        "plain_ms": statistics.median(plain),
+        "fit_start_ms": callbacks[0].fit_overhead_ms.get("start", 0.0) if with_callback else 0.0,
+        "fit_end_ms": callbacks[0].fit_overhead_ms.get("end", 0.0) if with_callback else 0.0,
     }
     if with_callback:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -138,6 +152,28 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
         # everything the callback spent on the training thread in this run, recordings and epoch ends
         result["thread_total_s"] = (sum(result["train_thread_ms"]) + sum(result["epoch_end_ms"])) / 1e3
     return result
+
+
+class _StepTimer:
+    """Wall time of every training step (batch start to batch end), after the callbacks before it."""
+
+    def __new__(cls, device: str):
+        import pytorch_lightning as pl
+
+        class Timer(pl.Callback):
+            def __init__(self) -> None:
+                self.step_ms: list[float] = []
+                self._started = 0.0
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                _sync(device)
+                self._started = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                _sync(device)
+                self.step_ms.append(1e3 * (time.perf_counter() - self._started))
+
+        return Timer()
 
 
 def _peak_rss_kb() -> int:
@@ -289,12 +325,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, device: {where}")
     header = (f"{'workload':<10} {'variant':<8} {'overhead':>9} {'thread':>7} {'thread ms/rec':>14} {'replay':>7} {'render':>7} "
               f"{'write':>6} {'other':>6} {'draw ms/fig':>12} {'replay/fused':>13} {'peak RSS':>9} "
-              f"{'drawer MB':>10} {'dropped':>8}")
+              f"{'drawer MB':>10} {'dropped':>8} {'fit ms':>9} {'next step ms':>13} {'other step ms':>13}")
     rows = []
     for workload in args.workload or list(WORKLOADS):
         fused = replay_ratio(workload, args.device)
         for variant in variants:
             ratios, accounted, rss, child, dropped = [], [], [], [], 0.0
+            fit_ms, next_with, next_without, plain_with, plain_without = [], [], [], [], []
             parts: dict[str, list[float]] = {k: [] for k in ("train_thread_ms", "replay_ms", "render_ms", "write_ms")}
             with tempfile.TemporaryDirectory() as out:
                 for pair in range(args.pairs):
@@ -306,6 +343,11 @@ def main(argv: list[str] | None = None) -> None:
                     for key, values in parts.items():
                         values += results[True][key]
                     child.append(results[True]["child_rss_mb"])
+                    fit_ms.append(results[True]["fit_start_ms"] + results[True]["fit_end_ms"])
+                    next_with.append(results[True]["after_ms"])
+                    next_without.append(results[False]["after_ms"])
+                    plain_with.append(results[True]["plain_ms"])
+                    plain_without.append(results[False]["plain_ms"])
                     dropped = max(dropped, max(results[True]["dropped_figures"], default=0.0))
                     print(f"  {workload} {variant} pair {pair}: without {results[False]['wall_s']:.2f} s, "
                           f"with {results[True]['wall_s']:.2f} s", flush=True)
@@ -316,7 +358,10 @@ def main(argv: list[str] | None = None) -> None:
                    f"{statistics.median(accounted):>6.3f}x {median['train_thread_ms']:>14.0f} "
                    f"{median['replay_ms']:>7.0f} {median['render_ms']:>7.0f} {median['write_ms']:>6.0f} "
                    f"{other:>6.0f} {statistics.mean(draws.values()):>12.0f} {fused:>12.2f}x "
-                   f"{statistics.median(rss):>8.3f}x {max(child):>10.0f} {dropped:>8.0f}")
+                   f"{statistics.median(rss):>8.3f}x {max(child):>10.0f} {dropped:>8.0f} "
+                   f"{statistics.median(fit_ms):>9.0f} "
+                   f"{statistics.median(next_with):>6.1f}/{statistics.median(next_without):<6.1f} "
+                   f"{statistics.median(plain_with):>6.1f}/{statistics.median(plain_without):<6.1f}")
             rows.append(row)
             print(header, row, sep="\n", flush=True)
     print("\n" + header)
@@ -326,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     print("(ms per recording step, medians: replay = exact dL/dh_t; render = pictures drawn on the training "
           "thread; write = PNG encoding and event file; other = capture hooks, reductions, statistics, "
           "histograms, hand-over)")
+    print("(fit ms = the callback's fit start + fit end; next step ms = median of the training steps right after "
+          "a recording, with / without the callback; other step ms = the other steps, with / without)")
     if not args.workload or "cpu-lstm" in args.workload:
         print(f"\nDIY (LSTMCell unrolled, retain_grad every step) throughput / fused LSTM: "
               f"{diy_ratio(args.device):.2f}x")

@@ -132,25 +132,32 @@ def test_first_pictures_are_on_disk_before_the_second_step(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("renderer", "background", "in_child"),
-    [("fast", None, False), ("fast", True, True), ("matplotlib", None, True), ("matplotlib", False, False)],
+    ("renderer", "background", "placement"),
+    [("fast", None, "inline"), ("fast", True, "process"), ("fast", "thread", "thread"),
+     ("matplotlib", None, "process"), ("matplotlib", False, "inline"), ("matplotlib", "thread", "thread")],
 )
-def test_every_renderer_and_placement_writes_the_same_pictures(tmp_path, renderer, background, in_child):
-    """The default paints on the training thread; matplotlib figures default to the drawing process."""
+def test_every_renderer_and_placement_writes_the_same_pictures(tmp_path, monkeypatch, renderer, background,
+                                                               placement):
+    """The default paints on the training thread (on 2 busy cores); matplotlib figures default to the
+    drawing process."""
+    import lightning_rnnviz.callbacks.rnnviz as module
+
+    monkeypatch.setattr(module, "spare_cores", lambda: 0)  # as on this project's 2-core machines
     cb = RNNViz(renderer=renderer, background=background, validation=False, strict=True)
-    assert cb.background is in_child
+    in_child = placement == "process"
     trainer = _trainer(tmp_path, [cb])
     trainer.fit(TinySeqModel(), loader())
     acc = _events(trainer)
     steps = _image_steps(acc)
     assert set(steps) == TRAIN_IMAGES | {"rnnviz/grad_decay/rnn"}
     assert all(steps[tag] == [0, 2, 5] for tag in TRAIN_IMAGES)
+    assert cb.placement == placement
     assert (cb.drawer_peak_rss_mb is not None) is in_child  # only a drawing process reports its peak
     render_ms = [e.value for e in acc.Scalars("rnnviz/overhead/render_ms")]
     write_ms = [e.value for e in acc.Scalars("rnnviz/overhead/write_ms")]
-    # Only the training process writes (one writer per run directory); a drawing process draws and encodes.
+    # Only the training thread writes (one writer per run directory); a drawing process or thread draws and encodes.
     assert all(v > 0 for v in write_ms)
-    if in_child:  # the training thread does not draw
+    if placement != "inline":  # the training thread does not draw
         assert render_ms == [0.0, 0.0, 0.0]
     else:
         assert all(v > 0 for v in render_ms)
@@ -352,3 +359,13 @@ def test_intra_op_threads_are_restored_after_every_recording(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_automatic_placement_follows_the_cores_to_spare(tmp_path, monkeypatch):
+    import lightning_rnnviz.callbacks.rnnviz as module
+
+    for spare, placement in ((8, "thread"), (1, "inline")):
+        monkeypatch.setattr(module, "spare_cores", lambda s=spare: s)
+        cb = RNNViz(validation=False, strict=True)
+        _trainer(tmp_path / str(spare), [cb], max_epochs=1).fit(TinySeqModel(), loader())
+        assert cb.placement == placement

@@ -108,3 +108,43 @@ def test_inline_renderer_draws_on_the_calling_thread():
     [(tag, step, picture)] = renderer.take()
     assert step == 2 and picture.rgb().shape == (picture.height, picture.width, 3)
     assert renderer.dropped == 0 and renderer.errors() == [] and renderer.take() == []
+
+
+def test_thread_renderer_draws_off_the_calling_thread_and_reports_errors():
+    from lightning_rnnviz.sinks.background import ThreadRenderer
+
+    renderer = ThreadRenderer()
+    renderer.submit(Job("hidden", {"not": "a payload"}, "rnnviz/hidden/rnn", 0))
+    renderer.submit(_job(step=4))
+    renderer.close(timeout=60)
+    assert renderer.render_s == 0.0  # not the caller's time
+    [(tag, step, picture)] = renderer.take()
+    assert (tag, step) == ("rnnviz/grad_decay/rnn", 4) and picture.rgb().shape[2] == 3
+    [error] = renderer.errors()
+    assert error.startswith("hidden rnnviz/hidden/rnn: ")
+
+
+def test_thread_renderer_is_bounded_and_drops_the_oldest():
+    import threading
+
+    from lightning_rnnviz.sinks import background
+
+    gate = threading.Event()
+    original = background.draw
+
+    def slow(job):
+        gate.wait(30)
+        return original(job)
+
+    renderer = background.ThreadRenderer(max_pending=2)
+    background.draw = slow
+    try:
+        for step in range(5):
+            renderer.submit(_job(step=step))
+            time.sleep(0.05)  # the worker takes job 0 and waits at the gate
+        assert renderer.dropped == 2  # jobs 1 and 2
+    finally:
+        gate.set()
+        renderer.close(timeout=60)
+        background.draw = original
+    assert [step for _, step, _ in renderer.take()] == [0, 3, 4]
