@@ -308,7 +308,8 @@ def draw_grad_decay(
         entries = horizon_entries(horizons, epochs, r)
         if entries:
             handles = [Line2D([], [], color=mappable.to_rgba(e), linewidth=1.6) for e, _ in entries]
-            ax.legend(handles, [f"epoch {e}: horizon {h:.0f}" for e, h in entries], loc="upper right",
+            side = quiet_side([curves[e][r] for e in epochs])
+            ax.legend(handles, [f"epoch {e}: horizon {h:.0f}" for e, h in entries], loc=f"upper {side}",
                       fontsize=common.TICK_SIZE, framealpha=0.9)
         if r % ncols == 0:
             ax.set_ylabel("||dL/dh_t||", fontsize=common.LABEL_SIZE)
@@ -337,6 +338,19 @@ def horizon_entries(horizons: Mapping[int, Sequence[float | None]] | None, epoch
         picks = np.unique(np.linspace(0, len(known) - 1, most).round().astype(np.int64))
         known = [known[i] for i in picks]
     return [(e, float(h)) for e, h in known]
+
+
+def quiet_side(curves: Sequence[np.ndarray]) -> str:
+    """``"left"`` or ``"right"``: the end of the time axis where these curves stay lower (log scale), where a
+    legend hides the least (the gradient peaks at the last processed step: the right end going forward)."""
+    def peak(part: slice) -> float:
+        values = [v[part] for v in curves if v.size]
+        finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in values]) if values else np.array([])
+        return float(np.log10(finite).max()) if finite.size else -np.inf
+
+    length = max((v.size for v in curves), default=0)
+    third = max(length // 3, 1)
+    return "left" if peak(slice(0, third)) <= peak(slice(length - third, length)) else "right"
 
 
 def decay_curves(

@@ -26,7 +26,7 @@ import numpy as np
 from lightning_rnnviz.render import canvas as cv
 from lightning_rnnviz.render import common
 from lightning_rnnviz.render.gates import TANH_GATES
-from lightning_rnnviz.render.gradients import _finite_runs, _log_limits, decay_curves, horizon_entries
+from lightning_rnnviz.render.gradients import _finite_runs, _log_limits, decay_curves, horizon_entries, quiet_side
 
 WIDTH = 800
 MAX_HEIGHT = 800
@@ -343,7 +343,8 @@ def paint_grad_decay(
                     "-") for e, h in horizon_entries(horizons, epochs, r)]
         if entries:
             box_w, box_h = 150, len(entries) * (cv.TICK_SIZE + 7) + 6
-            x1 = x0 + panel_w - 4
+            left_side = quiet_side([curves[e][r] for e in epochs]) == "left"
+            x1 = x0 + box_w + 4 if left_side else x0 + panel_w - 4
             canvas.rectangle((x1 - box_w, y0 + 4, x1, y0 + 4 + box_h), outline=(200, 200, 200), fill=(255, 255, 255))
             cv.legend(canvas, (x1 - box_w + 4, y0 + 7), entries, column_width=box_w - 6)
         if column == 0:

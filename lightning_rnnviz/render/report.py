@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import lightning_rnnviz.render as render
-from lightning_rnnviz.render import findings as findings_
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
+from lightning_rnnviz.render import findings as findings_
 from lightning_rnnviz.render.jobs import Job
 from lightning_rnnviz.render.names import safe_name
 

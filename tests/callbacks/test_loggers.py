@@ -85,7 +85,7 @@ def test_every_logger_gets_every_picture_and_scalar_drawn_once(tmp_path, monkeyp
 
     root = Path(csv.log_dir) / "rnnviz"
     assert sorted(p.name for p in (root / "hidden" / "rnn").iterdir()) == [f"step_{s}.png" for s in STEPS]
-    assert {f"rnnviz/grad_norm/rnn/first_norm/layer0"} <= set((Path(csv.log_dir) / "metrics.csv").read_text()
+    assert {"rnnviz/grad_norm/rnn/first_norm/layer0"} <= set((Path(csv.log_dir) / "metrics.csv").read_text()
                                                              .splitlines()[0].split(","))
     assert not cb.error_counts
 

@@ -369,3 +369,46 @@ def test_the_automatic_placement_follows_the_cores_to_spare(tmp_path, monkeypatc
         cb = RNNViz(validation=False, strict=True)
         _trainer(tmp_path / str(spare), [cb], max_epochs=1).fit(TinySeqModel(), loader())
         assert cb.placement == placement
+
+
+class _DrawsBeforeTheKernel(TinySeqModel):
+    """Inter-layer dropout whose masks cannot be replayed: a pre-hook registered at call time (after the
+    probe's) draws from the generator before the kernel does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.LSTM(3, 8, num_layers=2, dropout=0.3, batch_first=True)
+
+    @staticmethod
+    def _draw(module, args) -> None:
+        torch.rand(1)
+
+    def forward(self, x):
+        handle = self.rnn.register_forward_pre_hook(self._draw)
+        try:
+            h, _ = self.rnn(x)
+        finally:
+            handle.remove()
+        a, _ = self.attn(h, h, h)
+        return self.head(a[:, -1]).squeeze(-1)
+
+
+def test_an_approximate_record_says_so_everywhere(tmp_path, monkeypatch):
+    payloads = []
+    import lightning_rnnviz.sinks.fanout as fanout
+
+    original = fanout.Fanout.picture
+    monkeypatch.setattr(fanout.Fanout, "picture", lambda self, job: payloads.append(job) or original(self, job))
+    cb = RNNViz(validation=False, strict=True)
+    trainer = _trainer(tmp_path, [cb], max_epochs=1)
+    with pytest.warns(RNNVizWarning, match=r"the record of 'rnn' is approximate: The inter-layer dropout replay "
+                                           r"\(p=0.3\) did not give the module's output bit for bit") as caught:
+        trainer.fit(_DrawsBeforeTheKernel(), loader())
+    assert sum("is approximate" in str(w.message) for w in caught) == 1  # once per module
+    acc = _events(trainer)
+    for quantity in ("hidden", "gates", "grad_norm"):
+        assert [e.value for e in acc.Scalars(f"rnnviz/{quantity}/rnn/exact")] == [0.0, 0.0]
+    assert [e.value for e in acc.Scalars("rnnviz/attention/attn/exact")] == [1.0, 1.0]
+    rnn_jobs = [j for j in payloads if j.tag.endswith("/rnn")]
+    assert {j.kind for j in rnn_jobs} == {"hidden", "gates", "grad_norm", "grad_decay"}
+    assert all(not j.payload["exact"] and "bit for bit" in j.payload["notes"][0] for j in rnn_jobs)
