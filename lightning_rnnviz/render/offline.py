@@ -477,17 +477,21 @@ def summary_text(summary: Summary, module: str | None = None, label: str | None 
         count = len(entry.rows)
         lines += ["", f"{name} ({entry.kind}; {count} {noun}{'' if count == 1 else 's'})"]
         columns = _module_columns(entry)
-        headers = ["epoch", "step", noun] + [_HEADERS.get(c, f"{c} mean") for c in columns]
+        lengths = any(e.length is not None for e in entry.epochs.values())  # the horizon's yardstick
+        headers = ["epoch", "step"] + ["length"] * lengths + [noun]
+        headers += [_HEADERS.get(c, f"{c} mean") for c in columns]
         rows = []
         for epoch, stats in entry.epochs.items():
             for r, row_label in enumerate(entry.rows or ["-"]):
-                cells = [str(epoch), _format(stats.step, "{}"), row_label]
+                cells = [str(epoch), _format(stats.step, "{}")] + [_format(stats.length, "{:.1f}")] * lengths
+                cells.append(row_label)
                 cells += [_format(stats.stat(c, r), _FORMATS.get(c, "{:.3f}")) for c in columns]
                 rows.append(cells)
         if rows:
-            lines += _table(headers, rows, left=[2])
+            lines += _table(headers, rows, left=[headers.index(noun)])
             if any(c in columns for c in ROW_STATS):
-                lines.append("  (horizon in steps; decay/step and log10 ratio in decades of ||dL/dh_t||)")
+                lines.append("  (horizon in steps; decay/step and log10 ratio in decades of ||dL/dh_t||"
+                             + ("; length: mean valid sequence length" if lengths else "") + ")")
         else:
             lines.append("  no epochs summarised yet")
     findings = [f for f in summary.findings if module is None or f.module == module]

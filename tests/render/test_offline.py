@@ -508,3 +508,14 @@ def test_output_png_bytes_are_a_picture(logs, tmp_path, capsys):
     with Image.open(io.BytesIO(png.read_bytes())) as image:
         image.load()
         assert image.mode in ("RGB", "RGBA")
+
+
+def test_summary_shows_the_mean_sequence_length_when_there(tmp_path, capsys):
+    document = summary_document("rnn", epochs=1)
+    document["modules"]["rnn"]["epochs"]["0"]["length"] = 27.5
+    write_summary(tmp_path / "run", document)
+    status, out, _ = run_main(capsys, "summary", tmp_path / "run")
+    assert status == 0
+    assert "  epoch  step  length  row      horizon  decay/step  log10 ratio\n" \
+           "      0     8    27.5  layer 0      3.5      -0.210          nan\n" in out
+    assert "; length: mean valid sequence length)" in out
