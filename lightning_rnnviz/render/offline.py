@@ -710,6 +710,14 @@ def save_figure(fig: Figure, out: str | os.PathLike[str]) -> Path:
 
 
 # --- the command line -------------------------------------------------------------------------------------
+_EXAMPLES = """\
+examples:
+  {prog} summary lightning_logs/lstm/version_0
+  {prog} compare lightning_logs/rnn/version_0 lightning_logs/gru/version_0 --out grads.png
+  {prog} compare lightning_logs --epoch 0 --out grads.svg   (every run below lightning_logs)
+"""
+
+
 def _epoch_arg(text: str) -> int | str:
     if text == "last":
         return text
@@ -723,6 +731,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog,
         description="Read the summary.json that lightning_rnnviz's RNNViz callback writes beside a run: "
                     "print its statistics and findings, or compare the gradient norms of several runs.",
+        epilog=_EXAMPLES.format(prog=prog or "lightning-rnnviz"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     summary = commands.add_parser(

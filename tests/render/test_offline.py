@@ -350,6 +350,8 @@ def test_help(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "summary" in text and "compare" in text
+    assert "lightning-rnnviz compare lightning_logs/rnn/version_0 lightning_logs/gru/version_0 --out " \
+           "grads.png" in text
     with pytest.raises(SystemExit) as exit_:
         main(["compare", "--help"])
     assert exit_.value.code == 0 and "--epoch N|last" in capsys.readouterr().out
