@@ -6,6 +6,12 @@
 logger's ``log_dir``, or its ``rnnviz/`` folder) or a ``summary.json``; for ``compare``, a folder that holds
 several runs stands for all of them.
 
+In a notebook, the same in three lines::
+
+    summaries = [read_summary(run) for run in ("logs/rnn/version_0", "logs/gru/version_0")]
+    module, runs = select_runs(summaries)           # labels "rnn", "gru"; each run's last epoch
+    draw_compare(runs, module).savefig("grads.svg")
+
 ``summary.json`` (version 1)::
 
     {"format": "lightning_rnnviz.summary", "version": 1,
@@ -47,6 +53,7 @@ from matplotlib.ticker import MaxNLocator
 from lightning_rnnviz.render import common
 
 __all__ = [
+    "ComparedRun",
     "EpochSummary",
     "Finding",
     "ModuleSummary",
@@ -58,6 +65,8 @@ __all__ = [
     "main",
     "read_summary",
     "run_labels",
+    "save_figure",
+    "select_runs",
     "summary_text",
 ]
 
@@ -506,7 +515,9 @@ def summary_text(summary: Summary, module: str | None = None, label: str | None 
 
 # --- comparing runs ---------------------------------------------------------------------------------------
 @dataclass
-class _Run:
+class ComparedRun:
+    """One run's side of a comparison: its label, summary, the compared module and the chosen epoch."""
+
     label: str
     summary: Summary
     module: ModuleSummary
@@ -530,8 +541,24 @@ def _choose_module(summaries: Sequence[Summary], labels: Sequence[str], module: 
     raise SummaryError(f"{why} all runs; pick one with `--module NAME` (modules of each run: {each}).")
 
 
-def _select(summaries: Sequence[Summary], labels: Sequence[str], module: str | None,
-            epoch: int | str, row: int | None) -> tuple[str, list[_Run]]:
+def select_runs(summaries: Sequence[Summary], labels: Sequence[str] | None = None, module: str | None = None,
+                epoch: int | str = "last", row: int | None = None) -> tuple[str, list[ComparedRun]]:
+    """Choose what ``compare`` compares: the module (``None``: the only recurrent module all runs have),
+    each run's epoch (``"last"``: its last epoch with a gradient curve) and check ``row``.
+
+    Args:
+        summaries: the runs, as :func:`read_summary` returns them.
+        labels: one per run (default: :func:`run_labels` of their folders).
+
+    Returns:
+        The module's name and one :class:`ComparedRun` per run.
+
+    Raises:
+        SummaryError: no such module, epoch or row, no common recurrent module, an attention module, or
+            no gradient curve in any run; the message lists what there is.
+    """
+    if labels is None:
+        labels = run_labels([s.run_dir for s in summaries])
     name = _choose_module(summaries, labels, module)
     runs = []
     for summary, label in zip(summaries, labels):
@@ -552,14 +579,14 @@ def _select(summaries: Sequence[Summary], labels: Sequence[str], module: str | N
             rows = ", ".join(f"{i} ({r})" for i, r in enumerate(entry.rows))
             raise SummaryError(f"`--row {row}` is out of range for module {name!r} of run {label!r}; "
                                f"its rows are {rows}.")
-        runs.append(_Run(label, summary, entry, chosen, entry.epochs[chosen]))
+        runs.append(ComparedRun(label, summary, entry, chosen, entry.epochs[chosen]))
     if not any(r.stats.grad_norm is not None and r.stats.grad_norm.size for r in runs):
         raise SummaryError(f"no run has a gradient curve (`grad_norm`) of module {name!r} at the chosen "
                            f"epoch; record gradients (a training step with backward) to compare them.")
     return name, runs
 
 
-def compare_table(runs: Sequence[_Run], row: int | None = None) -> str:
+def compare_table(runs: Sequence[ComparedRun], row: int | None = None) -> str:
     """The runs side by side: one line per run and row, with the findings of that epoch and row."""
     headers = ["run", "module", "epoch", "step", "row"] + [_HEADERS[s] for s in ROW_STATS] + ["findings"]
     lines = []
@@ -583,7 +610,7 @@ def _finding_scope(finding: Finding) -> str:
     return " (module)" if finding.layer is None and finding.head is None else ""
 
 
-def draw_compare(runs: Sequence[_Run], module: str, row: int | None = None,
+def draw_compare(runs: Sequence[ComparedRun], module: str, row: int | None = None,
                  epoch: int | str = "last") -> Figure:
     """One panel per row (or the one ``row``): each run's ``||dL/dh_t||`` against ``t`` on a log axis.
 
@@ -670,7 +697,7 @@ def draw_compare(runs: Sequence[_Run], module: str, row: int | None = None,
     return fig
 
 
-def _row_title(runs: Sequence[_Run], r: int) -> str:
+def _row_title(runs: Sequence[ComparedRun], r: int) -> str:
     labels = list(dict.fromkeys(run.module.rows[r] for run in runs if r < len(run.module.rows)))
     return common.escape_text(" / ".join(labels) if labels else f"row {r}")
 
@@ -781,7 +808,7 @@ def _compare(args: argparse.Namespace, write: Callable[[str], Any]) -> None:
     files = [file for run in args.runs for file in find_runs(run)]
     summaries = [_parse(file) for file in dict.fromkeys(files)]
     labels = run_labels([s.run_dir for s in summaries])
-    name, runs = _select(summaries, labels, args.module, args.epoch, args.row)
+    name, runs = select_runs(summaries, labels, args.module, args.epoch, args.row)
     fig = draw_compare(runs, name, args.row, args.epoch)
     save_figure(fig, out)
     write(compare_table(runs, args.row))

@@ -326,7 +326,7 @@ def test_draw_compare_figure_is_matplotlib_without_pyplot(logs):
     import matplotlib
 
     summaries = [read_summary(logs / k / "version_0") for k in ("rnn", "gru")]
-    name, runs = offline._select(summaries, ["rnn", "gru"], None, "last", None)
+    name, runs = offline.select_runs(summaries)
     figure = offline.draw_compare(runs, name)
     assert isinstance(figure, matplotlib.figure.Figure)
     assert "matplotlib.pyplot" not in sys.modules or not matplotlib.pyplot.get_fignums()
