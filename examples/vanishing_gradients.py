@@ -32,7 +32,10 @@ Run it and look::
 
 At the end the script prints, measured on the validation set independently of the callback, each
 model's loss next to the baseline, ``||dL/dh_t||`` at the first step relative to the last one, and the
-mean keep gate of the GRU and the LSTM before and after training.
+mean keep gate of the GRU and the LSTM before and after training; then what the callback found wrong in
+each model's last epoch (its findings), and it compares the three runs from their folders alone, as
+``python -m lightning_rnnviz compare <run> <run> <run> --out <save-dir>/compare.png`` does: the
+gradient norm per step of each model's last epoch on one picture, with each one's gradient horizon.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -50,6 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_rnnviz import RNNViz
+from lightning_rnnviz.render import offline
 
 KINDS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 CELLS = {nn.RNN: nn.RNNCell, nn.GRU: nn.GRUCell, nn.LSTM: nn.LSTMCell}
@@ -206,10 +211,11 @@ def train_one(
     keep_before = keep_gate(model.rnn, val_x).mean().item() if gated else None
 
     logger = TensorBoardLogger(opts.save_dir, name=kind)
+    viz = RNNViz()
     trainer = pl.Trainer(
         max_epochs=cfg.max_epochs,
         logger=logger,
-        callbacks=[RNNViz()],
+        callbacks=[viz],
         log_every_n_steps=cfg.log_every_n_steps,
         gradient_clip_val=1.0,
         enable_checkpointing=False,  # this example is about the logs
@@ -229,6 +235,7 @@ def train_one(
         "val_loss": trainer.callback_metrics["val/loss"].item(),
         "log10_grad_ratio": (norms[0] / norms[-1]).log10().item(),
         "log_dir": logger.log_dir,
+        "findings": [f for f in viz.findings if f.epoch == trainer.current_epoch - 1],  # the last epoch's
     }
     if gated:
         result["keep_gate"] = (keep_before, keep_gate(model.rnn, val_x).mean().item())
@@ -278,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if "keep_gate" in r:
             line += f";  mean {keep_names[kind]} gate {r['keep_gate'][0]:.2f} -> {r['keep_gate'][1]:.2f}"
         print(line)
+        for finding in r["findings"]:  # what the callback says about the last epoch
+            where = f" {finding.where}" if finding.where else ""
+            print(f"        finding: {finding.kind}{where}: {finding.message}")
+        if not r["findings"]:
+            print("        no findings in the last epoch")
     if opts.fast:
         print("(--fast is a smoke run of the pipeline, far too short for any model to learn the task.)")
     print(
@@ -286,6 +298,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "the marked steps, and they learn. See it step by step:\n"
         f"  tensorboard --logdir {opts.save_dir} --samples_per_plugin images=1000"
     )
+    # The three runs' gradient curves of the last epoch on one picture, from the run folders alone:
+    runs = [results[kind]["log_dir"] for kind in opts.kinds]
+    picture = str(Path(opts.save_dir) / "compare.png")
+    print("\nCompared offline (the same as `python -m lightning_rnnviz compare " + " ".join(runs) + f" --out {picture}`):")
+    offline.main(["compare", *runs, "--out", picture])
+    results["compare"] = picture
     return results
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -44,6 +45,9 @@ def test_vanishing_gradients_fast(tmp_path):
     every = set().union(*runs.values())
     assert {t.split("/")[1] for t in every} >= {"hidden", "gates", "grad_norm", "grad_decay", "val"}
     assert results["baseline_mse"] > 0
+    assert all(isinstance(results[kind]["findings"], list) for kind in ("rnn", "gru", "lstm"))
+    with Image.open(results["compare"]) as picture:  # the offline comparison of the three runs
+        assert picture.size[0] >= 800
 
 
 def test_seq2seq_attention_fast(tmp_path):

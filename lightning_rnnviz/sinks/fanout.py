@@ -11,6 +11,7 @@ import numpy as np
 from lightning_rnnviz.render.jobs import Job
 from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer
 from lightning_rnnviz.sinks.base import Histogram, Sink
+from lightning_rnnviz.sinks.records import RecordKeeper
 
 Guard = Callable[[str, Callable[[], Any]], Any]
 
@@ -32,10 +33,11 @@ class Fanout:
     """
 
     def __init__(self, sinks: Sequence[Sink], renderer: InlineRenderer | BackgroundRenderer,
-                 guard: Guard = _unguarded) -> None:
+                 guard: Guard = _unguarded, keeper: RecordKeeper | None = None) -> None:
         self.sinks = list(sinks)
         self.renderer = renderer
         self.guard = guard
+        self.keeper = keeper  # keeps what each step drew and measured, for notebooks (`save_records`)
         self.written: set[tuple[str, int]] = set()  # (tag, step) of pictures and texts handed over this run
         self.write_s = 0.0  # time spent writing to the sinks
 
@@ -53,6 +55,8 @@ class Fanout:
         """Have ``job`` drawn, unless its tag was drawn for this step already."""
         if not self._first(job.tag, job.step):
             return
+        if self.keeper is not None:
+            self.guard("keep the records", lambda: self.keeper.job(job))
         self.renderer.submit(job)
         if self.renderer.has_results:
             self.drain()
@@ -65,6 +69,8 @@ class Fanout:
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if values:
             self._each("write scalars", lambda s: s.scalars(values, step))
+            if self.keeper is not None:
+                self.guard("keep the records", lambda: self.keeper.scalars(values, step))
 
     def histogram(self, tag: str, values: Callable[[], np.ndarray], step: int) -> None:
         """Bucket ``values()`` once (only if some sink keeps histograms) and write it everywhere."""
@@ -101,9 +107,13 @@ class Fanout:
     def flush(self) -> None:
         self.drain()
         self._each("flush", lambda s: s.flush())
+        if self.keeper is not None:
+            self.guard("keep the records", self.keeper.flush)
 
     def close(self, timeout: float = 60.0) -> None:
         """Let the renderer finish, write what it drew, then flush and close every sink."""
         self.guard("stop the drawing process", lambda: self.renderer.close(timeout))
         self.flush()
+        if self.keeper is not None:
+            self.guard("keep the records", self.keeper.close)
         self._each("close", lambda s: s.close())

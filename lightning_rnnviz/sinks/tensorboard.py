@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ class TensorBoardSink(Sink):
         flush_also: Callable[[], Any] | None = None,
         writer_factory: Callable[[str], Any] | None = None,
     ) -> None:
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"`directory` must be a folder path (see `run_dir`), got {type(directory).__name__}.")
         self.directory = str(directory)
         self.wants_histograms = histograms
         self._flush_also = flush_also
