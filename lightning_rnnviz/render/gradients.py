@@ -245,7 +245,7 @@ def draw_grad_decay(
     horizons: Mapping[int, Sequence[float | None]] | None = None,
     notes: Sequence[str] = (),
 ) -> Figure:
-    """Gradient norm per step, one line per epoch, one panel per layer/direction; each panel's legend gives
+    """Gradient norm per step, one line per epoch, one panel per layer/direction; each panel's heading gives
     the gradient horizon of some of the epochs drawn.
 
     Args:
@@ -257,7 +257,7 @@ def draw_grad_decay(
         title: replaces the heading ``"<name>: gradient norm per step, by epoch"``.
         max_curves: most epochs drawn; beyond that, evenly spaced epochs (first and last included).
         horizons: epoch -> per-row gradient horizon (:func:`grad_horizon`, averaged over the epoch), for
-            the legends; ``None`` draws none.
+            the panels' headings; ``None`` gives none.
         notes: approximation notes of the recordings behind the curves; the title says "approximate".
 
     Raises:
@@ -305,12 +305,9 @@ def draw_grad_decay(
         ax.set_title(
             common.escape_text(str(layer_labels[r])), fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0
         )
-        entries = horizon_entries(horizons, epochs, r)
-        if entries:
-            handles = [Line2D([], [], color=mappable.to_rgba(e), linewidth=1.6) for e, _ in entries]
-            side = quiet_side([curves[e][r] for e in epochs])
-            ax.legend(handles, [f"epoch {e}: horizon {h:.0f}" for e, h in entries], loc=f"upper {side}",
-                      fontsize=common.TICK_SIZE, framealpha=0.9)
+        text = horizon_text(horizon_entries(horizons, epochs, r, most=4 if ncols == 1 else 3))
+        if text:
+            ax.set_title(common.escape_text(text), fontsize=common.TICK_SIZE, loc="right", y=1.0, color="0.3")
         if r % ncols == 0:
             ax.set_ylabel("||dL/dh_t||", fontsize=common.LABEL_SIZE)
         if r >= rows - ncols:
@@ -340,17 +337,12 @@ def horizon_entries(horizons: Mapping[int, Sequence[float | None]] | None, epoch
     return [(e, float(h)) for e, h in known]
 
 
-def quiet_side(curves: Sequence[np.ndarray]) -> str:
-    """``"left"`` or ``"right"``: the end of the time axis where these curves stay lower (log scale), where a
-    legend hides the least (the gradient peaks at the last processed step: the right end going forward)."""
-    def peak(part: slice) -> float:
-        values = [v[part] for v in curves if v.size]
-        finite = np.concatenate([v[np.isfinite(v) & (v > 0)] for v in values]) if values else np.array([])
-        return float(np.log10(finite).max()) if finite.size else -np.inf
-
-    length = max((v.size for v in curves), default=0)
-    third = max(length // 3, 1)
-    return "left" if peak(slice(0, third)) <= peak(slice(length - third, length)) else "right"
+def horizon_text(entries: Sequence[tuple[int, float]]) -> str:
+    """The right-hand heading of a ``grad_decay`` panel: each listed epoch's horizon in steps, e.g.
+    ``"horizon: e0 15, e3 30, e9 30"``."""
+    if not entries:
+        return ""
+    return "horizon: " + ", ".join(f"e{e} {h:.0f}" for e, h in entries)
 
 
 def decay_curves(

@@ -26,7 +26,7 @@ import numpy as np
 from lightning_rnnviz.render import canvas as cv
 from lightning_rnnviz.render import common
 from lightning_rnnviz.render.gates import TANH_GATES
-from lightning_rnnviz.render.gradients import _finite_runs, _log_limits, decay_curves, horizon_entries, quiet_side
+from lightning_rnnviz.render.gradients import _finite_runs, _log_limits, decay_curves, horizon_entries, horizon_text
 
 WIDTH = 800
 MAX_HEIGHT = 800
@@ -295,7 +295,7 @@ def paint_grad_decay(
     notes: Sequence[str] = (),
 ) -> np.ndarray:
     """Gradient norm per step, one line per epoch (colour: epoch), one panel per layer/direction; each
-    panel's legend gives the gradient horizon of some of the epochs drawn (first and last among them).
+    panel's heading gives the gradient horizon of some of the epochs drawn (first and last among them).
 
     Arguments and errors as :func:`~lightning_rnnviz.render.draw_grad_decay`.
     """
@@ -338,15 +338,8 @@ def paint_grad_decay(
         panel.yticks(ticks, [cv.format_log_tick(v) for v in ticks])
         last = r >= rows - ncols
         panel.xticks(time_ticks, [str(int(v)) for v in time_ticks] if last else [""] * len(time_ticks))
-        panel.title(str(layer_labels[r]))
-        entries = [(f"epoch {e}: horizon {h:.0f}", tuple(int(c) for c in table[round((e - vmin) / (vmax - vmin) * 255)]),
-                    "-") for e, h in horizon_entries(horizons, epochs, r)]
-        if entries:
-            box_w, box_h = 150, len(entries) * (cv.TICK_SIZE + 7) + 6
-            left_side = quiet_side([curves[e][r] for e in epochs]) == "left"
-            x1 = x0 + box_w + 4 if left_side else x0 + panel_w - 4
-            canvas.rectangle((x1 - box_w, y0 + 4, x1, y0 + 4 + box_h), outline=(200, 200, 200), fill=(255, 255, 255))
-            cv.legend(canvas, (x1 - box_w + 4, y0 + 7), entries, column_width=box_w - 6)
+        entries = horizon_entries(horizons, epochs, r, most=4 if ncols == 1 else 3)
+        panel.title(str(layer_labels[r]), right=horizon_text(entries))
         if column == 0:
             panel.ylabel("||dL/dh_t||", offset=48)
         if last:

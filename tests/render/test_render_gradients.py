@@ -220,3 +220,24 @@ def test_horizon_leaves_out_sequences_without_a_usable_peak():
     record = _record([[0.0, 0.0, 0.0], [0.1, 1.0, 1.0], [float("nan"), 1.0, 1.0]], [3, 3, 3])
     assert grad_horizon(record).tolist() == [3.0]  # only the middle sequence counts
     assert math.isnan(grad_horizon(_record([[0.0, 0.0]], [2])).item())
+
+
+def test_grad_decay_headings_carry_each_epochs_horizon_and_the_approximation_note():
+    from lightning_rnnviz.render.gradients import horizon_entries, horizon_text
+
+    history = {e: np.logspace(-4 + e, -1, 12)[None] for e in range(6)}
+    horizons = {0: [3.0], 1: [5.0], 2: [None], 3: [8.0], 4: [float("nan")], 5: [12.0]}
+    entries = horizon_entries(horizons, sorted(history), 0)
+    assert entries == [(0, 3.0), (1, 5.0), (3, 8.0), (5, 12.0)]  # epochs without a horizon are left out
+    assert horizon_text(entries[:2]) == "horizon: e0 3, e1 5"
+    assert len(horizon_entries({e: [float(e)] for e in range(10)}, list(range(10)), 0, most=3)) == 3
+    note = "On CUDA, cuDNN draws the inter-layer dropout masks (p=0.2) inside the library."
+    fig = draw_grad_decay(history, "rnn", ["layer 0"], step=8, horizons=horizons, notes=(note,))
+    right = [ax.get_title(loc="right") for ax in fig.axes if ax.get_title(loc="right")]
+    assert right == ["horizon: e0 3, e1 5, e3 8, e5 12"]
+    assert "approximate" in fig._suptitle.get_text() and "cuDNN" in fig._suptitle.get_text()
+    from lightning_rnnviz.render import paint_grad_decay
+
+    plain = paint_grad_decay(history, "rnn", ["layer 0"], step=8)
+    marked = paint_grad_decay(history, "rnn", ["layer 0"], step=8, horizons=horizons, notes=(note,))
+    assert marked.shape[0] > plain.shape[0]  # the note takes more lines under the title
