@@ -286,6 +286,15 @@ def replay_with_dropout(
 def _fused_layer(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
                  batch_sizes: Tensor | None, batch_first: bool = False) -> Tensor:
     """One layer (all directions) through the module's own fused kernel; output in ``x``'s layout."""
+    return _fused_call(mode, weights, x, h0, c0, batch_sizes, batch_first)[0]
+
+
+def _fused_call(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
+                batch_sizes: Tensor | None, batch_first: bool = False, train: bool = False) -> tuple[Tensor, ...]:
+    """The fused kernel on one layer: ``(output, h_n)``, and ``c_n`` for an LSTM.
+
+    ``train``: cuDNN keeps what its backward needs only in training mode (no dropout here either way).
+    """
     params: list[Tensor] = []
     for w in weights:
         params += [w.w_ih, w.w_hh] + ([w.b_ih, w.b_hh] if w.b_ih is not None else [])
@@ -299,8 +308,8 @@ def _fused_layer(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, 
         warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
         warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
         if batch_sizes is None:
-            return op(x, hx, params, has_bias, 1, 0.0, False, bidirectional, batch_first)[0]
-        return op(x, batch_sizes, hx, params, has_bias, 1, 0.0, False, bidirectional)[0]
+            return op(x, hx, params, has_bias, 1, 0.0, train, bidirectional, batch_first)
+        return op(x, batch_sizes, hx, params, has_bias, 1, 0.0, train, bidirectional)
 
 
 def _layer_forward(
@@ -352,26 +361,30 @@ def _previous(h: Tensor, h0: Tensor, direction: int, valid: Tensor | None) -> Te
 
 
 class _Row:
-    """One layer and direction of a replay: its states, gates and the factors its backward needs."""
+    """One layer and direction of a replay: its states, gates and (``factors``) what the step-by-step
+    backward of :func:`_backward_row` needs; the fused backward needs only the states and gates."""
 
     def __init__(self, mode: str, w: LayerWeights, direction: int, x: Tensor, h: Tensor, h_prev: Tensor,
-                 c0: Tensor | None, valid: Tensor | None) -> None:
+                 c0: Tensor | None, valid: Tensor | None, factors: bool = True) -> None:
         self.mode, self.w, self.direction, self.h = mode, w, direction, h
         self.c: Tensor | None = None
         self.gates = cell_gates(mode, x, h_prev, w)
         if mode == "LSTM":
             i, f, g, o = (self.gates[k] for k in LSTM_GATES)
             ig = i * g
+            if valid is not None:
+                # Past a sequence's end the cell stays as it was (1 * c + 0): one kernel a step, as without
+                # padding, which is what a step costs on a GPU.
+                f, ig = torch.where(valid, f, 1.0), torch.where(valid, ig, 0.0)
             steps = x.shape[0]
             c_all = torch.empty_like(ig)
             c = c0
             for t in range(steps) if direction == 0 else range(steps - 1, -1, -1):
-                if valid is None:
-                    c = torch.addcmul(ig[t], f[t], c, out=c_all[t])
-                else:
-                    c = torch.where(valid[t], torch.addcmul(ig[t], f[t], c), c)
-                    c_all[t] = c
+                c = torch.addcmul(ig[t], f[t], c, out=c_all[t])
             self.c = c_all
+            if not factors:
+                return
+            f = self.gates["forget"]
             c_prev = _previous(c_all, c0, direction, valid)
             tanh_c = torch.tanh(c_all)
             # d(pre-activation) / dc for the input, forget and candidate gates, stacked (T, B, 3, H).
@@ -379,6 +392,8 @@ class _Row:
             self.do_factor = tanh_c * o * (1 - o)
             self.dh_to_dc = o * (1 - tanh_c * tanh_c)
             self.forget = f
+        elif not factors:
+            return
         elif mode == "GRU":
             r, z, n = (self.gates[k] for k in GRU_GATES)
             gh_n = F.linear(h_prev, w.w_hh.chunk(3)[2], None if w.b_hh is None else w.b_hh.chunk(3)[2])
