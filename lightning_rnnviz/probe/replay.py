@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -193,30 +193,59 @@ def _chosen_method(method: str, device: torch.device) -> str:
 
 @contextlib.contextmanager
 def tf32_off() -> Iterator[None]:
-    """TF32 off for cuDNN (RNNs and convolutions) and CUDA matmuls inside the block; whatever the user had
-    comes back afterwards, also when the block raises."""
+    """TF32 off for cuDNN and CUDA matmuls inside the block; whatever the user had comes back afterwards,
+    also when the block raises.
+
+    Since torch 2.9 there are two sets of settings: the legacy ones (``torch.backends.cudnn.allow_tf32``,
+    ``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision``) and per-operator
+    ``fp32_precision`` values. Kernels query either, and a query raises when the two disagree, so inside the
+    block both say "no TF32". Every ``fp32_precision`` value and each legacy value are saved (a legacy
+    value the user's settings make unreadable is left alone) and restored, legacy first.
+    """
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    if hasattr(getattr(cudnn, "rnn", None), "fp32_precision"):
-        # Per-operator settings (torch >= 2.9): the legacy `allow_tf32` flags cannot even be read once the
-        # user has set these to disagree, so these are what is saved and restored. cuDNN's RNN asks about
-        # TF32 without naming the operator in some versions, which fails unless RNN and convolutions agree:
-        # both are switched.
-        settings = [cudnn.rnn, cudnn.conv, matmul]
-        saved = [s.fp32_precision for s in settings]
-        try:
-            for s in settings:
-                s.fp32_precision = "ieee"
-            yield
-        finally:
-            for s, value in zip(settings, saved):
-                s.fp32_precision = value
-    else:
-        saved_flags = (cudnn.allow_tf32, matmul.allow_tf32)
-        try:
-            cudnn.allow_tf32 = matmul.allow_tf32 = False
-            yield
-        finally:
-            cudnn.allow_tf32, matmul.allow_tf32 = saved_flags
+    settings = _precision_settings()
+    saved = [setting.fp32_precision for setting in settings]
+    saved_cudnn = _readable(lambda: cudnn.allow_tf32)
+    saved_matmul = _readable(lambda: matmul.allow_tf32)
+    # says more than `matmul.allow_tf32` ("medium" or "high"), and is unreadable in more states
+    saved_precision = _readable(torch.get_float32_matmul_precision)
+    try:
+        if saved_cudnn is not None:
+            cudnn.allow_tf32 = False
+        if saved_precision is not None:
+            torch.set_float32_matmul_precision("highest")
+        elif saved_matmul is not None:
+            matmul.allow_tf32 = False
+        for setting in settings:
+            if setting in (getattr(cudnn, "rnn", None), getattr(cudnn, "conv", None), matmul):
+                setting.fp32_precision = "ieee"
+        yield
+    finally:
+        if saved_cudnn is not None:
+            cudnn.allow_tf32 = saved_cudnn
+        if saved_precision is not None:
+            torch.set_float32_matmul_precision(saved_precision)
+        elif saved_matmul is not None:
+            matmul.allow_tf32 = saved_matmul
+        for setting, value in zip(settings, saved):
+            setting.fp32_precision = value
+
+
+def _precision_settings() -> list:
+    """The modules with an ``fp32_precision`` value in this torch, each before those under it."""
+    backends = torch.backends
+    candidates = [backends, backends.cuda.matmul, backends.cudnn, getattr(backends.cudnn, "rnn", None),
+                  getattr(backends.cudnn, "conv", None), backends.mkldnn]
+    candidates += [getattr(backends.mkldnn, name, None) for name in ("matmul", "conv", "rnn")]
+    return [c for c in candidates if c is not None and hasattr(c, "fp32_precision")]
+
+
+def _readable(read: Callable[[], object]) -> object | None:
+    """``read()``, or ``None`` where it raises (legacy and per-operator settings that disagree)."""
+    try:
+        return read()
+    except RuntimeError:
+        return None
 
 
 def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor, c0: Tensor | None,
