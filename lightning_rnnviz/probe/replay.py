@@ -5,6 +5,11 @@ by step from the recorded input and weights, on a graph of our own, gives all of
 the upstream gradients the training backward delivered to the module's outputs gives the exact total
 ``dL/dh_t``. Nothing here touches the user's graph, parameters or ``.grad``.
 
+That backward comes in two forms with the same results: a step-by-step loop (a few small operations a
+step and layer, the fastest on the CPU) and one that takes every step's gate pre-activation gradients
+from the fused kernel's own backward (a few operations per layer plus at most one a step, the fastest on
+a GPU, where the loop is bound by kernel launches); :func:`replay_rnn` picks by device.
+
 Shapes below use ``T`` time, ``B`` batch, ``I`` input features, ``H`` hidden size, ``P`` the hidden
 output size (``proj_size`` for a projected LSTM, else ``H``), ``D`` directions, ``L`` layers.
 """
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -118,15 +123,26 @@ def replay_rnn(
     top_states: Tensor | None = None,
     layer_states: list[Tensor] | None = None,
     dropout_masks: list[Tensor] | None = None,
+    method: str = "auto",
 ) -> ReplayResult:
     """Replay a fused RNN layer by layer and, given upstream gradients, compute the total ``dL/dh_t``.
 
     Each layer's states come from the fused kernel run on that layer alone (so nothing is slower than
-    the module's own forward); gates are recomputed from ``(x_t, h_{t-1})`` in one vectorised pass; the
-    total gradients come from back-propagation through time written out per step (one matmul and a few
-    elementwise operations a step, no autograd graph). Steps past a sequence's length are skipped, so
-    the reverse direction starts at each sequence's own end, as with a ``PackedSequence``; padded steps
-    are zero in the result.
+    the module's own forward); gates are recomputed from ``(x_t, h_{t-1})`` in one vectorised pass. The
+    total gradients come from back-propagation through time, by ``method``:
+
+    - ``"loop"``: written out per step (one matmul and a few elementwise operations a step, no autograd
+      graph);
+    - ``"fused"``: each layer runs once more through the fused kernel, on an autograd graph of our own,
+      whose backward gives every step's gate pre-activation gradients (see :func:`_backward_fused`);
+      ``dL/dh_t`` is then one matmul over all steps, the LSTM's ``dL/dc_t`` and the GRU's ``dL/dh_t``
+      one elementwise operation a step. TF32 is off for cuDNN and CUDA matmuls meanwhile (the user's
+      settings come back afterwards), so the result is that of the module's dtype;
+    - ``"auto"``: ``"fused"`` on CUDA, ``"loop"`` elsewhere (the fused kernel's backward on the CPU is
+      slower than the loop).
+
+    Steps past a sequence's length are skipped, so the reverse direction starts at each sequence's own
+    end, as with a ``PackedSequence``; padded steps are zero in the result.
 
     Args:
         mode: ``"LSTM"``, ``"GRU"``, ``"RNN_TANH"`` or ``"RNN_RELU"``.
@@ -145,13 +161,99 @@ def replay_rnn(
         dropout_masks: ``L - 1`` tensors ``(T, B, D*P)``, the factor (``0`` or ``1 / (1 - p)``) that
             inter-layer dropout multiplied each layer's output by before the next layer read it. The
             upper layers read the dropped-out states and the backward goes through the same masks.
+        method: ``"auto"``, ``"loop"`` or ``"fused"``, as above.
 
     Returns:
         The per-step hidden and cell states, gates and, when any upstream gradient is given, the total
         gradients with respect to every hidden (and cell) state.
+
+    Raises:
+        ValueError: ``method`` is none of the three.
     """
+    method = _chosen_method(method, x.device)
+    with tf32_off() if method == "fused" else contextlib.nullcontext():
+        return _replay(mode, weights, x, h0, c0, lengths, grad_output, grad_h_n, grad_c_n, top_states,
+                       layer_states, dropout_masks, method)
+
+
+METHODS = ("auto", "loop", "fused")
+
+
+def auto_method(device: torch.device) -> str:
+    """The backward ``method="auto"`` stands for on ``device``: ``"fused"`` on CUDA, else ``"loop"``."""
+    return "fused" if device.type == "cuda" else "loop"
+
+
+def _chosen_method(method: str, device: torch.device) -> str:
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))}, got {method!r}; "
+                         "`'auto'` picks `'fused'` on CUDA and `'loop'` elsewhere.")
+    return auto_method(device) if method == "auto" else method
+
+
+@contextlib.contextmanager
+def tf32_off() -> Iterator[None]:
+    """TF32 off for cuDNN and CUDA matmuls inside the block; whatever the user had comes back afterwards,
+    also when the block raises.
+
+    Since torch 2.9 there are two sets of settings: the legacy ones (``torch.backends.cudnn.allow_tf32``,
+    ``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision``) and per-operator
+    ``fp32_precision`` values. Kernels query either, and a query raises when the two disagree, so inside the
+    block both say "no TF32". Every ``fp32_precision`` value and each legacy value are saved (a legacy
+    value the user's settings make unreadable is left alone) and restored, legacy first.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    settings = _precision_settings()
+    saved = [setting.fp32_precision for setting in settings]
+    saved_cudnn = _readable(lambda: cudnn.allow_tf32)
+    saved_matmul = _readable(lambda: matmul.allow_tf32)
+    # says more than `matmul.allow_tf32` ("medium" or "high"), and is unreadable in more states
+    saved_precision = _readable(torch.get_float32_matmul_precision)
+    try:
+        if saved_cudnn is not None:
+            cudnn.allow_tf32 = False
+        if saved_precision is not None:
+            torch.set_float32_matmul_precision("highest")
+        elif saved_matmul is not None:
+            matmul.allow_tf32 = False
+        for setting in settings:
+            if setting in (getattr(cudnn, "rnn", None), getattr(cudnn, "conv", None), matmul):
+                setting.fp32_precision = "ieee"
+        yield
+    finally:
+        if saved_cudnn is not None:
+            cudnn.allow_tf32 = saved_cudnn
+        if saved_precision is not None:
+            torch.set_float32_matmul_precision(saved_precision)
+        elif saved_matmul is not None:
+            matmul.allow_tf32 = saved_matmul
+        for setting, value in zip(settings, saved):
+            setting.fp32_precision = value
+
+
+def _precision_settings() -> list:
+    """The modules with an ``fp32_precision`` value in this torch, each before those under it."""
+    backends = torch.backends
+    candidates = [backends, backends.cuda.matmul, backends.cudnn, getattr(backends.cudnn, "rnn", None),
+                  getattr(backends.cudnn, "conv", None), backends.mkldnn]
+    candidates += [getattr(backends.mkldnn, name, None) for name in ("matmul", "conv", "rnn")]
+    return [c for c in candidates if c is not None and hasattr(c, "fp32_precision")]
+
+
+def _readable(read: Callable[[], object]) -> object | None:
+    """``read()``, or ``None`` where it raises (legacy and per-operator settings that disagree)."""
+    try:
+        return read()
+    except RuntimeError:
+        return None
+
+
+def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor, c0: Tensor | None,
+            lengths: Tensor | None, grad_output: Tensor | None, grad_h_n: Tensor | None,
+            grad_c_n: Tensor | None, top_states: Tensor | None, layer_states: list[Tensor] | None,
+            dropout_masks: list[Tensor] | None, method: str) -> ReplayResult:
     num_layers, num_dirs = len(weights), len(weights[0])
-    steps, batch = x.shape[:2]
+    steps = x.shape[0]
     if lengths is not None and not bool((lengths < steps).any()):
         lengths = None
     valid = None
@@ -174,15 +276,19 @@ def replay_rnn(
                 index = first + direction
                 h_prev = _previous(h_layer[direction], h0[index], direction, valid)
                 rows.append(_Row(mode, weights[layer][direction], direction, layer_in, h_layer[direction],
-                                 h_prev, None if c0 is None else c0[index], valid))
+                                 h_prev, None if c0 is None else c0[index], valid, factors=method == "loop"))
             layer_in = h_layer[0] if num_dirs == 1 else torch.cat(h_layer, dim=-1)
             if dropout_masks is not None and layer < num_layers - 1:
                 layer_in = layer_in * dropout_masks[layer]
 
         hidden_grad = cell_grad = None
         if any(g is not None for g in (grad_output, grad_h_n, grad_c_n)):
-            hidden_grad, cell_grad = _backward(rows, num_layers, num_dirs, x, lengths, valid,
-                                               grad_output, grad_h_n, grad_c_n, dropout_masks)
+            if method == "loop":
+                hidden_grad, cell_grad = _backward(rows, num_layers, num_dirs, x, lengths, valid,
+                                                   grad_output, grad_h_n, grad_c_n, dropout_masks)
+            else:
+                hidden_grad, cell_grad = _backward_fused(rows, weights, layer_inputs, h0, c0, lengths, valid,
+                                                         grad_output, grad_h_n, grad_c_n, dropout_masks)
 
         hidden = torch.stack([r.h for r in rows])
         cell = torch.stack([r.c for r in rows]) if mode == "LSTM" else None
@@ -286,21 +392,37 @@ def replay_with_dropout(
 def _fused_layer(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
                  batch_sizes: Tensor | None, batch_first: bool = False) -> Tensor:
     """One layer (all directions) through the module's own fused kernel; output in ``x``'s layout."""
+    return _fused_call(mode, weights, x, h0, c0, batch_sizes, batch_first)[0]
+
+
+def _fused_call(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
+                batch_sizes: Tensor | None, batch_first: bool = False,
+                train: bool = False) -> tuple[Tensor, ...]:
+    """The fused kernel on one layer: ``(output, h_n)``, and ``c_n`` for an LSTM.
+
+    ``train``: cuDNN keeps what its backward needs only in training mode (no dropout here either way).
+    """
     params: list[Tensor] = []
     for w in weights:
         params += [w.w_ih, w.w_hh] + ([w.b_ih, w.b_hh] if w.b_ih is not None else [])
         params += [w.w_hr] if w.w_hr is not None else []
     hx = (h0, c0) if mode == "LSTM" else h0
     op, bidirectional, has_bias = _FUSED_OPS[mode], len(weights) == 2, weights[0].b_ih is not None
+    with _kernel_warnings_off():
+        if batch_sizes is None:
+            return op(x, hx, params, has_bias, 1, 0.0, train, bidirectional, batch_first)
+        return op(x, batch_sizes, hx, params, has_bias, 1, 0.0, train, bidirectional)
+
+
+@contextlib.contextmanager
+def _kernel_warnings_off() -> Iterator[None]:
+    """cuDNN warns that our weights are not one flat buffer (it copies them into one), and oneDNN that it
+    has no projected LSTM (the module's own call said so already): replay details, not something the user
+    should see."""
     with warnings.catch_warnings():
-        # cuDNN warns that these weights are not one flat buffer (it copies them into one), and oneDNN
-        # that it has no projected LSTM (the module's own call said so already): replay details, not
-        # something the user should see.
         warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
         warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
-        if batch_sizes is None:
-            return op(x, hx, params, has_bias, 1, 0.0, False, bidirectional, batch_first)[0]
-        return op(x, batch_sizes, hx, params, has_bias, 1, 0.0, False, bidirectional)[0]
+        yield
 
 
 def _layer_forward(
@@ -352,26 +474,30 @@ def _previous(h: Tensor, h0: Tensor, direction: int, valid: Tensor | None) -> Te
 
 
 class _Row:
-    """One layer and direction of a replay: its states, gates and the factors its backward needs."""
+    """One layer and direction of a replay: its states, gates and (``factors``) what the step-by-step
+    backward of :func:`_backward_row` needs; the fused backward needs only the states and gates."""
 
     def __init__(self, mode: str, w: LayerWeights, direction: int, x: Tensor, h: Tensor, h_prev: Tensor,
-                 c0: Tensor | None, valid: Tensor | None) -> None:
+                 c0: Tensor | None, valid: Tensor | None, factors: bool = True) -> None:
         self.mode, self.w, self.direction, self.h = mode, w, direction, h
         self.c: Tensor | None = None
         self.gates = cell_gates(mode, x, h_prev, w)
         if mode == "LSTM":
             i, f, g, o = (self.gates[k] for k in LSTM_GATES)
             ig = i * g
+            if valid is not None:
+                # Past a sequence's end the cell stays as it was (1 * c + 0): one kernel a step, as without
+                # padding, which is what a step costs on a GPU.
+                f, ig = torch.where(valid, f, 1.0), torch.where(valid, ig, 0.0)
             steps = x.shape[0]
             c_all = torch.empty_like(ig)
             c = c0
             for t in range(steps) if direction == 0 else range(steps - 1, -1, -1):
-                if valid is None:
-                    c = torch.addcmul(ig[t], f[t], c, out=c_all[t])
-                else:
-                    c = torch.where(valid[t], torch.addcmul(ig[t], f[t], c), c)
-                    c_all[t] = c
+                c = torch.addcmul(ig[t], f[t], c, out=c_all[t])
             self.c = c_all
+            if not factors:
+                return
+            f = self.gates["forget"]
             c_prev = _previous(c_all, c0, direction, valid)
             tanh_c = torch.tanh(c_all)
             # d(pre-activation) / dc for the input, forget and candidate gates, stacked (T, B, 3, H).
@@ -379,6 +505,8 @@ class _Row:
             self.do_factor = tanh_c * o * (1 - o)
             self.dh_to_dc = o * (1 - tanh_c * tanh_c)
             self.forget = f
+        elif not factors:
+            return
         elif mode == "GRU":
             r, z, n = (self.gates[k] for k in GRU_GATES)
             gh_n = F.linear(h_prev, w.w_hh.chunk(3)[2], None if w.b_hh is None else w.b_hh.chunk(3)[2])
@@ -485,3 +613,178 @@ def _backward_row(row: _Row, seed: Tensor, seed_c: Tensor | None,
             d_pre = seed.new_zeros(steps, batch, d_in.shape[-1])
         d_pre[t] = d_in
     return dh_all, dc_all, d_pre
+
+
+def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_inputs: list[Tensor],
+                    h0: Tensor, c0: Tensor | None, lengths: Tensor | None, valid: Tensor | None,
+                    grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
+                    dropout_masks: list[Tensor] | None) -> tuple[Tensor, Tensor | None]:
+    """What :func:`_backward` gives, with every step's gate pre-activation gradients from the fused kernel.
+
+    Layer by layer from the top, :func:`_layer_deltas` gives ``delta_t`` (``(T, B, G*H)`` per direction)
+    and the gradient reaching the layer's input, which (through the dropout mask the layer below's output
+    was multiplied by) is ``g_t``, the gradient reaching ``h_t`` from above, of the layer below. With
+    ``next`` the step processed after ``t`` (``t + 1`` forward, ``t - 1`` in reverse):
+
+    - RNN, LSTM: ``dL/dh_t = g_t + W_hh^T delta_next``, all steps in one matmul;
+    - LSTM: ``dL/dc_t = (dL/dh_t W_hr if projected) * o_t * (1 - tanh^2 c_t) + f_next * dL/dc_next``;
+    - GRU: ``dL/dh_t = g_t + W_hh^T [delta_r, delta_z, r * delta_n]_next + z_next * dL/dh_next``;
+
+    with the ``h_n``/``c_n`` gradients added at each sequence's last processed step. The recurrences are
+    one ``addcmul`` a step (:func:`_scan`).
+    """
+    x = layer_inputs[0]
+    steps, batch = x.shape[:2]
+    mask = valid.to(x.dtype) if valid is not None else None
+    arange = torch.arange(batch, device=x.device)
+    last = (lengths - 1) if lengths is not None else torch.full((batch,), steps - 1, device=x.device)
+    num_layers, num_dirs = len(weights), len(weights[0])
+    hidden_grad: list[Tensor] = [None] * len(rows)  # type: ignore[list-item]
+    cell_grad: list[Tensor] = [None] * len(rows)  # type: ignore[list-item]
+    direct = grad_output  # (T, B, D*P): gradient reaching this layer's output from above
+    for layer in range(num_layers - 1, -1, -1):
+        first = layer * num_dirs
+        here = slice(first, first + num_dirs)
+        d_input, deltas = _layer_deltas(
+            rows[first].mode, weights[layer], layer_inputs[layer], h0[here], None if c0 is None else c0[here],
+            lengths, direct, None if grad_h_n is None else grad_h_n[here],
+            None if grad_c_n is None else grad_c_n[here],
+        )
+        for direction in range(num_dirs):
+            index = first + direction
+            row = rows[index]
+            size = row.h.shape[-1]
+            seed = (direct[..., direction * size : (direction + 1) * size].clone() if direct is not None
+                    else torch.zeros_like(row.h))
+            final = last if direction == 0 else torch.zeros_like(last)
+            if grad_h_n is not None:
+                seed[final, arange] += grad_h_n[index]
+            seed_c = None
+            if grad_c_n is not None:
+                seed_c = torch.zeros_like(row.c)
+                seed_c[final, arange] += grad_c_n[index]
+            hidden_grad[index], cell_grad[index] = _grads_from_deltas(row, seed, seed_c, deltas[direction],
+                                                                      mask)
+        # The layer read the dropped-out states of the layer below: its gradient passes the same mask.
+        # (A copy either way: the views would keep this layer's whole gradient alive during the next.)
+        if layer > 0:
+            direct = d_input * dropout_masks[layer - 1] if dropout_masks is not None else d_input.contiguous()
+        del d_input, deltas
+    return torch.stack(hidden_grad), (torch.stack(cell_grad) if rows[0].mode == "LSTM" else None)
+
+
+def _layer_deltas(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
+                  lengths: Tensor | None, grad_out: Tensor | None, grad_h: Tensor | None,
+                  grad_c: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    """One layer's input gradient ``(T, B, I)`` and gate pre-activation gradients ``(T, B, G*H)`` per
+    direction, from the fused kernel's backward.
+
+    The layer gets an extra input ``z_t = 0`` of ``G*H`` features per direction, which the input weights
+    pass on unchanged (an identity block, zeros for the other direction's): the kernel computes the same
+    states, and the gradient with respect to ``z_t`` is that of every gate pre-activation at step ``t``
+    (for the GRU's candidate gate, of its whole argument ``W_in x + b_in + r * (W_hn h + b_hn)``).
+
+    Args:
+        grad_out: ``(T, B, D*P)`` gradient reaching the layer's output from above (zero at padded steps),
+            or ``None``.
+        grad_h: ``(D, B, P)`` gradient of the layer's ``h_n``, or ``None``; ``grad_c``: of its ``c_n``.
+    """
+    num_dirs = len(weights)
+    width = weights[0].w_ih.shape[0]  # G*H
+    steps, batch, features = x.shape
+    cpu_lengths = lengths.cpu() if lengths is not None else None
+    # A graph of our own, also when the caller runs without autograd or in inference mode; it is freed
+    # by the backward below and with the tensors of this frame.
+    with torch.inference_mode(False), torch.enable_grad():
+        ext = []
+        for direction, w in enumerate(weights):
+            through = w.w_ih.new_zeros(width, num_dirs * width)
+            through[:, direction * width : (direction + 1) * width] = torch.eye(
+                width, dtype=through.dtype, device=through.device)
+            ext.append(LayerWeights(torch.cat([_own(w.w_ih), through], dim=1), _own(w.w_hh), _own(w.b_ih),
+                                    _own(w.b_hh), _own(w.w_hr)))
+        x_ext = torch.cat([_own(x), x.new_zeros(steps, batch, num_dirs * width)], dim=-1).requires_grad_()
+        h, c = _own(h0), _own(c0)
+        if lengths is None:
+            result = _fused_call(mode, ext, x_ext, h, c, None, train=True)
+            g_out = _own(grad_out)
+        else:
+            packed = pack_padded_sequence(x_ext, cpu_lengths, enforce_sorted=False)
+            order = packed.sorted_indices
+            # the kernel's h_n and c_n come in the packing order
+            result = _fused_call(mode, ext, packed.data, h[:, order], None if c is None else c[:, order],
+                                 packed.batch_sizes, train=True)
+            g_out = (None if grad_out is None
+                     else pack_padded_sequence(_own(grad_out), cpu_lengths, enforce_sorted=False).data)
+            grad_h = None if grad_h is None else grad_h[:, order]
+            grad_c = None if grad_c is None else grad_c[:, order]
+        outputs, grads = [], []
+        for value, grad in zip(result, (g_out, grad_h, grad_c)):
+            if grad is not None:
+                outputs.append(value)
+                grads.append(_own(grad))
+        with _kernel_warnings_off():
+            (d_ext,) = torch.autograd.grad(outputs, [x_ext], grads)
+    return d_ext[..., :features], list(d_ext[..., features:].chunk(num_dirs, dim=-1))
+
+
+def _own(t: Tensor | None) -> Tensor | None:
+    """``t`` for our graph: detached from any graph of the caller's, copied if an inference tensor (which
+    autograd cannot save)."""
+    if t is None:
+        return None
+    return t.clone() if t.is_inference() else t.detach()
+
+
+def _following(t: Tensor, direction: int) -> Tensor:
+    """``(T, ...)``: at each step, ``t`` at the step processed next; zero after the last."""
+    pad = torch.zeros_like(t[:1])
+    return torch.cat([t[1:], pad]) if direction == 0 else torch.cat([pad, t[:-1]])
+
+
+def _scan(direct: Tensor, carry: Tensor, direction: int) -> Tensor:
+    """``out_t = direct_t + carry_t * out_next``, in reverse processing order: one ``addcmul`` a step."""
+    out = torch.empty_like(direct)
+    acc = torch.zeros_like(direct[0])
+    steps = direct.shape[0]
+    for t in range(steps - 1, -1, -1) if direction == 0 else range(steps):
+        acc = torch.addcmul(direct[t], carry[t], acc, out=out[t])
+    return out
+
+
+def _grads_from_deltas(row: _Row, seed: Tensor, seed_c: Tensor | None, delta: Tensor,
+                       mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Total ``dL/dh_t`` (and ``dL/dc_t``) of one layer and direction from its pre-activation gradients.
+
+    Args:
+        seed: ``(T, B, P)`` the gradient reaching ``h_t`` from above, ``h_n``'s at the last step.
+        seed_c: ``(T, B, H)`` ``c_n``'s gradient at the last step, or ``None``.
+        delta: ``(T, B, G*H)`` every gate pre-activation gradient (zero at padded steps).
+        mask: ``(T, B, 1)`` 1 at valid steps, 0 past a sequence's end; ``None`` without padding.
+    """
+    w_hh = row.w.w_hh
+    if row.mode == "GRU":
+        d_r, d_z, d_n = delta.chunk(3, dim=-1)
+        d_hid = torch.cat([d_r, d_z, row.gates["reset"] * d_n], dim=-1)
+        direct = torch.matmul(_following(d_hid, row.direction), w_hh).add_(seed)
+        carry = _following(row.gates["update"], row.direction)
+        if mask is not None:
+            # zero where the step is padded, so nothing is carried across a sequence's end
+            direct.mul_(mask)
+            carry = carry * mask
+        return _scan(direct, carry, row.direction), None
+    dh = torch.matmul(_following(delta, row.direction), w_hh).add_(seed)
+    if mask is not None:
+        dh.mul_(mask)
+    if row.mode != "LSTM":
+        return dh, None
+    dh_cell = dh @ row.w.w_hr if row.w.w_hr is not None else dh
+    tanh_c = torch.tanh(row.c)
+    direct = dh_cell * row.gates["output"] * (1 - tanh_c * tanh_c)
+    if seed_c is not None:
+        direct.add_(seed_c)
+    carry = _following(row.gates["forget"], row.direction)
+    if mask is not None:
+        direct.mul_(mask)
+        carry = carry * mask
+    return dh, _scan(direct, carry, row.direction)

@@ -1,20 +1,27 @@
 """Cost of the exact-gradient replay relative to the module's own fused forward+backward.
 
-Run: ``python tests/benchmarks/bench_replay.py``. Prints, per workload, the median wall time of the
-fused forward+backward, of a recording (fused forward+backward with hooks, then the replay) and the
-ratio replay / fused, measured interleaved in one process so machine noise hits both alike.
+Run: ``python tests/benchmarks/bench_replay.py`` (add ``--device cuda`` on a GPU). Prints, per workload,
+the median wall time of the module's own (fused) forward+backward and, for each backward ``--method`` of the
+replay
+(``loop`` and ``fused`` side by side unless given; ``auto`` is what the probe uses: ``fused`` on CUDA,
+``loop`` elsewhere), the replay's time (a recording, i.e. the fused forward+backward with hooks and then
+the replay, less the module's forward+backward) and the ratio replay / module. Everything is measured
+interleaved in one process so machine noise hits all alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from lightning_rnnviz import Probe
+from lightning_rnnviz.probe import replay
 
 WORKLOADS = {
     # name: (module factory, batch, time, input)
@@ -24,43 +31,89 @@ WORKLOADS = {
 }
 
 
+@contextlib.contextmanager
+def replay_method(method: str) -> Iterator[None]:
+    """The probe replays with ``method="auto"``; inside this block ``"auto"`` stands for ``method``."""
+    if method == "auto":
+        yield
+        return
+    chosen = replay.auto_method
+    replay.auto_method = lambda device: method
+    try:
+        yield
+    finally:
+        replay.auto_method = chosen
+
+
 def fused_step(module: nn.Module, x: torch.Tensor) -> None:
     out, _ = module(x)
     out.pow(2).mean().backward()
 
 
-def bench(name: str, repeats: int) -> dict[str, float]:
+def bench(name: str, repeats: int, methods: list[str], device: str) -> dict[str, float]:
     factory, batch, steps, features = WORKLOADS[name]
     gen = torch.Generator().manual_seed(0)
-    module = factory()
-    x = torch.randn(batch, steps, features, generator=gen)
+    module = factory().to(device)
+    x = torch.randn(batch, steps, features, generator=gen).to(device)
     probe = Probe(module)
-    fused, recorded = [], []
-    fused_step(module, x)  # warm-up
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fused_step(module, x)
-        t1 = time.perf_counter()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    def recorded() -> None:
         with probe.record():
             fused_step(module, x)
-        t2 = time.perf_counter()
-        fused.append(t1 - t0)
-        recorded.append(t2 - t1)
+
+    fused_step(module, x)  # warm-up
+    for method in methods:
+        with replay_method(method):
+            recorded()
+    own: list[float] = []
+    replays: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(repeats):
+        own.append(timed(lambda: fused_step(module, x)))
+        for method in methods:
+            with replay_method(method):
+                replays[method].append(timed(recorded))
         module.zero_grad(set_to_none=True)
-    f, r = statistics.median(fused), statistics.median(recorded)
-    return {"fused_ms": 1e3 * f, "recorded_ms": 1e3 * r, "replay_ms": 1e3 * (r - f), "ratio": (r - f) / f}
+    f = statistics.median(own)
+    row = {"module_ms": 1e3 * f}
+    for method, times in replays.items():
+        r = statistics.median(times) - f
+        row[f"{method}_ms"], row[f"{method}_ratio"] = 1e3 * r, r / f
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--only", choices=sorted(WORKLOADS))
+    parser.add_argument("--method", action="append", choices=replay.METHODS,
+                        help="a backward of the replay to time; repeat for several (default: loop and fused)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'workload':<24} {'fused fwd+bwd ms':>17} {'replay ms':>10} {'replay/fused':>13}")
+    methods = list(dict.fromkeys(args.method or ["loop", "fused"]))
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    resolved = {m: replay.auto_method(torch.device(args.device)) if m == "auto" else m for m in methods}
+    print(f"torch {torch.__version__}, {args.device} ({where}); methods: "
+          + ", ".join(f"{m} (= {resolved[m]})" if m == "auto" else m for m in methods))
+    header = f"{'workload':<24} {'module fwd+bwd ms':>18}"
+    for method in methods:
+        header += f" {method + ' replay ms':>18} {method + '/module':>13}"
+    print(header)
     for name in [args.only] if args.only else WORKLOADS:
-        row = bench(name, args.repeats if "T1000" not in name else max(3, args.repeats // 5))
-        print(f"{name:<24} {row['fused_ms']:>17.1f} {row['replay_ms']:>10.1f} {row['ratio']:>12.2f}x")
+        repeats = args.repeats if "T1000" not in name else max(3, args.repeats // 5)
+        row = bench(name, repeats, methods, args.device)
+        line = f"{name:<24} {row['module_ms']:>18.1f}"
+        for method in methods:
+            line += f" {row[method + '_ms']:>18.1f} {row[method + '_ratio']:>12.2f}x"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """What only a GPU shows: the probe on cuDNN kernels, fp16 autocast with a GradScaler, a 16-mixed Trainer.
 
 Run on a machine with CUDA: ``python tests/benchmarks/check_cuda.py`` (about a minute). Prints one line per
-check and exits non-zero when one fails; the timings on CUDA come from ``bench_overhead.py --device cuda``.
+check and exits non-zero when one fails; the timings on CUDA come from ``bench_overhead.py --device cuda`` and
+``bench_replay.py --device cuda`` (the replay's two backward methods side by side).
 
 1. cuDNN: the grid of fused-RNN configurations of ``tests/probe/test_exact_rnn.py`` (RNN tanh/relu, LSTM,
    projected LSTM, GRU; 1-3 layers; bidirectional; packed; given ``hx``; four losses) recorded on CUDA
    and compared with the float64 step-by-step reference on the CPU. TF32 is switched off for this
-   check so that a difference means a replay error, not TF32 rounding (cuDNN uses TF32 by default).
-2. fp16: a 2-layer LSTM under ``torch.autocast(float16)`` with ``GradScaler``; the recorded ``dL/dh_t``
+   check so that a difference means a replay error, not TF32 rounding (cuDNN uses TF32 by default). On
+   CUDA the probe's replay takes the fused-kernel backward (``method="auto"``).
+2. fused vs loop: ``replay_rnn``'s two backward methods on CUDA, float32 and float64, over the same grid with
+   and without inter-layer dropout masks: the same gradients (float64 to ``rtol`` 1e-10), the user's TF32
+   settings (both on here) and the CPU and CUDA random streams as they were, nothing left on the device
+   after a replay, and the peak device memory of each method at a realistic size.
+3. fp16: a 2-layer LSTM under ``torch.autocast(float16)`` with ``GradScaler``; the recorded ``dL/dh_t``
    (``grad_scale=scaler.get_scale()``) against the float32 run of the same batch.
-3. Lightning ``precision="16-mixed"`` on the GPU with ``RNNViz(every_n_steps=1)``: images and finite
+4. Lightning ``precision="16-mixed"`` on the GPU with ``RNNViz(every_n_steps=1)``: images and finite
    gradient-norm scalars on every step, unscaled (the same order as a float32 run).
 """
 
@@ -27,8 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_rnnviz import Probe
+from lightning_rnnviz.probe import replay
+from lightning_rnnviz.probe.replay import replay_rnn, tf32_off
 from tests.helpers.cases import KINDS, STRUCTURES, RNNConfig, build_rnn, loss_for, make_inputs, run_rnn
 from tests.helpers.reference import reference_rnn
+from tests.probe.test_fused_backward import _replay_args
 
 FAILURES: list[str] = []
 DEVICE = "cuda"  # `--dry-run` runs every check on the CPU, to test this script without a GPU
@@ -85,6 +94,78 @@ def check_cudnn() -> None:
     report(f"cuDNN grid ({len(KINDS) * len(structures)} configurations) vs float64 reference", max(worst.values()) <= 1e-4,
            f"largest error relative to each quantity's largest value: {detail}")
     torch.backends.cudnn.allow_tf32 = True
+
+
+def _rng_states() -> list[torch.Tensor]:
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state()] if DEVICE == "cuda" else [])
+
+
+def check_fused_vs_loop() -> None:
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    user = (cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn.allow_tf32 = matmul.allow_tf32 = True  # TF32 everywhere: the fused path must not use it
+    # on CUDA the probe's own choice; in the dry run named, since "auto" is the loop on the CPU
+    method = "auto" if DEVICE == "cuda" else "fused"
+    try:
+        if DEVICE == "cuda":
+            chosen = replay.auto_method(torch.device(DEVICE))
+            report("method='auto' on CUDA", chosen == "fused", f"picks {chosen!r}")
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+            worst, kept, count = 0.0, [], 0
+            for kind in KINDS:
+                for layers, bi, bf, bias, packed, hx, loss in STRUCTURES:
+                    for dropout in (False, True) if layers > 1 else (False,):
+                        cfg = RNNConfig(kind=kind, num_layers=layers, bidirectional=bi, batch_first=bf,
+                                        bias=bias, packed=packed, given_hx=hx, batch=4, time=9, input_size=5,
+                                        hidden_size=7)
+                        args = _replay_args(cfg, loss, dtype=dtype, dropout=dropout, device=DEVICE)
+                        rng = _rng_states()
+                        fused = replay_rnn(**args, method=method)
+                        flags = (cudnn.allow_tf32, matmul.allow_tf32)
+                        if flags != (True, True):
+                            kept.append(f"TF32 settings {flags} after {cfg.describe()}")
+                        if not all(torch.equal(a, b) for a, b in zip(rng, _rng_states())):
+                            kept.append(f"random stream moved by {cfg.describe()}")
+                        with tf32_off():
+                            loop = replay_rnn(**args, method="loop")
+                        error = max(_max_rel(getattr(fused, k), getattr(loop, k))
+                                    for k in ("hidden_grad", "cell_grad") if getattr(loop, k) is not None)
+                        worst = max(worst, error)
+                        count += 1
+                        if error > tol:
+                            report(f"fused vs loop {dtype} {cfg.describe()} dropout={dropout}", False,
+                                   f"largest relative error {error:.1e}")
+            report(f"fused vs loop backward, {dtype}, {count} configurations", worst <= tol and not kept,
+                   f"largest error relative to each gradient's largest value {worst:.1e} (limit {tol:.0e})"
+                   + (f"; {kept[:3]}" if kept else "; TF32 settings and random streams as they were"))
+        if DEVICE == "cuda":
+            _check_device_memory(method)
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = user
+
+
+def _check_device_memory(method: str) -> None:
+    """Nothing of a replay left on the device once its result is dropped; the peak of each method."""
+    cfg = RNNConfig(kind="LSTM", num_layers=2, bidirectional=True, packed=True, given_hx=True, batch=32,
+                    time=100, input_size=32, hidden_size=128)
+    args = _replay_args(cfg, "mixed", dtype=torch.float32, dropout=True, device=DEVICE)
+    peaks, left = {}, {}
+    for name in (method, "loop"):
+        replay_rnn(**args, method=name)  # workspaces that cuBLAS and cuDNN keep after their first call
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = replay_rnn(**args, method=name)
+        held = torch.cuda.memory_allocated() - base
+        del result
+        torch.cuda.synchronize()
+        left[name] = torch.cuda.memory_allocated() - base
+        peaks[name] = (torch.cuda.max_memory_allocated() - base, held)
+    mib = 2.0**20
+    detail = ", ".join(f"{k}: peak {peak / mib:.1f} MiB, result {held / mib:.1f} MiB, {left[k]} bytes "
+                       "left after" for k, (peak, held) in peaks.items())
+    report("device memory of a replay (LSTM 2x128 bidirectional, T=100, B=32)",
+           all(v == 0 for v in left.values()), detail)
 
 
 def check_fp16_grad_scaler() -> None:
@@ -170,12 +251,15 @@ def main() -> None:
     global DEVICE
     if "--dry-run" in sys.argv:
         DEVICE = "cpu"
-        print("dry run on the CPU: checks the script, not CUDA")
+        # the probe's replay takes the path it takes on CUDA, the fused-kernel backward
+        replay.auto_method = lambda device: "fused"
+        print("dry run on the CPU: checks the script, not CUDA (the probe's replay forced to method='fused')")
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device (use --dry-run to test the script on the CPU)")
     else:
         print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, cuDNN {torch.backends.cudnn.version()}")
     check_cudnn()
+    check_fused_vs_loop()
     check_fp16_grad_scaler()
     check_lightning_16_mixed()
     if FAILURES:
