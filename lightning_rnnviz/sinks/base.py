@@ -91,17 +91,20 @@ class Histogram:
             return None
         low, high = float(values.min()), float(values.max())
         if high > low:
-            counts, edges = np.histogram(values, bins=bins, range=(low, high))
-            limits = edges[1:]
+            # Bucket index by one multiply and a count (half the time of np.histogram on millions of values);
+            # a value on an inner edge may land on either side of it, as float32 rounding has it.
+            index = ((values - np.float32(low)) * np.float32(bins / (high - low))).astype(np.int32)
+            np.minimum(index, bins - 1, out=index)
+            counts = np.bincount(index, minlength=bins)
+            limits = np.linspace(low, high, bins + 1)[1:]
         else:
             counts, limits = np.array([values.size]), np.array([high])
-        wide = values.astype(np.float64)
         return cls(
             min=low,
             max=high,
             num=float(values.size),
-            sum=float(wide.sum()),
-            sum_squares=float(np.square(wide).sum()),
+            sum=float(np.sum(values, dtype=np.float64)),
+            sum_squares=float(np.einsum("i,i->", values, values, dtype=np.float64)),  # no BLAS, no float64 copy
             limits=np.asarray(limits, dtype=np.float64),
             counts=counts.astype(np.float64),
         )
