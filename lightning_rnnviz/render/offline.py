@@ -51,6 +51,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from lightning_rnnviz.render import common
+from lightning_rnnviz.render.findings import Finding  # the callback's own, read back
 
 __all__ = [
     "ComparedRun",
@@ -147,35 +148,6 @@ class ModuleSummary:
             return None
         directions = 2 if any(r.endswith(("reverse", "forward")) for r in self.rows) else 1
         return layer * directions + (1 if direction == "reverse" and directions == 2 else 0)
-
-
-@dataclass
-class Finding:
-    """One finding of ``summary.json`` (see :mod:`lightning_rnnviz.render.offline` for the fields)."""
-
-    kind: str
-    module: str
-    epoch: int | None
-    value: float
-    threshold: float
-    message: str = ""
-    layer: int | None = None
-    direction: str | None = None
-    head: int | None = None
-    gate: str | None = None
-    step: int | None = None
-
-    @property
-    def where(self) -> str:
-        """``"layer 1 reverse"``, ``"head 2"``, ``"layer 0, forget gate"`` or ``""``."""
-        parts = []
-        if self.layer is not None:
-            parts.append(f"layer {self.layer}" + (f" {self.direction}" if self.direction else ""))
-        if self.head is not None:
-            parts.append(f"head {self.head}")
-        if self.gate is not None:
-            parts.append(f"{self.gate} gate")
-        return ", ".join(parts)
 
 
 @dataclass

@@ -68,7 +68,34 @@ class InlineRenderer:
         """Nothing to stop: everything submitted was drawn at once."""
 
 
-class ThreadRenderer:
+class _Returned:
+    """What a renderer drawing off the caller's thread has handed back: pictures and error lines."""
+
+    def __init__(self) -> None:
+        self._ready: collections.deque[Drawn] = collections.deque()
+        self._errors: collections.deque[str] = collections.deque()
+
+    @property
+    def has_results(self) -> bool:
+        return bool(self._ready)
+
+    def take(self) -> list[Drawn]:
+        """The pictures that came back since the last call."""
+        return _drain(self._ready)
+
+    def errors(self) -> list[str]:
+        """Errors reported since the last call."""
+        return _drain(self._errors)
+
+
+def _drain(queue: collections.deque) -> list:
+    items = []
+    while queue:
+        items.append(queue.popleft())
+    return items
+
+
+class ThreadRenderer(_Returned):
     """Draws and encodes on a worker thread of this process, for machines with cores to spare: numpy's
     array work, Pillow and zlib release the GIL for much of a picture, so the training thread goes on.
 
@@ -83,11 +110,10 @@ class ThreadRenderer:
     peak_rss_mb = None
 
     def __init__(self, max_pending: int = 64) -> None:
+        super().__init__()
         self._pending: collections.deque[Job | None] = collections.deque()
         self._max_pending = max_pending
         self._wake = threading.Condition()
-        self._ready: collections.deque[Drawn] = collections.deque()
-        self._errors: collections.deque[str] = collections.deque()
         self._closed = False
         self.dropped = 0
         self._worker = threading.Thread(target=self._loop, name="rnnviz-paint", daemon=True)
@@ -116,22 +142,6 @@ class ThreadRenderer:
             except Exception as error:  # noqa: BLE001 - reported to the caller, which warns once
                 self._errors.append(f"{job.kind} {job.tag}: {type(error).__name__}: {error}".replace("\n", " "))
 
-    @property
-    def has_results(self) -> bool:
-        return bool(self._ready)
-
-    def take(self) -> list[Drawn]:
-        ready = []
-        while self._ready:
-            ready.append(self._ready.popleft())
-        return ready
-
-    def errors(self) -> list[str]:
-        errors = []
-        while self._errors:
-            errors.append(self._errors.popleft())
-        return errors
-
     def close(self, timeout: float = 60.0) -> None:
         """Draw what was handed over (at most ``timeout`` seconds), then stop the thread."""
         if self._closed:
@@ -158,7 +168,7 @@ def spare_cores() -> int:
     return available - busy - 1
 
 
-class BackgroundRenderer:
+class BackgroundRenderer(_Returned):
     """Hands jobs to a drawing process and takes its pictures back; never blocks the caller.
 
     A thread moves job bytes into the pipe and another reads pictures back (both release the GIL while
@@ -171,6 +181,7 @@ class BackgroundRenderer:
     render_s = encode_s = 0.0  # nothing is drawn or encoded on the caller's thread
 
     def __init__(self, max_pending: int = 64) -> None:
+        super().__init__()
         env = dict(os.environ)
         # The child must find this package however the parent found it (editable install, sys.path).
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -186,8 +197,6 @@ class BackgroundRenderer:
         self._max_pending = max_pending
         self._wake = threading.Condition()
         self._closed = False
-        self._ready: collections.deque[Drawn] = collections.deque()
-        self._errors: collections.deque[str] = collections.deque()
         self.dropped = 0
         self.peak_rss_mb: float | None = None  # the child's, reported when it exits
         self._writer = threading.Thread(target=self._write_loop, name="rnnviz-render-feed", daemon=True)
@@ -236,24 +245,6 @@ class BackgroundRenderer:
                 self._errors.append(body)
             elif kind == "peak_rss_kb":
                 self.peak_rss_mb = body / 1024
-
-    @property
-    def has_results(self) -> bool:
-        return bool(self._ready)
-
-    def take(self) -> list[Drawn]:
-        """The pictures that came back since the last call."""
-        ready = []
-        while self._ready:
-            ready.append(self._ready.popleft())
-        return ready
-
-    def errors(self) -> list[str]:
-        """Errors the child reported since the last call."""
-        errors = []
-        while self._errors:
-            errors.append(self._errors.popleft())
-        return errors
 
     def close(self, timeout: float = 60.0) -> None:
         """Let the child finish what was handed over (at most ``timeout`` seconds), then stop it; the
