@@ -64,12 +64,13 @@ def test_both_namespaces_in_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_callback_suite_under_lightning_pytorch():
+def test_callback_suite_under_lightning_pytorch(request):
     """The whole callback suite (DDP, resume, precision, faults, ...) again with ``lightning.pytorch``."""
     if os.environ.get("RNNVIZ_TEST_LIGHTNING"):
         pytest.skip("already the nested run")
+    warning_flags = [f"-W{flag}" for flag in request.config.getoption("pythonwarnings") or []]  # as this run's
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/callbacks",
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *warning_flags, "tests/callbacks",
          "--ignore", "tests/callbacks/test_namespaces.py"],
         cwd=ROOT, env=_env("lightning.pytorch"), capture_output=True, text=True, timeout=1200,
     )
