@@ -56,8 +56,11 @@ class RNNViz(*CALLBACK_BASES):
     ``rnnviz/gates_dist/<m>/<gate>``      histogram of that gate's activations
     ``rnnviz/gates/<m>/<stat>``           ``<gate>_mean``, ``<gate>_saturated_low``, ``<gate>_saturated_high``
     ``rnnviz/grad_norm/<m>``              image: ``||dL/dh_t||`` against ``t`` (log axis), this step
-    ``rnnviz/grad_norm/<m>/<stat>``       ``first_norm``, ``last_norm``, ``log10_ratio``, ``decay_per_step``
+    ``rnnviz/grad_norm/<m>/<stat>``       ``first_norm``, ``last_norm``, ``log10_ratio``, ``decay_per_step``,
+                                          ``horizon`` (steps back with ``||dL/dh_t||`` >= 1% of its peak)
+    ``rnnviz/<quantity>/<m>/exact``       1 for a record verified exact, 0 for an approximate one
     ``rnnviz/grad_decay/<m>``             image at each epoch end: one curve per epoch so far
+    ``rnnviz/findings``                   text at each epoch end: the epoch's findings (see ``findings``)
     ``rnnviz/attention/<m>``              image: per-head maps, rows = query steps, columns = key steps
     ``rnnviz/attention/<m>/<stat>``       ``entropy/head<h>``, ``entropy_norm/head<h>``, ``focus/head<h>``
     ``rnnviz/val/<quantity>/<m>``         validation images (hidden, gates, attention) of the fixed sample

@@ -453,12 +453,12 @@ class _Collected:
         """For heads that focus hard (``attention_collapse``): the share of queries on their sample's most
         attended key; computed only when some head's largest weights average 0.9 or more."""
         self.recordings.add(index)
-        weights = record.attention.float()
-        focus = weights.amax(-1).mean((0, 2))  # (heads,)
-        if not bool((focus >= findings_.RULES["attention_collapse"][0]).any()):
+        rows = self.values.get("focus")  # this recording's `focus` statistic, added just before
+        focus = [values[-1] for values in rows if values] if rows else []
+        if not any(f >= findings_.RULES["attention_collapse"][0] for f in focus):
             self.same_key.append(np.zeros(record.heads))
             return
-        top = weights.argmax(-1)  # (B, H, Tq)
+        top = record.attention.float().argmax(-1)  # (B, H, Tq)
         mode = top.mode(-1).values  # (B, H)
         self.same_key.append((top == mode.unsqueeze(-1)).double().mean(-1).mean(0).numpy())
 
