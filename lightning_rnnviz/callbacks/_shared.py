@@ -73,7 +73,9 @@ class SharedRecorder:
         for member in members:
             attention.update(member.attention or {})
         call = next((m.call for m in members if m.call is not None), None)
-        return Probe(model, modules=modules, attention=attention, strict=any(m.strict for m in members), call=call)
+        # Records stay where the model ran: statistics, histograms and picture payloads are reduced there.
+        return Probe(model, modules=modules, attention=attention, strict=any(m.strict for m in members), call=call,
+                     on_device=True)
 
     def begin(self, key: Any, model: nn.Module, wanting: list[RNNViz]) -> None:
         """Open the block for batch ``key`` unless it is open already or nobody wants it; it records as
@@ -126,6 +128,11 @@ class SharedRecorder:
             self.spent_s += self.replay_s
             self._result = self._recording
         return self._result, self._wanting
+
+    def release(self) -> None:
+        """Let go of the batch's recording once every monitor has reported it: its records are the size of
+        the model's activations, and on a GPU they are in device memory."""
+        self._result = self._recording = None
 
     def abort(self) -> None:
         """Remove every hook without finishing the recording (exceptions, teardown)."""

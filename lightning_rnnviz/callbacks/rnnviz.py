@@ -480,6 +480,7 @@ class RNNViz(*CALLBACK_BASES):
             }, step))
             self._guard("flush", recorder.fanout.flush)
             recorder.flush_next = True
+            recorder.release()  # every monitor has it: its tensors (device memory on a GPU) go now
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.enabled:

@@ -236,6 +236,10 @@ class Probe:
             output step; unidirectional modules only); otherwise it shows the last call whose outputs
             received a gradient, else the last call, and warns once which one it shows. An index past
             a block's calls drops that module's record for the block (as an error of capture).
+        on_device: leave the records' tensors on the device where each module ran instead of copying
+            them to the CPU (``lengths`` and ``key_lengths`` are on the CPU either way). The callbacks
+            use it so that statistics, histograms and picture payloads are reduced on the GPU and only
+            their small results cross to the host; :meth:`Recording.cpu` copies a recording over.
 
     Raises:
         ValueError: a name or pattern matches no module (the message lists those that exist), names a
@@ -265,6 +269,7 @@ class Probe:
         attention: Mapping[str, Extractor] | None = None,
         strict: bool = False,
         call: int | None = None,
+        on_device: bool = False,
     ) -> None:
         if call is not None and (isinstance(call, bool) or not isinstance(call, int)):
             raise ValueError(
@@ -272,6 +277,7 @@ class Probe:
                 f"the end) or None (the last call that received a gradient), got {call!r}."
             )
         self.call = call
+        self.on_device = bool(on_device)
         self.model = model
         self.targets, extractor_keys = resolve_targets(model, modules, attention)
         self.extractors: dict[str, Extractor] = {n: attention[k] for n, k in extractor_keys.items()}
@@ -375,6 +381,10 @@ class _Session:
         self.max_samples = max_samples
         self.watches = {n: _Watch(n, m) for n, m in probe.targets.items()}
         self.handles: list[RemovableHandle] = []
+
+    def _placed(self, t: Tensor) -> Tensor:
+        """Where a record keeps ``t``: on the CPU, or on its own device with ``Probe(on_device=True)``."""
+        return t if self.probe.on_device else t.cpu()
 
     # --- hooks -----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -692,16 +702,16 @@ class _Session:
     def _build_attention(self, watch: _Watch) -> AttentionRecord:
         if watch.name in self.probe.extractors:
             parts = [c.data["attention"] for c in watch.calls]
-            weights = (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]).float().cpu()
+            weights = self._placed((torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]).float())
             # No masks are known: the keys a query may attend to are those it gives any weight.
             counts = (weights > 0).sum(-1)
             counts = None if bool((counts == weights.shape[-1]).all()) else counts
             return AttentionRecord(watch.name, "custom", weights, key_counts=counts)
         call = watch.calls[-1]
-        return AttentionRecord(
-            watch.name, "MultiheadAttention", call.data["attention"].float().cpu(), call.data["key_lengths"],
-            key_counts=call.data["key_counts"],
-        )
+        weights = self._placed(call.data["attention"].float())
+        counts = call.data["key_counts"]  # on the CPU, from the masks
+        return AttentionRecord(watch.name, "MultiheadAttention", weights, call.data["key_lengths"],
+                               key_counts=None if counts is None else counts.to(weights.device))
 
     def _build_fused(self, watch: _Watch, calls: list[_Call], scale: float | None) -> RNNRecord:
         """One call replayed, or the single-step calls of a chain replayed one by one and stacked in time."""
@@ -723,7 +733,7 @@ class _Session:
         gates = {k: stack([r.gates[k] for r in results], hidden) for k in results[0].gates}
 
         def out(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.transpose(1, 2).float().cpu().contiguous()
+            return None if t is None else self._placed(t.transpose(1, 2).float()).contiguous()
 
         notes = tuple(dict.fromkeys(note for part in parts for note in part.notes))
         hidden_all = out(stack(hidden, hidden))
@@ -940,7 +950,7 @@ class _Session:
             return g / scale if scale else g
 
         def out(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.transpose(0, 1).unsqueeze(0).cpu().contiguous()
+            return None if t is None else self._placed(t.transpose(0, 1).unsqueeze(0)).contiguous()
 
         hidden = out(h)
         return RNNRecord(

@@ -1,9 +1,9 @@
-"""What a recording holds: plain dataclasses of CPU float32 tensors, no references to the model."""
+"""What a recording holds: plain dataclasses of float32 tensors, no references to the model."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -16,7 +16,10 @@ GRU_GATES = ("reset", "update", "new")
 class RNNRecord:
     """Everything recorded for one recurrent module (fused ``nn.LSTM/GRU/RNN`` or a cell called in a loop).
 
-    Every tensor is float32 on the CPU and batch-first. The first axis indexes
+    Every tensor is float32 and batch-first, on the CPU; with ``Probe(on_device=True)`` the recorded
+    tensors stay on the device where the module ran (:attr:`device`; ``lengths`` stays on the CPU), so
+    that reductions run there and only their small results cross to the host (:meth:`cpu` copies the
+    record to the host). The first axis indexes
     ``layer * num_directions + direction`` as in ``h_n``; the time axis is the sequence position for
     both directions. Steps past a sequence's length (``PackedSequence`` input) are zero. For a cell called
     in a loop, and for a fused module called once per step with each call starting from the previous
@@ -65,6 +68,22 @@ class RNNRecord:
         return self.hidden.shape[2]
 
     @property
+    def device(self) -> torch.device:
+        """Where the recorded tensors live (the CPU unless the probe kept them on the module's device)."""
+        return self.hidden.device
+
+    def cpu(self) -> RNNRecord:
+        """This record with every tensor on the CPU (itself when it is there already)."""
+        if self.device.type == "cpu":
+            return self
+
+        def host(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.cpu()
+
+        return replace(self, hidden=self.hidden.cpu(), gates={k: v.cpu() for k, v in self.gates.items()},
+                       hidden_grad=host(self.hidden_grad), cell=host(self.cell), cell_grad=host(self.cell_grad))
+
+    @property
     def batch(self) -> int:
         return self.hidden.shape[1]
 
@@ -72,7 +91,8 @@ class RNNRecord:
     def grad_norm(self) -> Tensor | None:
         """``(layers*directions, time)``: mean over the sequences still valid at ``t`` of ``||dL/dh_t||_2``.
 
-        ``NaN`` at a step where no sequence is valid; ``None`` when there is no gradient.
+        ``NaN`` at a step where no sequence is valid; ``None`` when there is no gradient. Reduced where
+        the record lives; the result is on the CPU.
         """
         if self.hidden_grad is None:
             return None
@@ -82,13 +102,17 @@ class RNNRecord:
             valid = self.valid_mask().to(norms.dtype)  # (B, T)
             count = valid.sum(0)  # (T,)
             total = (norms * valid).sum(1)  # (LD, T)
-            cached = self.derived["grad_norm"] = (self.hidden_grad, total / count)  # 0/0 -> NaN: no valid sequence
+            # 0/0 -> NaN: no valid sequence
+            cached = self.derived["grad_norm"] = (self.hidden_grad, (total / count).cpu())
         return cached[1].clone()
 
-    def valid_mask(self) -> Tensor:
-        """``(batch, time)`` boolean, ``True`` where step ``t`` lies within sequence ``b``."""
+    def valid_mask(self, device: torch.device | str | None = None) -> Tensor:
+        """``(batch, time)`` boolean, ``True`` where step ``t`` lies within sequence ``b``; on ``device``,
+        by default the record's."""
         steps = torch.arange(self.time)
-        return steps.unsqueeze(0) < self.lengths.unsqueeze(1)
+        mask = steps.unsqueeze(0) < self.lengths.cpu().unsqueeze(1)
+        device = self.device if device is None else torch.device(device)
+        return mask if device.type == "cpu" else mask.to(device)
 
     @property
     def all_valid(self) -> bool:
@@ -111,7 +135,7 @@ class AttentionRecord:
         name: the module's qualified name.
         kind: ``"MultiheadAttention"`` or ``"custom"`` (an extractor function).
         attention: ``(batch, heads, T_query, T_key)`` softmax weights, per head, before dropout, with
-            every mask applied. ``add_bias_kv`` and ``add_zero_attn`` append their extra key columns at
+            every mask applied; on the CPU, or where the module ran with ``Probe(on_device=True)``. ``add_bias_kv`` and ``add_zero_attn`` append their extra key columns at
             the end, as PyTorch does.
         key_lengths: ``(batch,)`` number of real (not padded) keys, from ``key_padding_mask`` when it
             marks a right-padded batch; ``None`` when every key is real.
@@ -122,7 +146,7 @@ class AttentionRecord:
             from the call's masks: ``attn_mask`` (boolean, or ``-inf`` in a float mask), ``is_causal``,
             ``key_padding_mask``, plus the columns of ``add_bias_kv`` / ``add_zero_attn``. For custom
             extractors, whose masks are unknown, it counts the keys with a weight above zero. ``None``
-            when every key is allowed for every query.
+            when every key is allowed for every query. On the same device as ``attention``.
     """
 
     name: str
@@ -136,6 +160,19 @@ class AttentionRecord:
     @property
     def heads(self) -> int:
         return self.attention.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        """Where ``attention`` lives."""
+        return self.attention.device
+
+    def cpu(self) -> AttentionRecord:
+        """This record with every tensor on the CPU (itself when it is there already)."""
+        if self.device.type == "cpu":
+            return self
+        counts = None if self.key_counts is None else self.key_counts.cpu()
+        lengths = None if self.key_lengths is None else self.key_lengths.cpu()
+        return replace(self, attention=self.attention.cpu(), key_counts=counts, key_lengths=lengths)
 
 
 Record = RNNRecord | AttentionRecord
@@ -173,3 +210,7 @@ class Recording(Mapping[str, Record]):
     def attention(self) -> dict[str, AttentionRecord]:
         """The attention records only."""
         return {k: v for k, v in self.records.items() if isinstance(v, AttentionRecord)}
+
+    def cpu(self) -> Recording:
+        """This recording with every record on the CPU."""
+        return Recording({k: v.cpu() for k, v in self.records.items()}, dict(self.errors))

@@ -51,12 +51,14 @@ def reduce_attention(
     if record.key_lengths is not None:
         keys = min(keys, int(record.key_lengths[sample]))
     shown = min(heads, max_heads)
-    weights = record.attention[sample, :shown, :, :keys].float().numpy()  # (h, Tq, Tk)
+    weights = record.attention[sample, :shown, :, :keys].float()  # (h, Tq, Tk)
     query_tokens = common.check_labels("query_labels", query_labels, queries)
     key_tokens = common.check_labels("key_labels", key_labels, keys)
     flag = common.nonfinite_flag(weights)
-    weights, query_bin = common.bin_axis(weights, max_steps, axis=1, reduce="mean")
-    weights, key_bin = common.bin_axis(weights, max_steps, axis=2, reduce="sum")
+    # binned where the record lives; only the binned weights cross to the host
+    weights, query_bin = common.bin_tensor(weights, max_steps, axis=1, reduce="mean")
+    weights, key_bin = common.bin_tensor(weights, max_steps, axis=2, reduce="sum")
+    weights = common.host(weights)
     finite = weights[np.isfinite(weights)]
     peak = float(finite.max()) if finite.size else 1.0
     return {
@@ -176,11 +178,12 @@ def attention_stats(record: AttentionRecord) -> dict[str, float]:
         1.0
     """
     batch, heads, queries, keys = record.attention.shape
+    device = record.attention.device  # reduced there; the per-head means cross to the host
     if record.key_lengths is None:
-        real = torch.full((batch,), keys, dtype=torch.int64)
+        real = torch.full((batch,), keys, dtype=torch.int64, device=device)
     else:
-        real = record.key_lengths.to(torch.int64).clamp(max=keys)
-    key_mask = torch.arange(keys).unsqueeze(0) < real.unsqueeze(1)  # (B, Tk)
+        real = record.key_lengths.to(device, torch.int64).clamp(max=keys)
+    key_mask = torch.arange(keys, device=device).unsqueeze(0) < real.unsqueeze(1)  # (B, Tk)
     p = record.attention.float()  # (B, H, Tq, Tk)
     if not bool(key_mask.all()):
         p = torch.where(key_mask[:, None, None, :], p, 0.0)
@@ -188,24 +191,29 @@ def attention_stats(record: AttentionRecord) -> dict[str, float]:
     entropy = -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1).double()  # (B, H, Tq)
     focus = (p.amax(-1) if keys else p.sum(-1)).double()
     if record.key_counts is not None:
-        counts = record.key_counts.to(torch.int64).expand(batch, heads, queries)
+        counts = record.key_counts.to(device, torch.int64).expand(batch, heads, queries)
         attended = counts > 0
     else:
         counts = real[:, None, None].expand(batch, heads, queries)
-        attended = torch.ones(batch, heads, queries, dtype=torch.bool)
+        attended = torch.ones(batch, heads, queries, dtype=torch.bool, device=device)
     informative = counts > 1
     entropy_norm = entropy / counts.clamp(min=2).double().log()
+    # per-head means where the record lives: three numbers a head cross to the host
+    means = torch.stack([_head_means(entropy, attended), _head_means(entropy_norm, informative),
+                         _head_means(focus, attended)]).tolist()  # (3, H)
     stats: dict[str, float] = {}
     for h in range(heads):
-        stats[f"entropy/head{h}"] = _mean(entropy[:, h][attended[:, h]])
-        stats[f"entropy_norm/head{h}"] = _mean(entropy_norm[:, h][informative[:, h]])
-        stats[f"focus/head{h}"] = _mean(focus[:, h][attended[:, h]])
+        stats[f"entropy/head{h}"] = means[0][h]
+        stats[f"entropy_norm/head{h}"] = means[1][h]
+        stats[f"focus/head{h}"] = means[2][h]
     return stats
+
+
+def _head_means(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``(H,)`` mean over batch and queries of ``values`` ``(B, H, Tq)`` where ``keep``; NaN where none is kept."""
+    return torch.where(keep, values, 0.0).sum((0, 2)) / keep.sum((0, 2))
 
 
 def _axis_label(text: str, width: int) -> str:
     return text if width == 1 else f"{text} (bins of {width})"
 
-
-def _mean(values: torch.Tensor) -> float:
-    return float(values.mean()) if values.numel() else float("nan")

@@ -22,6 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from lightning_rnnviz.render._lazy import torch
+
 if TYPE_CHECKING:
     from lightning_rnnviz.probe.records import AttentionRecord, RNNRecord
 
@@ -117,16 +119,20 @@ def bin_size(length: int, max_bins: int) -> int:
 
 
 def bin_axis(
-    values: np.ndarray, max_bins: int, axis: int = -1, reduce: str = "mean"
+    values: np.ndarray | Any, max_bins: int, axis: int = -1, reduce: str = "mean"
 ) -> tuple[np.ndarray, int]:
     """Average (or sum) consecutive steps along ``axis`` so that at most ``max_bins`` remain.
 
     The last bin may be shorter; its mean divides by the steps it really holds. A non-finite step makes its
-    bin non-finite, so NaN and Inf stay visible after binning.
+    bin non-finite, so NaN and Inf stay visible after binning. ``values`` may be a torch tensor on any
+    device: it is binned there (:func:`bin_tensor`) and only the binned array crosses to the host.
 
     Returns:
-        The binned array (float) and the bin width (1 when nothing was binned).
+        The binned array (numpy, float) and the bin width (1 when nothing was binned).
     """
+    if hasattr(values, "detach"):
+        binned, width = bin_tensor(values, max_bins, axis, reduce)
+        return host(binned), width
     values = np.asarray(values)
     length = values.shape[axis]
     width = bin_size(length, max_bins)
@@ -147,19 +153,51 @@ def bin_axis(
     return np.moveaxis(sums.astype(np.float32), -1, axis), width
 
 
+def bin_tensor(values: Any, max_bins: int, axis: int = -1, reduce: str = "mean") -> tuple[Any, int]:
+    """:func:`bin_axis` of a torch tensor, computed where the tensor lives; the result is a tensor there
+    (float32 when binned, ``values`` itself when not)."""
+    values = values.detach()
+    length = values.shape[axis]
+    width = bin_size(length, max_bins)
+    if width == 1:
+        return values, 1
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"`reduce`={reduce!r} is not supported; use 'mean' or 'sum'.")
+    moved = values.movedim(axis, -1)
+    bins = math.ceil(length / width)
+    pad = bins * width - length
+    padded = torch.nn.functional.pad(moved, (0, pad)) if pad else moved
+    sums = padded.reshape(moved.shape[:-1] + (bins, width)).sum(-1, dtype=torch.float64)
+    if reduce == "mean":
+        counts = torch.full((bins,), float(width), dtype=torch.float64, device=sums.device)
+        counts[-1] = width - pad
+        sums = sums / counts
+    return sums.float().movedim(-1, axis), width
+
+
+def host(values: Any) -> np.ndarray:
+    """A tensor's values as a numpy array on the host (copied from the device if it lives on one)."""
+    return values.detach().cpu().numpy()
+
+
 def tick_positions(count: int, max_ticks: int) -> np.ndarray:
     """Evenly thinned indices ``0, k, 2k, ...`` with at most ``max_ticks`` entries."""
     return np.arange(0, count, bin_size(count, max_ticks))
 
 
-def nonfinite_flag(*arrays: np.ndarray | None) -> str:
-    """``""``, ``"NaN"``, ``"Inf"`` or ``"NaN and Inf"`` for what the arrays contain."""
+def nonfinite_flag(*arrays: np.ndarray | Any | None) -> str:
+    """``""``, ``"NaN"``, ``"Inf"`` or ``"NaN and Inf"`` for what the arrays (numpy, or tensors on any
+    device, checked there) contain."""
     has_nan = has_inf = False
     for array in arrays:
-        if array is None or array.size == 0:
+        if array is None:
             continue
-        has_nan = has_nan or bool(np.isnan(array).any())
-        has_inf = has_inf or bool(np.isinf(array).any())
+        if isinstance(array, np.ndarray):
+            has_nan = has_nan or bool(np.isnan(array).any())
+            has_inf = has_inf or bool(np.isinf(array).any())
+        elif array.numel():
+            has_nan = has_nan or bool(array.isnan().any())
+            has_inf = has_inf or bool(array.isinf().any())
     return " and ".join(word for word, present in (("NaN", has_nan), ("Inf", has_inf)) if present)
 
 

@@ -62,7 +62,7 @@ def reduce_gates(record: RNNRecord, max_time: int = 256, max_units: int = 512) -
         return None
     names = tuple(record.gates)
     summary = gate_summary(record)
-    valid = record.valid_mask()  # (B, T)
+    valid = record.valid_mask("cpu")  # (B, T)
     horizon = int(record.lengths.max()) if record.lengths.numel() else 0
     count = valid.sum(0)[:horizon].double()  # (L,)
     steps = float(valid.sum())
@@ -202,12 +202,12 @@ def gate_summary(record: RNNRecord) -> dict[str, dict[str, Any]]:
             unit_mean = torch.where(valid, unit_mean, 0.0)
         nonfinite = ""
         if not bool(unit_mean.isfinite().all()):
-            kept = values[:, valid] if padded else values
-            nonfinite = common.nonfinite_flag(kept[~kept.isfinite()].numpy())
+            nonfinite = common.nonfinite_flag(values[:, valid] if padded else values)
+        # reduced where the record lives; the (LD, T) and (LD, U) results cross to the host
         summary[gate] = {
-            "curve": unit_mean.double().sum(1),
-            "low": below.sum((1, 2)).double(),
-            "high": above.sum((1, 2)).double(),
+            "curve": unit_mean.double().sum(1).cpu(),
+            "low": below.sum((1, 2)).double().cpu(),
+            "high": above.sum((1, 2)).double().cpu(),
             "nonfinite": nonfinite,
         }
     record.derived["gate_summary"] = (record.gates, summary)
@@ -224,7 +224,7 @@ def gate_stats(record: RNNRecord) -> dict[str, float]:
     Empty for a module without gates. Names carry :func:`~lightning_rnnviz.render.common.row_suffix`.
     """
     rows = record.hidden.shape[0]
-    steps = float(record.valid_mask().sum())
+    steps = float(record.lengths.clamp(0, record.time).sum())  # valid steps of the batch
     summaries = {}
     for gate, summary in gate_summary(record).items():
         units = summary["low"].shape[-1]

@@ -119,12 +119,12 @@ HORIZON_FRACTION = 0.01
 
 def sequence_grad_norms(record: RNNRecord) -> torch.Tensor | None:
     """``(layers*directions, batch, time)``: ``||dL/dh_t||_2`` of every recorded sequence (zero past its end);
-    ``None`` without gradient. Computed once per record."""
+    ``None`` without gradient. Computed once per record, where it lives; the result is on the CPU."""
     if record.hidden_grad is None:
         return None
     cached = record.derived.get("sequence_grad_norms")
     if cached is None or cached[0] is not record.hidden_grad:
-        norms = torch.linalg.vector_norm(record.hidden_grad.float(), dim=-1).double()
+        norms = torch.linalg.vector_norm(record.hidden_grad.float(), dim=-1).cpu().double()
         cached = record.derived["sequence_grad_norms"] = (record.hidden_grad, norms)
     return cached[1]
 

@@ -57,13 +57,15 @@ def reduce_hidden(
         if length > 0:
             variance = torch.where(finite, hidden, 0.0).var(dim=1, unbiased=False)  # (LD, H)
         else:
-            variance = torch.zeros(rows, hidden_out)
+            variance = hidden.new_zeros(rows, hidden_out)
         score = torch.where(finite.all(dim=1), variance, torch.inf)
         units = score.topk(top_k, dim=1).indices.sort(dim=1).values  # (LD, k)
         hidden = torch.gather(hidden, 2, units.unsqueeze(1).expand(rows, length, top_k))
+        units = common.host(units)
     else:
-        units = torch.arange(hidden_out).expand(rows, hidden_out)
-    values, width = common.bin_axis(hidden.transpose(1, 2).numpy(), max_time)  # (LD, k, columns)
+        units = np.broadcast_to(np.arange(hidden_out), (rows, hidden_out))
+    # selected and binned where the record lives: only (LD, k, columns) crosses to the host
+    values, width = common.bin_axis(hidden.transpose(1, 2), max_time)  # (LD, k, columns)
 
     bounded = common.hidden_is_tanh_bounded(record)
     finite_values = values[np.isfinite(values)]
@@ -73,7 +75,7 @@ def reduce_hidden(
         "sample": sample,
         "length": length,
         "values": values.astype(np.float32, copy=False),
-        "units": units.numpy().astype(np.int64),
+        "units": units.astype(np.int64),
         "hidden_out": int(hidden_out),
         "bin": width,
         "limit": limit if limit > 0 else 1.0,

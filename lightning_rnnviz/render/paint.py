@@ -26,7 +26,13 @@ import numpy as np
 from lightning_rnnviz.render import canvas as cv
 from lightning_rnnviz.render import common
 from lightning_rnnviz.render.gates import TANH_GATES
-from lightning_rnnviz.render.gradients import _finite_runs, _log_limits, decay_curves, horizon_entries, horizon_text
+from lightning_rnnviz.render.gradients import (
+    _finite_runs,
+    _log_limits,
+    decay_curves,
+    horizon_entries,
+    horizon_text,
+)
 
 WIDTH = 800
 MAX_HEIGHT = 800

@@ -35,7 +35,7 @@ class Output(Protocol):
 
     def scalars(self, values: Mapping[str, float], step: int) -> None: ...
 
-    def histogram(self, tag: str, values: Callable[[], np.ndarray], step: int) -> None: ...
+    def histogram(self, tag: str, buckets: Callable[[], Mapping[str, Any] | None], step: int) -> None: ...
 
     def text(self, tag: str, markdown: str, step: int) -> None: ...
 
@@ -246,9 +246,10 @@ class Reporter:
                             f"{note} Its figures say so, and its statistics carry `exact` = 0 (this warning is "
                             "shown once per module).")
 
-    def _histogram(self, out: Output, tag: str, step: int, values: Callable[[], np.ndarray]) -> None:
+    def _histogram(self, out: Output, tag: str, step: int, values: Callable[[], torch.Tensor]) -> None:
+        """Buckets of ``values()``, counted only when some logger keeps histograms (``out`` calls it)."""
         if self.histograms:
-            self.guard(f"histogram {tag!r}", lambda: out.histogram(tag, values, step))
+            self.guard(f"histogram {tag!r}", lambda: out.histogram(tag, lambda: histogram_buckets(values()), step))
 
     def _report_rnn(self, name: str, record: RNNRecord, out: Output, step: int, prefix: str, training: bool,
                     tokens: dict[str, list[str]] | None) -> None:
@@ -442,7 +443,7 @@ class _Collected:
         self.recordings.add(index)
         magnitude = record.hidden.abs()
         # (rows, units); padding is 0; a NaN/Inf unit is not a dead one (the nonfinite rule covers it)
-        peak = torch.where(magnitude.isfinite(), magnitude, torch.inf).amax(dim=(1, 2))
+        peak = torch.where(magnitude.isfinite(), magnitude, torch.inf).amax(dim=(1, 2)).cpu()
         self.unit_peak = peak if self.unit_peak is None else torch.maximum(self.unit_peak, peak)
         self.lengths.append(float(record.lengths.double().mean()) if record.lengths.numel() else float("nan"))
         norm = record.grad_norm
@@ -460,7 +461,7 @@ class _Collected:
             return
         top = record.attention.float().argmax(-1)  # (B, H, Tq)
         mode = top.mode(-1).values  # (B, H)
-        self.same_key.append((top == mode.unsqueeze(-1)).double().mean(-1).mean(0).numpy())
+        self.same_key.append((top == mode.unsqueeze(-1)).double().mean(-1).mean(0).cpu().numpy())
 
     def summary(self) -> findings_.ModuleEpoch:
         stats = {stat: [_nanmean(values) for values in rows] for stat, rows in self.values.items()}
@@ -530,11 +531,64 @@ def scalar_layout(kinds: Mapping[str, str], quantities: Iterable[str] = QUANTITI
     return charts
 
 
-def valid_values(record: RNNRecord, values: torch.Tensor) -> np.ndarray:
-    """The entries of ``values`` ``(rows, batch, time, units)`` at valid steps, flattened."""
+def valid_values(record: RNNRecord, values: torch.Tensor) -> torch.Tensor:
+    """The entries of ``values`` ``(rows, batch, time, units)`` at valid steps, flattened, where they live."""
     if record.all_valid:
-        return values.reshape(-1).numpy()  # no padding: a view, no copy
-    return values[:, record.valid_mask()].flatten().numpy()
+        return values.reshape(-1)  # no padding: a view, no copy
+    return values[:, record.valid_mask()].flatten()
+
+
+def histogram_buckets(values: torch.Tensor, bins: int = 64) -> dict[str, Any] | None:
+    """``bins`` equal buckets between the minimum and maximum of the finite ``values``, counted where the
+    tensor lives (on the GPU for a record kept there): only the counts and five numbers cross to the host.
+    The fields of :class:`lightning_rnnviz.sinks.Histogram` (the last bucket includes the maximum), or
+    ``None`` when no value is finite.
+
+    Example::
+
+        >>> h = histogram_buckets(torch.tensor([0.0, 1.0, float("nan"), 1.0]), bins=2)
+        >>> h["num"], h["counts"].tolist(), h["limits"].tolist()
+        (3.0, [1.0, 2.0], [0.5, 1.0])
+    """
+    values = values.detach().reshape(-1).float()
+    if not values.numel():
+        return None
+    # NaN and Inf reach the extremes: finite extremes mean finite values (one pass, one transfer)
+    low, high = torch.stack(torch.aminmax(values)).tolist()
+    if not (np.isfinite(low) and np.isfinite(high)):
+        values = values[values.isfinite()]
+        if not values.numel():
+            return None
+        low, high = torch.stack(torch.aminmax(values)).tolist()
+    if high > low:
+        # Bucket index by one multiply and a count; a value on an inner edge may land on either side of
+        # it, as float32 rounding has it.
+        index = torch.sub(values, low).mul_(bins / (high - low)).to(torch.int32).clamp_(max=bins - 1)
+        counts = _bincount(index, bins)
+        limits = np.linspace(low, high, bins + 1)[1:]
+    else:
+        counts, limits = torch.tensor([values.numel()]), np.array([high])
+    wide = values.double()  # squares of float64, as numpy sums them
+    sums = torch.stack([wide.sum(), wide.square().sum()]).tolist()
+    return {
+        "min": low,
+        "max": high,
+        "num": float(values.numel()),
+        "sum": sums[0],
+        "sum_squares": sums[1],
+        "limits": np.asarray(limits, dtype=np.float64),
+        "counts": counts.cpu().numpy().astype(np.float64),
+    }
+
+
+def _bincount(index: torch.Tensor, bins: int) -> torch.Tensor:
+    """``torch.bincount``; under ``torch.use_deterministic_algorithms(True)`` on a device where PyTorch
+    refuses it, the same counts from a sort."""
+    try:
+        return torch.bincount(index, minlength=bins)
+    except RuntimeError:
+        edges = torch.arange(bins + 1, device=index.device, dtype=index.dtype)
+        return torch.searchsorted(index.sort().values, edges).diff()
 
 
 def _token_lists(tokens: Any) -> dict[str, list[str]] | None:

@@ -70,6 +70,17 @@ class Histogram:
     counts: np.ndarray
 
     @classmethod
+    def from_buckets(cls, buckets: Mapping[str, Any] | None) -> Histogram | None:
+        """A histogram of buckets counted elsewhere (a mapping of this class's fields); ``None`` for
+        ``None`` (nothing finite to count)."""
+        if buckets is None:
+            return None
+        fields = {k: buckets[k] for k in ("min", "max", "num", "sum", "sum_squares")}
+        return cls(**{k: float(v) for k, v in fields.items()},
+                   limits=np.asarray(buckets["limits"], dtype=np.float64),
+                   counts=np.asarray(buckets["counts"], dtype=np.float64))
+
+    @classmethod
     def from_values(cls, values: np.ndarray, bins: int = 64) -> Histogram | None:
         """``bins`` equal buckets between the minimum and maximum of the finite ``values`` (the last bucket
         includes the maximum); ``None`` when no value is finite.

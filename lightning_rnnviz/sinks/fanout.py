@@ -72,12 +72,15 @@ class Fanout:
             if self.keeper is not None:
                 self.guard("keep the records", lambda: self.keeper.scalars(values, step))
 
-    def histogram(self, tag: str, values: Callable[[], np.ndarray], step: int) -> None:
-        """Bucket ``values()`` once (only if some sink keeps histograms) and write it everywhere."""
+    def histogram(self, tag: str, values: Callable[[], np.ndarray | Mapping[str, Any] | None], step: int) -> None:
+        """Write ``values()`` everywhere, called once and only if some sink keeps histograms: values to
+        bucket (numpy), or buckets counted already (the fields of :class:`Histogram`, as the callbacks'
+        reporter counts them where the record lives)."""
         takers = [sink for sink in self.sinks if sink.wants_histograms]
         if not takers:
             return
-        histogram = Histogram.from_values(values())
+        data = values()
+        histogram = Histogram.from_values(data) if isinstance(data, np.ndarray) else Histogram.from_buckets(data)
         if histogram is None:
             return  # nothing finite to show
         started = time.perf_counter()

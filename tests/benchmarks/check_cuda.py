@@ -17,6 +17,10 @@ check and exits non-zero when one fails; the timings on CUDA come from ``bench_o
    (``grad_scale=scaler.get_scale()``) against the float32 run of the same batch.
 4. Lightning ``precision="16-mixed"`` on the GPU with ``RNNViz(every_n_steps=1)``: images and finite
    gradient-norm scalars on every step, unscaled (the same order as a float32 run).
+5. Reductions on the device: a seq2seq model (packed bidirectional LSTM, GRU cell, attention) recorded on
+   CUDA with ``Probe(on_device=True)``, as the callbacks record, and reported: every picture payload,
+   statistic, histogram and summary the same as from the record copied to the CPU (to 1e-4 relative:
+   the GPU sums in another order), and the time of recording + reporting both ways.
 """
 
 from __future__ import annotations
@@ -25,19 +29,24 @@ import contextlib
 import copy
 import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_rnnviz import Probe
 from lightning_rnnviz.probe import replay
+from lightning_rnnviz.probe.records import Recording
 from lightning_rnnviz.probe.replay import replay_rnn, tf32_off
 from tests.helpers.cases import KINDS, STRUCTURES, RNNConfig, build_rnn, loss_for, make_inputs, run_rnn
 from tests.helpers.reference import reference_rnn
 from tests.probe.test_fused_backward import _replay_args
+from tests.render import test_on_device as on_device
 
 FAILURES: list[str] = []
 DEVICE = "cuda"  # `--dry-run` runs every check on the CPU, to test this script without a GPU
@@ -247,6 +256,71 @@ def check_lightning_16_mixed() -> None:
            f"16-mixed {norms16[0]:.3e}, 32-true {norms32[0]:.3e} (ratio {ratio:.3f}); image tags {tags16}")
 
 
+def check_device_reductions() -> None:
+    torch.manual_seed(0)
+    model = on_device.Seq2Seq().to(DEVICE)
+    x = torch.randn(32, 300, 6, device=DEVICE)
+    lengths = torch.randint(100, 301, (32,))
+    lengths[0] = 300
+
+    def recorded(keep: bool) -> tuple[Recording, float]:
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with Probe(model, on_device=keep).record(max_samples=16) as recording:
+            model(x, lengths).backward()  # lengths on the CPU, as pack_padded_sequence wants them
+        return recording, started
+
+    def reported(recording: Recording, started: float) -> tuple[on_device.Collected, float]:
+        out = on_device.Collected()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            on_device._report(recording, out)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - started
+
+    for _ in range(2):  # the first round warms the kernels up
+        kept, kept_s = reported(*recorded(True))
+        host, host_s = reported(*recorded(False))
+    placed = {name: str(record.device) for name, record in recorded(True)[0].items()}
+    problems = []
+    for what in ("pictures", "scalars_", "histograms", "texts", "documents"):
+        try:
+            _same_within(getattr(host, what), getattr(kept, what), what)
+        except AssertionError as error:
+            problems.append(str(error).splitlines()[0])
+    report("statistics, histograms and payloads reduced on the device (Probe(on_device=True))", not problems,
+           f"records on {sorted(set(placed.values()))}; record + report {kept_s * 1000:.0f} ms on the device, "
+           f"{host_s * 1000:.0f} ms copied to the host first; {len(kept.pictures)} pictures, "
+           f"{len(kept.scalars_)} scalars, {len(kept.histograms)} histograms"
+           + (f"; differs: {problems[:3]}" if problems else ""))
+
+
+def _same_within(a, b, where: str, rtol: float = 1e-4) -> None:
+    """``tests/render/test_on_device._same`` with a tolerance for another summation order."""
+    if isinstance(a, Mapping):
+        assert set(a) == set(b), f"{where}: keys differ"
+        for key in a:
+            _same_within(a[key], b[key], f"{where}.{key}", rtol)
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.shape == b.shape, f"{where}: {type(b).__name__} {getattr(b, 'shape', '')}"
+        if a.dtype.kind == "f":
+            scale = float(np.nanmax(np.abs(a))) if np.isfinite(a).any() else 1.0
+            np.testing.assert_allclose(b, a, rtol=rtol, atol=rtol * scale, equal_nan=True, err_msg=where)
+        else:
+            # bucket counts: a value on a bucket edge may fall either side with another rounding
+            assert np.abs(a - b).sum() <= max(2, 1e-4 * np.abs(a).sum()), where
+    elif isinstance(a, float):
+        assert (np.isnan(a) and np.isnan(b)) or abs(a - b) <= rtol * max(abs(a), 1e-6), f"{where}: {a} vs {b}"
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_within(x, y, f"{where}[{i}]", rtol)
+    else:
+        assert not isinstance(b, torch.Tensor) and a == b, f"{where}: {a!r} vs {b!r}"
+
+
 def main() -> None:
     global DEVICE
     if "--dry-run" in sys.argv:
@@ -262,6 +336,7 @@ def main() -> None:
     check_fused_vs_loop()
     check_fp16_grad_scaler()
     check_lightning_16_mixed()
+    check_device_reductions()
     if FAILURES:
         raise SystemExit(f"{len(FAILURES)} check(s) failed: {FAILURES}")
 

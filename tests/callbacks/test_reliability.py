@@ -409,7 +409,7 @@ def test_two_rnnviz_instances_on_one_module_do_not_write_a_tag_twice_silently(tm
     cbs = [RNNViz(every_n_steps=1, validation=False, histograms=False),
            RNNViz(every_n_steps=2, modules=["rnn"], validation=False, histograms=False)]
     trainer = _trainer(tmp_path, cbs, limit_train_batches=1)
-    with _all_warnings() as caught:
+    with _all_warnings():
         trainer.fit(TinySeqModel(), loader())
     steps = _image_steps(_events(trainer.logger.log_dir))
     duplicated = {t: v for t, v in steps.items() if len(v) != len(set(v))}

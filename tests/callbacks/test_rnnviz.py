@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -359,6 +362,40 @@ def test_intra_op_threads_are_restored_after_every_recording(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+class _RecordsAlive(pl.Callback):
+    """After RNNViz: how many of the step's recorded tensors are still alive once it has been reported."""
+
+    def __init__(self) -> None:
+        self.made: list[weakref.ref] = []  # filled as each recording block closes
+        self.alive: list[int] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.made:
+            gc.collect()
+            self.alive.append(sum(ref() is not None for ref in self.made))
+            self.made = []
+
+
+def test_the_recording_is_let_go_once_reported(tmp_path, monkeypatch):
+    """Records stay where the model ran (device memory on a GPU): none outlives the step that reported it."""
+    from lightning_rnnviz import Probe
+
+    seen = _RecordsAlive()
+    original = Probe.record
+
+    @contextlib.contextmanager
+    def record(self, *args, **kwargs):
+        assert self.on_device  # the callback reduces where the record lives
+        with original(self, *args, **kwargs) as recording:
+            yield recording
+        seen.made.extend(weakref.ref(t) for r in recording.rnn().values() for t in (r.hidden, *r.gates.values()))
+
+    monkeypatch.setattr(Probe, "record", record)
+    trainer = _trainer(tmp_path, [RNNViz(every_n_steps=2, validation=False, strict=True), seen], max_epochs=1)
+    trainer.fit(TinySeqModel(), loader())
+    assert len(seen.alive) >= 2 and not any(seen.alive), seen.alive
 
 
 def test_the_automatic_placement_follows_the_cores_to_spare(tmp_path, monkeypatch):

@@ -118,7 +118,6 @@ def _train_step(name, probe_kw=None, record_kw=None, training=True, grad_ctx=Non
     model = MODELS[name]().train(training)
     x, lengths = _inputs()
     _seed_all()
-    rec = None
     probe_ctx = Probe(model, **(probe_kw or {})).record(**(record_kw or {})) if probe_kw is not None else None
     with probe_ctx if probe_ctx is not None else contextlib.nullcontext() as rec:
         with grad_ctx() if grad_ctx is not None else contextlib.nullcontext():
