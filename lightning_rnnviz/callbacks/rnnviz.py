@@ -495,7 +495,7 @@ class RNNViz(*CALLBACK_BASES):
         if drawn:
             spent_ms = 1e3 * (time.perf_counter() - started)
             self._guard("overhead statistics", lambda: fanout.scalars({"rnnviz/overhead/epoch_end_ms": spent_ms}, step))
-        self._guard("flush", fanout.flush)
+        self._guard("flush", lambda: fanout.flush(only_if_written=True))
 
     # --- validation --------------------------------------------------------------------------------
     def _wants_val(self, trainer: Any, batch_idx: int, dataloader_idx: int) -> bool:

@@ -40,12 +40,14 @@ class Fanout:
         self.keeper = keeper  # keeps what each step drew and measured, for notebooks (`save_records`)
         self.written: set[tuple[str, int]] = set()  # (tag, step) of pictures and texts handed over this run
         self.write_s = 0.0  # time spent writing to the sinks
+        self._unflushed = False  # something was written since the last flush
 
     @property
     def wants_histograms(self) -> bool:
         return any(sink.wants_histograms for sink in self.sinks)
 
     def _each(self, what: str, call: Callable[[Sink], Any]) -> None:
+        self._unflushed = True
         started = time.perf_counter()
         for sink in self.sinks:
             self.guard(f"{what} to {sink.name}", lambda s=sink: call(s))
@@ -107,9 +109,15 @@ class Fanout:
     def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
         self._each("write the chart layout", lambda s: s.layout(charts))
 
-    def flush(self) -> None:
+    def flush(self, only_if_written: bool = False) -> None:
+        """Write what the renderer has drawn and flush every sink (the user's logger's writer too, where a
+        sink shares it). ``only_if_written``: not when nothing was written since the last flush (an epoch
+        without a recording: a TensorBoard writer's flush waits for its queue, a few ms)."""
         self.drain()
+        if only_if_written and not self._unflushed:
+            return
         self._each("flush", lambda s: s.flush())
+        self._unflushed = False
         if self.keeper is not None:
             self.guard("keep the records", self.keeper.flush)
 

@@ -92,6 +92,28 @@ def test_histograms_can_be_switched_off(tmp_path):
     assert calls == []  # nothing is bucketed when no sink keeps histograms
 
 
+def test_an_epoch_without_anything_written_flushes_nothing(tmp_path):
+    """At an epoch end without a recording nothing is flushed (a logger's writer waits for its queue on
+    each flush); after any write, and when asked plainly, every sink is."""
+
+    class Counting(FileSink):
+        flushes = 0
+
+        def flush(self):
+            Counting.flushes += 1
+
+    fanout = Fanout([Counting(tmp_path)], InlineRenderer())
+    fanout.flush(only_if_written=True)
+    assert Counting.flushes == 0
+    fanout.scalars({"rnnviz/hidden/m/mean_abs": 0.5}, 3)
+    fanout.flush(only_if_written=True)
+    fanout.flush(only_if_written=True)
+    assert Counting.flushes == 1
+    fanout.flush()  # the user's scalars, after a recording step: always
+    assert Counting.flushes == 2
+    fanout.close()
+
+
 def test_fanout_draws_once_writes_everywhere_and_isolates_a_failing_sink(tmp_path):
     class Broken(FileSink):
         def image(self, tag, picture, step):
