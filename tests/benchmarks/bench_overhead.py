@@ -26,6 +26,9 @@ machine hits both sides alike. Printed per workload and variant:
 - ``next step ms``: median wall time of the training step right after each recording step, with / without the
   callback: a cost the callback causes outside its own time (a thread pool left spinning, caches evicted)
   shows here and nowhere else; ``other step ms`` is the same for all other steps.
+- ``inside ms``: a recording step's wall time, less the callback's own time on it, less the same step's time
+  without the callback (medians, first recording left out): what the callback adds inside the user's own
+  forward and backward (capturing inputs, weights, upstream gradients), which its own timers cannot see.
 - ``faults M``: minor page faults of the training process (millions), with / without. Both sides run with
   glibc's mmap threshold fixed at 32 MB (``--malloc default`` leaves glibc's dynamic threshold alone): with
   the dynamic one, the callback's first recording raises the threshold past the size of a step's
@@ -136,12 +139,14 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
     wall = time.perf_counter() - started
     after = [ms for step, ms in enumerate(timer.step_ms) if step - 1 in recorded]  # the step right after one
     plain = [ms for step, ms in enumerate(timer.step_ms) if step not in recorded and step - 1 not in recorded]
+    on_recorded = [ms for step, ms in enumerate(timer.step_ms) if step in recorded and step > 0]  # 0: warm-up
     result = {
         "wall_s": wall,
         "rss_mb": _peak_rss_kb() / 1024,
         "child_rss_mb": (callbacks[0].drawer_peak_rss_mb or 0.0) if with_callback else 0.0,
         "after_ms": statistics.median(after[1:]) if len(after) > 1 else float("nan"),  # the first is a warm-up
         "plain_ms": statistics.median(plain),
+        "recorded_ms": statistics.median(on_recorded) if on_recorded else float("nan"),
         "fit_start_ms": callbacks[0].fit_overhead_ms.get("start", 0.0) if with_callback else 0.0,
         "fit_end_ms": callbacks[0].fit_overhead_ms.get("end", 0.0) if with_callback else 0.0,
         "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"{'workload':<10} {'variant':<8} {'overhead':>9} {'thread':>7} {'thread ms/rec':>14} {'replay':>7} {'render':>7} "
               f"{'write':>6} {'other':>6} {'draw ms/fig':>12} {'replay/fused':>13} {'peak RSS':>9} "
               f"{'drawer MB':>10} {'dropped':>8} {'fit ms':>9} {'next step ms':>13} {'other step ms':>13} "
-              f"{'faults M':>13}")
+              f"{'faults M':>13} {'inside ms':>10}")
     rows = []
     for workload in args.workload or list(WORKLOADS):
         fused = replay_ratio(workload, args.device)
@@ -358,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
             ratios, accounted, rss, child, dropped = [], [], [], [], 0.0
             fit_ms, next_with, next_without, plain_with, plain_without = [], [], [], [], []
             faults: dict[bool, list[int]] = {True: [], False: []}
+            inside: list[float] = []  # recording step's time beyond the callback's own, over the same step without
             parts: dict[str, list[float]] = {k: [] for k in ("train_thread_ms", "replay_ms", "render_ms", "write_ms")}
             with tempfile.TemporaryDirectory() as out:
                 for pair in range(args.pairs):
@@ -377,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
                     plain_without.append(results[False]["plain_ms"])
                     for flag in (True, False):
                         faults[flag].append(results[flag]["minor_faults"])
+                    own = statistics.median(results[True]["train_thread_ms"][1:] or [float("nan")])
+                    inside.append(results[True]["recorded_ms"] - own - results[False]["recorded_ms"])
                     dropped = max(dropped, max(results[True]["dropped_figures"], default=0.0))
                     print(f"  {workload} {variant} pair {pair}: without {results[False]['wall_s']:.2f} s, "
                           f"with {results[True]['wall_s']:.2f} s", flush=True)
@@ -391,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
                    f"{statistics.median(fit_ms):>9.0f} "
                    f"{statistics.median(next_with):>6.1f}/{statistics.median(next_without):<6.1f} "
                    f"{statistics.median(plain_with):>6.1f}/{statistics.median(plain_without):<6.1f} "
-                   f"{statistics.median(faults[True]) / 1e6:>6.2f}/{statistics.median(faults[False]) / 1e6:<6.2f}")
+                   f"{statistics.median(faults[True]) / 1e6:>6.2f}/{statistics.median(faults[False]) / 1e6:<6.2f} "
+                   f"{statistics.median(inside):>10.1f}")
             rows.append(row)
             print(header, row, sep="\n", flush=True)
     print("\n" + header)
@@ -403,7 +412,9 @@ def main(argv: list[str] | None = None) -> None:
           "histograms, hand-over)")
     print("(fit ms = the callback's fit start + fit end; next step ms = median of the training steps right after "
           "a recording, with / without the callback; other step ms = the other steps, with / without; faults M = "
-          "millions of minor page faults of the training process, with / without)")
+          "millions of minor page faults of the training process, with / without; inside ms = a recording step's "
+          "time beyond the callback's own, minus the same step without it: capture in the user's forward and "
+          "backward, and the record's other costs inside the step)")
     if not args.workload or "cpu-lstm" in args.workload:
         print(f"\nDIY (LSTMCell unrolled, retain_grad every step) throughput / fused LSTM: "
               f"{diy_ratio(args.device):.2f}x")
