@@ -135,8 +135,9 @@ class AttentionRecord:
         name: the module's qualified name.
         kind: ``"MultiheadAttention"`` or ``"custom"`` (an extractor function).
         attention: ``(batch, heads, T_query, T_key)`` softmax weights, per head, before dropout, with
-            every mask applied; on the CPU, or where the module ran with ``Probe(on_device=True)``. ``add_bias_kv`` and ``add_zero_attn`` append their extra key columns at
-            the end, as PyTorch does.
+            every mask applied; on the CPU, or where the module ran with ``Probe(on_device=True)``.
+            ``add_bias_kv`` and ``add_zero_attn`` append their extra key columns at the end, as PyTorch
+            does.
         key_lengths: ``(batch,)`` number of real (not padded) keys, from ``key_padding_mask`` when it
             marks a right-padded batch; ``None`` when every key is real.
         exact: always ``True`` for ``nn.MultiheadAttention``; as reported for custom extractors.

@@ -6,8 +6,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from lightning_rnnviz.render.jobs import Job
 from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer
 from lightning_rnnviz.sinks.base import Histogram, Sink
@@ -74,15 +72,13 @@ class Fanout:
             if self.keeper is not None:
                 self.guard("keep the records", lambda: self.keeper.scalars(values, step))
 
-    def histogram(self, tag: str, values: Callable[[], np.ndarray | Mapping[str, Any] | None], step: int) -> None:
-        """Write ``values()`` everywhere, called once and only if some sink keeps histograms: values to
-        bucket (numpy), or buckets counted already (the fields of :class:`Histogram`, as the callbacks'
-        reporter counts them where the record lives)."""
+    def histogram(self, tag: str, buckets: Callable[[], Mapping[str, Any] | None], step: int) -> None:
+        """Write ``buckets()`` everywhere (the fields of :class:`Histogram`, counted where the record lives,
+        or ``None``), called once and only if some sink keeps histograms."""
         takers = [sink for sink in self.sinks if sink.wants_histograms]
         if not takers:
             return
-        data = values()
-        histogram = Histogram.from_values(data) if isinstance(data, np.ndarray) else Histogram.from_buckets(data)
+        histogram = Histogram.from_buckets(buckets())
         if histogram is None:
             return  # nothing finite to show
         started = time.perf_counter()
