@@ -290,15 +290,21 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
                 hidden_grad, cell_grad = _backward_fused(rows, weights, layer_inputs, h0, c0, lengths, valid,
                                                          grad_output, grad_h_n, grad_c_n, dropout_masks)
 
-        hidden = torch.stack([r.h for r in rows])
-        cell = torch.stack([r.c for r in rows]) if mode == "LSTM" else None
-        gates = {name: torch.stack([r.gates[name] for r in rows]) for name in rows[0].gates}
+        hidden = _stacked([r.h for r in rows])
+        cell = _stacked([r.c for r in rows]) if mode == "LSTM" else None
+        gates = {name: _stacked([r.gates[name] for r in rows]) for name in rows[0].gates}
         if valid is not None:
             mask = valid.to(hidden.dtype)
-            hidden = hidden * mask
-            cell = cell * mask if cell is not None else None
-            gates = {k: v * mask for k, v in gates.items()}
+            hidden = hidden.mul_(mask)
+            cell = cell.mul_(mask) if cell is not None else None
+            gates = {k: v.mul_(mask) for k, v in gates.items()}
     return ReplayResult(hidden, cell, gates, hidden_grad, cell_grad)
+
+
+def _stacked(rows: list[Tensor]) -> Tensor:
+    """``(L*D, T, B, ...)`` from per-row ``(T, B, ...)`` tensors, in one copy, laid out batch-major: the
+    records are ``(L*D, B, T, ...)``, and the probe's transpose of this is then a view, not a second copy."""
+    return torch.stack([r.transpose(0, 1) for r in rows]).transpose(1, 2)
 
 
 _FUSED_OPS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}
@@ -552,11 +558,13 @@ def _backward(rows: list[_Row], num_layers: int, num_dirs: int, x: Tensor, lengt
                     seed_c[final, arange] += grad_c_n[index]
             dh_all, dc_all, d_pre = _backward_row(row, seed, seed_c, mask)
             hidden_grad[index], cell_grad[index] = dh_all, dc_all
+            if layer == 0:
+                continue  # nothing below needs the gradient of the module's input
             contribution = F.linear(d_pre, row.w.w_ih.t())  # (T, B, I): gradient into the layer input
             d_input = contribution if d_input is None else d_input + contribution
         # The layer read the dropped-out states of the layer below: its gradient passes the same mask.
         direct = d_input * dropout_masks[layer - 1] if dropout_masks is not None and layer > 0 else d_input
-    return torch.stack(hidden_grad), (torch.stack(cell_grad) if rows[0].mode == "LSTM" else None)
+    return _stacked(hidden_grad), (_stacked(cell_grad) if rows[0].mode == "LSTM" else None)
 
 
 def _backward_row(row: _Row, seed: Tensor, seed_c: Tensor | None,
@@ -567,34 +575,13 @@ def _backward_row(row: _Row, seed: Tensor, seed_c: Tensor | None,
     input-side pre-activations ``(T, B, G*H)`` (to be multiplied by ``W_ih``).
     """
     steps, batch = seed.shape[:2]
-    w_hh = row.w.w_hh
-    dh_all = torch.empty_like(seed)
-    dc_all = torch.empty_like(seed_c) if seed_c is not None else None
-    d_pre = None
-    dh_rec = torch.zeros_like(seed[0])
-    dc_rec = torch.zeros_like(seed_c[0]) if seed_c is not None else None
     order = range(steps - 1, -1, -1) if row.direction == 0 else range(steps)
     if row.mode == "LSTM":
-        # Each step writes into views of the outputs (`out=`): a step is a few kernels, not a dozen.
-        size = row.forget.shape[-1]
-        d_pre = seed.new_empty(steps, batch, 4 * size)
-        seeded_c = set(torch.nonzero(seed_c.flatten(1).any(1)).flatten().tolist())  # usually only c_n's step
-        for t in order:
-            dh = torch.add(seed[t], dh_rec, out=dh_all[t])
-            if mask is not None:
-                dh.mul_(mask[t])
-            dh_cell = dh @ row.w.w_hr if row.w.w_hr is not None else dh
-            dc = torch.addcmul(dc_rec, dh_cell, row.dh_to_dc[t], out=dc_all[t])
-            if t in seeded_c:
-                dc.add_(seed_c[t])
-            if mask is not None:
-                dc.mul_(mask[t])
-            d_step = d_pre[t]
-            torch.mul(dc.unsqueeze(1), row.dc_factor[t], out=d_step[:, : 3 * size].unflatten(1, (3, size)))
-            torch.mul(dh_cell, row.do_factor[t], out=d_step[:, 3 * size :])
-            dc_rec = dc * row.forget[t]
-            dh_rec = torch.mm(d_step, w_hh)
-        return dh_all, dc_all, d_pre
+        return _backward_lstm_row(row, seed, seed_c, mask, order)
+    w_hh = row.w.w_hh
+    dh_all = torch.empty_like(seed)
+    d_pre = None
+    dh_rec = torch.zeros_like(seed[0])
     for t in order:
         dh = torch.add(seed[t], dh_rec, out=dh_all[t])
         if mask is not None:
@@ -612,6 +599,46 @@ def _backward_row(row: _Row, seed: Tensor, seed_c: Tensor | None,
         if d_pre is None:
             d_pre = seed.new_zeros(steps, batch, d_in.shape[-1])
         d_pre[t] = d_in
+    return dh_all, None, d_pre
+
+
+def _backward_lstm_row(row: _Row, seed: Tensor, seed_c: Tensor, mask: Tensor | None,
+                       order: range) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_backward_row` for an LSTM. A step is five kernels writing into views of the outputs
+    (`out=`), the views taken once: ``dL/dh_t`` is the seed plus the recurrent product in one ``addmm``;
+    ``dL/dc_t`` one product and one ``addcmul``; the gate gradients two products."""
+    steps, batch = seed.shape[:2]
+    size = row.forget.shape[-1]
+    w_hh, w_hr = row.w.w_hh, row.w.w_hr
+    dh_all, dc_all = torch.empty_like(seed), torch.empty_like(seed_c)
+    d_pre = seed.new_empty(steps, batch, 4 * size)
+    seeded_c = set(torch.nonzero(seed_c.flatten(1).any(1)).flatten().tolist())  # usually only c_n's step
+    seeds, dhs, dcs = seed.unbind(0), dh_all.unbind(0), dc_all.unbind(0)
+    d_steps = d_pre.unbind(0)
+    gate_parts = d_pre[..., : 3 * size].unflatten(-1, (3, size)).unbind(0)  # (B, 3, H): input, forget, cell
+    output_parts = d_pre[..., 3 * size :].unbind(0)
+    dh_to_dc, dc_factor = row.dh_to_dc.unbind(0), row.dc_factor.unbind(0)
+    do_factor, forget = row.do_factor.unbind(0), row.forget.unbind(0)
+    masks = mask.unbind(0) if mask is not None else None
+    previous = None  # the step processed just before (t + 1 forward in time, t - 1 in reverse)
+    for t in order:
+        if previous is None:
+            dh = dhs[t].copy_(seeds[t])
+        else:
+            dh = torch.addmm(seeds[t], d_steps[previous], w_hh, out=dhs[t])
+        if masks is not None:
+            dh.mul_(masks[t])
+        dh_cell = dh @ w_hr if w_hr is not None else dh
+        dc = torch.mul(dh_cell, dh_to_dc[t], out=dcs[t])
+        if previous is not None:
+            dc.addcmul_(dcs[previous], forget[previous])
+        if t in seeded_c:
+            dc.add_(seed_c[t])
+        if masks is not None:
+            dc.mul_(masks[t])
+        torch.mul(dc.unsqueeze(1), dc_factor[t], out=gate_parts[t])
+        torch.mul(dh_cell, do_factor[t], out=output_parts[t])
+        previous = t
     return dh_all, dc_all, d_pre
 
 
@@ -670,7 +697,7 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
         if layer > 0:
             direct = d_input * dropout_masks[layer - 1] if dropout_masks is not None else d_input.contiguous()
         del d_input, deltas
-    return torch.stack(hidden_grad), (torch.stack(cell_grad) if rows[0].mode == "LSTM" else None)
+    return _stacked(hidden_grad), (_stacked(cell_grad) if rows[0].mode == "LSTM" else None)
 
 
 def _layer_deltas(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,

@@ -191,7 +191,7 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-_CACHED_TEXT = 24  # longest text kept in the cache
+_CACHED_TEXT = 64  # longest text kept in the cache (axis titles, legends, headings; a title's step is not)
 
 
 @functools.lru_cache(maxsize=2048)
@@ -246,18 +246,20 @@ class Canvas:
         anchor: str = "la",
         fill: tuple[int, int, int] = TEXT_RGB,
         rotate: bool = False,
+        cache: bool = True,
     ) -> None:
         """Write ``text`` at ``xy`` with a Pillow ``anchor`` (two letters: along, across the text).
 
         ``rotate`` turns the text 90 degrees anticlockwise (reading upwards); the anchor keeps its meaning
         relative to the text: ``"rm"`` ends the text at ``xy``, so it hangs below a tick; ``"mb"`` centres
-        it with its baseline side at ``xy``.
+        it with its baseline side at ``xy``. ``cache=False`` for a text that changes from picture to
+        picture (a step number), which would only fill the cache.
         """
         if not text:
             return
-        # Tick labels and axis titles repeat from picture to picture and are cached; titles carry the
-        # step and are not (the cache would only grow).
-        render = _text_mask if len(text) <= _CACHED_TEXT else _text_mask.__wrapped__
+        # Tick labels and axis titles repeat from picture to picture and are cached; long texts are not
+        # (figure titles carry the step: `title_block` writes them in pieces, the step uncached).
+        render = _text_mask if cache and len(text) <= _CACHED_TEXT else _text_mask.__wrapped__
         mask, (dx, dy) = render(text, round(size * self.scale), anchor, rotate)
         x, y = round(self._px(xy[0]) + dx), round(self._px(xy[1]) + dy)
         self.image.paste(fill, (x, y, x + mask.width, y + mask.height), mask)
@@ -482,10 +484,23 @@ def title_block(canvas: Canvas, title: str, top: float = 8) -> float:
     y = top
     for number, line in enumerate(title.split("\n")):
         size = TITLE_SIZE if number == 0 else LABEL_SIZE
-        line = canvas.fit_text(line, size, canvas.width - 16)
-        canvas.text((canvas.width / 2, y), line, size, anchor="ma", fill=TEXT_RGB if number == 0 else MUTED_RGB)
+        fill = TEXT_RGB if number == 0 else MUTED_RGB
+        fitted = canvas.fit_text(line, size, canvas.width - 16)
+        pieces = line.split(_TITLE_SEPARATOR) if fitted == line else [fitted]
+        if len(pieces) == 1:
+            canvas.text((canvas.width / 2, y), fitted, size, anchor="ma", fill=fill)
+        else:
+            # The heading stays the same from picture to picture and its mask is cached; the step changes.
+            pieces = [pieces[0]] + [_TITLE_SEPARATOR + piece for piece in pieces[1:]]
+            x = (canvas.width - canvas.text_width(line, size)) / 2
+            for index, piece in enumerate(pieces):
+                canvas.text((x, y), piece, size, anchor="la", fill=fill, cache=index == 0)
+                x += canvas.text_width(piece, size)
         y += size + 6
     return y
+
+
+_TITLE_SEPARATOR = "  ·  "  # between a figure title's heading, step and warnings (`common.compose_title`)
 
 
 def legend(

@@ -179,7 +179,8 @@ def hidden_stats(record: RNNRecord) -> dict[str, float]:
         magnitude = (states[valid] if padded else states).abs()  # no copy of the states without padding
         stats["mean_abs" + suffix] = _mean(magnitude)
         if bounded:
-            stats["saturated" + suffix] = _mean((magnitude > 0.95).float())
+            count = magnitude.numel()
+            stats["saturated" + suffix] = float(torch.count_nonzero(magnitude > 0.95)) / count if count else float("nan")
         change = torch.linalg.vector_norm(states[:, 1:] - states[:, :-1], dim=-1)  # (B, T-1)
         stats["step_change" + suffix] = _mean(change[pairs] if padded else change)
     return stats

@@ -441,9 +441,9 @@ class _Collected:
     def rnn(self, index: int, record: RNNRecord) -> None:
         """What the rules need beyond the statistics: each unit's largest ``|h|`` (dead units) and lengths."""
         self.recordings.add(index)
-        magnitude = record.hidden.abs()
-        # (rows, units); padding is 0; a NaN/Inf unit is not a dead one (the nonfinite rule covers it)
-        peak = torch.where(magnitude.isfinite(), magnitude, torch.inf).amax(dim=(1, 2)).cpu()
+        # (rows, units); padding is 0; a NaN/Inf unit is not a dead one (the nonfinite rule covers it): NaN
+        # reaches the unit's maximum and is read as Inf there
+        peak = torch.nan_to_num(record.hidden.abs().amax(dim=(1, 2)), nan=torch.inf, posinf=torch.inf).cpu()
         self.unit_peak = peak if self.unit_peak is None else torch.maximum(self.unit_peak, peak)
         self.lengths.append(float(record.lengths.double().mean()) if record.lengths.numel() else float("nan"))
         norm = record.grad_norm
@@ -568,8 +568,10 @@ def histogram_buckets(values: torch.Tensor, bins: int = 64) -> dict[str, Any] | 
         limits = np.linspace(low, high, bins + 1)[1:]
     else:
         counts, limits = torch.tensor([values.numel()]), np.array([high])
-    wide = values.double()  # squares of float64, as numpy sums them
-    sums = torch.stack([wide.sum(), wide.square().sum()]).tolist()
+    # Accumulated in float64 without a float64 copy of the values: the sum of squares as the square of
+    # the float64 norm (within a few ulps of summing float64 squares, as numpy does)
+    sums = torch.stack([values.sum(dtype=torch.float64),
+                        torch.linalg.vector_norm(values, dtype=torch.float64).square()]).tolist()
     return {
         "min": low,
         "max": high,

@@ -24,14 +24,13 @@ The sink never ends the run: that stays with the logger (``finalize``).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from lightning_rnnviz.sinks.base import Histogram, Picture, Sink
+from lightning_rnnviz.sinks.base import Histogram, Picture, Sink, json_text
 
 _MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
@@ -133,7 +132,7 @@ class MLflowSink(Sink):
     def document(self, name: str, data: Mapping[str, Any]) -> None:
         """The artifact ``rnnviz/<name>`` (replaced each time)."""
         if self.run_id is not None:
-            self.client.log_text(self.run_id, json.dumps(data, indent=1, allow_nan=False), f"{self._prefix}rnnviz/{name}")
+            self.client.log_text(self.run_id, json_text(data), f"{self._prefix}rnnviz/{name}")
 
     def flush(self) -> None:
         """Send the step's scalars as one batch (the logger applies its prefix, as for the user's)."""

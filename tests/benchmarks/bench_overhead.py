@@ -102,6 +102,7 @@ VARIANTS = {
     # name: RNNViz keyword arguments
     "fast": {},  # the default: numpy/Pillow pictures drawn on the training thread
     "fast-bg": {"background": True},  # the same pictures drawn by the child process
+    "fast-thread": {"background": "thread"},  # the same pictures drawn on a worker thread
     "mpl-bg": {"renderer": "matplotlib"},  # matplotlib figures, drawn by the child process
     "fast-k8": {"max_samples": 8},  # the default, replaying 8 sequences instead of 16
 }

@@ -234,3 +234,10 @@ def test_text_cache_keeps_labels_but_not_titles_with_steps(rnn_record):
     for step in range(1, 40):
         paint.paint_hidden(payload, step=step)
     assert cv._text_mask.cache_info().currsize == before
+    # The title's heading (longer than any tick label) is drawn from the cache, only its step anew: asking
+    # for the heading's mask again finds it there.
+    heading = f"{payload['name']}: hidden state h_t, sequence {payload['sample']}"
+    assert len(heading) > 24
+    hits = cv._text_mask.cache_info().hits
+    cv._text_mask(heading, cv.TITLE_SIZE, "la", False)
+    assert cv._text_mask.cache_info().currsize == before and cv._text_mask.cache_info().hits == hits + 1
