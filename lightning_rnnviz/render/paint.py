@@ -163,7 +163,7 @@ def paint_gates(payload: Mapping[str, Any], *, step: int | None = None, title: s
     top = 34 + 18 * full_title.count("\n") + 44
     bottom, left, gap_y = 50, 62, 44
     panel_h, height = _layout_rows(rows, top, bottom, 130, gap_y)
-    canvas = cv.Canvas(WIDTH, math.ceil(height), scale=2)
+    canvas = cv.Canvas(WIDTH, math.ceil(height))
     below = cv.title_block(canvas, full_title)
     entries = [(gate + (" (tanh)" if gate in TANH_GATES else ""), gate_colour(gate, g), "-")
                for g, gate in enumerate(names)]
@@ -185,10 +185,11 @@ def paint_gates(payload: Mapping[str, Any], *, step: int | None = None, title: s
         last = r == rows - 1
         curves = cv.Panel(canvas, (left, y0, curves_x1, y0 + panel_h), (-0.5, columns * width - 0.5), y_range)
         curves.hgrid(y_ticks)
-        for g, gate in enumerate(names):
-            for run in _finite_segments(mean[r, g]):
-                canvas.line(np.column_stack((curves.x(x[run]), curves.y(mean[r, g][run]))), gate_colour(gate, g),
-                            width=1.3)
+        with canvas.fine(curves.box):
+            for g, gate in enumerate(names):
+                for run in _finite_segments(mean[r, g]):
+                    canvas.line(np.column_stack((curves.x(x[run]), curves.y(mean[r, g][run]))),
+                                gate_colour(gate, g), width=1.3)
         curves.frame()
         curves.yticks(y_ticks)
         curves.xticks(time_ticks, [str(int(v)) for v in time_ticks] if last else [""] * len(time_ticks))
@@ -200,10 +201,10 @@ def paint_gates(payload: Mapping[str, Any], *, step: int | None = None, title: s
         sx0 = WIDTH - 30 - scatter_w
         scatter = cv.Panel(canvas, (sx0, y0, sx0 + scatter_w, y0 + panel_h), (-0.02, 1.02), (-0.02, 1.02))
         corner = [(scatter.x(0.0), scatter.y(0.0)), (scatter.x(1.0), scatter.y(0.0)), (scatter.x(0.0), scatter.y(1.0))]
-        canvas.polygon([(float(a), float(b)) for a, b in corner], fill=(237, 237, 237))
-        for g, gate in enumerate(names):
-            canvas.markers(scatter.x(payload["low"][r, g]), scatter.y(payload["high"][r, g]), gate_colour(gate, g),
-                           radius=1.5, alpha=0.6)
+        with canvas.fine(scatter.box):
+            canvas.polygon([(float(a), float(b)) for a, b in corner], fill=(237, 237, 237))
+            canvas.scatter([(scatter.x(payload["low"][r, g]), scatter.y(payload["high"][r, g]), gate_colour(gate, g))
+                            for g, gate in enumerate(names)], radius=1.5, alpha=0.6)
         scatter.frame()
         scatter.yticks(np.array((0.0, 0.5, 1.0)))
         scatter.xticks(np.array((0.0, 0.5, 1.0)))
@@ -261,7 +262,7 @@ def paint_grad_norm(payload: Mapping[str, Any], *, step: int | None = None, titl
     if columns == 0:
         return paint_message(full_title, "no valid steps")
     top = 34 + 18 * full_title.count("\n") + 14
-    canvas = cv.Canvas(WIDTH, 450, scale=2)
+    canvas = cv.Canvas(WIDTH, 450)
     cv.title_block(canvas, full_title)
     width = payload["bin"]
     x = np.arange(columns) * width + (width - 1) / 2
@@ -270,11 +271,12 @@ def paint_grad_norm(payload: Mapping[str, Any], *, step: int | None = None, titl
                      (floor / 2, ceiling * 2), ylog=True)
     ticks = _log_axis(panel, floor, ceiling)
     entries = []
-    for r in range(rows):
-        layer, direction = divmod(r, payload["num_directions"])
-        dash = 5.0 if direction == 1 else 0.0
-        _log_curve(canvas, panel, x, norm[r], floor, cv.palette(layer), dash=dash)
-        entries.append((payload["row_labels"][r], cv.palette(layer), "--" if direction == 1 else "-"))
+    with canvas.fine(panel.box):
+        for r in range(rows):
+            layer, direction = divmod(r, payload["num_directions"])
+            dash = 5.0 if direction == 1 else 0.0
+            _log_curve(canvas, panel, x, norm[r], floor, cv.palette(layer), dash=dash)
+            entries.append((payload["row_labels"][r], cv.palette(layer), "--" if direction == 1 else "-"))
     if (norm == 0).any():
         entries.append((f"zero (drawn at {floor:.0e})", cv.MUTED_RGB, "v"))
     if nonfinite:
@@ -319,7 +321,7 @@ def paint_grad_decay(
     top = 34 + 18 * full_title.count("\n") + 14
     bottom, left, right, gap_x, gap_y = 50, 72, 100, 70, 44
     panel_h, height = _layout_rows(nrows, top, bottom, 200, gap_y)
-    canvas = cv.Canvas(WIDTH, math.ceil(height), scale=2)
+    canvas = cv.Canvas(WIDTH, math.ceil(height))
     cv.title_block(canvas, full_title)
     panel_w = (WIDTH - left - right - gap_x * (ncols - 1)) / ncols
     floor, ceiling = _log_limits(np.concatenate([v.ravel() for v in curves.values()]))
@@ -334,12 +336,13 @@ def paint_grad_decay(
         panel = cv.Panel(canvas, (x0, y0, x0 + panel_w, y0 + panel_h), (-0.5, length - 0.5),
                          (floor / 2, ceiling * 2), ylog=True)
         ticks = _log_axis(panel, floor, ceiling)
-        for epoch in epochs:
-            values = curves[epoch][r]
-            any_zero = any_zero or bool((values == 0).any())
-            colour = tuple(int(c) for c in table[round((epoch - vmin) / (vmax - vmin) * 255)])
-            for run in _finite_runs(np.where(values == 0, floor, values)):
-                canvas.line(np.column_stack((panel.x(run[:, 0]), panel.y(run[:, 1]))), colour, width=1.1)
+        with canvas.fine(panel.box):
+            for epoch in epochs:
+                values = curves[epoch][r]
+                any_zero = any_zero or bool((values == 0).any())
+                colour = tuple(int(c) for c in table[round((epoch - vmin) / (vmax - vmin) * 255)])
+                for run in _finite_runs(np.where(values == 0, floor, values)):
+                    canvas.line(np.column_stack((panel.x(run[:, 0]), panel.y(run[:, 1]))), colour, width=1.1)
         panel.frame()
         panel.yticks(ticks, [cv.format_log_tick(v) for v in ticks])
         last = r >= rows - ncols

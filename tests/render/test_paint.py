@@ -131,6 +131,38 @@ def test_scale_two_halves_back_to_the_requested_size():
     assert canvas.to_array().shape == (30, 50, 3)
 
 
+def test_fine_smooths_curves_inside_its_box_and_keeps_what_was_there():
+    """Inside `fine(box)` a slanted line comes out anti-aliased (grey levels between ink and paper); what
+    was painted in the box before stays as it was; text and lines outside stay one-pixel sharp."""
+    canvas = cv.Canvas(80, 60)
+    canvas.rectangle((10, 10, 70, 50), fill=(200, 220, 240))
+    canvas.line([(0, 55), (80, 58)], (0, 0, 0), width=1)  # outside the box: drawn at the final size
+    sharp = cv.Canvas(80, 60)
+    sharp.rectangle((10, 10, 70, 50), fill=(200, 220, 240))
+    sharp.line([(0, 55), (80, 58)], (0, 0, 0), width=1)
+    with canvas.fine((10, 10, 70, 50), margin=0):
+        assert canvas.scale == cv.FINE and canvas.origin == (10, 10)
+        canvas.line([(12, 15), (68, 45)], (0, 0, 0), width=1.3)
+        sharp_inside = canvas.image.size == (60 * cv.FINE, 40 * cv.FINE)
+    sharp.line([(12, 15), (68, 45)], (0, 0, 0), width=1.3)
+    assert sharp_inside and canvas.scale == 1 and canvas.origin == (0, 0)
+    pixels, jagged = canvas.to_array(), sharp.to_array()
+    levels = lambda img: len(np.unique(img[10:50, 10:70].reshape(-1, 3), axis=0))  # noqa: E731
+    assert levels(pixels) >= levels(jagged) + 2  # intermediate shades along the line (2x2 coverage)
+    assert (pixels[11, 60] == (200, 220, 240)).all()  # the fill away from the line is unchanged
+    assert (pixels[50:] == jagged[50:]).all()  # below the box: the same sharp line as without `fine`
+
+
+def test_scatter_stamps_groups_in_order_as_markers_do():
+    xs, ys = np.array([5.0, 9.0, 14.0]), np.array([5.0, 8.0, 12.0])
+    one = cv.Canvas(20, 20)
+    one.markers(xs, ys, (200, 0, 0), radius=2, alpha=0.6)
+    one.markers(xs + 1, ys, (0, 0, 200), radius=2, alpha=0.6)
+    both = cv.Canvas(20, 20)
+    both.scatter([(xs, ys, (200, 0, 0)), (xs + 1, ys, (0, 0, 200))], radius=2, alpha=0.6)
+    assert (one.to_array() == both.to_array()).all()
+
+
 # --- pictures -----------------------------------------------------------------------------------------
 def _check(rgb: np.ndarray) -> None:
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
