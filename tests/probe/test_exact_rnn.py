@@ -441,3 +441,39 @@ def test_output_changed_in_place_before_the_block_closes_is_not_trusted():
         expected = out.clone()
         out.mul_(0.0)  # the user reuses the output's memory before the block closes
     torch.testing.assert_close(rec[""].hidden[0], expected)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("flushing", [False, True], ids=["user-keeps-subnormals", "user-flushes"])
+def test_a_gradient_vanishing_below_the_normal_floats_reads_zero_and_matches_above(kind, flushing):
+    """Back through time a vanishing gradient passes float32's subnormal range (below 1.2e-38) on its way to
+    zero. The CPU replay flushes it there, since every operation on subnormal operands is many times slower:
+    the record holds zeros where the float64 reference is subnormal-small, matches it wherever it is well
+    inside the normal range, and the thread's own flush setting is the user's again afterwards."""
+    torch.manual_seed(0)
+    module = getattr(nn, kind)(3, 4, batch_first=True)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(0.05)  # gates near 1/2: the gradient halves (or less) every step back
+    x = torch.randn(2, 200, 3)
+    torch.set_flush_denormal(flushing)
+    try:
+        with Probe(module).record() as rec:
+            out, _ = module(x)
+            out[:, -1].sum().backward()
+        after = torch.tensor(1e-39, dtype=torch.float32).mul(1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    assert after is flushing
+    ref = reference_rnn(module, x, None)
+    ref.output[:, -1].sum().backward()
+    tiny = torch.finfo(torch.float32).tiny
+    got, want = rec[""].hidden_grad.double(), ref.hidden_grad()
+    assert not ((got != 0) & (got.abs() < tiny)).any()  # no subnormal left in the record
+    assert ((want.abs() > 0) & (want.abs() < tiny / 4)).any() and (got[want.abs() < tiny / 4] == 0).all()
+    # each step's gradient vector, wherever it lies well inside the normal range
+    error = torch.linalg.vector_norm(got - want, dim=-1)
+    size = torch.linalg.vector_norm(want, dim=-1)
+    normal = size > 1e-30
+    assert (normal.sum(-1) >= 15).all()
+    assert (error[normal] <= 1e-4 * size[normal]).all(), (error / size)[normal].max()
