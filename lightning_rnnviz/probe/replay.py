@@ -171,9 +171,8 @@ def replay_rnn(
         ValueError: ``method`` is none of the three.
     """
     method = _chosen_method(method, x.device)
-    # Time-major and contiguous: every per-step slice is then one block of memory. A batch-first input
-    # or output, transposed, would give rows T*P apart, and every step's kernels would touch B scattered
-    # pages (at T=1000 that made each step's product five times slower).
+    # Time-major and contiguous: every per-step slice is then one block of memory (a batch-first input or
+    # output, transposed, has its rows T*P apart; the factors computed from it inherit that layout).
     x, grad_output, top_states = (_time_major(t) for t in (x, grad_output, top_states))
     layer_states = None if layer_states is None else [_time_major(t) for t in layer_states]
     dropout_masks = None if dropout_masks is None else [_time_major(t) for t in dropout_masks]

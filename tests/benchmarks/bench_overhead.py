@@ -1,8 +1,9 @@
 """What RNNViz costs a real training run: wall time, memory, per-recording-step breakdown.
 
 Run: ``python tests/benchmarks/bench_overhead.py`` (all workloads, CPU) or ``--workload cpu-lstm --pairs 5``;
-``--device cuda`` runs the same workloads on a GPU; ``--variant fast --variant fast-bg --variant mpl-bg``
-compares drawing on the training thread with drawing in the child process, and the two renderers.
+``--device cuda`` runs the same workloads on a GPU; ``--variant fast --variant fast-bg --variant fast-thread
+--variant mpl-bg`` compares drawing on the training thread with drawing in the child process or on a worker
+thread, and the two renderers.
 
 Each training run is a fresh subprocess (so peak RSS is its own). Runs with and without the callback are
 interleaved in pairs and the median of the per-pair ratios is reported, so that the noise of a shared
