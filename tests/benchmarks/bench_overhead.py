@@ -3,7 +3,8 @@
 Run: ``python tests/benchmarks/bench_overhead.py`` (all workloads, CPU) or ``--workload cpu-lstm --pairs 5``;
 ``--device cuda`` runs the same workloads on a GPU; ``--variant fast --variant fast-bg --variant fast-thread
 --variant mpl-bg`` compares drawing on the training thread with drawing in the child process or on a worker
-thread, and the two renderers.
+thread, and the two renderers; ``--against TREE`` compares the callback's own cost with this tree's code and
+with another checkout's (e.g. ``git worktree add /tmp/before <commit>``), runs interleaved.
 
 Each training run is a fresh subprocess (so peak RSS is its own). Runs with and without the callback are
 interleaved in pairs and the median of the per-pair ratios is reported, so that the noise of a shared
@@ -208,13 +209,50 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_
 
 
 def _subprocess_run(workload: str, with_callback: bool, out_dir: str, device: str, variant: str,
-                    malloc: str = "fixed") -> dict:
+                    malloc: str = "fixed", package_root: str | None = None) -> dict:
+    """One run in a fresh process; ``package_root``: import ``lightning_rnnviz`` from that source tree
+    (another checkout or worktree) instead of the installed one."""
     cmd = [sys.executable, __file__, "--child", workload, "--out", out_dir, "--device", device, "--variant", variant]
     if with_callback:
         cmd.append("--with-callback")
-    env = {**os.environ, **FIXED_MALLOC} if malloc == "fixed" else None
+    env = {**os.environ, **FIXED_MALLOC} if malloc == "fixed" else dict(os.environ)
+    if package_root is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        cmd.append("--expect-package-root=" + package_root)
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare_trees(workloads: list[str], other: str, runs: int, device: str, malloc: str) -> None:
+    """The callback's own cost with this tree's ``lightning_rnnviz`` and with ``other``'s, runs with the
+    callback interleaved (one of each per round, the order alternating), so that two versions are
+    measured side by side on the same machine at the same time."""
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sides = {"other": os.path.abspath(other), "this": here}
+    print(f"this tree: {here}\nother tree: {sides['other']}\n")
+    print(f"{'workload':<10} {'tree':<6} {'callback ms/run':>16} {'ms/rec':>7} {'first':>6} {'replay':>7} {'render':>7} "
+          f"{'write':>6} {'epoch end':>10} {'wall s':>7}")
+    for workload in workloads:
+        results: dict[str, list[dict]] = {"other": [], "this": []}
+        with tempfile.TemporaryDirectory() as out:
+            for round_ in range(runs):
+                for side in (("other", "this") if round_ % 2 == 0 else ("this", "other")):
+                    results[side].append(_subprocess_run(workload, True, out, device, "fast", malloc, sides[side]))
+        for side in ("other", "this"):
+            rs = results[side]
+
+            def middle(key: str, rs: list[dict] = rs) -> float:
+                return statistics.median(statistics.median(r[key][1:] or r[key]) for r in rs)
+
+            totals = [1e3 * r["thread_total_s"] for r in rs]
+            print(f"{workload:<10} {side:<6} {min(totals):>7.0f}-{max(totals):<8.0f} {middle('train_thread_ms'):>7.1f} "
+                  f"{statistics.median(r['train_thread_ms'][0] for r in rs):>6.1f} {middle('replay_ms'):>7.1f} "
+                  f"{middle('render_ms'):>7.1f} {middle('write_ms'):>6.1f} "
+                  f"{statistics.median(statistics.median(r['epoch_end_ms'] or [0.0]) for r in rs):>10.1f} "
+                  f"{statistics.median(r['wall_s'] for r in rs):>7.2f}")
+    print("(callback ms/run: the callback's own time on the training thread over each run, recordings and epoch "
+          "ends, lowest-highest; ms/rec, replay, render, write: medians per recording step after the first; "
+          "first: the first recording step; epoch end: median of the epoch ends that drew)")
 
 
 def _sync(device: str) -> None:
@@ -339,13 +377,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
                         help="fixed: both sides with glibc's mmap threshold at 32 MB (what the callback's first "
                              "recording leaves it at); default: glibc's own dynamic threshold")
+    parser.add_argument("--against", metavar="TREE",
+                        help="compare the callback's own cost with this tree's lightning_rnnviz and with TREE's "
+                             "(another checkout or `git worktree` of the project), runs interleaved")
+    parser.add_argument("--runs", type=int, default=3, help="with --against: runs of each tree per workload")
+    parser.add_argument("--expect-package-root", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=sorted(WORKLOADS), help=argparse.SUPPRESS)
     parser.add_argument("--with-callback", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     variants = args.variant or ["fast"]
     if args.child:
+        if args.expect_package_root:
+            import lightning_rnnviz
+
+            where = os.path.abspath(lightning_rnnviz.__file__)
+            if not where.startswith(os.path.join(os.path.abspath(args.expect_package_root), "")):
+                raise SystemExit(f"lightning_rnnviz came from {where}, not from {args.expect_package_root}")
         print(json.dumps(run_once(args.child, args.with_callback, args.out, args.device, variants[0])))
+        return
+    if args.against:
+        compare_trees(args.workload or list(WORKLOADS), args.against, args.runs, args.device, args.malloc)
         return
 
     import torch
