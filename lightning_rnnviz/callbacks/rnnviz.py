@@ -467,6 +467,7 @@ class RNNViz(*CALLBACK_BASES):
         started = time.perf_counter()
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         self._emit(recording, batch, step, prefix="rnnviz", training=True)
+        self._guard("write pictures", recorder.fanout.wait)  # encoded and written before training goes on
         recorder.spent_s += time.perf_counter() - started
         if self is wanting[-1]:  # the last monitor of this batch reports what the batch cost and flushes
             self._report_render_errors(recorder.fanout.renderer)
@@ -490,6 +491,7 @@ class RNNViz(*CALLBACK_BASES):
         started = time.perf_counter()
         with one_thread():
             drawn, lines = self._reporter.end_epoch(trainer.current_epoch, step, fanout)
+        self._guard("write pictures", fanout.wait)
         for line in lines:  # a finding that appeared or cleared
             info(trainer, line)
         if drawn:

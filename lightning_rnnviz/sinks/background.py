@@ -14,6 +14,7 @@ is dropped and counted.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import os
 import pickle
@@ -33,39 +34,87 @@ Drawn = tuple[str, int, Picture]  # (tag, step, picture)
 
 
 class InlineRenderer:
-    """Draws and encodes on the calling thread; ``render_s`` and ``encode_s`` add up what that cost."""
+    """Draws on the calling thread. The PNG encoding (zlib, which releases the GIL) goes to a helper thread,
+    where it runs while the caller draws the next picture and reduces the next record; :meth:`wait` has
+    every picture back, and the callback waits before it returns to training, so the helper never runs
+    beside the user's steps. ``render_s`` adds up the drawing, ``encode_s`` what the caller spent encoding
+    or waiting for the helper.
+
+    Args:
+        encode_aside: encode on the helper thread; ``None``: where this process may use two CPUs or more.
+    """
 
     dropped = 0
     peak_rss_mb = None
 
-    def __init__(self) -> None:
+    def __init__(self, encode_aside: bool | None = None) -> None:
         self.render_s = 0.0
         self.encode_s = 0.0
+        self.encode_aside = usable_cpus() >= 2 if encode_aside is None else bool(encode_aside)
         self._ready: list[Drawn] = []
+        self._pending: collections.deque[tuple[str, int, concurrent.futures.Future]] = collections.deque()
+        self._errors: list[str] = []
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def submit(self, job: Job) -> None:
         started = time.perf_counter()
         rgb = draw(job)
         drawn = time.perf_counter()
-        picture = Picture.from_rgb(rgb)
         self.render_s += drawn - started
-        self.encode_s += time.perf_counter() - drawn
-        self._ready.append((job.tag, job.step, picture))
+        if not self.encode_aside:
+            picture = Picture.from_rgb(rgb)
+            self.encode_s += time.perf_counter() - drawn
+            self._ready.append((job.tag, job.step, picture))
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rnnviz-encode")
+        self._pending.append((job.tag, job.step, self._pool.submit(Picture.from_rgb, rgb)))
+
+    def _collect(self, block: bool) -> None:
+        """Move encoded pictures, in the order submitted, from the helper to ``take()``; ``block``: all."""
+        started = time.perf_counter()
+        while self._pending and (block or self._pending[0][2].done()):
+            tag, step, future = self._pending.popleft()
+            try:
+                self._ready.append((tag, step, future.result()))
+            except Exception as error:  # noqa: BLE001 - reported to the caller, which warns once
+                self._errors.append(f"encode {tag}: {type(error).__name__}: {error}".replace("\n", " "))
+        self.encode_s += time.perf_counter() - started
+
+    def wait(self) -> None:
+        """Return once every picture submitted so far is encoded (at once without the helper)."""
+        self._collect(block=True)
 
     @property
     def has_results(self) -> bool:
+        self._collect(block=False)
         return bool(self._ready)
 
     def take(self) -> list[Drawn]:
-        """The pictures drawn since the last call."""
+        """The pictures drawn and encoded since the last call."""
+        self._collect(block=False)
         ready, self._ready = self._ready, []
         return ready
 
     def errors(self) -> list[str]:
-        return []
+        """Encoding errors since the last call (a drawing error is raised by :meth:`submit` itself)."""
+        errors, self._errors = self._errors, []
+        return errors
 
     def close(self, timeout: float = 0.0) -> None:
-        """Nothing to stop: everything submitted was drawn at once."""
+        """Encode what is pending, then stop the helper thread."""
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 class _Returned:
@@ -155,10 +204,7 @@ class ThreadRenderer(_Returned):
 
 def spare_cores() -> int:
     """CPUs this process may use beyond the training's intra-op threads (and one for the data loading)."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        available = os.cpu_count() or 1
+    available = usable_cpus()
     try:
         import torch
 

@@ -61,6 +61,14 @@ class Fanout:
         if self.renderer.has_results:
             self.drain()
 
+    def wait(self) -> None:
+        """Have every picture submitted so far back from the renderer (an inline renderer's encoding
+        helper) and write it; a renderer that draws in the background is not waited for."""
+        wait = getattr(self.renderer, "wait", None)
+        if wait is not None:
+            wait()
+        self.drain()
+
     def drain(self) -> None:
         """Write every picture the renderer has drawn so far."""
         for tag, step, picture in self.renderer.take():
@@ -109,7 +117,7 @@ class Fanout:
         """Write what the renderer has drawn and flush every sink (the user's logger's writer too, where a
         sink shares it). ``only_if_written``: not when nothing was written since the last flush (an epoch
         without a recording: a TensorBoard writer's flush waits for its queue, a few ms)."""
-        self.drain()
+        self.wait()
         if only_if_written and not self._unflushed:
             return
         self._each("flush", lambda s: s.flush())

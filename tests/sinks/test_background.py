@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from lightning_rnnviz.render.jobs import Job
@@ -101,13 +102,54 @@ def test_serve_reads_until_end_of_input():
     assert (tag, step) == ("rnnviz/grad_decay/rnn", 9) and _size(png) == (width, height)
 
 
-def test_inline_renderer_draws_on_the_calling_thread():
-    renderer = InlineRenderer()
+@pytest.mark.parametrize("aside", [False, True], ids=["encoded-inline", "encoded-aside"])
+def test_inline_renderer_draws_on_the_calling_thread(aside):
+    renderer = InlineRenderer(encode_aside=aside)
     renderer.submit(_job(step=2))
+    renderer.wait()
     assert renderer.has_results and renderer.render_s > 0 and renderer.encode_s > 0
     [(tag, step, picture)] = renderer.take()
     assert step == 2 and picture.rgb().shape == (picture.height, picture.width, 3)
     assert renderer.dropped == 0 and renderer.errors() == [] and renderer.take() == []
+    renderer.close()
+
+
+def test_inline_renderer_encodes_on_a_helper_in_order_and_reports_its_errors(monkeypatch):
+    """Drawing stays on the caller's thread; the PNG encoding runs on one helper thread, the pictures come
+    back in the order submitted, an encoding error is reported (not raised), and `close` stops the helper."""
+    import threading
+
+    from lightning_rnnviz.sinks import background
+    from lightning_rnnviz.sinks.base import Picture
+
+    drawn_on, encoded_on = [], []
+    real_draw, real_encode = background.draw, Picture.from_rgb
+
+    def draw(job):
+        drawn_on.append(threading.current_thread().name)
+        return real_draw(job)
+
+    def encode(rgb):
+        encoded_on.append(threading.current_thread().name)
+        if rgb.shape[1] == 0:
+            raise ValueError("empty picture")
+        return real_encode(rgb)
+
+    monkeypatch.setattr(background, "draw", draw)
+    monkeypatch.setattr(Picture, "from_rgb", staticmethod(encode))
+    renderer = InlineRenderer(encode_aside=True)
+    for step in range(5):
+        renderer.submit(_job(step=step))
+    monkeypatch.setattr(background, "draw", lambda job: np.zeros((3, 0, 3), np.uint8))
+    renderer.submit(_job(step=5))
+    renderer.wait()
+    assert [step for _, step, _ in renderer.take()] == [0, 1, 2, 3, 4]
+    [error] = renderer.errors()
+    assert error.startswith("encode rnnviz/grad_decay/rnn: ValueError: empty picture")
+    assert set(drawn_on) == {threading.current_thread().name}
+    assert encoded_on and all(name.startswith("rnnviz-encode") for name in encoded_on)
+    renderer.close()
+    assert not any(t.name.startswith("rnnviz-encode") for t in threading.enumerate())
 
 
 def test_thread_renderer_draws_off_the_calling_thread_and_reports_errors():
