@@ -136,6 +136,10 @@ class _Returned:
         """Errors reported since the last call."""
         return _drain(self._errors)
 
+    def wait(self) -> None:
+        """Nothing to wait for: this renderer draws beside training on purpose, and its pictures are taken
+        as they come back."""
+
 
 def _drain(queue: collections.deque) -> list:
     items = []

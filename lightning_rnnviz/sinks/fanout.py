@@ -64,9 +64,7 @@ class Fanout:
     def wait(self) -> None:
         """Have every picture submitted so far back from the renderer (an inline renderer's encoding
         helper) and write it; a renderer that draws in the background is not waited for."""
-        wait = getattr(self.renderer, "wait", None)
-        if wait is not None:
-            wait()
+        self.renderer.wait()
         self.drain()
 
     def drain(self) -> None:
