@@ -28,6 +28,21 @@ if TYPE_CHECKING:
     from lightning_rnnviz.probe.records import AttentionRecord, RNNRecord
 
 
+
+def indicator(values: torch.Tensor, compare: Any, threshold: float) -> torch.Tensor:
+    """``compare(values, threshold)`` (``torch.lt``, ``torch.gt``, ...) as float32 ones and zeros: written
+    into a float tensor, a comparison ran several times faster on the CPU than into a bool one (0.036
+    against 0.133 ms for 400 thousand values), and its float sum too. Sum it with :func:`exact_count`."""
+    return compare(values, threshold, out=torch.empty(values.shape, dtype=torch.float32, device=values.device))
+
+
+def exact_count(ones: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """How many ones a 0/1 float tensor holds (along ``dim``, or in all): summed in float32 while no sum
+    can reach 2**24, so that every partial sum is an exact integer, else in float64."""
+    dtype = torch.float32 if (ones.numel() if dim is None else ones.shape[dim]) < 2**24 else torch.float64
+    return ones.sum(dtype=dtype) if dim is None else ones.sum(dim, dtype=dtype)
+
+
 DPI = 100
 MAX_INCHES = 8.0  # 800 px at DPI
 BAD_COLOR = "#ff00ff"  # magenta: absent from both the diverging and the sequential maps below

@@ -180,7 +180,8 @@ def hidden_stats(record: RNNRecord) -> dict[str, float]:
         stats["mean_abs" + suffix] = _mean(magnitude)
         if bounded:
             count = magnitude.numel()
-            stats["saturated" + suffix] = float(torch.count_nonzero(magnitude > 0.95)) / count if count else float("nan")
+            saturated = common.exact_count(common.indicator(magnitude, torch.gt, 0.95))
+            stats["saturated" + suffix] = float(saturated) / count if count else float("nan")
         change = torch.linalg.vector_norm(states[:, 1:] - states[:, :-1], dim=-1)  # (B, T-1)
         stats["step_change" + suffix] = _mean(change[pairs] if padded else change)
     return stats

@@ -206,3 +206,29 @@ def test_row_suffix_used_for_every_rnn_statistic(rnn_record):
     single = rnn_record("GRU")
     for stats in (hidden_stats(single), gate_stats(single), grad_stats(single)):
         assert stats and not any("/" in name for name in stats)
+
+
+@given(st.lists(st.sampled_from([-2.0, -0.5, 0.0, 0.1, 0.9, 0.95, 1.0, float("nan"), float("inf")]), min_size=0,
+                max_size=60), st.sampled_from([0.0, 0.1, 0.95]))
+@settings(max_examples=60, deadline=None)
+def test_indicator_counts_like_a_bool_comparison(values, threshold):
+    import torch
+
+    x = torch.tensor(values, dtype=torch.float32)
+    for compare in (torch.lt, torch.gt):
+        ones = common.indicator(x, compare, threshold)
+        assert ones.dtype == torch.float32
+        assert torch.equal(ones.bool(), compare(x, threshold))
+        assert int(common.exact_count(ones)) == int(compare(x, threshold).sum())
+    grid = x[: len(values) // 6 * 6].reshape(-1, 6)
+    if grid.numel():
+        assert torch.equal(common.exact_count(common.indicator(grid, torch.gt, threshold), 0),
+                           (grid > threshold).sum(0).float())
+
+
+def test_exact_count_past_float32_integers():
+    import torch
+
+    ones = torch.ones(2**24 + 1)  # float32 stops counting at 2**24 (16777216 + 1 rounds back to 16777216)
+    assert int(common.exact_count(ones)) == 2**24 + 1
+    assert int(common.exact_count(ones.view(1, -1), 1)[0]) == 2**24 + 1
