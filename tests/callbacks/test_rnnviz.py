@@ -364,6 +364,64 @@ def test_intra_op_threads_are_restored_after_every_recording(tmp_path):
         torch.set_num_threads(before)
 
 
+def test_the_callback_never_calls_torch_set_num_threads(tmp_path, monkeypatch):
+    """`torch.set_num_threads`, even with the count unchanged, left every later training step slower (4-7 %
+    on fast-step) and marks the count as the user's: the callback must not call it, not even to restore."""
+    from lightning_rnnviz.callbacks import _shared
+
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n))[1])
+    seen = []
+    report = _shared.one_thread
+
+    @contextlib.contextmanager
+    def watched():
+        with report():
+            seen.append(torch.get_num_threads())
+            yield
+
+    monkeypatch.setattr("lightning_rnnviz.callbacks.rnnviz.one_thread", watched)
+    before = torch.get_num_threads()
+    trainer = _trainer(tmp_path, [RNNViz(every_n_steps=1, validation=False)], max_epochs=1)
+    trainer.fit(TinySeqModel(), loader())
+    assert calls == []
+    assert torch.get_num_threads() == before
+    assert seen  # the reductions ran inside it, on one thread where the OpenMP runtime was found
+    if _shared._openmp() is not None and before > 1:
+        assert set(seen) == {1}
+    else:
+        assert set(seen) == {before}
+
+
+def test_one_thread_restores_the_count_exactly_also_on_error():
+    from lightning_rnnviz.callbacks import _shared
+
+    if _shared._openmp() is None:
+        pytest.skip("torch does not run on an OpenMP runtime found here")
+    before = torch.get_num_threads()
+    real = torch.set_num_threads
+    try:
+        real(3)  # (the test's own setting, not the callback's)
+        with pytest.raises(RuntimeError, match="inside"):
+            with _shared.one_thread():
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 3
+    finally:
+        real(before)
+
+
+def test_one_thread_changes_nothing_without_an_openmp_runtime(monkeypatch):
+    from lightning_rnnviz.callbacks import _shared
+
+    monkeypatch.setattr(_shared, "_openmp", lambda: None)
+    before = torch.get_num_threads()
+    with _shared.one_thread():
+        assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == before
+
+
 class _RecordsAlive(pl.Callback):
     """After RNNViz: how many of the step's recorded tensors are still alive once it has been reported."""
 
