@@ -73,9 +73,9 @@ def one_thread():
 
     Not with ``torch.set_num_threads``: that call, even with the count unchanged, left every later
     training step of the user's 4-7 % slower here (fast-step; a change of the count and back, 6-14 %),
-    and PyTorch keeps the count as set by the user from then on. The OpenMP runtime's own ``omp_set_num_threads`` changes only this
-    thread's count, which is exactly restored. Where torch runs on another parallel backend, nothing is
-    changed and the reductions use the user's threads.
+    and PyTorch keeps the count as set by the user from then on. The OpenMP runtime's own
+    ``omp_set_num_threads`` changes only this thread's count, which is exactly restored. Where torch runs
+    on another parallel backend, nothing is changed and the reductions use the user's threads.
     """
     lib = _openmp()
     threads = lib.omp_get_max_threads() if lib is not None else 1
