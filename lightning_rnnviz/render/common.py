@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from lightning_rnnviz.probe.records import AttentionRecord, RNNRecord
 
 
-
 def indicator(values: torch.Tensor, compare: Any, threshold: float) -> torch.Tensor:
     """``compare(values, threshold)`` (``torch.lt``, ``torch.gt``, ...) as float32 ones and zeros: written
     into a float tensor, a comparison ran several times faster on the CPU than into a bool one (0.036

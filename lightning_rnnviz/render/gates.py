@@ -204,7 +204,7 @@ def gate_summary(record: RNNRecord) -> dict[str, dict[str, Any]]:
         if not bool(unit_mean.isfinite().all()):
             nonfinite = common.nonfinite_flag(values[:, valid] if padded else values)
         # reduced where the record lives; the (LD, T) and (LD, U) results cross to the host. Counted over
-        # the (B*T) steps in one axis: a third faster than over two.
+        # the (B*T) steps flattened into one axis.
         summary[gate] = {
             "curve": unit_mean.double().sum(1).cpu(),
             "low": common.exact_count(below.flatten(1, 2), 1).double().cpu(),
