@@ -212,7 +212,8 @@ def _subprocess_run(workload: str, with_callback: bool, out_dir: str, device: st
                     malloc: str = "fixed", package_root: str | None = None) -> dict:
     """One run in a fresh process; ``package_root``: import ``lightning_rnnviz`` from that source tree
     (another checkout or worktree) instead of the installed one."""
-    cmd = [sys.executable, __file__, "--child", workload, "--out", out_dir, "--device", device, "--variant", variant]
+    cmd = [sys.executable, __file__, "--child", workload, "--out", out_dir, "--device", device, "--variant", variant,
+           "--steps", str(WORKLOADS[workload]["steps"])]
     if with_callback:
         cmd.append("--with-callback")
     env = {**os.environ, **FIXED_MALLOC} if malloc == "fixed" else dict(os.environ)
@@ -381,12 +382,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="compare the callback's own cost with this tree's lightning_rnnviz and with TREE's "
                              "(another checkout or `git worktree` of the project), runs interleaved")
     parser.add_argument("--runs", type=int, default=3, help="with --against: runs of each tree per workload")
+    parser.add_argument("--steps", type=int, help="training steps of each run, in place of the workload's own "
+                                                   "(fewer recordings; for a quick look or a rehearsal)")
     parser.add_argument("--expect-package-root", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=sorted(WORKLOADS), help=argparse.SUPPRESS)
     parser.add_argument("--with-callback", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     variants = args.variant or ["fast"]
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error("--steps must be at least 1")
+        for name in WORKLOADS:
+            WORKLOADS[name] = dict(WORKLOADS[name], steps=args.steps)
     if args.child:
         if args.expect_package_root:
             import lightning_rnnviz

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Everything only a GPU shows, in one run: the card, check_cuda.py (cuDNN exactness, fp16 with a
+# GradScaler, 16-mixed, reductions on the device), bench_replay.py (replay against cuDNN's forward+backward)
+# and bench_overhead.py (whole-run wall time of the three workloads, 2 pairs each). Most important first,
+# each under its own time limit, each log written as it goes, so that a run cut short still returns what
+# it measured. The limits add up to 8 minutes (as of 2026-12-02 it has not met a GPU).
+#
+# On a lent GPU machine (the development tools' `device`), whose image has torch, Lightning, TensorBoard,
+# numpy, Pillow and matplotlib but not google-crc32c: fetch that wheel here first, in the repository root
+# (`.whl/` is git-ignored, so it travels only when carried),
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl google-crc32c
+#
+# then run `bash tests/benchmarks/gpu_card.sh` there with `.whl` carried. The logs land in $OUT (or
+# ./gpu-card): card.txt, check_cuda.log, bench_replay.log, bench_overhead.log, and a status line per part
+# in parts.txt. `GPU_CARD_DRY=1` rehearses the script on the CPU with small sizes (1.5 minutes on 2 CPU cores).
+set -u -o pipefail
+cd "$(dirname "$0")/../.."
+out="${OUT:-gpu-card}"
+mkdir -p "$out"
+: > "$out/parts.txt"
+export PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"  # the interpreter that holds torch (python3 on the device)
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package from this checkout, not installed
+
+dry="${GPU_CARD_DRY:-0}"
+if [ "$dry" = 1 ]; then
+    device=cpu
+    check=("$py" tests/benchmarks/check_cuda.py --dry-run)
+    replay=("$py" tests/benchmarks/bench_replay.py --device cpu --repeats 3 --only gru-1x64-T64-B32)
+    overhead=("$py" tests/benchmarks/bench_overhead.py --device cpu --pairs 1 --workload fast-step --steps 60)
+else
+    device=cuda
+    check=("$py" tests/benchmarks/check_cuda.py)
+    replay=("$py" tests/benchmarks/bench_replay.py --device cuda)
+    overhead=("$py" tests/benchmarks/bench_overhead.py --device cuda --pairs 2)
+fi
+
+part() {  # name, time limit in seconds, command...
+    local name=$1 limit=$2 started=$SECONDS rc
+    shift 2
+    echo "== $name: $*" | tee "$out/$name.log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/$name.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" = 124 ] && rc="124 (stopped at its limit of $limit s)"
+    echo "$name rc=$rc in $((SECONDS - started)) s" | tee -a "$out/parts.txt"
+}
+
+{
+    date -u +%Y-%m-%dT%H:%M:%SZ
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
+    "$py" - "$device" <<'EOF'
+import os, sys
+import torch
+device = sys.argv[1]
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+if device == "cuda":
+    p = torch.cuda.get_device_properties(0)
+    print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
+          f"capability {p.major}.{p.minor}")
+print(f"host: {os.cpu_count()} cores, torch {torch.get_num_threads()} intra-op threads")
+print(f"cudnn.allow_tf32={torch.backends.cudnn.allow_tf32} matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
+EOF
+} 2>&1 | tee "$out/card.txt"
+
+part check_cuda 150 "${check[@]}"
+part bench_replay 90 "${replay[@]}"
+part bench_overhead 240 "${overhead[@]}"
+cat "$out/parts.txt"
+! grep -qv "rc=0 " "$out/parts.txt"
