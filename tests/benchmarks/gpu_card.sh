@@ -22,14 +22,15 @@ mkdir -p "$out"
 : > "$out/parts.txt"
 export PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"  # the interpreter that holds torch (python3 on the device)
-if compgen -G ".whl/*.whl" >/dev/null; then
+dry="${GPU_CARD_DRY:-0}"
+# The carried wheels are for the device's Python; a rehearsal uses the environment it runs in.
+if [ "$dry" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package from this checkout, not installed
 
-dry="${GPU_CARD_DRY:-0}"
 if [ "$dry" = 1 ]; then
     device=cpu
     check=("$py" tests/benchmarks/check_cuda.py --dry-run)
