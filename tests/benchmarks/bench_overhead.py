@@ -107,6 +107,8 @@ VARIANTS = {
     "fast-thread": {"background": "thread"},  # the same pictures drawn on a worker thread
     "mpl-bg": {"renderer": "matplotlib"},  # matplotlib figures, drawn by the child process
     "fast-k8": {"max_samples": 8},  # the default, replaying 8 sequences instead of 16
+    "fast-late": {"log_first_step": False},  # the default without the recording of the very first step
+    "fast-lean": {"max_samples": 8, "log_first_step": False},  # both changes to the defaults at once
 }
 
 
@@ -126,7 +128,8 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
     model_cls, loader = _build(cfg)
     model = model_cls()
     log_every = cfg["log_every"]
-    recorded = {0} | {s for s in range(cfg["steps"]) if (s + 1) % log_every == 0}
+    first = {0} if VARIANTS[variant].get("log_first_step", True) else set()
+    recorded = first | {s for s in range(cfg["steps"]) if (s + 1) % log_every == 0}
     timer = _StepTimer(device)
     callbacks = ([RNNViz(**VARIANTS[variant])] if with_callback else []) + [timer]
     # RUSAGE_CHILDREN would count any child; the drawing process reports its own peak.

@@ -23,7 +23,10 @@ NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
 
 
 def _env(namespace: str) -> dict[str, str]:
-    return {**os.environ, "RNNVIZ_TEST_LIGHTNING": namespace, "PYTHONPATH": str(ROOT)}
+    # Under `pytest -n`, this process is an xdist worker; a nested run is an ordinary session, not one more
+    # worker (plugins such as pytest-benchmark read PYTEST_XDIST_WORKER from the environment).
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return {**inherited, "RNNVIZ_TEST_LIGHTNING": namespace, "PYTHONPATH": str(ROOT)}
 
 
 def test_one_class_is_a_callback_of_both_namespaces():
