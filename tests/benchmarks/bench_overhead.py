@@ -109,6 +109,8 @@ VARIANTS = {
     "fast-k8": {"max_samples": 8},  # the default, replaying 8 sequences instead of 16
     "fast-late": {"log_first_step": False},  # the default without the recording of the very first step
     "fast-lean": {"max_samples": 8, "log_first_step": False},  # both changes to the defaults at once
+    "fast-nohist": {"histograms": False},  # the default without the activation histograms
+    "fast-least": {"max_samples": 8, "log_first_step": False, "histograms": False},  # all three
 }
 
 
