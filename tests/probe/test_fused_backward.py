@@ -517,3 +517,69 @@ def test_fused_equals_loop_on_cuda(kind, dtype, precision_settings):
                  same_states=False)
     assert _flags() == (True, True)
     assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+
+
+# --------------------------------------------------------------------------------------------------
+# a ReLU pre-activation of exactly 0: the loop takes the kernel's own derivative there
+# --------------------------------------------------------------------------------------------------
+
+# The configuration check_cuda.py failed on an H100 (fused vs loop 1.5e-2): no bias, no initial state and
+# dropped-out inputs leave some pre-activations at exactly 0, where cuDNN's ReLU passes the gradient.
+RELU_AT_ZERO = RNNConfig(kind="RNN_RELU", num_layers=3, bidirectional=True, batch_first=True, bias=False,
+                         packed=True, given_hx=False, batch=4, time=9, input_size=5, hidden_size=7)
+
+
+class _ReluPassingZero(torch.autograd.Function):
+    """ReLU whose derivative at exactly 0 is 1, as cuDNN's RNN backward takes it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x >= 0).to(grad.dtype)
+
+
+def _relu_reference(cfg: RNNConfig, args: dict) -> torch.Tensor:
+    """Total ``dL/dh_t`` ``(L*D, T, B, P)`` of ``_replay_args``' loss (``"final"``) from the float64
+    step-by-step reference."""
+    module = build_rnn(cfg).double()
+    inp = make_inputs(cfg, module)
+    masks = [m.transpose(0, 1) for m in args["dropout_masks"]]
+    ref = reference_rnn(module, inp.x.double(), inp.lengths, dropout_masks=masks)
+    (ref.h_n * args["grad_h_n"]).sum().backward()
+    return ref.hidden_grad().transpose(1, 2)
+
+
+def test_relu_kernel_convention_asked_once_per_device_and_dtype(monkeypatch):
+    monkeypatch.setattr(replay_module, "_RELU_AT_ZERO", {})
+    for dtype in (torch.float32, torch.float64):
+        # PyTorch's CPU kernel back-propagates nothing through a pre-activation of exactly 0
+        assert replay_module.relu_passes_zero(torch.device("cpu"), dtype) is False
+    assert set(replay_module._RELU_AT_ZERO) == {(torch.device("cpu"), torch.float32),
+                                                (torch.device("cpu"), torch.float64)}
+
+
+@pytest.mark.parametrize("passes_zero", [False, True])
+def test_loop_takes_the_kernels_relu_derivative_at_zero(monkeypatch, passes_zero):
+    """The loop against the float64 reference with either convention, on a case where they differ: the
+    CPU kernel's (derivative 0 at 0; the loop equals the fused path here) and cuDNN's (1; asked of the
+    kernel on CUDA, set here since the CPU kernel says 0)."""
+    args = _replay_args(RELU_AT_ZERO, "final", dropout=True)
+    default_loop = replay_rnn(**args, method="loop")
+    monkeypatch.setitem(replay_module._RELU_AT_ZERO, (torch.device("cpu"), torch.float64), passes_zero)
+    loop = replay_rnn(**args, method="loop")
+    if passes_zero:
+        import tests.helpers.reference as reference
+
+        monkeypatch.setattr(reference, "relu", _ReluPassingZero.apply)
+        # the case really has pre-activations of exactly 0: the two conventions differ by about 1.5e-2
+        gap = (loop.hidden_grad - default_loop.hidden_grad).abs().max() / default_loop.hidden_grad.abs().max()
+        assert 1e-2 < gap < 2e-2
+    else:
+        _assert_same(loop, replay_rnn(**args, method="fused"), args["lengths"])
+    expected = _relu_reference(RELU_AT_ZERO, args)
+    torch.testing.assert_close(loop.hidden_grad, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
