@@ -829,7 +829,6 @@ class _Session:
             masks = [t[:, :k] for t in masks] if masks is not None else None
             batch = k
 
-        lengths_dev = lengths.to(device) if lengths is not None else None
         top = None
         # Without the masks, the module's output is not the top layer of the replayed network.
         if unchanged and not notes:
@@ -840,7 +839,8 @@ class _Session:
             else:
                 top = values.transpose(0, 1) if module.batch_first else values
             top = top[:, :batch].to(device, dtype)
-        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths_dev, g_out, g_hn, g_cn,
+        # lengths stay on the CPU, where packing needs them: a copy back from the device would wait for it
+        result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths, g_out, g_hn, g_cn,
                             top_states=top, layer_states=states, dropout_masks=masks)
         if lengths is None:
             lengths = torch.full((batch,), steps, dtype=torch.long)

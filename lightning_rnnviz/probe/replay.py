@@ -7,8 +7,9 @@ the upstream gradients the training backward delivered to the module's outputs g
 
 That backward comes in two forms with the same results: a step-by-step loop (a few small operations a
 step and layer, the fastest on the CPU) and one that takes every step's gate pre-activation gradients
-from the fused kernel's own backward (a few operations per layer plus at most one a step, the fastest on
-a GPU, where the loop is bound by kernel launches); :func:`replay_rnn` picks by device.
+from the fused kernel's own backward (a few operations per layer, its recurrences scans of ``log2 T``
+vectorised levels: the fastest on a GPU, where the loop is bound by kernel launches); :func:`replay_rnn`
+picks by device.
 
 Shapes below use ``T`` time, ``B`` batch, ``I`` input features, ``H`` hidden size, ``P`` the hidden
 output size (``proj_size`` for a projected LSTM, else ``H``), ``D`` directions, ``L`` layers.
@@ -150,7 +151,8 @@ def replay_rnn(
         x: ``(T, B, I)`` the module's input, padded.
         h0: ``(L*D, B, P)`` initial hidden state.
         c0: ``(L*D, B, H)`` initial cell state (LSTM).
-        lengths: ``(B,)`` valid lengths, on ``x``'s device; ``None`` when every sequence has ``T`` steps.
+        lengths: ``(B,)`` valid lengths, best on the CPU (packing needs them there, so lengths on a GPU are
+            copied back, which waits for the device); ``None`` when every sequence has ``T`` steps.
         grad_output: ``(T, B, D*P)`` upstream gradient of the module's output (zero at padded steps).
         grad_h_n: ``(L*D, B, P)`` upstream gradient of ``h_n``.
         grad_c_n: ``(L*D, B, H)`` upstream gradient of ``c_n``.
@@ -289,10 +291,12 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
             dropout_masks: list[Tensor] | None, method: str) -> ReplayResult:
     num_layers, num_dirs = len(weights), len(weights[0])
     steps = x.shape[0]
-    if lengths is not None and not bool((lengths < steps).any()):
-        lengths = None
+    cpu_lengths = None if lengths is None else lengths.cpu()
+    if cpu_lengths is not None and not bool((cpu_lengths < steps).any()):
+        lengths = cpu_lengths = None
     valid = None
     if lengths is not None:
+        lengths = lengths.to(x.device, non_blocking=True)
         valid = (torch.arange(steps, device=x.device).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(-1)
     with torch.no_grad():
         layer_inputs, rows = [], []
@@ -306,7 +310,8 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
                 h_layer = list(layer_states[layer].chunk(num_dirs, dim=-1))
             else:
                 h_layer = _layer_forward(mode, weights[layer], layer_in, h0[first : first + num_dirs],
-                                         None if c0 is None else c0[first : first + num_dirs], lengths)
+                                         None if c0 is None else c0[first : first + num_dirs], lengths,
+                                         cpu_lengths)
             for direction in range(num_dirs):
                 index = first + direction
                 h_prev = _previous(h_layer[direction], h0[index], direction, valid)
@@ -323,7 +328,8 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
                                                    grad_output, grad_h_n, grad_c_n, dropout_masks)
             else:
                 hidden_grad, cell_grad = _backward_fused(rows, weights, layer_inputs, h0, c0, lengths, valid,
-                                                         grad_output, grad_h_n, grad_c_n, dropout_masks)
+                                                         grad_output, grad_h_n, grad_c_n, dropout_masks,
+                                                         cpu_lengths)
 
         hidden = _stacked([r.h for r in rows])
         cell = _stacked([r.c for r in rows]) if mode == "LSTM" else None
@@ -467,15 +473,17 @@ def _kernel_warnings_off() -> Iterator[None]:
 
 
 def _layer_forward(
-    mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None, lengths: Tensor | None
+    mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None, lengths: Tensor | None,
+    cpu_lengths: Tensor | None,
 ) -> list[Tensor]:
-    """Hidden states ``(T, B, P)`` of each direction of one layer, from the fused kernel."""
+    """Hidden states ``(T, B, P)`` of each direction of one layer, from the fused kernel; ``lengths`` on
+    ``x``'s device and on the CPU."""
     if mode == "LSTM" and weights[0].w_hr is not None:
         return [_projected_lstm_forward(w, x, h0[d], c0[d], lengths, d) for d, w in enumerate(weights)]
     if lengths is None:
         out = _fused_layer(mode, weights, x, h0, c0, None)
     else:
-        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        packed = pack_padded_sequence(x, cpu_lengths, enforce_sorted=False)
         order = packed.sorted_indices
         data = _fused_layer(mode, weights, packed.data, h0[:, order], None if c0 is None else c0[:, order],
                             packed.batch_sizes)
@@ -527,14 +535,13 @@ class _Row:
             i, f, g, o = (self.gates[k] for k in LSTM_GATES)
             ig = i * g
             if valid is not None:
-                # Past a sequence's end the cell stays as it was (1 * c + 0): one kernel a step, as without
-                # padding, which is what a step costs on a GPU.
+                # Past a sequence's end the cell stays as it was (1 * c + 0): the same recurrence as
+                # without padding.
                 f, ig = torch.where(valid, f, 1.0), torch.where(valid, ig, 0.0)
-            steps = x.shape[0]
-            c_all = torch.empty_like(ig)
-            c = c0
-            for t in range(steps) if direction == 0 else range(steps - 1, -1, -1):
-                c = torch.addcmul(ig[t], f[t], c, out=c_all[t])
+            # c_t = i_t g_t + f_t c_prev, from c0 at the first processed step
+            first = 0 if direction == 0 else x.shape[0] - 1
+            ig[first].addcmul_(f[first], c0)
+            c_all = linear_recurrence(ig, f, later=direction == 1)
             self.c = c_all
             if not factors:
                 return
@@ -710,7 +717,8 @@ def _backward_lstm_row(row: _Row, seed: Tensor, seed_c: Tensor, mask: Tensor | N
 def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_inputs: list[Tensor],
                     h0: Tensor, c0: Tensor | None, lengths: Tensor | None, valid: Tensor | None,
                     grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
-                    dropout_masks: list[Tensor] | None) -> tuple[Tensor, Tensor | None]:
+                    dropout_masks: list[Tensor] | None,
+                    cpu_lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """What :func:`_backward` gives, with every step's gate pre-activation gradients from the fused kernel.
 
     Layer by layer from the top, :func:`_layer_deltas` gives ``delta_t`` (``(T, B, G*H)`` per direction)
@@ -723,7 +731,7 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
     - GRU: ``dL/dh_t = g_t + W_hh^T [delta_r, delta_z, r * delta_n]_next + z_next * dL/dh_next``;
 
     with the ``h_n``/``c_n`` gradients added at each sequence's last processed step. The recurrences are
-    one ``addcmul`` a step (:func:`_scan`).
+    scans of ``ceil(log2 T)`` vectorised levels (:func:`linear_recurrence`).
     """
     x = layer_inputs[0]
     steps, batch = x.shape[:2]
@@ -739,7 +747,7 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
         here = slice(first, first + num_dirs)
         d_input, deltas = _layer_deltas(
             rows[first].mode, weights[layer], layer_inputs[layer], h0[here], None if c0 is None else c0[here],
-            lengths, direct, None if grad_h_n is None else grad_h_n[here],
+            cpu_lengths, direct, None if grad_h_n is None else grad_h_n[here],
             None if grad_c_n is None else grad_c_n[here],
         )
         for direction in range(num_dirs):
@@ -766,7 +774,7 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
 
 
 def _layer_deltas(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
-                  lengths: Tensor | None, grad_out: Tensor | None, grad_h: Tensor | None,
+                  cpu_lengths: Tensor | None, grad_out: Tensor | None, grad_h: Tensor | None,
                   grad_c: Tensor | None) -> tuple[Tensor, list[Tensor]]:
     """One layer's input gradient ``(T, B, I)`` and gate pre-activation gradients ``(T, B, G*H)`` per
     direction, from the fused kernel's backward.
@@ -784,7 +792,6 @@ def _layer_deltas(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor,
     num_dirs = len(weights)
     width = weights[0].w_ih.shape[0]  # G*H
     steps, batch, features = x.shape
-    cpu_lengths = lengths.cpu() if lengths is not None else None
     # A graph of our own, also when the caller runs without autograd or in inference mode; it is freed
     # by the backward below and with the tensors of this frame.
     with torch.inference_mode(False), torch.enable_grad():
@@ -797,7 +804,7 @@ def _layer_deltas(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor,
                                     _own(w.b_hh), _own(w.w_hr)))
         x_ext = torch.cat([_own(x), x.new_zeros(steps, batch, num_dirs * width)], dim=-1).requires_grad_()
         h, c = _own(h0), _own(c0)
-        if lengths is None:
+        if cpu_lengths is None:
             result = _fused_call(mode, ext, x_ext, h, c, None, train=True)
             g_out = _own(grad_out)
         else:
@@ -834,14 +841,50 @@ def _following(t: Tensor, direction: int) -> Tensor:
     return torch.cat([t[1:], pad]) if direction == 0 else torch.cat([pad, t[:-1]])
 
 
-def _scan(direct: Tensor, carry: Tensor, direction: int) -> Tensor:
-    """``out_t = direct_t + carry_t * out_next``, in reverse processing order: one ``addcmul`` a step."""
-    out = torch.empty_like(direct)
-    acc = torch.zeros_like(direct[0])
+# On the CPU the doubling does about log2(T) times the arithmetic of the step loop for a tenth or less of its
+# operations; it wins there while a step's slice times log2(T) stays below this many elements (measured on
+# one core: equal at about 8,000, the loop 3-10x faster beyond 20,000).
+DOUBLING_CPU_WORK = 8192
+
+
+def linear_recurrence(direct: Tensor, carry: Tensor, later: bool) -> Tensor:
+    """``out_t = direct_t + carry_t * out_next`` for every ``t`` of the first axis, where ``next`` is
+    ``t + 1`` (``later``) or ``t - 1``, and ``out`` is zero beyond the ends; ``carry`` is in ``[0, 1]``
+    here (gates, masks), so no product of it grows.
+
+    A first-order linear recurrence is a scan: by recursive doubling, level ``k`` folds in the result
+    ``2^k`` steps away (``out_t += carry_t * out_{t±2^k}``, ``carry_t *= carry_{t±2^k}``), so
+    ``ceil(log2 T)`` levels of a few vectorised operations replace ``T`` small ones. That is what a GPU
+    wants, where each operation is a kernel launch, and what the CPU wants for small steps; for large
+    steps on the CPU (see :data:`DOUBLING_CPU_WORK`) the step loop, one ``addcmul`` a step, is faster.
+    The two sum in another order: they agree to rounding, not bit for bit.
+    """
     steps = direct.shape[0]
-    for t in range(steps - 1, -1, -1) if direction == 0 else range(steps):
-        acc = torch.addcmul(direct[t], carry[t], acc, out=out[t])
+    levels = max(steps - 1, 0).bit_length()
+    if direct.device.type == "cpu" and direct.numel() // max(steps, 1) * levels > DOUBLING_CPU_WORK:
+        out = torch.empty_like(direct)
+        acc = torch.zeros_like(direct[0])
+        for t in range(steps - 1, -1, -1) if later else range(steps):
+            acc = torch.addcmul(direct[t], carry[t], acc, out=out[t])
+        return out
+    out, factor = direct.clone(), carry.clone()
+    span = 1
+    for level in range(levels):
+        # `here` are the steps that fold in the one `span` away (`there`), both views of `out`
+        here, there = (slice(0, steps - span), slice(span, steps)) if later else (slice(span, steps),
+                                                                                   slice(0, steps - span))
+        folded = torch.addcmul(out[here], factor[here], out[there])
+        if level < levels - 1:
+            factor[here] = factor[here] * factor[there]
+        out[here] = folded
+        span *= 2
     return out
+
+
+def _scan(direct: Tensor, carry: Tensor, direction: int) -> Tensor:
+    """``out_t = direct_t + carry_t * out_next``, ``next`` the step processed after ``t`` (``t + 1`` for the
+    forward direction, ``t - 1`` for the reverse): a gradient carried back in processing order."""
+    return linear_recurrence(direct, carry, later=direction == 0)
 
 
 def _grads_from_deltas(row: _Row, seed: Tensor, seed_c: Tensor | None, delta: Tensor,

@@ -583,3 +583,66 @@ def test_loop_takes_the_kernels_relu_derivative_at_zero(monkeypatch, passes_zero
         _assert_same(loop, replay_rnn(**args, method="fused"), args["lengths"])
     expected = _relu_reference(RELU_AT_ZERO, args)
     torch.testing.assert_close(loop.hidden_grad, expected, rtol=1e-10, atol=1e-10 * float(expected.abs().max()))
+
+
+# --------------------------------------------------------------------------------------------------
+# the recurrences as scans: log2(T) levels, not T steps
+# --------------------------------------------------------------------------------------------------
+
+
+def _sequential(direct: torch.Tensor, carry: torch.Tensor, later: bool) -> torch.Tensor:
+    out, acc = torch.empty_like(direct), torch.zeros_like(direct[0])
+    for t in range(direct.shape[0] - 1, -1, -1) if later else range(direct.shape[0]):
+        acc = direct[t] + carry[t] * acc
+        out[t] = acc
+    return out
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 7, 8, 9, 100])
+@pytest.mark.parametrize("later", [True, False])
+@pytest.mark.parametrize("width", [5, 4000])  # the doubling, and the CPU's step loop for large steps
+def test_linear_recurrence_equals_the_step_loop(steps, later, width):
+    gen = torch.Generator().manual_seed(steps)
+    direct = torch.randn(steps, 2, width, generator=gen, dtype=torch.float64)
+    carry = torch.rand(steps, 2, width, generator=gen, dtype=torch.float64)
+    carry[steps // 2] = 0  # a mask's zero cuts the carry
+    kept = direct.clone(), carry.clone()
+    out = replay_module.linear_recurrence(direct, carry, later)
+    torch.testing.assert_close(out, _sequential(direct, carry, later), rtol=1e-12, atol=1e-12)
+    assert torch.equal(direct, kept[0]) and torch.equal(carry, kept[1])  # inputs untouched
+
+
+class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_fused_path_recurrences_grow_like_log2_t(monkeypatch, kind):
+    """The operations the fused path issues for its recurrences (the LSTM's cell states and ``dL/dc_t``,
+    the GRU's ``dL/dh_t``), counted at the dispatcher for T = 8, 64, 512: the same number more for each
+    3 more levels, not 8 times as many; small steps, where the CPU too takes the doubling."""
+    counts = {}
+    real = replay_module.linear_recurrence
+    for steps in (8, 64, 512):
+        mode = _OpCount()
+
+        def counted(*args, mode=mode, **kwargs):
+            with mode:
+                return real(*args, **kwargs)
+
+        monkeypatch.setattr(replay_module, "linear_recurrence", counted)
+        cfg = RNNConfig(kind=kind, num_layers=2, bidirectional=True, packed=True, batch=2, time=steps,
+                        input_size=3, hidden_size=4)
+        replay_rnn(**_replay_args(cfg, "mixed"), method="fused")
+        counts[steps] = mode.ops
+    assert 0 < counts[8] < counts[64] < counts[512]
+    # 3, 6 and 9 levels: each 3 more add the same operations, and 64 times the steps take under 4 times
+    # the operations (a step loop: 64 times)
+    assert counts[512] - counts[64] == counts[64] - counts[8]
+    assert counts[512] < 4 * counts[8]
