@@ -10,7 +10,6 @@ inside the block and never change a value: the training run is bit-identical wit
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from torch.utils.hooks import RemovableHandle
 
+from lightning_rnnviz.probe import held
 from lightning_rnnviz.probe.attention import (
     allowed_key_counts,
     encoder_layer_step,
@@ -32,6 +32,7 @@ from lightning_rnnviz.probe.replay import (
     LayerWeights,
     ReplayResult,
     cell_gates,
+    draw_dropout_masks,
     replay_rnn,
     replay_with_dropout,
 )
@@ -322,22 +323,37 @@ class Probe:
         Yields:
             A :class:`Recording`, empty until the block exits.
         """
+        recording = Recording()
+        with self.capture(max_samples) as captured:
+            yield recording
+        captured.finish(grad_scale, into=recording)
+
+    @contextlib.contextmanager
+    def capture(self, max_samples: int | None = None) -> Iterator[Capture]:
+        """:meth:`record` in two parts, for a caller that finishes the recording on another thread: the
+        hooks exist inside this block only, and what they caught is finished into a :class:`Recording`
+        later by :meth:`Capture.finish`, after :meth:`Capture.hand_off` on this thread.
+
+        Args:
+            max_samples: as for :meth:`record`.
+
+        Yields:
+            The :class:`Capture` of the block.
+        """
         if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
             raise ValueError(f"`max_samples` must be a positive int or None, got {max_samples!r}.")
         session = _Session(self, max_samples)
-        recording = Recording()
         try:
             session.attach()
-            yield recording
+            yield Capture(session)
         finally:
             session.detach()
-        session.finalize(recording, grad_scale)
 
     def _skip(self, watch: _Watch, reason: str) -> None:
         watch.failed = f"not recorded: {reason}"
         if watch.name not in self._warned:
             self._warned.add(watch.name)
-            warnings.warn(f"lightning_rnnviz does not record module {watch.name!r} here ({reason}).",
+            held.warn(f"lightning_rnnviz does not record module {watch.name!r} here ({reason}).",
                           RNNVizWarning, stacklevel=4)
 
     def _warn_calls(self, name: str, shown: int, total: int, with_grad: bool) -> None:
@@ -349,7 +365,7 @@ class Probe:
         which = "the last whose output received a gradient"
         if not with_grad:
             which = "the last (none received a gradient)"
-        warnings.warn(
+        held.warn(
             f"lightning_rnnviz: module {name!r} was called {total} times in one recording, not as a chain of "
             f"single steps, so its record shows call {shown + 1} of {total}, {which}. Choose another with "
             "`call=` (`RNNViz(call=...)`, `Probe(call=...)`: 0-based among the forward calls, negative from the end).",
@@ -364,13 +380,42 @@ class Probe:
             raise error
         if watch.name not in self._warned:
             self._warned.add(watch.name)
-            warnings.warn(
+            held.warn(
                 f"lightning_rnnviz could not {where} module {watch.name!r} ({watch.failed}); its record "
                 "is dropped and training goes on. Further errors of this module are counted in "
                 "`Probe.error_counts`. Pass `strict=True` to raise instead.",
                 RNNVizWarning,
                 stacklevel=2,
             )
+
+
+class Capture:
+    """What the hooks of one :meth:`Probe.capture` block caught, to be finished into a :class:`Recording`.
+
+    The two steps split where a recording may change threads. :meth:`hand_off`, on the training thread
+    right after the block, makes what the capture holds its own: copies of the tensors it only referenced
+    (the user may reuse or change them once training goes on), and the inter-layer dropout masks drawn
+    from the generator states taken at the calls (only that thread may touch the global generator).
+    :meth:`finish` then replays and builds the records on any thread, touching nothing process-wide.
+    """
+
+    def __init__(self, session: _Session) -> None:
+        self._session = session
+        self.handed_off = False
+
+    def hand_off(self) -> list[Tensor]:
+        """Copy what is referenced, draw the dropout masks; the tensors the capture now holds (a caller that
+        finishes on another CUDA stream marks them used there)."""
+        self.handed_off = True
+        return self._session.hand_off()
+
+    def finish(self, grad_scale: GradScale = None, into: Recording | None = None) -> Recording:
+        """Replay and build every record (see :meth:`Probe.record` for ``grad_scale``). After
+        :meth:`hand_off` nothing process-wide is touched: the replay leaves TF32 as the user set it, which
+        a module's own kernels used too, and the dropout masks were drawn already."""
+        recording = Recording() if into is None else into
+        self._session.finalize(recording, grad_scale, own_flags=not self.handed_off)
+        return recording
 
 
 class _Session:
@@ -381,6 +426,7 @@ class _Session:
         self.max_samples = max_samples
         self.watches = {n: _Watch(n, m) for n, m in probe.targets.items()}
         self.handles: list[RemovableHandle] = []
+        self.own_flags = True  # whether finishing may switch TF32 off for the replay (not from a worker)
 
     def _placed(self, t: Tensor) -> Tensor:
         """Where a record keeps ``t``: on the CPU, or on its own device with ``Probe(on_device=True)``."""
@@ -656,7 +702,58 @@ class _Session:
         return hook
 
     # --- after the block -------------------------------------------------------------------------
-    def finalize(self, recording: Recording, grad_scale: GradScale) -> None:
+    def hand_off(self) -> list[Tensor]:
+        """See :meth:`Capture.hand_off`."""
+        held: list[Tensor] = []
+
+        def own(t: Any) -> Any:
+            if isinstance(t, PackedSequence):
+                return t._replace(data=own(t.data))
+            if isinstance(t, tuple):
+                return tuple(own(u) for u in t)
+            if isinstance(t, Tensor):
+                t = t.clone()
+                held.append(t)
+            return t
+
+        for watch in self.watches.values():
+            if watch.failed is not None:
+                continue
+            for call in watch.calls:
+                data = call.data
+                data.pop("state_out", None)  # only the next call's hook compares with it
+                for key in ("input", "hx", "x", "h_prev", "h", "c", "attention"):
+                    if key in data:
+                        data[key] = own(data[key])
+                if "output_values" in data:
+                    values, version = data["output_values"]
+                    unchanged = version is not None and _version(values) == version
+                    data["output_values"] = (own(values), 0) if unchanged else (values, None)
+                if data.get("rng_state") is not None:
+                    self._guarded(watch, "capture", lambda d=data, m=watch.module: self._draw_masks(m, d))
+                held += [g for g in call.grads.values()]
+                held += [w for w in data.get("weights", {}).values()]
+        return held
+
+    @staticmethod
+    def _draw_masks(module: nn.RNNBase, data: dict[str, Any]) -> None:
+        """The call's inter-layer dropout masks, from the generator state taken at the call."""
+        inp, dirs = data["input"], 2 if module.bidirectional else 1
+        weights = data["weights"]
+        dtype = torch.float64 if next(iter(weights.values())).dtype == torch.float64 else torch.float32
+        proj = module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
+        if isinstance(inp, PackedSequence):
+            shape: tuple[int, ...] = (inp.data.shape[0], dirs * proj)
+        elif inp.dim() == 2:
+            shape = (inp.shape[0], 1, dirs * proj)
+        else:
+            steps, batch = (inp.shape[1], inp.shape[0]) if module.batch_first else inp.shape[:2]
+            shape = (steps, batch, dirs * proj)
+        data["dropout_masks"] = draw_dropout_masks([shape] * (module.num_layers - 1), dtype, module.dropout,
+                                                   data["rng_state"])
+
+    def finalize(self, recording: Recording, grad_scale: GradScale, own_flags: bool = True) -> None:
+        self.own_flags = own_flags
         scale = grad_scale() if callable(grad_scale) else grad_scale
         scale = None if scale is None else float(scale)
         for name, watch in self.watches.items():
@@ -841,7 +938,8 @@ class _Session:
             top = top[:, :batch].to(device, dtype)
         # lengths stay on the CPU, where packing needs them: a copy back from the device would wait for it
         result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths, g_out, g_hn, g_cn,
-                            top_states=top, layer_states=states, dropout_masks=masks)
+                            top_states=top, layer_states=states, dropout_masks=masks,
+                            user_flags=not self.own_flags)
         if lengths is None:
             lengths = torch.full((batch,), steps, dtype=torch.long)
         return _Replayed(result, lengths.cpu(), notes)
@@ -889,7 +987,8 @@ class _Session:
                 c0 = c0.index_select(1, order.to(c0.device)) if c0 is not None else None
             data_in = inp.data.to(x.device, x.dtype).detach().requires_grad_(input_grad)
             replay = replay_with_dropout(module.mode, weights, data_in, h0, c0, p, data["rng_state"],
-                                         inp.batch_sizes, grad_enabled=data["grad_enabled"])
+                                         inp.batch_sizes, grad_enabled=data["grad_enabled"],
+                                         masks=data.get("dropout_masks"))
             top = values
 
             def padded(t: Tensor) -> Tensor:
@@ -899,7 +998,8 @@ class _Session:
             given = inp.unsqueeze(0 if module.batch_first else 1) if inp.dim() == 2 else inp
             given = given.to(x.device, x.dtype).detach().requires_grad_(input_grad)
             replay = replay_with_dropout(module.mode, weights, given, h0, c0, p, data["rng_state"],
-                                         batch_first=module.batch_first, grad_enabled=data["grad_enabled"])
+                                         batch_first=module.batch_first, grad_enabled=data["grad_enabled"],
+                                         masks=data.get("dropout_masks"))
             if inp.dim() == 2:
                 top = values.unsqueeze(1)
             else:

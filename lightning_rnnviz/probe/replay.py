@@ -18,6 +18,7 @@ output size (``proj_size`` for a projected LSTM, else ``H``), ``D`` directions, 
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ def replay_rnn(
     layer_states: list[Tensor] | None = None,
     dropout_masks: list[Tensor] | None = None,
     method: str = "auto",
+    user_flags: bool = False,
 ) -> ReplayResult:
     """Replay a fused RNN layer by layer and, given upstream gradients, compute the total ``dL/dh_t``.
 
@@ -164,6 +166,9 @@ def replay_rnn(
             inter-layer dropout multiplied each layer's output by before the next layer read it. The
             upper layers read the dropped-out states and the backward goes through the same masks.
         method: ``"auto"``, ``"loop"`` or ``"fused"``, as above.
+        user_flags: leave TF32 as the user set it (a replay on a worker beside training must not change
+            process-wide flags); the fused path's float32 results are then rounded as the module's own
+            kernels were.
 
     Returns:
         The per-step hidden and cell states, gates and, when any upstream gradient is given, the total
@@ -178,7 +183,8 @@ def replay_rnn(
     x, grad_output, top_states = (_time_major(t) for t in (x, grad_output, top_states))
     layer_states = None if layer_states is None else [_time_major(t) for t in layer_states]
     dropout_masks = None if dropout_masks is None else [_time_major(t) for t in dropout_masks]
-    with tf32_off() if method == "fused" else contextlib.nullcontext(), subnormals_flushed(x.device):
+    precision = tf32_off() if method == "fused" and not user_flags else contextlib.nullcontext()
+    with precision, subnormals_flushed(x.device):
         return _replay(mode, weights, x, h0, c0, lengths, grad_output, grad_h_n, grad_c_n, top_states,
                        layer_states, dropout_masks, method)
 
@@ -382,6 +388,7 @@ def replay_with_dropout(
     batch_sizes: Tensor | None = None,
     batch_first: bool = False,
     grad_enabled: bool = True,
+    masks: list[Tensor] | None = None,
 ) -> DropoutReplay:
     """Forward of a fused multi-layer RNN in training mode, inter-layer dropout masks drawn again.
 
@@ -409,6 +416,8 @@ def replay_with_dropout(
         batch_sizes: the ``PackedSequence``'s ``batch_sizes``; ``None`` for a padded input.
         batch_first: the module's ``batch_first`` (padded input only).
         grad_enabled: whether autograd was enabled at the call.
+        masks: the masks :func:`draw_dropout_masks` drew from ``rng_state`` already (on the thread that
+            may touch the global generator); ``None`` draws them here.
 
     Returns:
         Every layer's output and the masks, time-major ``(T, B, D*P)``, or packed data ``(N, D*P)``;
@@ -416,9 +425,11 @@ def replay_with_dropout(
     """
     num_dirs = len(weights[0])
     outputs: list[Tensor] = []
-    masks: list[Tensor] = []
+    drawn = masks
+    masks = []
     layer_in = x
-    with torch.set_grad_enabled(grad_enabled), generator_state(rng_state):
+    drawing = generator_state(rng_state) if drawn is None else contextlib.nullcontext()
+    with torch.set_grad_enabled(grad_enabled), drawing:
         for layer, layer_weights in enumerate(weights):
             rows = slice(layer * num_dirs, (layer + 1) * num_dirs)
             # layer 0 reads the input as the module did; the kernel hands on time-major outputs
@@ -430,10 +441,23 @@ def replay_with_dropout(
             if layer < len(weights) - 1:
                 # F.dropout(out) is out * mask with the mask drawn for out's shape; dropping out ones draws
                 # the same mask and gives it as it is.
-                mask = F.dropout(torch.ones_like(out), p, training=True)
+                mask = F.dropout(torch.ones_like(out), p, training=True) if drawn is None else drawn[layer]
                 masks.append(mask)
                 layer_in = out * mask
     return DropoutReplay(outputs, masks)
+
+
+def draw_dropout_masks(shapes: list[tuple[int, ...]], dtype: torch.dtype, p: float,
+                       rng_state: Tensor) -> list[Tensor]:
+    """The inter-layer dropout masks a fused CPU kernel drew from the generator's ``rng_state``, one per
+    layer below the top, for layer outputs of ``shapes`` (``(T, B, D*P)``, or ``(N, D*P)`` packed).
+
+    The kernel draws nothing but these masks, in layer order, so they can be drawn before the layers are
+    computed: here, on the thread that may touch the global generator (whose state comes back after), for
+    :func:`replay_with_dropout` to use on any thread.
+    """
+    with generator_state(rng_state):
+        return [F.dropout(torch.ones(shape, dtype=dtype), p, training=True) for shape in shapes]
 
 
 def _fused_layer(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
@@ -455,21 +479,33 @@ def _fused_call(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c
         params += [w.w_hr] if w.w_hr is not None else []
     hx = (h0, c0) if mode == "LSTM" else h0
     op, bidirectional, has_bias = _FUSED_OPS[mode], len(weights) == 2, weights[0].b_ih is not None
-    with _kernel_warnings_off():
-        if batch_sizes is None:
-            return op(x, hx, params, has_bias, 1, 0.0, train, bidirectional, batch_first)
-        return op(x, batch_sizes, hx, params, has_bias, 1, 0.0, train, bidirectional)
+    _quiet_kernel_warnings()
+    if batch_sizes is None:
+        return op(x, hx, params, has_bias, 1, 0.0, train, bidirectional, batch_first)
+    return op(x, batch_sizes, hx, params, has_bias, 1, 0.0, train, bidirectional)
 
 
-@contextlib.contextmanager
-def _kernel_warnings_off() -> Iterator[None]:
-    """cuDNN warns that our weights are not one flat buffer (it copies them into one), and oneDNN that it
-    has no projected LSTM (the module's own call said so already): replay details, not something the user
-    should see."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
-        warnings.filterwarnings("ignore", message="LSTM with projections is not supported")
-        yield
+# cuDNN warns that our weights are not one flat buffer (it copies them into one), and oneDNN that it has no
+# projected LSTM (the module's own call said so already): replay details, not something the user should see.
+_KERNEL_WARNINGS = ("RNN module weights are not part of single contiguous", "LSTM with projections is not supported")
+# A kernel's warning is attributed to the Python code that called it: our replay's calls, and the autograd
+# call through which we run a backward (whose kernels' warnings are given there).
+_OUR_CALLS = r"(lightning_rnnviz\.probe\.replay|torch\.autograd(\..*)?)\Z"
+_QUIET = [("ignore", re.compile(m, re.I), Warning, re.compile(_OUR_CALLS), 0) for m in reversed(_KERNEL_WARNINGS)]
+
+
+def _quiet_kernel_warnings() -> None:
+    """Ignore the kernels' two warnings above where our own calls raise them.
+
+    Not with ``warnings.catch_warnings()``, which swaps the process-wide filter list and is not
+    thread-safe before Python 3.14 (the replay may run on a worker beside training): two filters, scoped
+    by message and by the calling module, stay at the front of the list, where they match nothing of the
+    user's. They are put back in front only when something was put before them (so a filter added since,
+    such as a test's ``error``, does not turn our calls' warnings into errors), and left alone otherwise.
+    """
+    if warnings.filters[: len(_QUIET)] != _QUIET:
+        for message in _KERNEL_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, module=_OUR_CALLS)
 
 
 def _layer_forward(
@@ -822,8 +858,8 @@ def _layer_deltas(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor,
             if grad is not None:
                 outputs.append(value)
                 grads.append(_own(grad))
-        with _kernel_warnings_off():
-            (d_ext,) = torch.autograd.grad(outputs, [x_ext], grads)
+        _quiet_kernel_warnings()
+        (d_ext,) = torch.autograd.grad(outputs, [x_ext], grads)
     return d_ext[..., :features], list(d_ext[..., features:].chunk(num_dirs, dim=-1))
 
 

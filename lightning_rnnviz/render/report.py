@@ -11,7 +11,6 @@ output writes to.
 from __future__ import annotations
 
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 import lightning_rnnviz.render as render
+from lightning_rnnviz.probe.held import warn as held_warn
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
 from lightning_rnnviz.render import findings as findings_
 from lightning_rnnviz.render.jobs import Job
@@ -80,7 +80,7 @@ class Guard:
         if key in self.warned:
             return False
         self.warned.add(key)
-        warnings.warn(message, self.category, stacklevel=4)
+        held_warn(message, self.category, stacklevel=4)
         return True
 
 

@@ -419,6 +419,27 @@ def test_fused_path_keeps_kernel_warnings_out_of_the_users_log():
         replay_rnn(**args, method="fused")
 
 
+@pytest.mark.parametrize("message", replay_module._KERNEL_WARNINGS)
+def test_kernel_warnings_ignored_for_our_calls_only(message):
+    """Scoped filters, not ``catch_warnings`` (not thread-safe): the kernels' warnings raised by the
+    replay's calls (or the autograd call it runs a backward through) are ignored, also under a filter
+    added since that turns warnings into errors; the same warning raised by the user's own code is not."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("error")  # the user's, or pytest's
+        replay_module._quiet_kernel_warnings()
+        for module in ("lightning_rnnviz.probe.replay", "torch.autograd.graph"):
+            warnings.warn_explicit(f"{message} (ours)", UserWarning, "x.py", 1, module=module)
+        warnings.simplefilter("always")  # put before ours: the next replay call puts ours back in front
+        replay_module._quiet_kernel_warnings()
+        count = len(warnings.filters)
+        replay_module._quiet_kernel_warnings()
+        assert len(warnings.filters) == count  # once in front, left alone
+        warnings.warn_explicit(f"{message} (ours again)", UserWarning, "x.py", 1,
+                               module="lightning_rnnviz.probe.replay")
+        warnings.warn_explicit(f"{message} (the user's)", UserWarning, "x.py", 1, module="user_model")
+    assert [str(w.message) for w in seen] == [f"{message} (the user's)"]
+
+
 def _flag_spy(monkeypatch, seen: list, fail: bool = False):
     original = replay_module._layer_deltas
 
