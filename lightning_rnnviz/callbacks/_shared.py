@@ -9,84 +9,19 @@ to see the end of the batch closes it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
-import os
 import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
-from lightning_rnnviz.probe import Probe, Recording
+from lightning_rnnviz.pipeline import Report, Worker, hand_off
+from lightning_rnnviz.probe import Capture, Probe, Recording
 from lightning_rnnviz.sinks import Fanout
 
 if TYPE_CHECKING:
     from lightning_rnnviz.callbacks.rnnviz import RNNViz
-
-
-_OPENMP_NAMES = ("libgomp", "libiomp5", "libomp")  # GNU's, Intel's and LLVM's OpenMP runtimes
-
-
-@functools.cache
-def _openmp() -> Any | None:
-    """The OpenMP runtime that torch runs its intra-op threads on, opened with ``ctypes`` if this process
-    has loaded it already (never loaded here), or ``None``: another parallel backend, or none found.
-
-    Checked, not guessed: a runtime qualifies when a count set through it for this thread is what
-    ``torch.get_num_threads()`` then reads (the count is set back at once).
-    """
-    paths = []
-    with contextlib.suppress(OSError):
-        folder = os.path.join(os.path.dirname(torch.__file__), "lib")  # pip wheels bring their own
-        paths += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.startswith(_OPENMP_NAMES)]
-    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
-        paths += sorted({p for p in (line.split()[-1] for line in maps if "/" in line)
-                         if os.path.basename(p).startswith(_OPENMP_NAMES)})
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
-            lib.omp_get_max_threads.restype = ctypes.c_int
-            before = lib.omp_get_max_threads()
-        except (OSError, AttributeError):
-            continue
-        if torch.get_num_threads() != before:
-            continue  # not the runtime torch reads its count from
-        trial = 1 if before > 1 else 2
-        lib.omp_set_num_threads(trial)
-        try:
-            if torch.get_num_threads() == trial:
-                return lib
-        finally:
-            lib.omp_set_num_threads(before)
-    return None
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run the callback's CPU-side reductions on one intra-op thread; the user's count comes back after.
-
-    They are many small operations: on a many-core machine each would wake the whole intra-op pool
-    (about 1 ms an operation was measured on a 16-core GPU host), which costs far more than the work.
-
-    Not with ``torch.set_num_threads``: that call, even with the count unchanged, left every later
-    training step of the user's 4-7 % slower here (fast-step; a change of the count and back, 6-14 %),
-    and PyTorch keeps the count as set by the user from then on. The OpenMP runtime's own
-    ``omp_set_num_threads`` changes only this thread's count, which is exactly restored. Where torch runs
-    on another parallel backend, nothing is changed and the reductions use the user's threads.
-    """
-    lib = _openmp()
-    threads = lib.omp_get_max_threads() if lib is not None else 1
-    if threads < 2:
-        yield
-        return
-    lib.omp_set_num_threads(1)
-    try:
-        yield
-    finally:
-        lib.omp_set_num_threads(threads)
 
 
 class SharedRecorder:
@@ -96,13 +31,15 @@ class SharedRecorder:
         self.members: list[RNNViz] = []
         self.probe: Probe | None = None
         self._block: contextlib.ExitStack | None = None
-        self._recording: Recording | None = None
+        self._capture: Capture | None = None
         self._key: Any = None
         self._wanting: list[RNNViz] = []
         self._result: Recording | None = None
         self.grad_scale: float | None = None
         self.amp_scale: float | None = None
         self.fanout: Fanout | None = None  # one output over every logger, one renderer, for every member
+        self.worker: Worker | None = None  # finishes recordings beside training (placement "thread")
+        self.reported_wait_s = 0.0  # the worker's `waited_s` as last reported
         self.layout_written = False
         self.flush_next = False  # flush the loggers at the next batch start (the user's scalars of a recorded step)
         self.spent_s = 0.0  # time on the training thread for the current batch's recording
@@ -141,8 +78,7 @@ class SharedRecorder:
         if self.probe is None:
             self.probe = self.build_probe(model)
         self._block = contextlib.ExitStack()
-        record = self.probe.record(max_samples=max_samples, grad_scale=lambda: self.grad_scale)
-        self._recording = self._block.enter_context(record)
+        self._capture = self._block.enter_context(self.probe.capture(max_samples=max_samples))
         self.spent_s += time.perf_counter() - started
 
     def drawing_s(self) -> tuple[float, float]:
@@ -168,18 +104,37 @@ class SharedRecorder:
             return None, []
         if self._block is not None:
             block, self._block = self._block, None
-            self.grad_scale = grad_scale  # read by the probe as the block closes
+            self.grad_scale = grad_scale
             started = time.perf_counter()
             block.close()
+            capture, self._capture = self._capture, None
+            self._result = capture.finish(grad_scale)
             self.replay_s = time.perf_counter() - started
             self.spent_s += self.replay_s
-            self._result = self._recording
         return self._result, self._wanting
+
+    def hand_off(self, key: Any, grad_scale: float | None, reports: Callable[[list[RNNViz]], list[Report]],
+                 step: int, prefix: str) -> bool:
+        """The worker's route: close the block of batch ``key`` (its hooks go) and hand the capture over,
+        with ``reports(wanting)``, to be finished beside training; whether there was one to hand over."""
+        if key != self._key or self._block is None:
+            return False
+        started = time.perf_counter()
+        block, self._block = self._block, None
+        block.close()
+        capture, self._capture = self._capture, None
+        handed = hand_off(capture, grad_scale, reports(self._wanting), step, prefix)
+        # what the recording cost this thread: the hooks' set-up and the hand-off (a wait for room in the
+        # worker's queue is the worker's `waited_s`, reported on its own)
+        handed.thread_s = self.spent_s + time.perf_counter() - started
+        self.spent_s = 0.0
+        self.worker.submit(handed)
+        return True
 
     def release(self) -> None:
         """Let go of the batch's recording once every monitor has reported it: its records are the size of
         the model's activations, and on a GPU they are in device memory."""
-        self._result = self._recording = None
+        self._result = self._capture = None
 
     def abort(self) -> None:
         """Remove every hook without finishing the recording (exceptions, teardown)."""

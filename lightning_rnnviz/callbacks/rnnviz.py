@@ -17,7 +17,8 @@ import torch
 
 from lightning_rnnviz.callbacks._lightning import CALLBACK_BASES, info
 from lightning_rnnviz.callbacks._loggers import SUPPORTED, logger_kind, sink_for
-from lightning_rnnviz.callbacks._shared import one_thread, shared_recorder
+from lightning_rnnviz.callbacks._shared import shared_recorder
+from lightning_rnnviz.pipeline import Delivery, Report, Worker, give_warnings, one_thread
 from lightning_rnnviz.probe import Recording, RNNVizWarning
 from lightning_rnnviz.probe.probe import Extractor
 from lightning_rnnviz.probe.targets import ATTENTION_TYPES, is_supported, resolve_targets
@@ -25,7 +26,7 @@ from lightning_rnnviz.render.findings import Finding
 from lightning_rnnviz.render.jobs import RENDERERS
 from lightning_rnnviz.render.report import QUANTITIES, Guard, Reporter, scalar_layout
 from lightning_rnnviz.sinks import Fanout
-from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer, ThreadRenderer, spare_cores
+from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer, spare_cores
 from lightning_rnnviz.sinks.records import RecordKeeper
 
 
@@ -326,9 +327,15 @@ class RNNViz(*CALLBACK_BASES):
                     "it does nothing in this run."
                 )
             return False
-        self.placement = self._placement()
-        renderer = {"process": BackgroundRenderer, "thread": ThreadRenderer, "inline": InlineRenderer}[self.placement]()
+        self.placement = self._placement(trainer)
+        # with a worker, the epoch ends' pictures are still drawn here (the training thread waits for them)
+        renderer = {"process": BackgroundRenderer, "thread": InlineRenderer, "inline": InlineRenderer}[self.placement]()
         recorder.fanout = Fanout(sinks, renderer, self._guard, self._keeper(sinks))
+        if self.placement == "thread":
+            fanout = recorder.fanout
+            recorder.worker = Worker(keep_recordings=fanout.keeper is not None and fanout.keeper.full,
+                                     beside=lambda d: fanout.deliver(d.items, beside_training=True),
+                                     wants_histograms=fanout.wants_histograms)
         if any(logger_kind(lg) == "tensorboard" for lg in trainer.loggers):
             info(trainer, "lightning_rnnviz: TensorBoard keeps 10 images per tag by default; to see every recorded "
                  "step run `tensorboard --logdir <dir> --samples_per_plugin images=1000`.")
@@ -346,13 +353,17 @@ class RNNViz(*CALLBACK_BASES):
         return RecordKeeper(folder, full=self.save_records == "full", max_mb=self.save_records_max_mb,
                             warn=lambda message: self._guard.once(message, f"{type(self).__name__}: {message}"))
 
-    def _placement(self) -> str:
-        """Where pictures are drawn: as asked, or (``background=None``, the fast renderer) on a worker thread
-        when the machine has at least two cores the training does not use, else on the training thread."""
+    def _placement(self, trainer: Any) -> str:
+        """Where a recording is finished: as asked, or (``background=None``, the fast renderer) on a worker
+        thread when the machine has a core the training does not occupy, else on the training thread."""
         if self.background is True:
             return "process"
-        if self.background == "thread" or (self.background is None and spare_cores() >= 2):
+        if self.background == "thread":
             return "thread"
+        if self.background is None:
+            device = getattr(trainer.strategy, "root_device", None)
+            if spare_cores(accelerator=device is not None and device.type != "cpu") >= 1:
+                return "thread"
         return "inline"
 
     def _disable(self, message: str) -> None:
@@ -383,6 +394,12 @@ class RNNViz(*CALLBACK_BASES):
         recorder.probe = None
         fanout = recorder.fanout
         if was_member and not recorder.members and fanout is not None:
+            worker, recorder.worker = recorder.worker, None
+            if worker is not None:
+                # the last recordings are written, not lost
+                worker.wait(timeout=60.0)
+                worker.close()
+                self._deliver(recorder, worker)
             recorder.fanout, recorder.layout_written = None, False
             # Let the drawing process finish what it was handed, write it, then close every sink.
             fanout.close()
@@ -427,9 +444,11 @@ class RNNViz(*CALLBACK_BASES):
         recorder = shared_recorder(trainer)
         if recorder.flush_next and self is recorder.members[0]:
             # Lightning writes a step's `self.log` scalars after the callbacks' batch end: flush them now,
-            # so that the user's scalars show live with the pictures of their step.
-            recorder.flush_next = False
-            self._guard("flush", recorder.fanout.flush)
+            # so that the user's scalars show live with the pictures of their step (not while the recording
+            # worker writes: then at the next batch).
+            free = recorder.worker is not None
+            flushed = self._guard("flush", lambda: recorder.fanout.flush(only_if_free=free))
+            recorder.flush_next = flushed is False
         wanting = [m for m in recorder.members if m._wants(trainer, batch_idx)]
         self._guard("record", lambda: recorder.begin(self._batch_key(trainer), pl_module, wanting))
 
@@ -458,6 +477,14 @@ class RNNViz(*CALLBACK_BASES):
         if not self.enabled:
             return
         recorder = shared_recorder(trainer)
+        if recorder.worker is not None:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            scale = self._grad_scale(trainer)
+            self._hand_off(recorder, self._batch_key(trainer), scale, batch, step, "rnnviz", True)
+            recorder.amp_scale = None
+            if self is recorder.members[-1]:
+                self._deliver(recorder, recorder.worker)
+            return
         recording, wanting = recorder.end(self._batch_key(trainer), self._grad_scale(trainer))
         recorder.amp_scale = None
         if recording is None or self not in wanting:
@@ -489,6 +516,10 @@ class RNNViz(*CALLBACK_BASES):
         fanout = self._recorder.fanout
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         started = time.perf_counter()
+        worker = self._recorder.worker
+        if worker is not None:  # the epoch's statistics are complete once its recordings are finished
+            worker.wait()
+            self._deliver(self._recorder, worker)
         with one_thread():
             drawn, lines = self._reporter.end_epoch(trainer.current_epoch, step, fanout)
         self._guard("write pictures", fanout.wait)
@@ -522,6 +553,10 @@ class RNNViz(*CALLBACK_BASES):
         if not self._wants_val(trainer, batch_idx, dataloader_idx):
             return
         recorder = shared_recorder(trainer)
+        if recorder.worker is not None:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            self._hand_off(recorder, self._val_key(trainer), None, batch, step, "rnnviz/val", False)
+            return
         recording, wanting = recorder.end(self._val_key(trainer), None)
         if recording is not None and self in wanting:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
@@ -530,15 +565,90 @@ class RNNViz(*CALLBACK_BASES):
                 self._guard("flush", recorder.fanout.flush)
 
     # --- what a recording becomes ------------------------------------------------------------------
+    def _write_layout(self, recorder: Any) -> None:
+        """The Custom Scalars layout of every monitor on this Trainer, once, at the first recording (by
+        then every monitor has started)."""
+        if recorder.layout_written:
+            return
+        recorder.layout_written = True
+        charts: dict[str, dict[str, list[str]]] = {}
+        for member in recorder.members:
+            for category, group in scalar_layout(member._kinds, member.quantities).items():
+                charts.setdefault(category, {}).update(group)
+        self._guard("write the chart layout", lambda: recorder.fanout.layout(charts))
+
+    def _hand_off(self, recorder: Any, key: Any, grad_scale: float | None, batch: Any, step: int, prefix: str,
+                  training: bool) -> None:
+        """The worker's route, at the end of a recorded batch: the first monitor to get there hands the
+        capture over with every wanting monitor's report (the others find it gone)."""
+        def reports(wanting: list[RNNViz]) -> list[Report]:
+            return [member._report_for(batch, step, prefix, training) for member in wanting]
+
+        if self._guard("record", lambda: recorder.hand_off(key, grad_scale, reports, step, prefix)):
+            self._write_layout(recorder)
+
+    def _report_for(self, batch: Any, step: int, prefix: str, training: bool) -> Report:
+        """This monitor's part of a recording, for the worker: ``labels(batch)`` is called here, on the
+        training thread (the user's function, and a batch that training may reuse), its error kept for the
+        report to warn about as it would on this thread."""
+        tokens = None
+        if self.labels is not None:
+            try:
+                value = self.labels(batch)
+            except Exception as error:  # noqa: BLE001 - reported by the reporter's guard, as inline
+                failed = error
+
+                def tokens() -> Any:
+                    raise failed
+            else:
+                def tokens() -> Any:
+                    return value
+        reporter = self._reporter
+
+        def report(recording: Recording, out: Delivery) -> None:
+            reporter.report(recording, out, step, prefix=prefix, training=training, tokens=tokens)
+
+        return report
+
+    def _deliver(self, recorder: Any, worker: Worker) -> None:
+        """Write what the worker has finished to every logger, here on the training thread: its held
+        warnings given, an error raised with ``strict`` (else warned once and counted), then pictures,
+        statistics and histograms, and what the recording cost."""
+        for delivery in worker.ready():
+            started = time.perf_counter()
+            give_warnings(delivery)
+            if delivery.error is not None:
+                if self.strict:
+                    raise delivery.error
+                self._guard.problem("record", delivery.error)
+            fanout = recorder.fanout
+            fanout.deliver(delivery.items, beside_training=False)  # the worker wrote the others' already
+            keeper = fanout.keeper
+            if delivery.recording is not None and keeper is not None and keeper.full:
+                names = set().union(*(m._reporter.names for m in recorder.members))
+                mine = {n: r for n, r in delivery.recording.items() if n in names}
+                with fanout.lock:
+                    self._guard("keep the records",
+                                lambda d=delivery, m=mine: keeper.full_records(m, d.step, d.prefix))
+                delivery.recording = None
+            if delivery.prefix == "rnnviz":
+                write_s = time.perf_counter() - started
+                waited_s, recorder.reported_wait_s = worker.waited_s - recorder.reported_wait_s, worker.waited_s
+                self._guard("overhead statistics", lambda d=delivery, w=write_s, v=waited_s: fanout.scalars({
+                    "rnnviz/overhead/train_thread_ms": 1e3 * (d.thread_s + w + v),
+                    "rnnviz/overhead/offthread_ms": 1e3 * d.worker_s,
+                    "rnnviz/overhead/replay_ms": 1e3 * d.replay_s,
+                    "rnnviz/overhead/render_ms": 1e3 * d.draw_s,
+                    "rnnviz/overhead/write_ms": 1e3 * w,
+                    "rnnviz/overhead/wait_ms": 1e3 * v,
+                    "rnnviz/overhead/dropped_figures": 0.0,
+                }, d.step))
+            self._guard("flush", fanout.flush)
+            recorder.flush_next = True
+
     def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
         recorder = self._recorder
-        if not recorder.layout_written:  # by now every monitor on this Trainer has started
-            recorder.layout_written = True
-            charts: dict[str, dict[str, list[str]]] = {}
-            for member in recorder.members:
-                for category, group in scalar_layout(member._kinds, member.quantities).items():
-                    charts.setdefault(category, {}).update(group)
-            self._guard("write the chart layout", lambda: recorder.fanout.layout(charts))
+        self._write_layout(recorder)
         tokens = (lambda: self.labels(batch)) if self.labels is not None else None
         with one_thread():
             self._reporter.report(recording, recorder.fanout, step, prefix=prefix, training=training, tokens=tokens)

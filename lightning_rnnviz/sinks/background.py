@@ -1,4 +1,5 @@
-"""Where pictures are drawn: on the training thread, on a worker thread, or in a low-priority child process.
+"""Where pictures are drawn: on the training thread or in a low-priority child process (the recording
+worker of :mod:`lightning_rnnviz.pipeline` draws its own).
 
 Either way a :class:`~lightning_rnnviz.render.jobs.Job` (a small, already-reduced payload) becomes a PNG-encoded
 :class:`~lightning_rnnviz.sinks.base.Picture`, which the caller takes back with ``take()`` and writes to every
@@ -148,74 +149,21 @@ def _drain(queue: collections.deque) -> list:
     return items
 
 
-class ThreadRenderer(_Returned):
-    """Draws and encodes on a worker thread of this process, for machines with cores to spare: numpy's
-    array work, Pillow and zlib release the GIL for much of a picture, so the training thread goes on.
+def spare_cores(accelerator: bool = False, loader_workers: int = 0) -> int:
+    """CPUs this process may use beyond what the training occupies.
 
-    ``render_s`` and ``encode_s`` stay zero (that time is not the training thread's); pending work is
-    bounded like the child process's, dropping the oldest job.
-
-    Args:
-        max_pending: jobs waiting to be drawn; beyond it the oldest is dropped (and counted in ``dropped``).
+    On an accelerator the training occupies its own thread (torch's intra-op pool is sized to the host
+    but sleeps while the device computes); on the CPU, its intra-op threads. The data loader's worker
+    processes, where known, take one each.
     """
-
-    render_s = encode_s = 0.0
-    peak_rss_mb = None
-
-    def __init__(self, max_pending: int = 64) -> None:
-        super().__init__()
-        self._pending: collections.deque[Job | None] = collections.deque()
-        self._max_pending = max_pending
-        self._wake = threading.Condition()
-        self._closed = False
-        self.dropped = 0
-        self._worker = threading.Thread(target=self._loop, name="rnnviz-paint", daemon=True)
-        self._worker.start()
-
-    def submit(self, job: Job) -> None:
-        if self._closed:
-            return
-        with self._wake:
-            if len(self._pending) >= self._max_pending:
-                self._pending.popleft()
-                self.dropped += 1
-            self._pending.append(job)
-            self._wake.notify()
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._pending:
-                    self._wake.wait()
-                job = self._pending.popleft()
-            if job is None:
-                return
-            try:
-                self._ready.append((job.tag, job.step, Picture.from_rgb(draw(job))))
-            except Exception as error:  # noqa: BLE001 - reported to the caller, which warns once
-                self._errors.append(f"{job.kind} {job.tag}: {type(error).__name__}: {error}".replace("\n", " "))
-
-    def close(self, timeout: float = 60.0) -> None:
-        """Draw what was handed over (at most ``timeout`` seconds), then stop the thread."""
-        if self._closed:
-            return
-        self._closed = True
-        with self._wake:
-            self._pending.append(None)
-            self._wake.notify()
-        self._worker.join(timeout)
-
-
-def spare_cores() -> int:
-    """CPUs this process may use beyond the training's intra-op threads (and one for the data loading)."""
     available = usable_cpus()
     try:
         import torch
 
-        busy = torch.get_num_threads()
+        busy = 1 if accelerator else torch.get_num_threads()
     except ImportError:  # pragma: no cover - the training process has torch
         busy = available
-    return available - busy - 1
+    return available - busy - loader_workers
 
 
 class BackgroundRenderer(_Returned):

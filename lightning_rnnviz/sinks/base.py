@@ -143,10 +143,14 @@ class Sink:
         name: how warnings name this sink, e.g. ``"TensorBoard"``.
         wants_histograms: whether :meth:`histogram` keeps anything (histograms are computed only if some
             sink wants them).
+        beside_training: whether the sink may be written from a thread beside training (it writes only
+            what is ours, with no logger object of the user's in between); the recording worker then
+            writes it as soon as a recording is finished, not at the training thread's next hook.
     """
 
     name = "sink"
     wants_histograms = False
+    beside_training = False
 
     def image(self, tag: str, picture: Picture, step: int) -> None:
         """Write a picture under ``tag`` (``rnnviz/<quantity>/<module>``)."""

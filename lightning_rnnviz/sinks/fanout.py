@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,6 +24,8 @@ class Fanout:
 
     Pictures go to the renderer first (drawn and encoded once); :meth:`drain` writes what it has drawn to
     every sink. A picture is drawn at most once per ``(tag, step)``, however many monitors ask for it.
+    What the recording worker finished comes through :meth:`deliver`, from the worker to the sinks that may
+    be written beside training, from the training thread to the others. Every write holds :attr:`lock`.
 
     Args:
         sinks: one per logger.
@@ -39,24 +42,67 @@ class Fanout:
         self.written: set[tuple[str, int]] = set()  # (tag, step) of pictures and texts handed over this run
         self.write_s = 0.0  # time spent writing to the sinks
         self._unflushed = False  # something was written since the last flush
+        self.lock = threading.RLock()  # the recording worker writes too
 
     @property
     def wants_histograms(self) -> bool:
         return any(sink.wants_histograms for sink in self.sinks)
 
-    def _each(self, what: str, call: Callable[[Sink], Any]) -> None:
-        self._unflushed = True
-        started = time.perf_counter()
-        for sink in self.sinks:
-            self.guard(f"{what} to {sink.name}", lambda s=sink: call(s))
-        self.write_s += time.perf_counter() - started
+    def _each(self, what: str, call: Callable[[Sink], Any], sinks: Sequence[Sink] | None = None) -> None:
+        with self.lock:
+            self._unflushed = True
+            started = time.perf_counter()
+            for sink in self.sinks if sinks is None else sinks:
+                self.guard(f"{what} to {sink.name}", lambda s=sink: call(s))
+            self.write_s += time.perf_counter() - started
+
+    def deliver(self, items: Sequence[tuple[str, tuple]], beside_training: bool) -> None:
+        """Write what the recording worker made of a recording (see
+        :class:`~lightning_rnnviz.pipeline.Delivery`): ``beside_training``, from the worker, to the sinks
+        that may be written there (and to the records keeper); else, on the training thread, to the others.
+        """
+        sinks = [sink for sink in self.sinks if sink.beside_training == beside_training]
+        keeper = self.keeper if beside_training else None
+        if not sinks and keeper is None:
+            return
+        with self.lock:
+            for kind, args in items:
+                if kind == "picture":
+                    job, picture = args
+                    self.written.add((job.tag, job.step))
+                    if keeper is not None:
+                        self.guard("keep the records", lambda j=job: keeper.job(j))
+                    self._each(f"write {job.tag!r}", lambda s, j=job, p=picture: s.image(j.tag, p, j.step), sinks)
+                elif kind == "scalars":
+                    values, step = args
+                    self._each("write scalars", lambda s, v=values, n=step: s.scalars(v, n), sinks)
+                    if keeper is not None:
+                        self.guard("keep the records", lambda v=values, n=step: keeper.scalars(v, n))
+                elif kind == "histogram":
+                    tag, counted, step = args
+                    histogram = Histogram.from_buckets(counted)
+                    takers = [sink for sink in sinks if sink.wants_histograms]
+                    if histogram is not None and takers:
+                        self._each(f"write {tag!r}", lambda s, t=tag, h=histogram, n=step: s.histogram(t, h, n),
+                                   takers)
+                elif kind == "text":
+                    tag, markdown, step = args
+                    self.written.add((tag, step))
+                    self._each(f"write {tag!r}", lambda s, t=tag, m=markdown, n=step: s.text(t, m, n), sinks)
+                elif kind == "document":
+                    name, data, step = args
+                    self.written.add((name, step))
+                    self._each(f"write {name!r}", lambda s, n=name, d=data: s.document(n, d), sinks)
+            if beside_training:
+                self._each("flush", lambda s: s.flush(), sinks)
 
     def picture(self, job: Job) -> None:
         """Have ``job`` drawn, unless its tag was drawn for this step already."""
-        if not self._first(job.tag, job.step):
-            return
-        if self.keeper is not None:
-            self.guard("keep the records", lambda: self.keeper.job(job))
+        with self.lock:
+            if not self._first(job.tag, job.step):
+                return
+            if self.keeper is not None:
+                self.guard("keep the records", lambda: self.keeper.job(job))
         self.renderer.submit(job)
         if self.renderer.has_results:
             self.drain()
@@ -74,9 +120,10 @@ class Fanout:
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if values:
-            self._each("write scalars", lambda s: s.scalars(values, step))
-            if self.keeper is not None:
-                self.guard("keep the records", lambda: self.keeper.scalars(values, step))
+            with self.lock:
+                self._each("write scalars", lambda s: s.scalars(values, step))
+                if self.keeper is not None:
+                    self.guard("keep the records", lambda: self.keeper.scalars(values, step))
 
     def histogram(self, tag: str, buckets: Callable[[], Mapping[str, Any] | None], step: int) -> None:
         """Write ``buckets()`` everywhere (the fields of :class:`Histogram`, counted where the record lives,
@@ -87,41 +134,49 @@ class Fanout:
         histogram = Histogram.from_buckets(buckets())
         if histogram is None:
             return  # nothing finite to show
-        started = time.perf_counter()
-        for sink in takers:
-            self.guard(f"write {tag!r} to {sink.name}", lambda s=sink: s.histogram(tag, histogram, step))
-        self.write_s += time.perf_counter() - started
+        self._each(f"write {tag!r}", lambda s: s.histogram(tag, histogram, step), takers)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
         """Write a text everywhere, once per ``(tag, step)`` (the first monitor's, as for pictures)."""
-        if self._first(tag, step):
-            self._each(f"write {tag!r}", lambda s: s.text(tag, markdown, step))
+        with self.lock:
+            if self._first(tag, step):
+                self._each(f"write {tag!r}", lambda s: s.text(tag, markdown, step))
 
     def document(self, name: str, data: Mapping[str, Any], step: int) -> None:
         """Store a JSON document with the run (each sink where it can), once per ``(name, step)``."""
-        if self._first(name, step):
-            self._each(f"write {name!r}", lambda s: s.document(name, data))
+        with self.lock:
+            if self._first(name, step):
+                self._each(f"write {name!r}", lambda s: s.document(name, data))
 
     def _first(self, key: str, step: int) -> bool:
-        if (key, step) in self.written:
-            return False
-        self.written.add((key, step))
-        return True
+        with self.lock:
+            if (key, step) in self.written:
+                return False
+            self.written.add((key, step))
+            return True
 
     def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
         self._each("write the chart layout", lambda s: s.layout(charts))
 
-    def flush(self, only_if_written: bool = False) -> None:
+    def flush(self, only_if_written: bool = False, only_if_free: bool = False) -> bool:
         """Write what the renderer has drawn and flush every sink (the user's logger's writer too, where a
         sink shares it). ``only_if_written``: not when nothing was written since the last flush (an epoch
-        without a recording: a TensorBoard writer's flush waits for its queue, a few ms)."""
+        without a recording: a TensorBoard writer's flush waits for its queue, a few ms). ``only_if_free``:
+        not while the recording worker is writing (the training thread does not wait for it). Whether it
+        flushed."""
         self.wait()
-        if only_if_written and not self._unflushed:
-            return
-        self._each("flush", lambda s: s.flush())
-        self._unflushed = False
-        if self.keeper is not None:
-            self.guard("keep the records", self.keeper.flush)
+        if not self.lock.acquire(blocking=not only_if_free):
+            return False
+        try:
+            if only_if_written and not self._unflushed:
+                return True
+            self._each("flush", lambda s: s.flush())
+            self._unflushed = False
+            if self.keeper is not None:
+                self.guard("keep the records", self.keeper.flush)
+            return True
+        finally:
+            self.lock.release()
 
     def close(self, timeout: float = 60.0) -> None:
         """Let the renderer finish, write what it drew, then flush and close every sink."""

@@ -47,6 +47,9 @@ class TensorBoardSink(Sink):
     """
 
     name = "TensorBoard"
+    # our own event file (or a SummaryWriter of our own, whose queue takes any thread's records); `flush`
+    # also flushes the logger's SummaryWriter, which is safe from any thread too
+    beside_training = True
 
     def __init__(
         self,

@@ -145,7 +145,7 @@ def test_every_renderer_and_placement_writes_the_same_pictures(tmp_path, monkeyp
     drawing process."""
     import lightning_rnnviz.callbacks.rnnviz as module
 
-    monkeypatch.setattr(module, "spare_cores", lambda: 0)  # as on this project's 2-core machines
+    monkeypatch.setattr(module, "spare_cores", lambda **kw: 0)  # as on this project's 2-core machines
     cb = RNNViz(renderer=renderer, background=background, validation=False, strict=True)
     in_child = placement == "process"
     trainer = _trainer(tmp_path, [cb])
@@ -158,12 +158,16 @@ def test_every_renderer_and_placement_writes_the_same_pictures(tmp_path, monkeyp
     assert (cb.drawer_peak_rss_mb is not None) is in_child  # only a drawing process reports its peak
     render_ms = [e.value for e in acc.Scalars("rnnviz/overhead/render_ms")]
     write_ms = [e.value for e in acc.Scalars("rnnviz/overhead/write_ms")]
-    # Only the training thread writes (one writer per run directory); a drawing process or thread draws and encodes.
+    # Only the training thread writes (one writer per run directory); a drawing process or the recording
+    # worker draws and encodes.
     assert all(v > 0 for v in write_ms)
-    if placement != "inline":  # the training thread does not draw
+    if placement == "process":  # the training thread does not draw
         assert render_ms == [0.0, 0.0, 0.0]
-    else:
+    else:  # drawn on the training thread, or by the worker, which reports it with its own time
         assert all(v > 0 for v in render_ms)
+    offthread = {e.step: e.value for e in acc.Scalars("rnnviz/overhead/offthread_ms")} if placement == "thread" else {}
+    assert sorted(offthread) == ([0, 2, 5] if placement == "thread" else [])
+    assert all(v > 0 for v in offthread.values())
 
 
 def test_every_n_steps_overrides_log_every_n_steps(tmp_path):
@@ -205,13 +209,13 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
 
 def test_several_monitors_share_one_recording_per_step(tmp_path, monkeypatch):
     calls = []
-    original = Probe.record
+    original = Probe.capture
 
     def counting(self, *args, **kwargs):
         calls.append(kwargs.get("max_samples"))
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Probe, "record", counting)
+    monkeypatch.setattr(Probe, "capture", counting)
     monitors = [HiddenStateMonitor(validation=False), GateActivationMonitor(validation=False),
                 GradientNormMonitor(validation=False), AttentionMonitor(validation=False)]
     trainer = _trainer(tmp_path, monitors, max_epochs=1)
@@ -367,13 +371,13 @@ def test_intra_op_threads_are_restored_after_every_recording(tmp_path):
 def test_the_callback_never_calls_torch_set_num_threads(tmp_path, monkeypatch):
     """`torch.set_num_threads`, even with the count unchanged, left every later training step slower (4-7 %
     on fast-step) and marks the count as the user's: the callback must not call it, not even to restore."""
-    from lightning_rnnviz.callbacks import _shared
+    from lightning_rnnviz import pipeline
 
     calls = []
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n))[1])
     seen = []
-    report = _shared.one_thread
+    report = pipeline.one_thread
 
     @contextlib.contextmanager
     def watched():
@@ -388,14 +392,14 @@ def test_the_callback_never_calls_torch_set_num_threads(tmp_path, monkeypatch):
     assert calls == []
     assert torch.get_num_threads() == before
     assert seen  # the reductions ran inside it, on one thread where the OpenMP runtime was found
-    if _shared._openmp() is not None and before > 1:
+    if pipeline._openmp() is not None and before > 1:
         assert set(seen) == {1}
     else:
         assert set(seen) == {before}
 
 
 def test_one_thread_restores_the_count_exactly_also_on_error():
-    from lightning_rnnviz.callbacks import _shared
+    from lightning_rnnviz import pipeline as _shared
 
     if _shared._openmp() is None:
         pytest.skip("torch does not run on an OpenMP runtime found here")
@@ -413,7 +417,7 @@ def test_one_thread_restores_the_count_exactly_also_on_error():
 
 
 def test_one_thread_changes_nothing_without_an_openmp_runtime(monkeypatch):
-    from lightning_rnnviz.callbacks import _shared
+    from lightning_rnnviz import pipeline as _shared
 
     monkeypatch.setattr(_shared, "_openmp", lambda: None)
     before = torch.get_num_threads()
@@ -438,19 +442,18 @@ class _RecordsAlive(pl.Callback):
 
 def test_the_recording_is_let_go_once_reported(tmp_path, monkeypatch):
     """Records stay where the model ran (device memory on a GPU): none outlives the step that reported it."""
-    from lightning_rnnviz import Probe
+    from lightning_rnnviz.probe import Capture
 
     seen = _RecordsAlive()
-    original = Probe.record
+    original = Capture.finish
 
-    @contextlib.contextmanager
-    def record(self, *args, **kwargs):
-        assert self.on_device  # the callback reduces where the record lives
-        with original(self, *args, **kwargs) as recording:
-            yield recording
+    def finish(self, *args, **kwargs):
+        assert self._session.probe.on_device  # the callback reduces where the record lives
+        recording = original(self, *args, **kwargs)
         seen.made.extend(weakref.ref(t) for r in recording.rnn().values() for t in (r.hidden, *r.gates.values()))
+        return recording
 
-    monkeypatch.setattr(Probe, "record", record)
+    monkeypatch.setattr(Capture, "finish", finish)
     trainer = _trainer(tmp_path, [RNNViz(every_n_steps=2, validation=False, strict=True), seen], max_epochs=1)
     trainer.fit(TinySeqModel(), loader())
     assert len(seen.alive) >= 2 and not any(seen.alive), seen.alive
@@ -459,11 +462,28 @@ def test_the_recording_is_let_go_once_reported(tmp_path, monkeypatch):
 def test_the_automatic_placement_follows_the_cores_to_spare(tmp_path, monkeypatch):
     import lightning_rnnviz.callbacks.rnnviz as module
 
-    for spare, placement in ((8, "thread"), (1, "inline")):
-        monkeypatch.setattr(module, "spare_cores", lambda s=spare: s)
+    asked = []
+    for spare, placement in ((8, "thread"), (1, "thread"), (0, "inline")):
+        monkeypatch.setattr(module, "spare_cores", lambda s=spare, **kw: asked.append(kw) or s)
         cb = RNNViz(validation=False, strict=True)
         _trainer(tmp_path / str(spare), [cb], max_epochs=1).fit(TinySeqModel(), loader())
         assert cb.placement == placement
+    assert asked[0] == {"accelerator": False}  # a CPU run: its intra-op threads are what it occupies
+
+
+def test_spare_cores_count_what_the_training_occupies(monkeypatch):
+    """On an accelerator the training thread (torch's intra-op pool sleeps there), on the CPU its intra-op
+    threads; the data loader's workers one each."""
+    from lightning_rnnviz.sinks import background
+
+    monkeypatch.setattr(background, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert background.spare_cores(accelerator=True) == 15
+    assert background.spare_cores(accelerator=True, loader_workers=4) == 11
+    assert background.spare_cores(accelerator=False) == 0
+    monkeypatch.setattr(background, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert background.spare_cores() == 1  # a 2-core run with one intra-op thread: one core to spare
 
 
 class _DrawsBeforeTheKernel(TinySeqModel):

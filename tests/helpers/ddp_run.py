@@ -27,7 +27,7 @@ from tests.helpers.namespace import Callback, TensorBoardLogger, pl
 # Count recording blocks in this process: at module level so that spawned ranks (which import this file
 # as ``__mp_main__``) count too, but only when run as a script (pytest imports it to look for doctests).
 RECORDS = {"count": 0}
-_original_record = Probe.record
+_original_record = Probe.capture
 
 
 def _counting_record(self, *args, **kwargs):
@@ -36,7 +36,7 @@ def _counting_record(self, *args, **kwargs):
 
 
 if __name__ in ("__main__", "__mp_main__"):
-    Probe.record = _counting_record
+    Probe.capture = _counting_record
 
 
 class RankReport(Callback):

@@ -1,0 +1,328 @@
+"""A recording's route when cores are spare: only the capture on the training thread, the rest beside it.
+
+    training thread:  capture (hooks) -> hand-off (copies, dropout masks, an event)  ...  deliver
+    worker thread:                                  replay -> reduce -> draw -> encode
+
+The training thread keeps what must happen there: the hooks during the user's forward and backward, and
+at the end of the recorded step the hand-off (:meth:`~lightning_rnnviz.probe.Capture.hand_off`: copies of
+the tensors the capture only referenced, the dropout masks drawn from the generator states of the calls,
+the user's ``labels(batch)``) and, on CUDA, an event on its stream. The worker finishes the recording
+(the replay for the exact ``dL/dh_t``), reduces it to statistics, histograms and picture payloads, and
+draws and encodes every picture (numpy, Pillow and zlib release the GIL); on CUDA it works on a stream
+of its own that waits for that event, so nothing on the training thread waits for the device. What the
+worker made comes back as a :class:`Delivery`, which the training thread writes to every logger at its
+next hook, so that every logger's API is called from the thread that owns it.
+
+The worker touches nothing the training thread sees: no warning filter (its warnings are held and given
+by the training thread, :mod:`lightning_rnnviz.probe.held`), no random generator (the masks were drawn
+at the hand-off), no TF32 or other backend flag; its intra-op thread count is its own
+(:func:`one_thread`). At most ``max_pending`` recordings wait beside the one it works on; the hand-off of
+another waits for room, so that every recording is written.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import functools
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lightning_rnnviz.probe import Capture, Recording
+from lightning_rnnviz.probe.held import Held, held
+from lightning_rnnviz.render.jobs import Job, draw
+from lightning_rnnviz.sinks.base import Picture
+
+_OPENMP_NAMES = ("libgomp", "libiomp5", "libomp")  # GNU's, Intel's and LLVM's OpenMP runtimes
+
+
+@functools.cache
+def _openmp() -> Any | None:
+    """The OpenMP runtime that torch runs its intra-op threads on, opened with ``ctypes`` if this process
+    has loaded it already (never loaded here), or ``None``: another parallel backend, or none found.
+
+    Checked, not guessed: a runtime qualifies when a count set through it for this thread is what
+    ``torch.get_num_threads()`` then reads (the count is set back at once).
+    """
+    paths = []
+    with contextlib.suppress(OSError):
+        folder = os.path.join(os.path.dirname(torch.__file__), "lib")  # pip wheels bring their own
+        paths += [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.startswith(_OPENMP_NAMES)]
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        paths += sorted({p for p in (line.split()[-1] for line in maps if "/" in line)
+                         if os.path.basename(p).startswith(_OPENMP_NAMES)})
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
+            lib.omp_get_max_threads.restype = ctypes.c_int
+            before = lib.omp_get_max_threads()
+        except (OSError, AttributeError):
+            continue
+        if torch.get_num_threads() != before:
+            continue  # not the runtime torch reads its count from
+        trial = 1 if before > 1 else 2
+        lib.omp_set_num_threads(trial)
+        try:
+            if torch.get_num_threads() == trial:
+                return lib
+        finally:
+            lib.omp_set_num_threads(before)
+    return None
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the callback's CPU-side reductions on one intra-op thread; the thread's count comes back after.
+
+    They are many small operations: on a many-core machine each would wake the whole intra-op pool
+    (about 1 ms an operation was measured on a 16-core GPU host), which costs far more than the work.
+
+    Not with ``torch.set_num_threads``: that call, even with the count unchanged, left every later
+    training step of the user's 4-7 % slower here (fast-step; a change of the count and back, 6-14 %),
+    and PyTorch keeps the count as set by the user from then on. The OpenMP runtime's own
+    ``omp_set_num_threads`` changes only the calling thread's count, which is exactly restored. Where
+    torch runs on another parallel backend, nothing is changed and the reductions use the user's threads.
+    """
+    lib = _openmp()
+    threads = lib.omp_get_max_threads() if lib is not None else 1
+    if threads < 2:
+        yield
+        return
+    lib.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        lib.omp_set_num_threads(threads)
+
+
+# --- what a worker gets and gives back -----------------------------------------------------------------
+Report = Callable[[Recording, "Delivery"], None]
+
+
+@dataclass
+class Handed:
+    """One recording handed to the worker.
+
+    Attributes:
+        capture: what the hooks caught, handed off (see :meth:`~lightning_rnnviz.probe.Capture.hand_off`).
+        grad_scale: what the loss behind the recorded gradients was multiplied by, or ``None``.
+        reports: each turns the finished recording into pictures, statistics and histograms on the
+            delivery it is given (one per monitor that wanted the batch).
+        step: the step everything is logged at.
+        prefix: ``"rnnviz"`` for a training batch, ``"rnnviz/val"`` for the validation sample.
+        held_tensors: the tensors the capture holds (on CUDA they are marked used on the worker's stream).
+        event: on CUDA, recorded on the training thread's stream after the hand-off; else ``None``.
+        thread_s: what the recording has cost the training thread so far.
+    """
+
+    capture: Capture
+    grad_scale: float | None
+    reports: list[Report]
+    step: int
+    prefix: str = "rnnviz"
+    held_tensors: list[torch.Tensor] = field(default_factory=list)
+    event: Any = None
+    thread_s: float = 0.0
+
+
+class Delivery:
+    """What the worker made of one recording, for the training thread to write: it takes what a
+    :class:`~lightning_rnnviz.render.report.Reporter` sends (pictures, which it draws and encodes at once,
+    scalars, histograms, which it counts at once, texts, documents) and keeps it, in order.
+
+    Attributes:
+        step, prefix: the recording's step and prefix (see :class:`Handed`).
+        items: ``(kind, args)`` in the order they came: ``("picture", (job, picture))``, ``("scalars",
+            (values, step))``, ``("histogram", (tag, buckets, step))``, ``("text", ...)``, ``("document", ...)``.
+        warnings: the warnings the work gave, held for the training thread.
+        error: an error that stopped the work (with ``strict``, re-raised by the training thread).
+        recording: the finished recording, where the caller asked to keep it (``save_records="full"``).
+        thread_s, replay_s, draw_s, worker_s: the training thread's seconds before the hand-off, the
+            replay's, drawing and encoding, and the worker's whole time on this recording.
+    """
+
+    def __init__(self, step: int, prefix: str = "rnnviz", wants_histograms: bool = True) -> None:
+        self.step, self.prefix = step, prefix
+        self.wants_histograms = wants_histograms
+        self.items: list[tuple[str, tuple]] = []
+        self.warnings: Held = []
+        self.error: BaseException | None = None
+        self.recording: Recording | None = None
+        self.thread_s = self.replay_s = self.draw_s = self.worker_s = 0.0
+        self._drawn: set[tuple[str, int]] = set()
+
+    def picture(self, job: Job) -> None:
+        if (job.tag, job.step) in self._drawn:
+            return  # two monitors of one module: drawn once
+        self._drawn.add((job.tag, job.step))
+        started = time.perf_counter()
+        picture = Picture.from_rgb(draw(job))
+        self.draw_s += time.perf_counter() - started
+        self.items.append(("picture", (job, picture)))
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        self.items.append(("scalars", (dict(values), step)))
+
+    def histogram(self, tag: str, buckets: Callable[[], Mapping[str, Any] | None], step: int) -> None:
+        if self.wants_histograms:
+            counted = buckets()  # where the record lives, on the worker
+            self.items.append(("histogram", (tag, counted, step)))
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        self.items.append(("text", (tag, markdown, step)))
+
+    def document(self, name: str, data: Mapping[str, Any], step: int) -> None:
+        self.items.append(("document", (name, data, step)))
+
+
+# --- the worker -----------------------------------------------------------------------------------------
+class Worker:
+    """One thread that finishes recordings handed to it, in order, beside training.
+
+    Args:
+        max_pending: recordings that may wait beside the one being worked on; :meth:`submit` waits for
+            room beyond that.
+        keep_recordings: keep each finished recording on its delivery (for ``save_records="full"``).
+        beside: called on the worker with each finished delivery, to write it where that may be done
+            beside training (see :meth:`~lightning_rnnviz.sinks.Fanout.deliver`).
+        wants_histograms: whether some sink keeps histograms (else they are not counted).
+    """
+
+    def __init__(self, max_pending: int = 1, keep_recordings: bool = False,
+                 beside: Callable[[Delivery], None] | None = None, wants_histograms: bool = True) -> None:
+        self._max_pending = max_pending
+        self._histograms = wants_histograms
+        self._keep = keep_recordings
+        self._beside = beside
+        self._queue: collections.deque[Handed | None] = collections.deque()
+        self._done: collections.deque[Delivery] = collections.deque()
+        self._busy = 0  # handed and not yet delivered to `_done`
+        self._lock = threading.Condition()
+        self._closed = False
+        self._stream: Any = None
+        self.waited_s = 0.0  # training-thread time spent waiting for room or for the worker to finish
+        self._thread = threading.Thread(target=self._loop, name="rnnviz-worker", daemon=True)
+        self._thread.start()
+
+    @property
+    def idle(self) -> bool:
+        return self._busy == 0
+
+    def submit(self, handed: Handed) -> None:
+        """Hand a recording over; waits only while ``max_pending`` recordings are waiting already."""
+        if self._closed:
+            raise RuntimeError("the recording worker is closed")
+        started = time.perf_counter()
+        with self._lock:
+            while self._busy > self._max_pending:
+                self._lock.wait()
+            self._busy += 1
+            self._queue.append(handed)
+            self._lock.notify_all()
+        self.waited_s += time.perf_counter() - started
+
+    def ready(self) -> list[Delivery]:
+        """The deliveries finished since the last call, in the order handed (never waits)."""
+        items = []
+        while self._done:
+            items.append(self._done.popleft())
+        return items
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every recording handed over is finished; whether it is."""
+        started = time.perf_counter()
+        with self._lock:
+            done = self._lock.wait_for(lambda: self._busy == 0, timeout)
+        self.waited_s += time.perf_counter() - started
+        return done
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Finish what was handed over (at most ``timeout`` seconds), then stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self._queue.append(None)
+            self._lock.notify_all()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: bool(self._queue))
+                handed = self._queue.popleft()
+            if handed is None:
+                return
+            delivery = self._finish(handed)
+            with self._lock:
+                self._done.append(delivery)
+                self._busy -= 1
+                self._lock.notify_all()
+
+    def _finish(self, handed: Handed) -> Delivery:
+        """The stages beside training: replay, then each monitor's reduction, drawing and encoding, and
+        the writing that may be done beside training."""
+        delivery = Delivery(handed.step, handed.prefix, self._histograms)
+        delivery.thread_s = handed.thread_s
+        started = time.perf_counter()
+        with held() as kept:
+            try:
+                with one_thread(), self._on_own_stream(handed):
+                    recording = handed.capture.finish(handed.grad_scale)
+                    delivery.replay_s = time.perf_counter() - started
+                    for report in handed.reports:
+                        report(recording, delivery)
+                    if self._keep:
+                        delivery.recording = recording
+                del recording  # on a GPU, device memory: gone before the next recording is finished
+                if self._beside is not None:
+                    self._beside(delivery)
+            except Exception as error:  # noqa: BLE001 - given to the training thread, which decides
+                delivery.error = error
+        delivery.warnings = kept
+        delivery.worker_s = time.perf_counter() - started
+        return delivery
+
+    @contextlib.contextmanager
+    def _on_own_stream(self, handed: Handed) -> Iterator[None]:
+        """On CUDA: a stream of the worker's, ordered after the hand-off by its event; the handed tensors
+        are marked used there, so that their memory is not given to the training stream while the worker
+        still reads them."""
+        if handed.event is None:
+            yield
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        stream = self._stream
+        stream.wait_event(handed.event)
+        for tensor in handed.held_tensors:
+            if tensor.is_cuda:
+                tensor.record_stream(stream)
+        with torch.cuda.stream(stream):
+            yield
+
+
+def give_warnings(delivery: Delivery) -> None:
+    """Give the warnings the worker held, on this (the training) thread, where the user's filters act."""
+    for message, category in delivery.warnings:
+        warnings.warn(message, category, stacklevel=3)
+
+
+def hand_off(capture: Capture, grad_scale: float | None, reports: list[Report], step: int,
+             prefix: str = "rnnviz") -> Handed:
+    """On the training thread, right after the capture's block: make the capture its own and, on CUDA,
+    mark the point on the current stream the worker's stream must wait for."""
+    tensors = capture.hand_off()
+    event = None
+    if any(t.is_cuda for t in tensors):
+        event = torch.cuda.Event()
+        event.record()
+    return Handed(capture, grad_scale, reports, step, prefix, tensors, event)

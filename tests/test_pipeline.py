@@ -1,0 +1,240 @@
+"""The recording worker (``placement == "thread"``): the same pictures, statistics and histograms as the
+training thread's route, training bit-identical, and nothing process-wide touched from the worker."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_rnnviz import RNNViz, RNNVizWarning
+from lightning_rnnviz.pipeline import Delivery, Worker, hand_off
+from lightning_rnnviz.probe import Probe
+from lightning_rnnviz.probe import replay as replay_module
+from tests.helpers.events import RunEvents
+from tests.helpers.models import PackedBiLSTMModel, TinySeqModel, loader, padded_loader
+from tests.helpers.namespace import TensorBoardLogger, pl
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers.*", "ignore:.*LeafSpec.*", "ignore:.*log_every_n_steps.*",
+    "ignore:.*val_dataloader.*",
+)
+
+
+def _fit(tmp_path, name, model, callback, data, **kwargs):
+    logger = TensorBoardLogger(tmp_path, name=name)
+    settings = dict(max_epochs=2, log_every_n_steps=2, enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=False, logger=logger, callbacks=[callback] if callback else [],
+                    num_sanity_val_steps=0)
+    trainer = pl.Trainer(**{**settings, **kwargs})
+    trainer.fit(model, data, data if hasattr(model, "validation_step") else None)
+    return trainer
+
+
+def _everything(trainer) -> dict:
+    """Every picture (PNG bytes), statistic and histogram of the run, by tag and step; the overhead
+    statistics, which are timings, by step only."""
+    events = RunEvents(trainer.logger.log_dir)
+    tags = events.Tags()
+    seen = {}
+    for tag in tags["images"]:
+        seen[tag] = [(e.step, e.encoded_image_string) for e in events.Images(tag)]
+    for tag in tags["scalars"]:
+        values = [(e.step, e.value) for e in events.Scalars(tag)]
+        seen[tag] = [s for s, _ in values] if "/overhead/" in tag else values
+    for tag in tags["histograms"]:
+        seen[tag] = [(e.step, e.histogram_value.num, e.histogram_value.sum, tuple(e.histogram_value.bucket))
+                     for e in events.Histograms(tag)]
+    return seen
+
+
+@pytest.mark.parametrize("case", ["tiny", "packed"])
+def test_the_worker_writes_what_the_training_thread_writes(tmp_path, case):
+    """Pixel for pixel, value for value, step for step; training bit-identical in both."""
+    runs, weights = {}, {}
+    for background in (False, "thread"):
+        pl.seed_everything(3)
+        if case == "tiny":
+            model, data = TinySeqModel(), loader()
+        else:
+            model, data = PackedBiLSTMModel(), padded_loader([6, 3, 5, 2, 6, 4, 1, 6], batch_size=4)
+        cb = RNNViz(every_n_steps=1, background=background, strict=True)
+        trainer = _fit(tmp_path, str(background), model, cb, data)
+        assert cb.placement == ("thread" if background else "inline")
+        runs[background] = _everything(trainer)
+        weights[background] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inline, worker = runs[False], runs["thread"]
+    assert set(inline) - {"rnnviz/overhead/offthread_ms", "rnnviz/overhead/wait_ms"} == set(worker) - {
+        "rnnviz/overhead/offthread_ms", "rnnviz/overhead/wait_ms"}
+    assert "rnnviz/overhead/offthread_ms" in worker
+    for tag in inline:
+        assert worker[tag] == inline[tag], tag
+    for name in weights[False]:
+        assert torch.equal(weights[False][name], weights["thread"][name]), name
+    pl.seed_everything(3)
+    plain = TinySeqModel() if case == "tiny" else PackedBiLSTMModel()
+    _fit(tmp_path, "none", plain, None, loader() if case == "tiny" else padded_loader([6, 3, 5, 2, 6, 4, 1, 6],
+                                                                                        batch_size=4))
+    for name, value in plain.named_parameters():
+        assert torch.equal(value.detach(), weights["thread"][name]), name
+
+
+class _DropoutLSTM(TinySeqModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 8, num_layers=3, dropout=0.3, batch_first=True)
+
+
+def test_dropout_is_replayed_exactly_on_the_worker_from_masks_drawn_at_the_hand_off(tmp_path, monkeypatch):
+    """The masks are drawn on the training thread from the call's generator state; the worker never sets
+    the global generator, yet the record is exact, as on the training thread."""
+    setters = []
+    real = torch.set_rng_state
+    monkeypatch.setattr(torch, "set_rng_state", lambda s: (setters.append(threading.current_thread()), real(s)))
+    monkeypatch.setattr(replay_module.torch, "set_rng_state", torch.set_rng_state)
+    runs = {}
+    for background in (False, "thread"):
+        pl.seed_everything(5)
+        cb = RNNViz(every_n_steps=2, background=background, validation=False, strict=True)
+        trainer = _fit(tmp_path, str(background), _DropoutLSTM(), cb, loader(), max_epochs=1)
+        runs[background] = _everything(trainer)
+    assert [v for _, v in runs["thread"]["rnnviz/grad_norm/rnn/exact"]] == [1.0] * 3
+    assert runs["thread"]["rnnviz/grad_norm/rnn/exact"] == runs[False]["rnnviz/grad_norm/rnn/exact"]
+    for tag in runs[False]:
+        if "/overhead/" not in tag:
+            assert runs["thread"][tag] == runs[False][tag], tag
+    assert setters and set(setters) == {threading.main_thread()}
+
+
+def test_nothing_process_wide_is_touched_from_the_worker(tmp_path, monkeypatch):
+    """No warning filter swapped, no flag or generator set, no thread count changed for the process while
+    the worker runs: each such call is made on the training thread, or not at all."""
+    calls: list[tuple[str, str]] = []
+
+    def spy(name, real):
+        def called(*args, **kwargs):
+            calls.append((name, threading.current_thread().name))
+            return real(*args, **kwargs)
+        return called
+
+    monkeypatch.setattr(warnings, "catch_warnings", spy("catch_warnings", warnings.catch_warnings))
+    monkeypatch.setattr(torch, "set_rng_state", spy("set_rng_state", torch.set_rng_state))
+    monkeypatch.setattr(torch, "manual_seed", spy("manual_seed", torch.manual_seed))
+    monkeypatch.setattr(torch, "set_num_threads", spy("set_num_threads", torch.set_num_threads))
+    monkeypatch.setattr(replay_module, "tf32_off", spy("tf32_off", replay_module.tf32_off))
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.get_float32_matmul_precision())
+    filters = list(warnings.filters)
+    cb = RNNViz(every_n_steps=1, background="thread", strict=True)
+    _fit(tmp_path, "w", TinySeqModel(), cb, loader(), max_epochs=1)
+    assert [c for c in calls if c[1] == "rnnviz-worker"] == []
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            torch.get_float32_matmul_precision()) == flags
+    # the user's filters are all there, in their order (ours, scoped to our own calls, may stand before)
+    assert [f for f in warnings.filters if f in filters] == filters
+
+
+class _NaNModel(TinySeqModel):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h, _ = self.rnn(x)
+        return (h * float("nan")).sum() * 0.0 + nn.functional.mse_loss(self.head(h[:, -1]).squeeze(-1), y)
+
+
+def test_the_workers_warnings_reach_the_users_filters_on_the_training_thread(tmp_path, monkeypatch):
+    """Held on the worker, given by the training thread, where a user's `error` filter acts."""
+    given = []
+    real = warnings.warn
+
+    def warn(message, *args, **kwargs):
+        given.append((str(message), threading.current_thread().name))
+        return real(message, *args, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", warn)
+    cb = RNNViz(every_n_steps=1, background="thread", validation=False)
+    with pytest.warns(RNNVizWarning, match="NaN/Inf"):
+        _fit(tmp_path, "w", _NaNModel(), cb, loader(), max_epochs=1)
+    ours = [thread for message, thread in given if "NaN/Inf" in message]
+    assert ours == [threading.main_thread().name]
+
+
+def test_strict_re_raises_a_workers_error_on_the_training_thread(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("replay broke")
+
+    monkeypatch.setattr("lightning_rnnviz.probe.probe.replay_rnn", broken)
+    cb = RNNViz(every_n_steps=1, background="thread", validation=False, strict=True)
+    with pytest.raises(RuntimeError, match="replay broke"):
+        _fit(tmp_path, "w", TinySeqModel(), cb, loader(), max_epochs=1)
+    assert not any(t.name == "rnnviz-worker" and t.is_alive() for t in threading.enumerate())
+
+
+def test_without_strict_a_workers_error_is_warned_once_and_counted(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("replay broke")
+
+    monkeypatch.setattr("lightning_rnnviz.probe.probe.replay_rnn", broken)
+    cb = RNNViz(every_n_steps=1, background="thread", validation=False)
+    with pytest.warns(RNNVizWarning, match="replay broke"):
+        trainer = _fit(tmp_path, "w", TinySeqModel(), cb, loader(), max_epochs=1)
+    assert "rnnviz/hidden/rnn" not in RunEvents(trainer.logger.log_dir).Tags()["images"]
+    assert "rnnviz/attention/attn" in RunEvents(trainer.logger.log_dir).Tags()["images"]  # the others go on
+
+
+def test_the_worker_finishes_in_order_and_waits_for_room():
+    """At most one recording waits beside the one being finished; a hand-off beyond that waits (so none is
+    dropped), and deliveries come back in the order handed."""
+    gate = threading.Event()
+    order: list[int] = []
+    model = nn.LSTM(2, 3)
+    probe = Probe(model)
+    worker = Worker(max_pending=1)
+    try:
+        for step in range(3):
+            with probe.capture() as captured:
+                model(torch.randn(4, 2, 2))[0].sum().backward()
+
+            def report(recording, out: Delivery, step=step):
+                gate.wait(5)
+                order.append(step)
+                out.scalars({"x": float(step)}, step)
+
+            handed = hand_off(captured, None, [report], step)
+            if step == 2:
+                threading.Timer(0.2, gate.set).start()  # the third hand-off waits until the first is done
+            worker.submit(handed)
+        assert worker.waited_s >= 0.1
+        assert worker.wait(10)
+        deliveries = worker.ready()
+    finally:
+        gate.set()
+        worker.close()
+    assert order == [0, 1, 2]
+    assert [d.step for d in deliveries] == [0, 1, 2]
+    assert [d.items for d in deliveries] == [[("scalars", ({"x": float(s)}, s))] for s in range(3)]
+    assert all(d.error is None and d.replay_s > 0 for d in deliveries)
+
+
+def test_a_hand_off_copies_what_the_capture_only_referenced():
+    """Training may change the batch or the outputs in place once it goes on: the worker's replay reads
+    copies taken at the hand-off."""
+    model = nn.LSTM(2, 3, batch_first=True)
+    x = torch.randn(2, 5, 2)
+    probe = Probe(model)
+    with probe.capture() as captured:
+        out, _ = model(x)
+        out.sum().backward()
+    expected = captured.finish()  # (a capture may be finished twice; its data are the same)
+    with probe.capture() as captured:
+        out, _ = model(x)
+        out.sum().backward()
+    captured.hand_off()
+    x.zero_()  # the user reuses their buffer
+    with torch.no_grad():
+        out.zero_()
+    recording = captured.finish()
+    torch.testing.assert_close(recording[""].hidden, expected[""].hidden, rtol=0, atol=0)
+    torch.testing.assert_close(recording[""].hidden_grad, expected[""].hidden_grad, rtol=0, atol=0)
