@@ -25,12 +25,29 @@ machine hits both sides alike. Printed per workload and variant:
 - ``peak RSS``: training process with / without; a drawing process's peak is reported on its own.
 - ``fit ms``: what the callback's fit start and fit end cost (opening and closing its writers, the first
   steps' set-up), reported on its own.
-- ``next step ms``: median wall time of the training step right after each recording step, with / without the
+- ``next step ms``: median loop time of the training step right after each recording step, with / without the
   callback: a cost the callback causes outside its own time (a thread pool left spinning, caches evicted)
-  shows here and nowhere else; ``other step ms`` is the same for all other steps.
-- ``inside ms``: a recording step's wall time, less the callback's own time on it, less the same step's time
+  shows here and nowhere else.
+- ``inside ms``: a recording step's loop time, less the callback's own time on it, less the same step's time
   without the callback (medians, first recording left out): what the callback adds inside the user's own
   forward and backward (capturing inputs, weights, upstream gradients), which its own timers cannot see.
+
+A second table times the loop from outside the callback. A timer callback placed first, before ``RNNViz``,
+stamps every batch start (after a device sync on CUDA); a step's loop time runs to the next batch start (the
+last step's to the end of training), so it holds every hook, epoch end and flush in between.
+
+- ``threads``: torch's intra-op threads in the training runs (``--threads N``; default: torch's own).
+- ``recs``: recordings the callback wrote per run; ``dropped``: figures its drawing dropped.
+- ``thread ms/rec``: the callback's own training-thread time per recording; ``off-thread ms/rec``: its time
+  off the training thread per recording, from any ``rnnviz/overhead/*_ms`` scalar other than the
+  training-thread ones (``n/a`` when it logs none); medians over the recordings after the first.
+- ``thread ms/run``: the callback's training-thread total for the whole run: recordings, epoch ends, fit start
+  and fit end.
+- ``loop ms/rec``: per recording step r, the loop time above the run's median step over steps r..r+5, with the
+  callback minus without on the same steps; median over the recordings (the first left out: one-off set-up),
+  then over the pairs. What a recording costs the loop, whoever spends it.
+- ``other steps``: median loop time of every step outside those windows, with / without, as a ratio and in ms:
+  a uniform slowdown, which ``loop ms/rec`` subtracts with the median, shows here.
 - ``faults M``: minor page faults of the training process (millions), with / without. Both sides run with
   glibc's mmap threshold fixed at 32 MB (``--malloc default`` leaves glibc's dynamic threshold alone): with
   the dynamic one, the callback's first recording raises the threshold past the size of a step's
@@ -43,6 +60,7 @@ machine hits both sides alike. Printed per workload and variant:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -102,9 +120,10 @@ def _build(cfg: dict):
 
 VARIANTS = {
     # name: RNNViz keyword arguments
-    "fast": {},  # the default: numpy/Pillow pictures drawn on the training thread
+    "fast": {},  # the default: the recording worker where a core is free of the training, else inline
+    "fast-inline": {"background": False},  # the whole recording on the training thread
     "fast-bg": {"background": True},  # the same pictures drawn by the child process
-    "fast-thread": {"background": "thread"},  # the same pictures drawn on a worker thread
+    "fast-thread": {"background": "thread"},  # the recording worker, wherever it runs
     "mpl-bg": {"renderer": "matplotlib"},  # matplotlib figures, drawn by the child process
     "fast-k8": {"max_samples": 8},  # the default, replaying 8 sequences instead of 16
     "fast-late": {"log_first_step": False},  # the default without the recording of the very first step
@@ -114,8 +133,15 @@ VARIANTS = {
 }
 
 
-def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cpu", variant: str = "fast") -> dict:
-    """One training run in this process; returns wall time and peak RSS."""
+# the callback's ``rnnviz/overhead/*`` scalars of a recording (with the worker, replay_ms and render_ms are its)
+THREAD_TAGS = ("train_thread_ms", "replay_ms", "render_ms", "write_ms", "epoch_end_ms")
+AFTER = 5  # steps after a recording step that `loop ms/rec` charges to it
+
+
+def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cpu", variant: str = "fast",
+             threads: int | None = None) -> dict:
+    """One training run in this process; returns wall time, peak RSS, every step's loop time and the
+    callback's overhead scalars."""
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -125,6 +151,8 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
 
     from lightning_rnnviz import RNNViz
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     cfg = WORKLOADS[workload]
     torch.manual_seed(0)
     model_cls, loader = _build(cfg)
@@ -133,7 +161,7 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
     first = {0} if VARIANTS[variant].get("log_first_step", True) else set()
     recorded = first | {s for s in range(cfg["steps"]) if (s + 1) % log_every == 0}
     timer = _StepTimer(device)
-    callbacks = ([RNNViz(**VARIANTS[variant])] if with_callback else []) + [timer]
+    callbacks = [timer] + ([RNNViz(**VARIANTS[variant])] if with_callback else [])  # the timer first, RNNViz last
     # RUSAGE_CHILDREN would count any child; the drawing process reports its own peak.
     logger = TensorBoardLogger(out_dir, name=workload)
     trainer = pl.Trainer(
@@ -142,21 +170,24 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+    assert trainer.callbacks.index(timer) == min(trainer.callbacks.index(c) for c in callbacks), trainer.callbacks
     started = time.perf_counter()
     trainer.fit(model, loader)
     wall = time.perf_counter() - started
-    after = [ms for step, ms in enumerate(timer.step_ms) if step - 1 in recorded]  # the step right after one
-    plain = [ms for step, ms in enumerate(timer.step_ms) if step not in recorded and step - 1 not in recorded]
-    on_recorded = [ms for step, ms in enumerate(timer.step_ms) if step in recorded and step > 0]  # 0: warm-up
+    loop_ms = timer.loop_ms()
+    after = [ms for step, ms in enumerate(loop_ms) if step - 1 in recorded]  # the step right after one
+    on_recorded = [ms for step, ms in enumerate(loop_ms) if step in recorded and step > 0]  # 0: warm-up
     result = {
         "wall_s": wall,
         "rss_mb": _peak_rss_kb() / 1024,
-        "child_rss_mb": (callbacks[0].drawer_peak_rss_mb or 0.0) if with_callback else 0.0,
+        "child_rss_mb": (callbacks[-1].drawer_peak_rss_mb or 0.0) if with_callback else 0.0,
         "after_ms": statistics.median(after[1:]) if len(after) > 1 else float("nan"),  # the first is a warm-up
-        "plain_ms": statistics.median(plain),
         "recorded_ms": statistics.median(on_recorded) if on_recorded else float("nan"),
-        "fit_start_ms": callbacks[0].fit_overhead_ms.get("start", 0.0) if with_callback else 0.0,
-        "fit_end_ms": callbacks[0].fit_overhead_ms.get("end", 0.0) if with_callback else 0.0,
+        "loop_ms": loop_ms,
+        "recorded_steps": sorted(recorded),  # what the callback's cadence should record; with it: what it did
+        "threads": torch.get_num_threads(),
+        "fit_start_ms": callbacks[-1].fit_overhead_ms.get("start", 0.0) if with_callback else 0.0,
+        "fit_end_ms": callbacks[-1].fit_overhead_ms.get("end", 0.0) if with_callback else 0.0,
         "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
     }
     if with_callback:
@@ -166,32 +197,68 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
 
         acc = EventAccumulator(run_dir(logger.log_dir), size_guidance={"scalars": 0})
         acc.Reload()
-        for key in ("train_thread_ms", "replay_ms", "render_ms", "write_ms", "dropped_figures", "epoch_end_ms"):
+        tags = [t for t in acc.Tags()["scalars"] if t.startswith("rnnviz/overhead/")]
+        for key in THREAD_TAGS + ("dropped_figures",):
             tag = f"rnnviz/overhead/{key}"
-            result[key] = [e.value for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+            result[key] = [e.value for e in acc.Scalars(tag)] if tag in tags else []
+        if "rnnviz/overhead/train_thread_ms" in tags:
+            result["recorded_steps"] = sorted({e.step for e in acc.Scalars("rnnviz/overhead/train_thread_ms")})
+        # time off the training thread (the recording worker's), per recording step; with the worker its
+        # replay_ms and render_ms are parts of it, not of train_thread_ms
+        offthread: dict[int, float] = {}
+        result["offthread_tags"] = [t for t in tags if t == "rnnviz/overhead/offthread_ms"]
+        for tag in result["offthread_tags"]:
+            for e in acc.Scalars(tag):
+                offthread[e.step] = offthread.get(e.step, 0.0) + e.value
+        result["offthread_ms"] = [offthread[s] for s in sorted(offthread)]
         # everything the callback spent on the training thread in this run, recordings and epoch ends
         result["thread_total_s"] = (sum(result["train_thread_ms"]) + sum(result["epoch_end_ms"])) / 1e3
+        # ... and its fit start and fit end too
+        result["run_thread_ms"] = 1e3 * result["thread_total_s"] + result["fit_start_ms"] + result["fit_end_ms"]
     return result
 
 
+def outside_figures(with_cb: dict, without: dict) -> tuple[float, float, float]:
+    """``loop ms/rec`` and ``other steps`` (with, without) of one pair, from the runs' loop times."""
+    recs = with_cb["recorded_steps"]
+    n = min(len(with_cb["loop_ms"]), len(without["loop_ms"]))
+
+    def above_median(run: dict, first: int) -> float:
+        base = statistics.median(run["loop_ms"])
+        return sum(run["loop_ms"][s] - base for s in range(first, min(first + AFTER + 1, n)))
+
+    per_rec = [above_median(with_cb, r) - above_median(without, r) for r in recs[1:] if r < n]  # first: set-up
+    near = {s for r in recs for s in range(r, r + AFTER + 1)}
+    other = [s for s in range(n) if s not in near]
+    nan = float("nan")
+    return (statistics.median(per_rec) if per_rec else nan,
+            statistics.median(with_cb["loop_ms"][s] for s in other) if other else nan,
+            statistics.median(without["loop_ms"][s] for s in other) if other else nan)
+
+
 class _StepTimer:
-    """Wall time of every training step (batch start to batch end), after the callbacks before it."""
+    """Stamps every batch start, and the end of training; placed before every other callback, so that a
+    step's loop time (batch start to the next batch start) holds all of their hooks."""
 
     def __new__(cls, device: str):
         import pytorch_lightning as pl
 
         class Timer(pl.Callback):
             def __init__(self) -> None:
-                self.step_ms: list[float] = []
-                self._started = 0.0
+                self.starts: list[float] = []
+                self.ended = float("nan")
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 _sync(device)
-                self._started = time.perf_counter()
+                self.starts.append(time.perf_counter())
 
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            def on_train_end(self, trainer, pl_module):  # after the last step's batch end and epoch end
                 _sync(device)
-                self.step_ms.append(1e3 * (time.perf_counter() - self._started))
+                self.ended = time.perf_counter()
+
+            def loop_ms(self) -> list[float]:
+                stamps = self.starts + [self.ended]
+                return [1e3 * (b - a) for a, b in itertools.pairwise(stamps)]
 
         return Timer()
 
@@ -214,13 +281,15 @@ FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_
 
 
 def _subprocess_run(workload: str, with_callback: bool, out_dir: str, device: str, variant: str,
-                    malloc: str = "fixed", package_root: str | None = None) -> dict:
+                    malloc: str = "fixed", package_root: str | None = None, threads: int | None = None) -> dict:
     """One run in a fresh process; ``package_root``: import ``lightning_rnnviz`` from that source tree
     (another checkout or worktree) instead of the installed one."""
     cmd = [sys.executable, __file__, "--child", workload, "--out", out_dir, "--device", device, "--variant", variant,
            "--steps", str(WORKLOADS[workload]["steps"])]
     if with_callback:
         cmd.append("--with-callback")
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
     env = {**os.environ, **FIXED_MALLOC} if malloc == "fixed" else dict(os.environ)
     if package_root is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -229,7 +298,8 @@ def _subprocess_run(workload: str, with_callback: bool, out_dir: str, device: st
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compare_trees(workloads: list[str], other: str, runs: int, device: str, malloc: str) -> None:
+def compare_trees(workloads: list[str], other: str, runs: int, device: str, malloc: str,
+                  threads: int | None = None) -> None:
     """The callback's own cost with this tree's ``lightning_rnnviz`` and with ``other``'s, runs with the
     callback interleaved (one of each per round, the order alternating), so that two versions are
     measured side by side on the same machine at the same time."""
@@ -243,7 +313,8 @@ def compare_trees(workloads: list[str], other: str, runs: int, device: str, mall
         with tempfile.TemporaryDirectory() as out:
             for round_ in range(runs):
                 for side in (("other", "this") if round_ % 2 == 0 else ("this", "other")):
-                    results[side].append(_subprocess_run(workload, True, out, device, "fast", malloc, sides[side]))
+                    results[side].append(_subprocess_run(workload, True, out, device, "fast", malloc, sides[side],
+                                                         threads))
         for side in ("other", "this"):
             rs = results[side]
 
@@ -378,7 +449,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workload", choices=sorted(WORKLOADS), action="append")
     parser.add_argument("--variant", choices=sorted(VARIANTS), action="append",
                         help="RNNViz configuration(s) to compare (default: fast, the default RNNViz())")
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=3,
+                        help="interleaved pairs of runs, without and with the callback, per workload (default: 3)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--malloc", choices=("fixed", "default"), default="fixed",
                         help="fixed: both sides with glibc's mmap threshold at 32 MB (what the callback's first "
@@ -389,12 +461,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3, help="with --against: runs of each tree per workload")
     parser.add_argument("--steps", type=int, help="training steps of each run, in place of the workload's own "
                                                    "(fewer recordings; for a quick look or a rehearsal)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch.set_num_threads(N) in every training run, both sides alike, and in the "
+                             "measurements made here (default: torch's own)")
     parser.add_argument("--expect-package-root", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=sorted(WORKLOADS), help=argparse.SUPPRESS)
     parser.add_argument("--with-callback", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     variants = args.variant or ["fast"]
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.steps is not None:
         if args.steps < 1:
             parser.error("--steps must be at least 1")
@@ -407,35 +484,50 @@ def main(argv: list[str] | None = None) -> None:
             where = os.path.abspath(lightning_rnnviz.__file__)
             if not where.startswith(os.path.join(os.path.abspath(args.expect_package_root), "")):
                 raise SystemExit(f"lightning_rnnviz came from {where}, not from {args.expect_package_root}")
-        print(json.dumps(run_once(args.child, args.with_callback, args.out, args.device, variants[0])))
+        print(json.dumps(run_once(args.child, args.with_callback, args.out, args.device, variants[0], args.threads)))
         return
     if args.against:
-        compare_trees(args.workload or list(WORKLOADS), args.against, args.runs, args.device, args.malloc)
+        compare_trees(args.workload or list(WORKLOADS), args.against, args.runs, args.device, args.malloc,
+                      args.threads)
         return
 
     import torch
 
+    default_threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, device: {where}, "
           f"malloc: {args.malloc}" + (f" ({' '.join(f'{k}={v}' for k, v in FIXED_MALLOC.items())})"
                                       if args.malloc == "fixed" else ""))
     header = (f"{'workload':<10} {'variant':<8} {'overhead':>9} {'thread':>7} {'thread ms/rec':>14} {'replay':>7} {'render':>7} "
               f"{'write':>6} {'other':>6} {'draw ms/fig':>12} {'replay/fused':>13} {'peak RSS':>9} "
-              f"{'drawer MB':>10} {'dropped':>8} {'fit ms':>9} {'next step ms':>13} {'other step ms':>13} "
+              f"{'drawer MB':>10} {'dropped':>8} {'fit ms':>9} {'next step ms':>13} "
               f"{'faults M':>13} {'inside ms':>10}")
-    rows = []
+    loop_header = (f"{'workload':<10} {'variant':<8} {'threads':>7} {'recs':>5} {'dropped':>8} {'thread ms/rec':>14} "
+                   f"{'off-thread ms/rec':>18} {'thread ms/run':>14} {'loop ms/rec':>12} {'other steps':>21}")
+    rows, loop_rows = [], []
+    threads = (f"{args.threads} (--threads)" if args.threads is not None
+               else f"torch's default ({default_threads} here)")
     for workload in args.workload or list(WORKLOADS):
+        cfg = WORKLOADS[workload]
+        print(f"\n{workload}: {cfg['steps']} steps, batch {cfg['batch']}, recording every {cfg['log_every']}; "
+              f"intra-op threads per training run: {threads}", flush=True)
         fused = replay_ratio(workload, args.device)
         for variant in variants:
             ratios, accounted, rss, child, dropped = [], [], [], [], 0.0
             fit_ms, next_with, next_without, plain_with, plain_without = [], [], [], [], []
+            loop_per_rec, run_thread_ms, thread_per_rec, offthread, recs = [], [], [], [], []
+            used_threads: set[int] = set()
+            offthread_tags: set[str] = set()
             faults: dict[bool, list[int]] = {True: [], False: []}
             inside: list[float] = []  # recording step's time beyond the callback's own, over the same step without
             parts: dict[str, list[float]] = {k: [] for k in ("train_thread_ms", "replay_ms", "render_ms", "write_ms")}
             with tempfile.TemporaryDirectory() as out:
                 for pair in range(args.pairs):
                     order = (False, True) if pair % 2 == 0 else (True, False)
-                    results = {flag: _subprocess_run(workload, flag, out, args.device, variant, args.malloc)
+                    results = {flag: _subprocess_run(workload, flag, out, args.device, variant, args.malloc,
+                                                     threads=args.threads)
                                for flag in order}
                     ratios.append(results[True]["wall_s"] / results[False]["wall_s"])
                     accounted.append(1 + results[True]["thread_total_s"] / results[False]["wall_s"])
@@ -446,17 +538,27 @@ def main(argv: list[str] | None = None) -> None:
                     fit_ms.append(results[True]["fit_start_ms"] + results[True]["fit_end_ms"])
                     next_with.append(results[True]["after_ms"])
                     next_without.append(results[False]["after_ms"])
-                    plain_with.append(results[True]["plain_ms"])
-                    plain_without.append(results[False]["plain_ms"])
+                    per_rec, other_with, other_without = outside_figures(results[True], results[False])
+                    loop_per_rec.append(per_rec)
+                    plain_with.append(other_with)
+                    plain_without.append(other_without)
+                    run_thread_ms.append(results[True]["run_thread_ms"])
+                    thread_per_rec += results[True]["train_thread_ms"][1:]  # as loop ms/rec: the first left out
+                    offthread += results[True]["offthread_ms"][1:]
+                    offthread_tags.update(results[True]["offthread_tags"])
+                    recs.append(len(results[True]["train_thread_ms"]))
+                    used_threads.update(results[flag]["threads"] for flag in order)
                     for flag in (True, False):
                         faults[flag].append(results[flag]["minor_faults"])
                     own = statistics.median(results[True]["train_thread_ms"][1:] or [float("nan")])
                     inside.append(results[True]["recorded_ms"] - own - results[False]["recorded_ms"])
                     dropped = max(dropped, max(results[True]["dropped_figures"], default=0.0))
                     print(f"  {workload} {variant} pair {pair}: without {results[False]['wall_s']:.2f} s, "
-                          f"with {results[True]['wall_s']:.2f} s", flush=True)
+                          f"with {results[True]['wall_s']:.2f} s, loop ms/rec {per_rec:.1f}", flush=True)
             median = {key: statistics.median(values) for key, values in parts.items()}
-            other = median["train_thread_ms"] - median["replay_ms"] - median["render_ms"] - median["write_ms"]
+            other = median["train_thread_ms"] - median["write_ms"]
+            if not offthread:  # replay and pictures on the training thread: parts of its time
+                other -= median["replay_ms"] + median["render_ms"]
             draws = draw_costs(workload, "matplotlib" if variant.startswith("mpl") else "fast")
             row = (f"{workload:<10} {variant:<8} {statistics.median(ratios):>8.3f}x "
                    f"{statistics.median(accounted):>6.3f}x {median['train_thread_ms']:>14.0f} "
@@ -465,23 +567,42 @@ def main(argv: list[str] | None = None) -> None:
                    f"{statistics.median(rss):>8.3f}x {max(child):>10.0f} {dropped:>8.0f} "
                    f"{statistics.median(fit_ms):>9.0f} "
                    f"{statistics.median(next_with):>6.1f}/{statistics.median(next_without):<6.1f} "
-                   f"{statistics.median(plain_with):>6.1f}/{statistics.median(plain_without):<6.1f} "
                    f"{statistics.median(faults[True]) / 1e6:>6.2f}/{statistics.median(faults[False]) / 1e6:<6.2f} "
                    f"{statistics.median(inside):>10.1f}")
+            plain = (statistics.median(plain_with), statistics.median(plain_without))
+            loop_row = (f"{workload:<10} {variant:<8} {'/'.join(map(str, sorted(used_threads))):>7} "
+                        f"{'-'.join(map(str, sorted({min(recs), max(recs)}))):>5} {dropped:>8.0f} "
+                        f"{statistics.median(thread_per_rec or [float('nan')]):>14.1f} "
+                        f"{f'{statistics.median(offthread):.1f}' if offthread else 'n/a':>18} "
+                        f"{statistics.median(run_thread_ms):>14.0f} {statistics.median(loop_per_rec):>12.1f} "
+                        f"{plain[0] / plain[1]:>6.3f}x {plain[0]:>6.2f}/{plain[1]:.2f}")
             rows.append(row)
-            print(header, row, sep="\n", flush=True)
+            loop_rows.append(loop_row)
+            print(header, row, "", loop_header, loop_row, sep="\n", flush=True)
+            if offthread_tags:
+                print(f"(off-thread ms/rec from {', '.join(sorted(offthread_tags))})")
     print("\n" + header)
     print("\n".join(rows))
     print("(overhead: median wall-time ratio of the pairs; thread: 1 + the callback's own time on the training "
           "thread over the run without it, recordings and epoch ends, which the machine's noise does not move)")
-    print("(ms per recording step, medians: replay = exact dL/dh_t; render = pictures drawn on the training "
-          "thread; write = PNG encoding and event file; other = capture hooks, reductions, statistics, "
-          "histograms, hand-over)")
-    print("(fit ms = the callback's fit start + fit end; next step ms = median of the training steps right after "
-          "a recording, with / without the callback; other step ms = the other steps, with / without; faults M = "
-          "millions of minor page faults of the training process, with / without; inside ms = a recording step's "
-          "time beyond the callback's own, minus the same step without it: capture in the user's forward and "
-          "backward, and the record's other costs inside the step)")
+    print("(ms per recording step, medians: replay = exact dL/dh_t; render = pictures drawn; write = PNG encoding "
+          "and event file; other = capture hooks, reductions, statistics, histograms, hand-over. With the recording "
+          "worker (placement 'thread'), replay and render are the worker's and other is the training thread's "
+          "capture and hand-off)")
+    print("(fit ms = the callback's fit start + fit end; next step ms = median loop time of the training steps right "
+          "after a recording, with / without the callback; faults M = millions of minor page faults of the training "
+          "process, with / without; inside ms = a recording step's loop time beyond the callback's own, minus the "
+          "same step without it: capture in the user's forward and backward, and the record's other costs inside "
+          "the step)")
+    print("\n" + loop_header)
+    print("\n".join(loop_rows))
+    print("(from outside the callback: a timer placed first stamps every batch start; a step's loop time runs to the "
+          "next batch start. recs = recordings written per run; thread ms/rec = the callback's own training-thread "
+          "time per recording and off-thread ms/rec its time off that thread (n/a: it logs none), medians over the "
+          "recordings after the first; thread ms/run = its training-thread total, recordings, epoch ends, fit start "
+          f"and end; loop ms/rec = per recording, the loop time above the run's median over the recorded step and the "
+          f"{AFTER} after it, with minus without on the same steps, median over recordings after the first, then "
+          "over the pairs; other steps = median loop time of all other steps, with / without, ratio and ms)")
     if not args.workload or "cpu-lstm" in args.workload:
         print(f"\nDIY (LSTMCell unrolled, retain_grad every step) throughput / fused LSTM: "
               f"{diy_ratio(args.device):.2f}x")
