@@ -40,6 +40,11 @@ class SharedRecorder:
         self.fanout: Fanout | None = None  # one output over every logger, one renderer, for every member
         self.worker: Worker | None = None  # finishes recordings beside training (placement "thread")
         self.reported_wait_s = 0.0  # the worker's `waited_s` as last reported
+        # what the budget reads: when training started, each recording's training-thread seconds, and
+        # all the callback's training-thread seconds (epoch ends included)
+        self.clock: float | None = None
+        self.costs: list[float] = []
+        self.spent_total_s = 0.0
         self.layout_written = False
         self.flush_next = False  # flush the loggers at the next batch start (the user's scalars of a recorded step)
         self.spent_s = 0.0  # time on the training thread for the current batch's recording

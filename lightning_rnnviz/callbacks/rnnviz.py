@@ -7,6 +7,8 @@ each logger's API is a sink's (:mod:`lightning_rnnviz.sinks`).
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 import warnings
 from collections import Counter
@@ -94,12 +96,12 @@ class RNNViz(*CALLBACK_BASES):
         histograms: write activation histograms (TensorBoard's distributions view).
         renderer: ``"fast"`` paints the pictures with numpy and Pillow (3-30 ms each);
             ``"matplotlib"`` draws matplotlib figures (0.16-1 s of CPU each, in a child process by default).
-        background: ``True`` draws figures in a low-priority child process (the training thread only hands
-            over small, already-reduced arrays); ``"thread"`` on a worker thread of the training process;
-            ``False`` on the training thread. ``None`` (default): the child process for ``"matplotlib"``;
-            for ``"fast"``, a worker thread when the machine has two or more cores beyond the training's
-            intra-op threads and one for data loading, else the training thread (``placement`` says
-            which was used).
+        background: ``"thread"`` finishes each recording on the recording worker, a thread beside
+            training (:mod:`lightning_rnnviz.pipeline`: the training thread keeps the capture and a
+            hand-off); ``False`` on the training thread; ``True`` draws figures in a low-priority child
+            process. ``None`` (default): the child process for ``"matplotlib"``; for ``"fast"``, the worker
+            wherever a core is free of the training (on an accelerator the training occupies one thread,
+            on the CPU its intra-op threads), else the training thread (``placement`` says which was used).
         validation: draw the fixed validation sample at each validation run.
         log_first_step: also record the very first training batch, for instant feedback.
         call: for a fused RNN called several times in one training step (not as a chain of single steps),
@@ -111,6 +113,10 @@ class RNNViz(*CALLBACK_BASES):
             1 s and 12 MB a step for a 64 x 100 x 256 LSTM record, written on the training thread).
         save_records_max_mb: bound on the records' files of one run; beyond it they stop, with one warning.
         strict: re-raise errors of capture and rendering instead of warning once (for tests).
+        budget: the largest share of the training's wall time the callback's own work on the training
+            thread may take (e.g. ``0.03``); past it, recordings are spaced out to a multiple of
+            ``every_n_steps`` (never closer), said once, and the cadence is logged. ``None``: every
+            ``every_n_steps``, whatever it costs.
 
     Raises:
         ValueError: an argument is out of range (the message names it and the fix).
@@ -145,6 +151,7 @@ class RNNViz(*CALLBACK_BASES):
         save_records: bool | Literal["full"] = False,
         save_records_max_mb: float = 256,
         strict: bool = False,
+        budget: float | None = None,
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
                                           or every_n_steps <= 0):
@@ -180,6 +187,10 @@ class RNNViz(*CALLBACK_BASES):
         if call is not None and (isinstance(call, bool) or not isinstance(call, int)):
             raise ValueError(f"`call` must be an int (which forward call of a module, 0-based, negative from the "
                              f"end) or None (the last call that received a gradient), got {call!r}.")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget < 1):
+            raise ValueError(f"`budget` must be a share of the training time between 0 and 1 (e.g. 0.03 for 3 %) "
+                             f"or None (no limit), got {budget!r}.")
         if labels is not None and not callable(labels):
             raise ValueError(f"`labels` must be a function `batch -> list[str]`, got {type(labels).__name__}.")
         self.every_n_steps = every_n_steps
@@ -201,6 +212,9 @@ class RNNViz(*CALLBACK_BASES):
         self.save_records = save_records
         self.save_records_max_mb = save_records_max_mb
         self.strict = strict
+        self.budget = budget
+        self.stride = 1  # recordings are every `stride * every_n_steps` steps, as the budget allows
+        self.cadence: int | None = None  # the steps between recordings in use (every_n_steps * stride)
         self._guard = Guard(type(self).__name__, strict, RNNVizWarning)
         self._reporter = Reporter(self.quantities, (), self._guard, sample=sample, top_k=top_k,
                                   max_heads=max_heads, max_time=max_time, renderer=renderer, histograms=histograms)
@@ -400,7 +414,7 @@ class RNNViz(*CALLBACK_BASES):
                 worker.wait(timeout=60.0)
                 worker.close()
                 self._deliver(recorder, worker)
-            recorder.fanout, recorder.layout_written = None, False
+            recorder.fanout, recorder.layout_written, recorder.clock = None, False, None
             # Let the drawing process finish what it was handed, write it, then close every sink.
             fanout.close()
             self._report_render_errors(fanout.renderer)
@@ -432,7 +446,46 @@ class RNNViz(*CALLBACK_BASES):
         if self.log_first_step and loop._batches_that_stepped == 0 and trainer.current_epoch == 0:
             return True
         n = self.every_n_steps or trainer.log_every_n_steps
-        return n > 0 and (loop._batches_that_stepped + 1) % n == 0
+        return n > 0 and (loop._batches_that_stepped + 1) % (n * self.stride) == 0
+
+    def _spend(self, trainer: Any, seconds: float, recording: bool) -> None:
+        """Account for what a recording (or an epoch end) cost the training thread, and space recordings out
+        when the budget asks for it."""
+        recorder = self._recorder
+        if recording:
+            recorder.costs.append(seconds)
+        recorder.spent_total_s += seconds
+        for member in recorder.members:
+            member._follow_budget(trainer, recorder)
+
+    def _follow_budget(self, trainer: Any, recorder: Any) -> None:
+        """``stride``: the fewest ``every_n_steps`` per recording that keep the callback's share of the wall
+        time within ``budget``. With ``c`` the training-thread cost of a recording (the median of the last
+        five, the first left out: it sets things up) and ``s`` the training's own time per step so far,
+        ``c / (stride * n * s + c) <= budget``."""
+        costs = recorder.costs[1:][-5:]
+        steps = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if self.budget is None or not costs or steps <= 0 or recorder.clock is None:
+            return
+        n = self.every_n_steps or trainer.log_every_n_steps
+        step_s = max(time.perf_counter() - recorder.clock - recorder.spent_total_s, 1e-9) / steps
+        cost = statistics.median(costs)
+        stride = max(1, math.ceil(cost * (1 - self.budget) / (self.budget * n * step_s)))
+        if stride > 1 and "budget" not in self._guard.warned:
+            self._guard.warned.add("budget")
+            info(trainer, f"lightning_rnnviz: recording every {stride * n} steps to stay under {self.budget:.0%} of "
+                 f"training time (a recording costs the training thread {1e3 * cost:.0f} ms, a step takes "
+                 f"{1e3 * step_s:.1f} ms); budget=None records every {n}.")
+        self.stride = stride
+        self.cadence = stride * n
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not self.enabled:
+            return
+        recorder = self._recorder
+        if recorder.clock is None:  # the first monitor: the budget's clock starts with training
+            recorder.clock, recorder.costs, recorder.spent_total_s = time.perf_counter(), [], 0.0
+        self.stride, self.cadence = 1, self.every_n_steps or trainer.log_every_n_steps
 
     @staticmethod
     def _batch_key(trainer: Any) -> tuple[str, int]:
@@ -483,7 +536,7 @@ class RNNViz(*CALLBACK_BASES):
             self._hand_off(recorder, self._batch_key(trainer), scale, batch, step, "rnnviz", True)
             recorder.amp_scale = None
             if self is recorder.members[-1]:
-                self._deliver(recorder, recorder.worker)
+                self._deliver(recorder, recorder.worker, trainer)
             return
         recording, wanting = recorder.end(self._batch_key(trainer), self._grad_scale(trainer))
         recorder.amp_scale = None
@@ -505,10 +558,12 @@ class RNNViz(*CALLBACK_BASES):
                 "rnnviz/overhead/render_ms": 1e3 * render_s,
                 "rnnviz/overhead/write_ms": 1e3 * write_s,
                 "rnnviz/overhead/dropped_figures": float(recorder.fanout.renderer.dropped),
+                "rnnviz/overhead/every_n_steps": float(self.cadence or 0),
             }, step))
             self._guard("flush", recorder.fanout.flush)
             recorder.flush_next = True
             recorder.release()  # every monitor has it: its tensors (device memory on a GPU) go now
+            self._spend(trainer, recorder.spent_s, recording=True)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.enabled:
@@ -519,7 +574,7 @@ class RNNViz(*CALLBACK_BASES):
         worker = self._recorder.worker
         if worker is not None:  # the epoch's statistics are complete once its recordings are finished
             worker.wait()
-            self._deliver(self._recorder, worker)
+            self._deliver(self._recorder, worker, trainer)
         with one_thread():
             drawn, lines = self._reporter.end_epoch(trainer.current_epoch, step, fanout)
         self._guard("write pictures", fanout.wait)
@@ -528,6 +583,7 @@ class RNNViz(*CALLBACK_BASES):
         if drawn:
             spent_ms = 1e3 * (time.perf_counter() - started)
             self._guard("overhead statistics", lambda: fanout.scalars({"rnnviz/overhead/epoch_end_ms": spent_ms}, step))
+            self._spend(trainer, spent_ms / 1e3, recording=False)
         self._guard("flush", lambda: fanout.flush(only_if_written=True))
 
     # --- validation --------------------------------------------------------------------------------
@@ -610,7 +666,7 @@ class RNNViz(*CALLBACK_BASES):
 
         return report
 
-    def _deliver(self, recorder: Any, worker: Worker) -> None:
+    def _deliver(self, recorder: Any, worker: Worker, trainer: Any = None) -> None:
         """Write what the worker has finished to every logger, here on the training thread: its held
         warnings given, an error raised with ``strict`` (else warned once and counted), then pictures,
         statistics and histograms, and what the recording cost."""
@@ -642,7 +698,10 @@ class RNNViz(*CALLBACK_BASES):
                     "rnnviz/overhead/write_ms": 1e3 * w,
                     "rnnviz/overhead/wait_ms": 1e3 * v,
                     "rnnviz/overhead/dropped_figures": 0.0,
+                    "rnnviz/overhead/every_n_steps": float(self.cadence or 0),
                 }, d.step))
+                if trainer is not None:
+                    self._spend(trainer, delivery.thread_s + write_s + waited_s, recording=True)
             self._guard("flush", fanout.flush)
             recorder.flush_next = True
 

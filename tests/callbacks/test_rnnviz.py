@@ -527,3 +527,36 @@ def test_an_approximate_record_says_so_everywhere(tmp_path, monkeypatch):
     rnn_jobs = [j for j in payloads if j.tag.endswith("/rnn")]
     assert {j.kind for j in rnn_jobs} == {"hidden", "gates", "grad_norm", "grad_decay"}
     assert all(not j.payload["exact"] and "bit for bit" in j.payload["notes"][0] for j in rnn_jobs)
+
+
+@pytest.mark.parametrize("background", [False, "thread"])
+def test_a_budget_spaces_recordings_out_on_lightnings_steps_and_says_so(tmp_path, caplog, background):
+    """A recording of this tiny model costs the training thread far more than 1 % of its steps: with
+    `budget=0.01` the recordings thin out to multiples of `every_n_steps`, one console line says so, and
+    the cadence in use is logged; `budget=None` (the default) records every step."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    runs = {}
+    for budget in (None, 0.01):
+        cb = RNNViz(every_n_steps=2, log_first_step=True, validation=False, histograms=False, budget=budget,
+                    background=background, strict=True)
+        trainer = _trainer(tmp_path / str(budget), [cb], max_epochs=4)
+        trainer.fit(TinySeqModel(), loader(n=64))
+        events = _events(trainer)
+        runs[budget] = ([e.step for e in events.Scalars("rnnviz/overhead/train_thread_ms")],
+                        [e.value for e in events.Scalars("rnnviz/overhead/every_n_steps")], cb.cadence)
+    steps, cadence, last = runs[None]
+    assert steps == [0] + list(range(1, 32, 2)) and set(cadence) == {2.0} and last == 2
+    steps, cadence, last = runs[0.01]
+    assert len(steps) < len(runs[None][0]) / 2
+    assert all((s + 1) % 2 == 0 for s in steps[1:])  # still on Lightning's logging steps
+    assert last > 2 and last % 2 == 0 and all(c % 2 == 0 for c in cadence)  # the cadence in use when recorded
+    lines = [r.getMessage() for r in caplog.records if "to stay under 1% of training time" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith("budget=None records every 2.")
+
+
+@pytest.mark.parametrize("budget", [0, 1, 1.5, -0.1, True, "3%"])
+def test_budget_must_be_a_share(budget):
+    with pytest.raises(ValueError, match="`budget` must be a share"):
+        RNNViz(budget=budget)
