@@ -53,8 +53,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_rnnviz import RNNViz
-from lightning_rnnviz.render import offline
+from lightning_rnnviz import RNNViz, cli
 
 KINDS = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}
 CELLS = {nn.RNN: nn.RNNCell, nn.GRU: nn.GRUCell, nn.LSTM: nn.LSTMCell}
@@ -302,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs = [results[kind]["log_dir"] for kind in opts.kinds]
     picture = str(Path(opts.save_dir) / "compare.png")
     print("\nCompared offline (the same as `python -m lightning_rnnviz compare " + " ".join(runs) + f" --out {picture}`):")
-    offline.main(["compare", *runs, "--out", picture])
+    cli.main(["compare", *runs, "--out", picture])
     results["compare"] = picture
     return results
 

@@ -1,7 +1,7 @@
 """``python -m lightning_rnnviz summary RUN`` and ``compare RUN [RUN ...] --out FILE``: runs read back from
-their ``summary.json`` (see :mod:`lightning_rnnviz.render.offline`)."""
+their ``summary.json`` (see :mod:`lightning_rnnviz.cli`)."""
 
-from lightning_rnnviz.render.offline import main
+from lightning_rnnviz.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main(prog="python -m lightning_rnnviz"))

@@ -1,10 +1,9 @@
 """Runs compared after training, from the ``summary.json`` the callback writes at each training epoch's end.
 
-``python -m lightning_rnnviz summary RUN`` prints a run's per-epoch statistics and findings;
-``python -m lightning_rnnviz compare RUN [RUN ...] --out FILE.png`` draws the runs' gradient norm curves
-``||dL/dh_t||`` on one picture and prints their statistics side by side. ``RUN`` is a run folder (the
-logger's ``log_dir``, or its ``rnnviz/`` folder) or a ``summary.json``; for ``compare``, a folder that holds
-several runs stands for all of them.
+What the command line (:mod:`lightning_rnnviz.cli`) prints and draws: a run's per-epoch statistics and
+findings (:func:`summary_text`), and several runs' gradient norm curves ``||dL/dh_t||`` on one picture
+(:func:`draw_compare`) with their statistics side by side (:func:`compare_table`). A run is a run folder
+(the logger's ``log_dir``, or its ``rnnviz/`` folder) or a ``summary.json``.
 
 In a notebook, the same in three lines::
 
@@ -34,13 +33,11 @@ Nothing here imports torch or Lightning; figures are :class:`matplotlib.figure.F
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
-import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +60,7 @@ __all__ = [
     "compare_table",
     "draw_compare",
     "find_runs",
-    "main",
+    "read_summaries",
     "read_summary",
     "run_labels",
     "save_figure",
@@ -219,6 +216,17 @@ def read_summary(path: str | os.PathLike[str]) -> Summary:
         listing = ", ".join(str(p.parent.parent) for p in found)
         raise SummaryError(f"{path}: holds {len(found)} runs; pass one of them: {listing}.")
     return _parse(found[0])
+
+
+def read_summaries(paths: Iterable[str | os.PathLike[str]]) -> list[Summary]:
+    """Every run each of ``paths`` stands for (see :func:`find_runs`: a folder that holds several runs
+    stands for all of them), each once, in order.
+
+    Raises:
+        SummaryError: as :func:`find_runs` and :func:`read_summary`.
+    """
+    files = [file for path in paths for file in find_runs(path)]
+    return [_parse(file) for file in dict.fromkeys(files)]
 
 
 def _parse(path: Path) -> Summary:
@@ -706,86 +714,3 @@ def save_figure(fig: Figure, out: str | os.PathLike[str]) -> Path:
     except OSError as error:
         raise SummaryError(f"cannot write {out} ({error.strerror or error}).") from None
     return out
-
-
-# --- the command line -------------------------------------------------------------------------------------
-_EXAMPLES = """\
-examples:
-  {prog} summary lightning_logs/lstm/version_0
-  {prog} compare lightning_logs/rnn/version_0 lightning_logs/gru/version_0 --out grads.png
-  {prog} compare lightning_logs --epoch 0 --out grads.svg   (every run below lightning_logs)
-"""
-
-
-def _epoch_arg(text: str) -> int | str:
-    if text == "last":
-        return text
-    if re.fullmatch(r"\d+", text):
-        return int(text)
-    raise argparse.ArgumentTypeError(f"{text!r} is not an epoch number or 'last'")
-
-
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Read the summary.json that lightning_rnnviz's RNNViz callback writes beside a run: "
-                    "print its statistics and findings, or compare the gradient norms of several runs.",
-        epilog=_EXAMPLES.format(prog=prog or "lightning-rnnviz"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    summary = commands.add_parser(
-        "summary", help="print a run's statistics per module and epoch, and its findings",
-        description="Print a run's statistics per module, epoch and row, then its findings.",
-    )
-    summary.add_argument("run", metavar="RUN",
-                         help="a run folder (the logger's log_dir, or its rnnviz/) or a summary.json")
-    summary.add_argument("--module", metavar="NAME", help="only this module (its qualified name)")
-    compare = commands.add_parser(
-        "compare", help="draw the gradient norm curves of several runs on one picture",
-        description="Draw ||dL/dh_t|| per time step of several runs on one picture (one panel per layer and "
-                    "direction) and print their statistics side by side.",
-    )
-    compare.add_argument("runs", nargs="+", metavar="RUN",
-                         help="run folders or summary.json files; a folder that holds several runs adds "
-                              "them all")
-    compare.add_argument("--module", metavar="NAME",
-                         help="the module to compare (default: the only recurrent module all runs have)")
-    compare.add_argument("--epoch", type=_epoch_arg, default="last", metavar="N|last",
-                         help="which epoch (default: each run's last epoch with a gradient curve)")
-    compare.add_argument("--row", type=int, metavar="I", help="only row I (layer*directions + direction)")
-    compare.add_argument("--out", required=True, metavar="FILE",
-                         help="the picture to write: .png (150 dpi), .svg or .pdf")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Run the command line; returns the exit status (0, or 2 after printing ``error: ...``)."""
-    args = build_parser(prog).parse_args(argv)
-    try:
-        if args.command == "summary":
-            sys.stdout.write(summary_text(read_summary(args.run), args.module))
-        else:
-            _compare(args, sys.stdout.write)
-    except SummaryError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _compare(args: argparse.Namespace, write: Callable[[str], Any]) -> None:
-    out = Path(args.out)
-    if out.suffix.lower() not in OUTPUT_FORMATS:  # before any reading: fail fast
-        save_figure(Figure(), out)
-    files = [file for run in args.runs for file in find_runs(run)]
-    summaries = [_parse(file) for file in dict.fromkeys(files)]
-    labels = run_labels([s.run_dir for s in summaries])
-    name, runs = select_runs(summaries, labels, args.module, args.epoch, args.row)
-    fig = draw_compare(runs, name, args.row, args.epoch)
-    save_figure(fig, out)
-    write(compare_table(runs, args.row))
-    write(f"wrote {out}\n")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

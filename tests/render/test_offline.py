@@ -18,8 +18,9 @@ import pytest
 import tomllib
 from PIL import Image
 
+from lightning_rnnviz.cli import main
 from lightning_rnnviz.render import offline
-from lightning_rnnviz.render.offline import SummaryError, find_runs, main, read_summary, run_labels
+from lightning_rnnviz.render.offline import SummaryError, find_runs, read_summary, run_labels
 
 ROOT = Path(__file__).resolve().parents[2]
 LENGTH = 30
