@@ -262,6 +262,7 @@ class Worker:
             if handed is None:
                 return
             delivery = self._finish(handed)
+            del handed  # what the capture held (device memory on a GPU) goes now, not at the next recording
             with self._lock:
                 self._done.append(delivery)
                 self._busy -= 1

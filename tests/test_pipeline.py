@@ -238,3 +238,33 @@ def test_a_hand_off_copies_what_the_capture_only_referenced():
     recording = captured.finish()
     torch.testing.assert_close(recording[""].hidden, expected[""].hidden, rtol=0, atol=0)
     torch.testing.assert_close(recording[""].hidden_grad, expected[""].hidden_grad, rtol=0, atol=0)
+
+
+def test_the_worker_lets_a_recording_go_once_finished():
+    """What the capture held and the recording the worker finished are gone once it is done with them (on
+    a GPU they are device memory), not kept until the next recording arrives."""
+    import gc
+    import weakref
+
+    model = nn.LSTM(2, 3)
+    probe = Probe(model)
+    made: list[weakref.ref] = []
+    worker = Worker()
+    try:
+        with probe.capture() as captured:
+            model(torch.randn(4, 2, 2))[0].sum().backward()
+
+        def report(recording, out):
+            made.extend(weakref.ref(t) for r in recording.rnn().values() for t in (r.hidden, r.hidden_grad))
+
+        handed = hand_off(captured, None, [report], 0)
+        made.extend(weakref.ref(t) for t in handed.held_tensors)
+        worker.submit(handed)
+        del handed, captured
+        assert worker.wait(10)
+        [delivery] = worker.ready()
+        assert delivery.error is None
+        gc.collect()
+        assert made and not [ref for ref in made if ref() is not None]
+    finally:
+        worker.close()

@@ -348,7 +348,7 @@ class RNNViz(*CALLBACK_BASES):
         if self.placement == "thread":
             fanout = recorder.fanout
             recorder.worker = Worker(keep_recordings=fanout.keeper is not None and fanout.keeper.full,
-                                     beside=lambda d: fanout.deliver(d.items, beside_training=True),
+                                     beside=lambda d: self._write_beside(recorder, d),
                                      wants_histograms=fanout.wants_histograms)
         if any(logger_kind(lg) == "tensorboard" for lg in trainer.loggers):
             info(trainer, "lightning_rnnviz: TensorBoard keeps 10 images per tag by default; to see every recorded "
@@ -679,14 +679,6 @@ class RNNViz(*CALLBACK_BASES):
                 self._guard.problem("record", delivery.error)
             fanout = recorder.fanout
             fanout.deliver(delivery.items, beside_training=False)  # the worker wrote the others' already
-            keeper = fanout.keeper
-            if delivery.recording is not None and keeper is not None and keeper.full:
-                names = set().union(*(m._reporter.names for m in recorder.members))
-                mine = {n: r for n, r in delivery.recording.items() if n in names}
-                with fanout.lock:
-                    self._guard("keep the records",
-                                lambda d=delivery, m=mine: keeper.full_records(m, d.step, d.prefix))
-                delivery.recording = None
             if delivery.prefix == "rnnviz":
                 write_s = time.perf_counter() - started
                 waited_s, recorder.reported_wait_s = worker.waited_s - recorder.reported_wait_s, worker.waited_s
@@ -704,6 +696,20 @@ class RNNViz(*CALLBACK_BASES):
                     self._spend(trainer, delivery.thread_s + write_s + waited_s, recording=True)
             self._guard("flush", fanout.flush)
             recorder.flush_next = True
+
+    def _write_beside(self, recorder: Any, delivery: Delivery) -> None:
+        """On the worker, once a recording is finished: write it where that may be done beside training
+        (our TensorBoard file, the records keeper, ``save_records="full"``'s tensors included, in the order
+        the training thread's route writes them)."""
+        fanout = recorder.fanout
+        fanout.deliver(delivery.items, beside_training=True)
+        keeper, recording = fanout.keeper, delivery.recording
+        delivery.recording = None
+        if recording is not None and keeper is not None and keeper.full:
+            names = set().union(*(m._reporter.names for m in recorder.members))
+            mine = {n: r for n, r in recording.items() if n in names}
+            with fanout.lock:
+                self._guard("keep the records", lambda: keeper.full_records(mine, delivery.step, delivery.prefix))
 
     def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
         recorder = self._recorder

@@ -59,14 +59,16 @@ def _images(trainer, tag):
             for e in events.Images(tag)]
 
 
-def test_full_records_and_their_bound(tmp_path):
-    trainer = _fit(tmp_path / "full", TinySeqModel(), save_records="full")
+@pytest.mark.parametrize("background", [False, "thread"])  # the training thread, or the recording worker
+def test_full_records_and_their_bound(tmp_path, background):
+    trainer = _fit(tmp_path / "full", TinySeqModel(), save_records="full", background=background)
     step = load_records(trainer.logger.log_dir)[0]
     record = step.records["rnnviz/rnn"]
     assert record["hidden"].shape == (2, 8, 6, 8) and record["hidden_grad"].dtype == np.float32
     assert step.to_record("rnnviz/rnn").hidden.shape == (2, 8, 6, 8)
     with pytest.warns(RNNVizWarning, match=r"save_records_max_mb"):
-        trainer = _fit(tmp_path / "bound", TinySeqModel(), save_records="full", save_records_max_mb=0.08)
+        trainer = _fit(tmp_path / "bound", TinySeqModel(), save_records="full", save_records_max_mb=0.08,
+                       background=background)
     assert [s.step for s in load_records(trainer.logger.log_dir)] == [0, 1]  # about 31 kB each; then the bound
 
 
