@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -20,20 +20,29 @@ from lightning_rnnviz.pipeline import Report, Worker, hand_off
 from lightning_rnnviz.probe import Capture, Probe, Recording
 from lightning_rnnviz.sinks import Fanout
 
-if TYPE_CHECKING:
-    from lightning_rnnviz.callbacks.rnnviz import RNNViz
+
+class Member(Protocol):
+    """What the recorder reads of a monitor sharing it (an ``RNNViz``): which modules it watches and how
+    a recording must be made for it. The recorder knows no more of the monitors than this."""
+
+    enabled: bool
+    modules: Sequence[str] | None
+    attention: Mapping[str, Any] | None
+    call: int | None
+    strict: bool
+    max_samples: int | None
 
 
 class SharedRecorder:
     """Opens and closes the ``record()`` block of one batch for the monitors that asked for it."""
 
     def __init__(self) -> None:
-        self.members: list[RNNViz] = []
+        self.members: list[Member] = []
         self.probe: Probe | None = None
         self._block: contextlib.ExitStack | None = None
         self._capture: Capture | None = None
         self._key: Any = None
-        self._wanting: list[RNNViz] = []
+        self._wanting: list[Member] = []
         self._result: Recording | None = None
         self.grad_scale: float | None = None
         self.amp_scale: float | None = None
@@ -66,7 +75,7 @@ class SharedRecorder:
         return Probe(model, modules=modules, attention=attention, strict=any(m.strict for m in members), call=call,
                      on_device=True)
 
-    def begin(self, key: Any, model: nn.Module, wanting: list[RNNViz]) -> None:
+    def begin(self, key: Any, model: nn.Module, wanting: list[Member]) -> None:
         """Open the block for batch ``key`` unless it is open already or nobody wants it; it records as
         many sequences as the most demanding member asks for."""
         if key == self._key:
@@ -103,7 +112,7 @@ class SharedRecorder:
     def is_open(self) -> bool:
         return self._block is not None
 
-    def end(self, key: Any, grad_scale: float | None) -> tuple[Recording | None, list[RNNViz]]:
+    def end(self, key: Any, grad_scale: float | None) -> tuple[Recording | None, list[Member]]:
         """Close the block of batch ``key`` (once) and return its recording and who wanted it."""
         if key != self._key:
             return None, []
@@ -118,7 +127,7 @@ class SharedRecorder:
             self.spent_s += self.replay_s
         return self._result, self._wanting
 
-    def hand_off(self, key: Any, grad_scale: float | None, reports: Callable[[list[RNNViz]], list[Report]],
+    def hand_off(self, key: Any, grad_scale: float | None, reports: Callable[[list[Member]], list[Report]],
                  step: int, prefix: str) -> bool:
         """The worker's route: close the block of batch ``key`` (its hooks go) and hand the capture over,
         with ``reports(wanting)``, to be finished beside training; whether there was one to hand over."""

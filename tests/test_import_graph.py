@@ -1,0 +1,79 @@
+"""The package's import graph, every import read (inside functions and under ``TYPE_CHECKING`` too): no
+circle, and imports only go down the layers probe -> render -> sinks -> pipeline -> callbacks."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lightning_rnnviz"
+# lower first; a module may import its own layer and those below. The package root (lazy names) and
+# `__main__` stand above everything and are not imported by anything of ours but the command line's.
+LAYERS = ["probe", "render", "sinks", "pipeline", "cli", "callbacks"]
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def _edges(modules: dict[str, Path]) -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                # `from pkg import sub`: the submodule where there is one, else the package itself
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target.startswith("lightning_rnnviz") and target != name:
+                    edges[name].add(target)
+    return edges
+
+
+def _layer(name: str) -> int | None:
+    parts = name.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_no_import_goes_up_a_layer():
+    modules = _modules()
+    up = [(a, b) for a, targets in _edges(modules).items() for b in targets
+          if _layer(a) is not None and (_layer(b) is None or _layer(b) > _layer(a))]
+    assert up == []
+
+
+def test_the_import_graph_has_no_circle():
+    edges = _edges(_modules())
+    # a package importing its own submodules (its public names) and a submodule importing its package's
+    # name for a sibling is one circle Python resolves, but a circle all the same: none is allowed
+    circles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(edges[node]):
+            if state.get(target) == 1:
+                circles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert circles == []
