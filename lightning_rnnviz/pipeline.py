@@ -300,14 +300,16 @@ class Worker:
         if handed.event is None:
             yield
             return
-        if self._stream is None:
-            self._stream = torch.cuda.Stream()
+        # the device the model ran on (a thread's current device is its own: this one's is cuda:0)
+        device = next(t.device for t in handed.held_tensors if t.is_cuda)
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device=device)
         stream = self._stream
         stream.wait_event(handed.event)
         for tensor in handed.held_tensors:
             if tensor.is_cuda:
                 tensor.record_stream(stream)
-        with torch.cuda.stream(stream):
+        with torch.cuda.device(device), torch.cuda.stream(stream):
             yield
 
 
@@ -323,7 +325,8 @@ def hand_off(capture: Capture, grad_scale: float | None, reports: list[Report], 
     mark the point on the current stream the worker's stream must wait for."""
     tensors = capture.hand_off()
     event = None
-    if any(t.is_cuda for t in tensors):
+    cuda = [t for t in tensors if t.is_cuda]
+    if cuda:
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(cuda[0].device))
     return Handed(capture, grad_scale, reports, step, prefix, tensors, event)

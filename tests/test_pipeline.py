@@ -268,3 +268,82 @@ def test_the_worker_lets_a_recording_go_once_finished():
         assert made and not [ref for ref in made if ref() is not None]
     finally:
         worker.close()
+
+
+def test_on_cuda_the_worker_runs_on_its_own_stream_after_the_hand_off(monkeypatch):
+    """No GPU here: the CUDA calls are stand-ins that say what was asked of them. The worker makes a stream
+    on the device the model ran on (not its own thread's current device), orders it after the hand-off's
+    event, marks every handed tensor used there, and finishes the recording inside it."""
+    from lightning_rnnviz import pipeline
+    from lightning_rnnviz.probe import Recording
+
+    log: list = []
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = device
+            log.append(("stream", device))
+
+        def wait_event(self, event):
+            log.append(("wait", event))
+
+    class Context:
+        def __init__(self, what, value):
+            self.what, self.value = what, value
+
+        def __enter__(self):
+            log.append(("enter", self.what, self.value))
+
+        def __exit__(self, *exc):
+            log.append(("exit", self.what))
+
+    class Held:
+        is_cuda = True
+        device = "cuda:1"
+
+        def record_stream(self, stream):
+            log.append(("used on", stream.device))
+
+    class Finished:
+        def finish(self, grad_scale):
+            log.append(("finish", grad_scale))
+            return Recording()
+
+    monkeypatch.setattr(pipeline.torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(pipeline.torch.cuda, "stream", lambda s: Context("stream", s.device))
+    monkeypatch.setattr(pipeline.torch.cuda, "device", lambda d: Context("device", d))
+    worker = Worker()
+    try:
+        worker.submit(pipeline.Handed(Finished(), 2.0, [], 7, held_tensors=[Held(), Held()], event="event"))
+        assert worker.wait(10)
+        [delivery] = worker.ready()
+    finally:
+        worker.close()
+    assert delivery.error is None, delivery.error
+    assert log == [("stream", "cuda:1"), ("wait", "event"), ("used on", "cuda:1"), ("used on", "cuda:1"),
+                   ("enter", "device", "cuda:1"), ("enter", "stream", "cuda:1"), ("finish", 2.0),
+                   ("exit", "stream"), ("exit", "device")]
+
+
+def test_on_cuda_the_hand_off_records_an_event_on_the_models_stream(monkeypatch):
+    from lightning_rnnviz import pipeline
+
+    recorded = []
+
+    class Event:
+        def record(self, stream):
+            recorded.append(stream)
+
+    class Held:
+        is_cuda = True
+        device = "cuda:1"
+
+    class Captured:
+        def hand_off(self):
+            return [Held()]
+
+    monkeypatch.setattr(pipeline.torch.cuda, "Event", Event)
+    monkeypatch.setattr(pipeline.torch.cuda, "current_stream", lambda device: f"current stream of {device}")
+    handed = hand_off(Captured(), None, [], 3, "rnnviz/val")
+    assert isinstance(handed.event, Event) and recorded == ["current stream of cuda:1"]
+    assert (handed.step, handed.prefix, len(handed.held_tensors)) == (3, "rnnviz/val", 1)
