@@ -347,3 +347,21 @@ def test_on_cuda_the_hand_off_records_an_event_on_the_models_stream(monkeypatch)
     handed = hand_off(Captured(), None, [], 3, "rnnviz/val")
     assert isinstance(handed.event, Event) and recorded == ["current stream of cuda:1"]
     assert (handed.step, handed.prefix, len(handed.held_tensors)) == (3, "rnnviz/val", 1)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_a_checkpoint_mid_epoch_reads_the_state_once_the_worker_is_done(tmp_path):
+    """`ModelCheckpoint(every_n_train_steps=1)` asks for the callback's state at every step, while the
+    worker may be adding the last recording to it: the state is read after it, and a resume restores it."""
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    cb = RNNViz(every_n_steps=1, background="thread", validation=False, strict=True)
+    _fit(tmp_path, "first", TinySeqModel(), cb, loader(), callbacks=[cb, saver], enable_checkpointing=True)
+    assert sorted(cb.decay_history["rnn"]) == [0, 1]
+    last = max((tmp_path / "ckpt").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    again = RNNViz(every_n_steps=1, background="thread", validation=False, strict=True)
+    trainer = pl.Trainer(max_epochs=3, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                         logger=TensorBoardLogger(tmp_path, name="again"), callbacks=[again],
+                         num_sanity_val_steps=0, enable_checkpointing=False)
+    trainer.fit(TinySeqModel(), loader(), ckpt_path=last)
+    assert {0, 2} <= set(again.decay_history["rnn"])  # the saved epoch and the new one
+    torch.testing.assert_close(again.decay_history["rnn"][0], cb.decay_history["rnn"][0])

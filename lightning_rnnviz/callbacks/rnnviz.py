@@ -255,6 +255,11 @@ class RNNViz(*CALLBACK_BASES):
         return self._reporter.findings
 
     def state_dict(self) -> dict[str, Any]:
+        recorder = self._recorder
+        if recorder is not None and recorder.worker is not None:
+            # a checkpoint in the middle of an epoch (`every_n_train_steps`): the state the worker is
+            # adding to is read once it is done
+            recorder.worker.wait()
         return self._reporter.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
