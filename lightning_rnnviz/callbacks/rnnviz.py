@@ -409,6 +409,9 @@ class RNNViz(*CALLBACK_BASES):
         recorder = shared_recorder(trainer)
         recorder.abort()
         was_member = self in recorder.members
+        if was_member and recorder.worker is not None:
+            # the recordings handed over are finished while every monitor they are for is still a member
+            recorder.worker.wait(timeout=60.0)
         recorder.members = [m for m in recorder.members if m is not self]
         recorder.probe = None
         fanout = recorder.fanout
@@ -724,7 +727,9 @@ class RNNViz(*CALLBACK_BASES):
             self._reporter.report(recording, recorder.fanout, step, prefix=prefix, training=training, tokens=tokens)
         keeper = recorder.fanout.keeper
         if keeper is not None and keeper.full and self is recorder.members[0]:
-            mine = {n: r for n, r in recording.items() if n in self._reporter.names}
+            # every monitor's modules: the others report this recording after this one
+            names = set().union(*(m._reporter.names for m in recorder.members))
+            mine = {n: r for n, r in recording.items() if n in names}
             self._guard("keep the records", lambda: keeper.full_records(mine, step, prefix))
 
 

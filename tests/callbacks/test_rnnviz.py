@@ -207,7 +207,8 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
         assert torch.equal(params[0][name], params[1][name]), name
 
 
-def test_several_monitors_share_one_recording_per_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("background", [False, "thread"])  # the training thread, or the recording worker
+def test_several_monitors_share_one_recording_per_step(tmp_path, monkeypatch, background):
     calls = []
     original = Probe.capture
 
@@ -216,14 +217,19 @@ def test_several_monitors_share_one_recording_per_step(tmp_path, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Probe, "capture", counting)
-    monitors = [HiddenStateMonitor(validation=False), GateActivationMonitor(validation=False),
-                GradientNormMonitor(validation=False), AttentionMonitor(validation=False)]
+    kw = dict(validation=False, background=background, save_records="full")
+    monitors = [HiddenStateMonitor(**kw), GateActivationMonitor(**kw), GradientNormMonitor(**kw), AttentionMonitor(**kw)]
     trainer = _trainer(tmp_path, monitors, max_epochs=1)
     trainer.fit(TinySeqModel(), loader())
     assert len(calls) == 2  # steps 0 (first step) and 2 (log_every_n_steps=3)
     steps = _image_steps(_events(trainer))
     assert set(steps) == TRAIN_IMAGES | {"rnnviz/grad_decay/rnn"}
     assert all(len(v) == len(set(v)) for v in steps.values()), "an image was written twice on one step"
+    from lightning_rnnviz import load_records
+
+    kept = {s.step: s for s in load_records(trainer.logger.log_dir)}  # (and the epoch end's grad_decay)
+    for step in (0, 2):  # every monitor's modules, the last recording too
+        assert {"rnnviz/rnn", "rnnviz/attn"} <= set(kept[step].records), step
 
 
 def test_csv_logger_gets_png_files_and_scalars(tmp_path):
