@@ -539,10 +539,11 @@ class RNNViz(*CALLBACK_BASES):
             return
         recorder = shared_recorder(trainer)
         if recorder.worker is not None:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
-            scale = self._grad_scale(trainer)
-            self._hand_off(recorder, self._batch_key(trainer), scale, batch, step, "rnnviz", True)
-            recorder.amp_scale = None
+            if recorder.is_open:  # the first monitor to get here hands the recording over
+                step = trainer.fit_loop.epoch_loop._batches_that_stepped
+                scale = self._grad_scale(trainer)
+                self._hand_off(recorder, self._batch_key(trainer), scale, batch, step, "rnnviz", True)
+                recorder.amp_scale = None
             if self is recorder.members[-1]:
                 self._deliver(recorder, recorder.worker, trainer)
             return
