@@ -36,6 +36,17 @@ def _is_attention(name: str, module: torch.nn.Module, extractors: set[str]) -> b
     return name in extractors or isinstance(module, ATTENTION_TYPES)
 
 
+def _loader_workers(trainer: Any) -> int:
+    """Worker processes of the training data loaders (each keeps a core busy while it loads): one loader,
+    or a list, tuple, dict or Lightning ``CombinedLoader`` of them."""
+    found = trainer.train_dataloader
+    loaders = getattr(found, "flattened", None)
+    if loaders is None:
+        loaders = list(found.values()) if isinstance(found, Mapping) else (
+            list(found) if isinstance(found, (list, tuple)) else [found])
+    return sum(int(getattr(loader, "num_workers", 0) or 0) for loader in loaders)
+
+
 class RNNViz(*CALLBACK_BASES):
     r"""Show what happens inside a model's RNNs and attention while it trains, in TensorBoard, W&B or MLflow.
 
@@ -493,7 +504,22 @@ class RNNViz(*CALLBACK_BASES):
         recorder = self._recorder
         if recorder.clock is None:  # the first monitor: the budget's clock starts with training
             recorder.clock, recorder.costs, recorder.spent_total_s = time.perf_counter(), [], 0.0
+            self._recheck_placement(trainer, recorder)
         self.stride, self.cadence = 1, self.every_n_steps or trainer.log_every_n_steps
+
+    def _recheck_placement(self, trainer: Any, recorder: Any) -> None:
+        """Once the training's data loaders exist (not yet at fit start): an automatic choice of the worker
+        is taken back when their worker processes leave no core free of the training."""
+        if self.background is not None or recorder.worker is None:
+            return
+        workers = self._guard("count the data loader's workers", lambda: _loader_workers(trainer)) or 0
+        device = getattr(trainer.strategy, "root_device", None)
+        if workers and spare_cores(accelerator=device is not None and device.type != "cpu",
+                                   loader_workers=workers) < 1:
+            worker, recorder.worker = recorder.worker, None
+            worker.close()
+            for member in recorder.members:
+                member.placement = "inline"
 
     @staticmethod
     def _batch_key(trainer: Any) -> tuple[str, int]:

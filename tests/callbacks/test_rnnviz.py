@@ -566,3 +566,25 @@ def test_a_budget_spaces_recordings_out_on_lightnings_steps_and_says_so(tmp_path
 def test_budget_must_be_a_share(budget):
     with pytest.raises(ValueError, match="`budget` must be a share"):
         RNNViz(budget=budget)
+
+
+def test_the_data_loaders_workers_count_against_the_free_cores(tmp_path, monkeypatch):
+    """At fit start the loaders are not known: the worker chosen then is taken back at train start when
+    their worker processes leave no core free of the training (here: one core free, two loader workers)."""
+    import types
+
+    import lightning_rnnviz.callbacks.rnnviz as module
+
+    monkeypatch.setattr(module, "spare_cores", lambda accelerator=False, loader_workers=0: 1 - loader_workers)
+    for workers, placement in ((0, "thread"), (2, "inline")):
+        monkeypatch.setattr(module, "_loader_workers", lambda trainer, w=workers: w)
+        cb = RNNViz(validation=False, strict=True)
+        trainer = _trainer(tmp_path / str(workers), [cb], max_epochs=1)
+        trainer.fit(TinySeqModel(), loader())
+        assert cb.placement == placement
+        assert "rnnviz/hidden/rnn" in _events(trainer).Tags()["images"]
+    monkeypatch.undo()
+    one = types.SimpleNamespace(num_workers=2)
+    for found, count in ((one, 2), ([one, one], 4), ({"a": one, "b": types.SimpleNamespace()}, 2),
+                         (types.SimpleNamespace(flattened=[one, one, one]), 6)):
+        assert module._loader_workers(types.SimpleNamespace(train_dataloader=found)) == count
