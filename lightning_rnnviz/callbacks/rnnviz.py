@@ -512,7 +512,10 @@ class RNNViz(*CALLBACK_BASES):
         is taken back when their worker processes leave no core free of the training."""
         if self.background is not None or recorder.worker is None:
             return
-        workers = self._guard("count the data loader's workers", lambda: _loader_workers(trainer)) or 0
+        try:
+            workers = _loader_workers(trainer)
+        except Exception:  # noqa: BLE001 - a data source without loaders: nothing to count
+            workers = 0
         device = getattr(trainer.strategy, "root_device", None)
         if workers and spare_cores(accelerator=device is not None and device.type != "cpu",
                                    loader_workers=workers) < 1:
