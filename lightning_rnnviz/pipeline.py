@@ -10,8 +10,9 @@ the user's ``labels(batch)``) and, on CUDA, an event on its stream. The worker f
 (the replay for the exact ``dL/dh_t``), reduces it to statistics, histograms and picture payloads, and
 draws and encodes every picture (numpy, Pillow and zlib release the GIL); on CUDA it works on a stream
 of its own that waits for that event, so nothing on the training thread waits for the device. What the
-worker made comes back as a :class:`Delivery`, which the training thread writes to every logger at its
-next hook, so that every logger's API is called from the thread that owns it.
+worker made is a :class:`Delivery`: the worker writes it where that may be done beside training (our
+TensorBoard file, the records kept), and the training thread writes it to the other loggers at its next
+hook, so that the APIs of the user's logger objects are called from the thread that owns them.
 
 The worker touches nothing the training thread sees: no warning filter (its warnings are held and given
 by the training thread, :mod:`lightning_rnnviz.probe.held`), no random generator (the masks were drawn
@@ -208,7 +209,7 @@ class Worker:
         self._lock = threading.Condition()
         self._closed = False
         self._stream: Any = None
-        self.waited_s = 0.0  # training-thread time spent waiting for room or for the worker to finish
+        self.waited_s = 0.0  # training-thread time spent in `submit` waiting for room (`wait` is the caller's)
         self._thread = threading.Thread(target=self._loop, name="rnnviz-worker", daemon=True)
         self._thread.start()
 
@@ -238,11 +239,8 @@ class Worker:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every recording handed over is finished; whether it is."""
-        started = time.perf_counter()
         with self._lock:
-            done = self._lock.wait_for(lambda: self._busy == 0, timeout)
-        self.waited_s += time.perf_counter() - started
-        return done
+            return self._lock.wait_for(lambda: self._busy == 0, timeout)
 
     def close(self, timeout: float = 60.0) -> None:
         """Finish what was handed over (at most ``timeout`` seconds), then stop the thread."""

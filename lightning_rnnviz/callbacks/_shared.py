@@ -44,7 +44,6 @@ class SharedRecorder:
         self._key: Any = None
         self._wanting: list[Member] = []
         self._result: Recording | None = None
-        self.grad_scale: float | None = None
         self.amp_scale: float | None = None
         self.fanout: Fanout | None = None  # one output over every logger, one renderer, for every member
         self.worker: Worker | None = None  # finishes recordings beside training (placement "thread")
@@ -83,7 +82,7 @@ class SharedRecorder:
         samples = [m.max_samples for m in wanting]
         max_samples = None if None in samples else max(samples, default=None)
         self.abort()
-        self._key, self._wanting, self._result, self.grad_scale = key, wanting, None, None
+        self._key, self._wanting, self._result = key, wanting, None
         if not wanting:
             return
         started = time.perf_counter()
@@ -118,7 +117,6 @@ class SharedRecorder:
             return None, []
         if self._block is not None:
             block, self._block = self._block, None
-            self.grad_scale = grad_scale
             started = time.perf_counter()
             block.close()
             capture, self._capture = self._capture, None

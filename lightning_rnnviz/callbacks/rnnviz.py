@@ -428,9 +428,7 @@ class RNNViz(*CALLBACK_BASES):
         fanout = recorder.fanout
         if was_member and not recorder.members and fanout is not None:
             worker, recorder.worker = recorder.worker, None
-            if worker is not None:
-                # the last recordings are written, not lost
-                worker.wait(timeout=60.0)
+            if worker is not None:  # finished above: the last recordings are written, not lost
                 worker.close()
                 self._deliver(recorder, worker)
             recorder.fanout, recorder.layout_written, recorder.clock = None, False, None

@@ -731,8 +731,8 @@ class _Session:
                     data["output_values"] = (own(values), 0) if unchanged else (values, None)
                 if data.get("rng_state") is not None:
                     self._guarded(watch, "capture", lambda d=data, m=watch.module: self._draw_masks(m, d))
-                held += [g for g in call.grads.values()]
-                held += [w for w in data.get("weights", {}).values()]
+                held += call.grads.values()
+                held += data.get("weights", {}).values()
         return held
 
     @staticmethod
