@@ -10,6 +10,8 @@ inside the block and never change a value: the training run is bit-identical wit
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 from torch.utils.hooks import RemovableHandle
 
 from lightning_rnnviz.probe import held
@@ -33,6 +35,7 @@ from lightning_rnnviz.probe.replay import (
     ReplayResult,
     cell_gates,
     draw_dropout_masks,
+    relative_error,
     replay_rnn,
     replay_with_dropout,
 )
@@ -135,6 +138,109 @@ def _follows(previous: _Call | None, hx: Any) -> bool:
     if _version(h_n) != h_version or (c_n is not None and _version(c_n) != c_version):
         return False
     return _same_values(h, h_n) and _same_values(c, c_n)
+
+
+_PLAIN_FORWARDS = frozenset({nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward})
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_signature(cls: type) -> inspect.Signature | None:
+    try:
+        return inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return None
+
+
+def _packing_lengths(module: nn.RNNBase, args: tuple, kwargs: dict) -> tuple[Tensor, bool] | None:
+    """``(lengths, enforce_sorted)`` when a subclass of a fused module was called with a ``lengths`` argument,
+    as pytorch-forecasting's ``LSTM``/``GRU`` are: they pack the padded input inside their own ``forward``
+    (``lengths`` 0 packed as 1 step), call the fused kernel on the packed sequence and pad its output again,
+    which hooks on ``__call__`` cannot see. ``None`` for the plain modules and any other call."""
+    forward = type(module).forward
+    if forward in _PLAIN_FORWARDS:
+        return None
+    signature = _forward_signature(type(module))
+    if signature is None or "lengths" not in signature.parameters:
+        return None
+    try:
+        bound = signature.bind(module, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    lengths = bound.arguments.get("lengths")
+    names = list(signature.parameters)
+    inp = bound.arguments.get(names[1]) if len(names) > 1 else None
+    if not isinstance(lengths, Tensor) or lengths.dim() != 1 or not isinstance(inp, Tensor) or inp.dim() != 3:
+        return None
+    return lengths.detach(), bool(bound.arguments.get("enforce_sorted", True))
+
+
+# How far a replay may be from what the module returned, relative (``|a - b| / (1 + |b|)``), by the dtype
+# the module's kernel computed in: the replay computes in float32 (float64 for a float64 module), so under
+# autocast the module's own rounding is what differs. cuDNN allowed TF32 (``torch.backends.cudnn.allow_tf32``,
+# on by default) computes float32 with 10-bit mantissas.
+CHECK_TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+TF32_TOLERANCE = 2e-2
+
+
+def _final_state(data: dict[str, Any]) -> tuple[Tensor, Tensor | None] | None:
+    """The call's ``(h_n, c_n)`` as it returned them: owned copies after a hand-off, else the references
+    while not changed in place; ``None`` when unknown."""
+    if "final_state" in data:
+        return data["final_state"]
+    state = data.get("state_out")
+    if state is None:
+        return None
+    h_n, h_version, c_n, c_version = state
+    if h_version is None or _version(h_n) != h_version or (c_n is not None and _version(c_n) != c_version):
+        return None
+    return h_n, c_n
+
+
+def _final_steps(states: Tensor, lengths: Tensor, dirs: int) -> Tensor:
+    """``(L*D, B, X)``: each row's state where its direction ended, from ``(L*D, T, B, X)``."""
+    index = (lengths.clamp(min=1) - 1).to(states.device).view(1, 1, -1, 1)
+    ends = states.gather(1, index.expand(states.shape[0], 1, -1, states.shape[-1])).squeeze(1)
+    if dirs == 1:
+        return ends
+    reverse = (torch.arange(states.shape[0], device=states.device) % 2 == 1).view(-1, 1, 1)
+    return torch.where(reverse, states[:, 0], ends)
+
+
+def _checked(module: nn.RNNBase, data: dict[str, Any], result: ReplayResult, lengths: Tensor,
+             true_lengths: Tensor | None, unbatched: bool) -> tuple[str, ...]:
+    """The replay of one call against what the call returned: the top layer's states against their own
+    recurrence (when they are the module's output) and every layer's final states against ``h_n`` and
+    ``c_n`` (sequences of length 0, whose final state is not the kernel's, left out). ``()`` when it
+    matches; else a note that says what differed, by how much, and within what."""
+    dtype, tf32 = data.get("precision", (torch.float32, False))
+    tolerance = TF32_TOLERANCE if tf32 else CHECK_TOLERANCES.get(dtype, CHECK_TOLERANCES[torch.float32])
+    differed = []
+    if result.top_residual is not None:
+        residual = float(result.top_residual)
+        if not residual <= tolerance:  # NaN fails
+            differed.append(f"its output (off by {residual:.2g})")
+    final = _final_state(data)
+    if final is not None:
+        batch = result.hidden.shape[2]
+        dirs = 2 if module.bidirectional else 1
+        for label, states, given in (("h_n", result.hidden, final[0]), ("c_n", result.cell, final[1])):
+            if states is None or given is None:
+                continue
+            given = given.unsqueeze(1) if unbatched else given
+            given = given[:, :batch].to(states.device, states.dtype)
+            error = relative_error(_final_steps(states, lengths, dirs), given)
+            if true_lengths is not None:
+                error = error[:, (true_lengths > 0).to(error.device)]
+            worst = float(error.amax()) if error.numel() else 0.0
+            if not worst <= tolerance:
+                differed.append(f"`{label}` (off by {worst:.2g})")
+    if not differed:
+        return ()
+    precision = "TF32" if tf32 else str(dtype).removeprefix("torch.")
+    return (f"The replay did not reproduce {' and '.join(differed)} within {tolerance:g} ({precision}): the "
+            "module may process its input otherwise than its call shows (a subclass that packs it under a "
+            "keyword of its own, say), so these states and gradients are not exact.",)
 
 
 def _dropout_note(p: float, reason: str) -> str:
@@ -533,6 +639,8 @@ class _Session:
                     batch=batch,
                     # a decoder calling the module once per step: does this call start where the last ended?
                     follows=steps == 1 and not call.in_backward and _follows(previous, hx),
+                    # the lengths a packing subclass packed with inside its own forward
+                    packing=_packing_lengths(module, args, kwargs),
                 )
                 if isinstance(inp, PackedSequence):
                     inp = PackedSequence(inp.data.detach(), inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices)
@@ -558,6 +666,11 @@ class _Session:
                 call.data["state_out"] = (h_n.detach(), _version(h_n), None if c_n is None else c_n.detach(),
                                           None if c_n is None else _version(c_n))
                 out_tensor = out.data if isinstance(out, PackedSequence) else out
+                # what the check of the replay against the call's outputs allows for: the dtype the kernel
+                # computed in (autocast's, where on) and whether cuDNN could use TF32
+                call.data["precision"] = (out_tensor.dtype, out_tensor.device.type == "cuda"
+                                          and out_tensor.dtype == torch.float32
+                                          and torch.backends.cudnn.allow_tf32)
                 self._watch_grad(watch, call, out_tensor, "output")
                 self._watch_grad(watch, call, h_n, "h_n")
                 self._watch_grad(watch, call, c_n, "c_n")
@@ -721,7 +834,15 @@ class _Session:
                 continue
             for call in watch.calls:
                 data = call.data
-                data.pop("state_out", None)  # only the next call's hook compares with it
+                state = data.pop("state_out", None)
+                if state is not None:
+                    # the call's final state, unless changed in place since, to check the replay against
+                    h_n, h_version, c_n, c_version = state
+                    same = _version(h_n) == h_version and (c_n is None or _version(c_n) == c_version)
+                    data["final_state"] = (own(h_n), own(c_n)) if same and h_version is not None else None
+                if data.get("packing") is not None:
+                    lengths, enforce_sorted = data["packing"]
+                    data["packing"] = (own(lengths), enforce_sorted)
                 for key in ("input", "hx", "x", "h_prev", "h", "c", "attention"):
                     if key in data:
                         data[key] = own(data[key])
@@ -855,7 +976,10 @@ class _Session:
         )
 
     def _replay_call(self, module: nn.RNNBase, call: _Call, scale: float | None) -> _Replayed:
-        data = call.data
+        data, upstream = call.data, call.grads
+        true_lengths = None
+        if data.get("packing") is not None:
+            data, upstream, true_lengths = self._as_packed_call(module, data, upstream)
         weights = data["weights"]
         dtype = torch.float64 if next(iter(weights.values())).dtype == torch.float64 else torch.float32
         inp = data["input"]
@@ -885,7 +1009,7 @@ class _Session:
             h0 = h0.unsqueeze(1) if h0.dim() == 2 else h0
             c0 = c0.unsqueeze(1) if c0 is not None and c0.dim() == 2 else c0
 
-        grads = {k: g.to(device, dtype) / (scale or 1.0) for k, g in call.grads.items()}
+        grads = {k: g.to(device, dtype) / (scale or 1.0) for k, g in upstream.items()}
         g_out = grads.get("output")
         if g_out is not None:
             if packed_layout is not None:
@@ -942,7 +1066,45 @@ class _Session:
                             user_flags=not self.own_flags)
         if lengths is None:
             lengths = torch.full((batch,), steps, dtype=torch.long)
-        return _Replayed(result, lengths.cpu(), notes)
+        if true_lengths is not None:
+            true_lengths = true_lengths[:batch]
+        if not notes:
+            # "exact" only when checked: the replay against what this call of the module really returned
+            notes = _checked(module, data, result, lengths.cpu(), true_lengths, unbatched)
+        return _Replayed(result, (lengths if true_lengths is None else true_lengths).cpu(), notes)
+
+    @staticmethod
+    def _as_packed_call(module: nn.RNNBase, data: dict[str, Any], upstream: dict[Any, Tensor]
+                        ) -> tuple[dict[str, Any], dict[Any, Tensor], Tensor]:
+        """A call of a subclass that packed its padded input with ``lengths`` inside its own ``forward`` (see
+        :func:`_packing_lengths`), as the packed call of the fused kernel it made there: the input, the
+        output's values and its gradient packed as it packed them (sequences of length 0 as one step, in
+        its order, so the dropout masks fall where the kernel drew them), and the upstream gradient of
+        ``h_n``/``c_n`` zero for sequences of length 0, whose returned final state is the initial one and
+        not the kernel's. Returns the call's data so viewed, its upstream gradients and the true lengths."""
+        lengths, enforce_sorted = data["packing"]
+        lengths = lengths.cpu()
+        if not bool((lengths > 0).any()):
+            raise ValueError("every sequence of the call had length 0: the module ran no step")
+        stepped = lengths.clamp(min=1)
+
+        def pack(t: Tensor) -> PackedSequence:
+            return pack_padded_sequence(t, stepped, batch_first=module.batch_first, enforce_sorted=enforce_sorted)
+
+        inp = pack(data["input"])
+        view = dict(data, input=inp, packing=None,
+                    output=PackedSequence(torch.empty(0), inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices))
+        values, version = data["output_values"]
+        unchanged = version is not None and _version(values) == version
+        view["output_values"] = (pack(values).data, 0) if unchanged else (values, None)
+        grads = dict(upstream)
+        if "output" in grads:
+            grads["output"] = pack(grads["output"]).data
+        empty = (lengths == 0).to(next(iter(grads.values())).device) if grads else None
+        for key in ("h_n", "c_n"):
+            if key in grads and bool((lengths == 0).any()):
+                grads[key] = grads[key].masked_fill(empty.view(1, -1, 1), 0)
+        return view, grads, lengths
 
     def _dropout_replay(
         self,

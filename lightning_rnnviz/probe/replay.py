@@ -63,6 +63,11 @@ class ReplayResult:
     gates: dict[str, Tensor]  # each (L*D, T, B, H)
     hidden_grad: Tensor | None  # (L*D, T, B, P)
     cell_grad: Tensor | None  # (L*D, T, B, H)
+    # Where the top layer's states were given (``top_states``): how far they are from the states that
+    # layer's own recurrence gives from them, ``max |h_t - step(x_t, h_{t-1})| / (1 + |h_t|)`` over the
+    # valid steps (a 0-d tensor, on the device). Large when the given states are not this layer's on
+    # these inputs and lengths, e.g. when a module processed its input otherwise than its hooks saw.
+    top_residual: Tensor | None = None
 
 
 def lstm_gates(x: Tensor, h_prev: Tensor, w: LayerWeights) -> dict[str, Tensor]:
@@ -304,6 +309,7 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
     if lengths is not None:
         lengths = lengths.to(x.device, non_blocking=True)
         valid = (torch.arange(steps, device=x.device).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(-1)
+    top_residual = None
     with torch.no_grad():
         layer_inputs, rows = [], []
         layer_in = x
@@ -323,6 +329,9 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
                 h_prev = _previous(h_layer[direction], h0[index], direction, valid)
                 rows.append(_Row(mode, weights[layer][direction], direction, layer_in, h_layer[direction],
                                  h_prev, None if c0 is None else c0[index], valid, factors=method == "loop"))
+                if layer == num_layers - 1 and top_states is not None:
+                    residual = _step_residual(rows[-1], layer_in, h_prev, valid)
+                    top_residual = residual if top_residual is None else torch.maximum(top_residual, residual)
             layer_in = h_layer[0] if num_dirs == 1 else torch.cat(h_layer, dim=-1)
             if dropout_masks is not None and layer < num_layers - 1:
                 layer_in = layer_in * dropout_masks[layer]
@@ -345,7 +354,36 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
             hidden = hidden.mul_(mask)
             cell = cell.mul_(mask) if cell is not None else None
             gates = {k: v.mul_(mask) for k, v in gates.items()}
-    return ReplayResult(hidden, cell, gates, hidden_grad, cell_grad)
+    return ReplayResult(hidden, cell, gates, hidden_grad, cell_grad, top_residual)
+
+
+def relative_error(a: Tensor, b: Tensor) -> Tensor:
+    """``|a - b| / (1 + |b|)`` elementwise: 0 where both are NaN or equal infinities (a diverged step that
+    the replay reproduced), infinite where only one of them is NaN."""
+    error = (a - b).abs_().div_(b.abs().add_(1))
+    same = (a == b) | (a.isnan() & b.isnan())
+    return error.masked_fill_(same, 0).nan_to_num_(nan=float("inf"))
+
+
+def _step_residual(row: _Row, x: Tensor, h_prev: Tensor, valid: Tensor | None) -> Tensor:
+    """``max |h_t - step(x_t, h_{t-1})| / (1 + |h_t|)`` over the valid steps of one layer and direction whose
+    states ``row.h`` were given: each step recomputed from the gates (and the LSTM's cell recurrence) of
+    this replay."""
+    mode, w = row.mode, row.w
+    if mode == "LSTM":
+        recomputed = row.gates["output"] * torch.tanh(row.c)
+        if w.w_hr is not None:
+            recomputed = F.linear(recomputed, w.w_hr)
+    elif mode == "GRU":
+        z, n = row.gates["update"], row.gates["new"]
+        recomputed = torch.lerp(n, h_prev.to(n.dtype), z)
+    else:
+        pre = F.linear(x, w.w_ih, w.b_ih) + F.linear(h_prev, w.w_hh, w.b_hh)
+        recomputed = torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
+    error = relative_error(recomputed, row.h)
+    if valid is not None:
+        error = error.masked_fill_(~valid, 0)
+    return error.amax() if error.numel() else error.new_zeros(())
 
 
 def _stacked(rows: list[Tensor]) -> Tensor:
