@@ -189,3 +189,22 @@ def encoder_layer_step(
             x = _layer_norm(layer.norm1, src + attended)
             x = _layer_norm(layer.norm2, x + feed_forward(x))
     return x, weights
+
+
+def blocked_key_counts(blocked: Tensor | None, weights_shape: tuple[int, ...]) -> Tensor | None:
+    """``(batch, heads or 1, T_query)`` long: how many keys each query may attend to, from a mask of blocked keys.
+
+    Args:
+        blocked: boolean, ``True`` where a key is not allowed, broadcastable to ``(batch, heads or 1,
+            T_query, T_key)`` (a leading axis of 1 stands for every sequence); ``None`` when nothing is.
+        weights_shape: ``(batch, heads, T_query, T_key)`` of the recorded weights.
+
+    Returns:
+        The counts on the CPU, as :func:`allowed_key_counts` gives them; ``None`` when every key is
+        allowed for every query.
+    """
+    if blocked is None or not bool(blocked.any()):
+        return None
+    batch, _, queries, _ = weights_shape
+    counts = (~blocked).sum(-1)
+    return counts.expand(batch, counts.shape[1], queries).long().cpu().contiguous()

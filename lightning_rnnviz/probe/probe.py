@@ -25,10 +25,12 @@ from torch.utils.hooks import RemovableHandle
 from lightning_rnnviz.probe import held
 from lightning_rnnviz.probe.attention import (
     allowed_key_counts,
+    blocked_key_counts,
     encoder_layer_step,
     key_lengths_from_mask,
     mha_weights,
 )
+from lightning_rnnviz.probe.known import KnownAttention, head_count, known_attention
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
 from lightning_rnnviz.probe.replay import (
     LayerWeights,
@@ -39,7 +41,14 @@ from lightning_rnnviz.probe.replay import (
     replay_rnn,
     replay_with_dropout,
 )
-from lightning_rnnviz.probe.targets import CELL_TYPES, FUSED_TYPES, resolve_targets
+from lightning_rnnviz.probe.targets import (
+    ATTENTION_TYPES,
+    CELL_TYPES,
+    FUSED_TYPES,
+    extractor_form,
+    resolve_targets,
+    unreadable_attention,
+)
 
 Extractor = Callable[[nn.Module, tuple, Any], Tensor]
 GradScale = float | Tensor | Callable[[], float | Tensor] | None
@@ -262,15 +271,25 @@ _EXPECTED_WEIGHTS = (
 
 
 def _checked_weights(
-    extractor: Extractor, name: str, weights: Any, earlier: tuple[int, int, int] | None
+    extractor: Extractor, name: str, weights: Any, earlier: tuple[int, int, int] | None,
+    module: nn.Module | None = None, known: tuple[KnownAttention, Tensor] | None = None,
 ) -> Tensor:
     """What an extractor returned, as ``(batch, heads, T_out, T_in)``, if it is attention weights.
 
+    Args:
+        module: the module, whose head count (``num_heads``, ``n_head``, ``n_heads``, ...) a 4-d result
+            must have on axis 1.
+        known: for a class lightning_rnnviz reads without an extractor, its entry and the weights the
+            module returned, turned to ``(batch, heads, T_out, T_in)``: a result equal to them with axes 1
+            and 2 swapped is wrong even where heads and queries are as many.
+
     Raises:
         ValueError: naming the extractor, the module, the shape returned and what was wrong: not a
-            floating-point tensor of 2-4 dimensions, negative values, rows (last axis) that do not sum
-            to 1 (within 1e-3, or 2e-2 for 16-bit floats; rows holding NaN, as fully masked rows do,
-            are not checked), or batch, heads or key length unlike an earlier call of the block.
+            floating-point tensor of 2-4 dimensions, a 4-d result whose axis 1 is not the module's head
+            count or that is the known weights transposed (the message names the expected axes and
+            suggests ``.transpose(1, 2)`` where that fits), negative values, rows (last axis) that do
+            not sum to 1 (within 1e-3, or 2e-2 for 16-bit floats; rows holding NaN, as fully masked
+            rows do, are not checked), or batch, heads or key length unlike an earlier call of the block.
     """
     label = f"the attention extractor `{getattr(extractor, '__qualname__', type(extractor).__qualname__)}`"
     if not isinstance(weights, Tensor):
@@ -287,6 +306,27 @@ def _checked_weights(
     if not weights.is_floating_point():
         raise wrong(f"of dtype {weights.dtype}")
     w = weights.detach()
+    if w.dim() == 4 and known is not None:
+        entry, returned = known
+        swapped = returned.transpose(1, 2)
+        if (w.shape == swapped.shape and not (w.shape == returned.shape and torch.equal(w, returned))
+                and torch.equal(w, swapped)):
+            heads = returned.shape[1]
+            raise ValueError(
+                f"{label} returned shape {tuple(w.shape)} for module {name!r} ({entry.label}): its weights with "
+                f"the heads on axis 2; expected (batch, heads={heads}, T_out, T_in): return "
+                "`weights.transpose(1, 2)`, or leave the module out of `attention=`: lightning_rnnviz reads "
+                f"this class without an extractor"
+            )
+    revealed = head_count(module) if module is not None and w.dim() == 4 else None
+    if revealed is not None and w.shape[1] != revealed[1]:
+        attribute, heads = revealed
+        hint = f"; axis 2 has {heads}: return `weights.transpose(1, 2)`" if w.shape[2] == heads else ""
+        raise ValueError(
+            f"{label} returned shape {tuple(w.shape)} for module {name!r}, whose axis 1 has {w.shape[1]} "
+            f"entries, but the module has {attribute}={heads}; expected (batch, heads={heads}, T_out, T_in) "
+            f"(or (batch, T_out, T_in) for heads averaged into one){hint}"
+        )
     w = w[:, None, None, :] if w.dim() == 2 else w[:, None] if w.dim() == 3 else w
     half = w.element_size() == 2
     rows = w.flatten(0, -2).float() if half else w.flatten(0, -2)
@@ -319,8 +359,11 @@ class Probe:
     Supported: ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` (fused, replayed for gates and exact gradients),
     ``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell`` called in a loop (each call is one step; so is each
     call of a fused module called once per step from the previous call's state, see ``call``),
-    ``nn.MultiheadAttention`` (also inside the ``nn.Transformer*Layer`` modules), and any module with a
-    custom attention extractor.
+    ``nn.MultiheadAttention`` (also inside the ``nn.Transformer*Layer`` modules), the Temporal Fusion
+    Transformer attention of pytorch-forecasting, darts and neuralforecast (``probe/known.py``: read in
+    their own layouts, before dropout, with the keys their masks allowed), and any module with a custom
+    attention extractor. With ``modules=None``, a module whose class says attention but that none of these
+    reads is named in one warning that shows the ``attention=`` form.
 
     Args:
         model: the model to watch.
@@ -331,7 +374,9 @@ class Probe:
             decoding step. The rows of all calls in a block are stacked in call order. What an
             extractor returns is checked: non-negative, each row (last axis) summing to 1 (within 1e-3,
             2e-2 for 16-bit floats; rows of NaN, fully masked, pass), the same batch, heads and key
-            length in every call of a block. Anything else (a context vector, transposed weights) is
+            length in every call of a block; a 4-d result has the module's head count (``num_heads``,
+            ``n_head``, ``n_heads``) on axis 1, and is not a known class's weights transposed. Anything else
+            (a context vector, transposed weights) is
             an error of capture: one warning naming the extractor, the module and the shape, and that
             module's record is dropped for the block.
         strict: re-raise errors from capture and replay instead of warning once and dropping that
@@ -392,6 +437,33 @@ class Probe:
         self.error_counts: Counter[str] = Counter()
         self._warned: set[str] = set()
         self._encoder_layers = self._find_encoder_layers(model)
+        # attention classes of other libraries read without an extractor (known.py)
+        self.known: dict[str, KnownAttention] = {
+            n: entry for n, m in self.targets.items()
+            if n not in self.extractors and (entry := known_attention(type(m))) is not None
+        }
+        if modules is None:
+            readable = [n for n, m in self.targets.items() if n in self.extractors or isinstance(m, ATTENTION_TYPES)]
+            unread = unreadable_attention(model, readable)
+            if unread:
+                self._warn_unreadable(model, unread)
+
+    @staticmethod
+    def _warn_unreadable(model: nn.Module, names: list[str]) -> None:
+        """One warning for the modules whose class says attention but that nothing can read."""
+        named = dict(model.named_modules())
+        listed = [f"{n!r} ({type(named[n]).__name__})" for n in names[:4]]
+        more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+        which = f"module {listed[0]}" if len(names) == 1 else f"modules {', '.join(listed)}{more}"
+        keys = "" if len(names) == 1 else " (a key may be an fnmatch pattern that names several)"
+        held.warn(
+            f"lightning_rnnviz does not record {which}: the class looks like attention, but it is not "
+            "`nn.MultiheadAttention` nor an attention class lightning_rnnviz knows. To record it, give an "
+            f"extractor of its weights, {extractor_form(names[0])}{keys} (`Probe(attention=...)`, "
+            "`RNNViz(attention=...)`).",
+            RNNVizWarning,
+            stacklevel=3,
+        )
 
     def _find_encoder_layers(self, model: nn.Module) -> dict[str, tuple[nn.TransformerEncoderLayer, str | None, int]]:
         """Watched ``self_attn`` of encoder layers: ``name -> (layer, enclosing encoder's name, index)``.
@@ -545,6 +617,8 @@ class _Session:
             module = watch.module
             if name in self.probe.extractors:
                 hook = self._extractor_hook(watch)
+            elif name in self.probe.known:
+                hook = self._known_hook(watch)
             elif isinstance(module, FUSED_TYPES):
                 hook = self._fused_hook(watch)
                 if module.dropout > 0 and module.num_layers > 1:
@@ -806,9 +880,31 @@ class _Session:
 
             def capture() -> None:
                 earlier = watch.calls[-1].data["extracted"] if watch.calls else None
-                w = _checked_weights(extractor, watch.name, extractor(module, args, output), earlier)
+                known = None
+                if (entry := known_attention(type(module))) is not None:
+                    with contextlib.suppress(Exception):  # a layout not as known: the other checks apply
+                        known = (entry, entry.returned(module, args, kwargs, output))
+                w = _checked_weights(extractor, watch.name, extractor(module, args, output), earlier, module, known)
                 self._store_attention(watch, self._sliced(w, 0), None)
                 watch.calls[-1].data["extracted"] = (w.shape[0], w.shape[1], w.shape[3])
+
+            self._guarded(watch, "capture", capture)
+
+        return hook
+
+    def _known_hook(self, watch: _Watch) -> Callable:
+        """An attention class of another library (known.py): the weights it returned (recomputed from its
+        parameters where it returns them after dropout), and the keys its mask allowed."""
+        entry = self.probe.known[watch.name]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if _in_backward():
+                return  # a checkpointing recomputation: same weights as the forward call
+
+            def capture() -> None:
+                weights, blocked = entry.read(module, args, kwargs, output, self.max_samples)
+                self._store_attention(watch, weights, None, blocked_key_counts(blocked, weights.shape))
+                watch.calls[-1].data["kind"] = type(module).__name__
 
             self._guarded(watch, "capture", capture)
 
@@ -891,7 +987,7 @@ class _Session:
 
     def _build(self, watch: _Watch, scale: float | None) -> RNNRecord | AttentionRecord | None:
         module = watch.module
-        if watch.name in self.probe.extractors or isinstance(module, nn.MultiheadAttention):
+        if watch.name in self.probe.extractors or isinstance(module, ATTENTION_TYPES):
             return self._build_attention(watch)
         if isinstance(module, FUSED_TYPES):
             return self._build_fused(watch, self._fused_calls(watch), scale)
@@ -928,7 +1024,8 @@ class _Session:
         call = watch.calls[-1]
         weights = self._placed(call.data["attention"].float())
         counts = call.data["key_counts"]  # on the CPU, from the masks
-        return AttentionRecord(watch.name, "MultiheadAttention", weights, call.data["key_lengths"],
+        kind = call.data.get("kind", "MultiheadAttention")
+        return AttentionRecord(watch.name, kind, weights, call.data["key_lengths"],
                                key_counts=None if counts is None else counts.to(weights.device))
 
     def _build_fused(self, watch: _Watch, calls: list[_Call], scale: float | None) -> RNNRecord:

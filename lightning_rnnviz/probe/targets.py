@@ -7,16 +7,53 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
+from lightning_rnnviz.probe.known import KNOWN, LibraryAttention, says_attention
+
 FUSED_TYPES = (nn.RNN, nn.LSTM, nn.GRU)
 CELL_TYPES = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
-ATTENTION_TYPES = (nn.MultiheadAttention,)
+# ``LibraryAttention`` is virtual: the known attention classes of other libraries, told by name (known.py)
+ATTENTION_TYPES = (nn.MultiheadAttention, LibraryAttention)
 SUPPORTED_TYPES = FUSED_TYPES + CELL_TYPES + ATTENTION_TYPES
-SUPPORTED_NAMES = ", ".join(f"`nn.{t.__name__}`" for t in SUPPORTED_TYPES)
+SUPPORTED_NAMES = ", ".join(
+    [f"`nn.{t.__name__}`" for t in FUSED_TYPES + CELL_TYPES + (nn.MultiheadAttention,)]
+    + [entry.label for entry in KNOWN.values()]
+)
 
 
 def is_supported(module: nn.Module) -> bool:
     """Whether a module can be recorded without an extractor (``nn.Transformer*Layer`` contain one)."""
     return isinstance(module, SUPPORTED_TYPES)
+
+
+def extractor_form(name: str) -> str:
+    """How to record a module through an extractor, for messages."""
+    return f"`attention={{{name!r}: lambda module, args, output: <weights (batch, heads, T_out, T_in)>}}`"
+
+
+def unreadable_attention(model: nn.Module, readable: Iterable[str]) -> list[str]:
+    """Modules whose class name (or a base class's) says attention (``...Attention...``, ``...Attn...``) but
+    that nothing reads.
+
+    Left out: a module that is readable itself (``readable``: the names recorded as attention, by type or
+    through an extractor), lies inside a readable module or contains one; a part of another such module
+    whose class ends in ``Attention``/``Attn`` (the scaled dot-product part of a multi-head class: the
+    whole is named); a module that contains another one named (a decoder class named for its attention
+    gives way to its attention child).
+
+    Returns:
+        Qualified names, in ``named_modules()`` order.
+    """
+    readable = set(readable)
+    named = dict(model.named_modules())
+
+    def within(name: str, outer: str) -> bool:
+        return name != outer and (outer == "" or name.startswith(f"{outer}."))
+
+    found = [n for n, m in named.items() if says_attention(type(m)) and n not in readable
+             and not any(within(n, r) or within(r, n) for r in readable)]
+    found = [n for n in found
+             if not any(within(n, o) and o != "" and says_attention(type(named[o]), at_end=True) for o in found)]
+    return [n for n in found if not any(within(inner, n) for inner in found)]
 
 
 def _is_pattern(name: str) -> bool:
@@ -87,10 +124,12 @@ def resolve_targets(
             chosen.update(supported)
 
     if not chosen:
+        unread = unreadable_attention(model, ())
+        hint = f", e.g. {extractor_form(unread[0])}" if unread else ""
         raise ValueError(
             f"The model has no module lightning_rnnviz can record. Supported: {SUPPORTED_NAMES} "
             "(also inside `nn.TransformerEncoderLayer`/`DecoderLayer`); custom attention modules "
-            "need `attention={name: extractor}`."
+            f"need `attention={{name: extractor}}`{hint}."
         )
     targets = {n: m for n, m in named.items() if n in chosen}
     return targets, extractor_keys
