@@ -120,13 +120,13 @@ def _last_call(calls: list[_Call]) -> _Call:
     return (with_grad or chosen)[-1]
 
 
-def _is_step_chain(module: nn.RNNBase, calls: list[_Call]) -> bool:
-    """Whether a fused module's calls are the steps of one recurrence: a unidirectional module called
-    with one step at a time, each call starting from the previous call's final state (a decoder that
-    calls ``nn.GRU`` once per output step)."""
+def _is_chain(module: nn.RNNBase, calls: list[_Call]) -> bool:
+    """Whether a fused module's calls are one recurrence: a unidirectional module whose every call starts
+    from the previous call's final state (an encoder whose state starts the decoder, as in DeepAR; a
+    decoder that calls ``nn.GRU`` once per output step)."""
     if module.bidirectional or any(c.in_backward for c in calls):
         return False
-    if not all(c.data["single_step"] for c in calls) or not all(c.data["follows"] for c in calls[1:]):
+    if not all(c.data["follows"] for c in calls[1:]):
         return False
     return len({c.data["batch"] for c in calls}) == 1
 
@@ -138,15 +138,25 @@ def _same_values(a: Tensor | None, b: Tensor | None) -> bool:
     )
 
 
-def _follows(previous: _Call | None, hx: Any) -> bool:
-    """Whether ``hx`` holds the final state of ``previous`` (values equal, that state not changed since)."""
+def _follows(previous: _Call | None, hx: Any, compare: bool) -> bool:
+    """Whether ``hx`` holds the final state of ``previous``, not changed since: the very tensors, or with
+    ``compare`` (a one-step call) equal values."""
     if previous is None or hx is None or "state_out" not in previous.data:
         return False
     h, c = hx if isinstance(hx, tuple) else (hx, None)
     h_n, h_version, c_n, c_version = previous.data["state_out"]
     if _version(h_n) != h_version or (c_n is not None and _version(c_n) != c_version):
         return False
-    return _same_values(h, h_n) and _same_values(c, c_n)
+    if _same_tensor(h, h_n) and (c_n is None or _same_tensor(c, c_n)):
+        return True
+    return compare and _same_values(h, h_n) and _same_values(c, c_n)
+
+
+def _same_tensor(a: Tensor | None, b: Tensor) -> bool:
+    """The same values in the same memory (``b`` a detached alias of ``a``, or ``a`` itself)."""
+    return (isinstance(a, Tensor) and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+            and a.stride() == b.stride() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset())
 
 
 _PLAIN_FORWARDS = frozenset({nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward})
@@ -544,8 +554,8 @@ class Probe:
         if not with_grad:
             which = "the last (none received a gradient)"
         held.warn(
-            f"lightning_rnnviz: module {name!r} was called {total} times in one recording, not as a chain of "
-            f"single steps, so its record shows call {shown + 1} of {total}, {which}. Choose another with "
+            f"lightning_rnnviz: module {name!r} was called {total} times in one recording, not as a chain (each "
+            f"call from the last one's final state), so its record shows call {shown + 1} of {total}, {which}. Choose another with "
             "`call=` (`RNNViz(call=...)`, `Probe(call=...)`: 0-based among the forward calls, negative from the end).",
             RNNVizWarning,
             stacklevel=2,
@@ -711,8 +721,9 @@ class _Session:
                     rng_state=watch.rng_states.pop() if watch.rng_states else None,
                     single_step=steps == 1,
                     batch=batch,
-                    # a decoder calling the module once per step: does this call start where the last ended?
-                    follows=steps == 1 and not call.in_backward and _follows(previous, hx),
+                    # does this call start where the last ended (an encoder's state starting the decoder, a
+                    # decoder calling the module once per step)?
+                    follows=not call.in_backward and _follows(previous, hx, compare=steps == 1),
                     # the lengths a packing subclass packed with inside its own forward
                     packing=_packing_lengths(module, args, kwargs),
                 )
@@ -734,6 +745,12 @@ class _Session:
                     requires_grad={n: p.requires_grad for n, p in module.named_parameters(recurse=False)},
                     input_requires_grad=(inp_requires_grad, hx_requires_grad),
                 )
+                if not call.data["follows"] and hx is not None and not call.in_backward:
+                    # a module whose final state starts this one (TFT's encoder and decoder LSTMs)
+                    for other in self.watches.values():
+                        last = other.calls[-1] if other is not watch and other.calls else None
+                        if last is not None and "state_out" in last.data and _follows(last, hx, compare=False):
+                            last.data["feeds"] = watch.name
                 watch.calls.append(call)
                 h_n, c_n = hidden if isinstance(hidden, tuple) else (hidden, None)
                 # The final state (references, no copy), to tell whether the next call starts from it.
@@ -1005,7 +1022,7 @@ class _Session:
                 )
             return [forward[wanted]]
         calls = _choose_calls(watch.calls)
-        if len(calls) > 1 and _is_step_chain(watch.module, calls):
+        if len(calls) > 1 and _is_chain(watch.module, calls):
             return calls
         call = _last_call(calls)
         if len(calls) > 1:
@@ -1029,47 +1046,74 @@ class _Session:
                                key_counts=None if counts is None else counts.to(weights.device))
 
     def _build_fused(self, watch: _Watch, calls: list[_Call], scale: float | None) -> RNNRecord:
-        """One call replayed, or the single-step calls of a chain replayed one by one and stacked in time."""
+        """One call replayed, or the calls of a chain (each from the last one's final state) replayed one by
+        one and laid end to end on each sequence's time axis: its valid steps of one call, then those of
+        the next. Each call's replay takes the gradient its own outputs received, which for a final state
+        that started the next call holds everything the later steps sent back: the total ``dL/dh_t``."""
         module: nn.RNNBase = watch.module  # type: ignore[assignment]
         parts = [self._replay_call(module, call, scale) for call in calls]
         results = [part.result for part in parts]
+        rows, batch = results[0].hidden.shape[0], results[0].hidden.shape[2]
+        lengths = parts[0].lengths
+        starts = None
+        if len(parts) > 1:
+            each = torch.stack([part.lengths for part in parts])  # (calls, B)
+            starts = torch.cumsum(each, 0) - each
+            lengths = each.sum(0)
+        total = int(lengths.max()) if len(parts) > 1 else results[0].hidden.shape[1]
 
-        def stack(tensors: list[Tensor | None], like: list[Tensor | None]) -> Tensor | None:
+        def laid(tensors: list[Tensor | None]) -> Tensor | None:
             if all(t is None for t in tensors):
                 return None
             if len(tensors) == 1:
                 return tensors[0]
-            # a step whose outputs received no gradient has a zero gradient
-            filled = [t if t is not None else torch.zeros_like(o) for t, o in zip(tensors, like)]
-            return torch.cat(filled, dim=1)
+            like = next(t for t in tensors if t is not None)
+            # one slot past the end takes every padded step, and is dropped
+            out = like.new_zeros(rows, total + 1, batch, like.shape[-1])
+            for t, start, n in zip(tensors, starts, each):
+                if t is None:
+                    continue  # a call whose outputs received no gradient: zero
+                step = torch.arange(t.shape[1]).unsqueeze(1)
+                where = torch.where(step < n, start + step, total).to(t.device)
+                out.scatter_(1, where.view(1, *where.shape, 1).expand_as(t), t)
+            return out[:, :total]
 
-        hidden = [r.hidden for r in results]
-        cell = [r.cell for r in results]
-        gates = {k: stack([r.gates[k] for r in results], hidden) for k in results[0].gates}
+        gates = {k: laid([r.gates[k] for r in results]) for k in results[0].gates}
 
         def out(t: Tensor | None) -> Tensor | None:
             return None if t is None else self._placed(t.transpose(1, 2).float()).contiguous()
 
         notes = tuple(dict.fromkeys(note for part in parts for note in part.notes))
-        hidden_all = out(stack(hidden, hidden))
-        if len(parts) == 1:
-            lengths = parts[0].lengths
-        else:
-            lengths = torch.full((hidden_all.shape[1],), len(parts), dtype=torch.long)
+        pool = [c for c in watch.calls if not c.in_backward] or watch.calls
+        shown = tuple(i for i, c in enumerate(pool) if any(c is call for call in calls))
+        context = []
+        several_steps = any(r.hidden.shape[1] > 1 for r in results)
+        if len(parts) > 1 and several_steps:
+            sizes = " + ".join(str(int(part.lengths.max())) for part in parts)
+            context.append(f"calls {shown[0] + 1}-{shown[-1] + 1} of {len(pool)} as one sequence, each from the "
+                           f"last one's final state ({sizes} steps)")
+        elif len(pool) > 1 and len(parts) == 1:
+            context.append(f"call {shown[0] + 1} of {len(pool)}")
+        feeds = calls[-1].data.get("feeds")
+        if feeds is not None:
+            context.append(f"its final state starts {feeds!r}: the gradient at its last steps comes through it")
         return RNNRecord(
             name=watch.name,
             kind=module.mode,
-            hidden=hidden_all,
+            hidden=out(laid([r.hidden for r in results])),
             gates={k: out(v) for k, v in gates.items()},
-            hidden_grad=out(stack([r.hidden_grad for r in results], hidden)),
-            cell=out(stack(cell, cell)),
-            cell_grad=out(stack([r.cell_grad for r in results], cell)),
+            hidden_grad=out(laid([r.hidden_grad for r in results])),
+            cell=out(laid([r.cell for r in results])),
+            cell_grad=out(laid([r.cell_grad for r in results])),
             lengths=lengths,
             num_layers=module.num_layers,
             num_directions=2 if module.bidirectional else 1,
             exact=not notes,
             notes=notes,
             grad_enabled=any(call.data["grad_enabled"] for call in calls),
+            calls=(shown, len(pool)),
+            call_starts=starts if len(parts) > 1 and several_steps else None,
+            context=tuple(context),
         )
 
     def _replay_call(self, module: nn.RNNBase, call: _Call, scale: float | None) -> _Replayed:

@@ -45,6 +45,14 @@ class RNNRecord:
             CUDA); ``notes`` says why.
         notes: human-readable caveats about this record.
         grad_enabled: whether the recorded call ran with autograd enabled.
+        calls: which forward calls of the module in the recording the record shows, 0-based, with how
+            many there were: ``((0, 1), 2)`` for an encoder call and a decoder call from its final state
+            shown as one sequence, ``((1,), 2)`` for the second of two unrelated calls.
+        call_starts: ``(calls, batch)`` where each call's steps begin on each sequence's time axis, when
+            several calls of more than one step are shown as one sequence (each sequence's valid steps of
+            one call follow those of the call before); ``None`` otherwise.
+        context: what the record's pictures say besides caveats (which calls they show, which module
+            its final state starts); not a reason for ``exact`` to be ``False``.
     """
 
     name: str
@@ -60,6 +68,9 @@ class RNNRecord:
     exact: bool = True
     notes: tuple[str, ...] = ()
     grad_enabled: bool = True
+    calls: tuple[tuple[int, ...], int] = ((0,), 1)
+    call_starts: Tensor | None = None
+    context: tuple[str, ...] = ()
     # Summaries that several renderers need, computed once (not part of the record's identity).
     derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 

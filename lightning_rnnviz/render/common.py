@@ -232,6 +232,8 @@ def record_header(record: RNNRecord | AttentionRecord) -> dict[str, Any]:
         "kind": record.kind,
         "exact": bool(record.exact),
         "notes": tuple(record.notes),
+        # which calls a record shows, which module its final state starts: said on the pictures
+        "context": tuple(getattr(record, "context", ())),
     }
 
 
@@ -254,6 +256,8 @@ def compose_title(
         line += f"  ·  step {step}"
     if nonfinite:
         line += f"  ·  contains {nonfinite}"
+    for remark in payload.get("context", ()):
+        line += "\n" + "\n".join(textwrap.wrap(protect(remark), width=width))
     if not payload.get("exact", True):
         note = "; ".join(payload.get("notes", ())) or "replay differs from training"
         line += "\n" + "\n".join(textwrap.wrap(protect(f"(approximate: {note})"), width=width))

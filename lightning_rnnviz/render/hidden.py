@@ -85,7 +85,16 @@ def reduce_hidden(
         "num_directions": record.num_directions,
         "row_labels": [record.layer_label(i) for i in range(rows)],
         "nonfinite": common.nonfinite_flag(values),
+        # where each later call of a chain of calls begins on this sequence's time axis
+        "call_starts": _call_starts(record, sample, length),
     }
+
+
+def _call_starts(record: RNNRecord, sample: int, length: int) -> list[int]:
+    starts = getattr(record, "call_starts", None)
+    if starts is None:
+        return []
+    return [int(s) for s in starts[1:, sample].tolist() if 0 < int(s) < length]
 
 
 def draw_hidden(payload: dict[str, Any], *, step: int | None = None, title: str | None = None) -> Figure:
@@ -131,6 +140,8 @@ def draw_hidden(payload: dict[str, Any], *, step: int | None = None, title: str 
             interpolation=interpolation,
             extent=extent,
         )
+        for start in payload.get("call_starts", ()):
+            ax.axvline(start - 0.5, color="black", linewidth=1.5, linestyle="--")  # the next call begins
         ax.set_title(payload["row_labels"][index], fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0)
         if selected:
             ax.set_title(

@@ -121,6 +121,10 @@ def paint_hidden(payload: Mapping[str, Any], *, step: int | None = None, title: 
         panel = cv.Panel(canvas, (x0, y0, x0 + panel_w, y0 + panel_h), (-0.5, columns * width - 0.5),
                          (-0.5, units - 0.5), yflip=True)
         panel.heatmap(values[index], "diverging", -limit, limit)
+        for start in payload.get("call_starts", ()):
+            # where the next call (a decoder from the encoder's state) begins
+            x = float(panel.x(start - 0.5))
+            canvas.line([(x, y0), (x, y0 + panel_h)], cv.TEXT_RGB, width=2, dash=4)
         panel.frame()
         right_title = f"top {units} of {payload['hidden_out']} units by variance" if selected else ""
         panel.title(payload["row_labels"][index], right_title)

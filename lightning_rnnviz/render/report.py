@@ -123,6 +123,7 @@ class Reporter:
         self.findings: list[findings_.Finding] = []  # every epoch's, in order
         self.summary: dict[str, dict[str, Any]] = {}  # module -> {"kind", "rows", "epochs": {epoch: {...}}}
         self.notes: dict[str, list[str]] = {}  # module -> approximation notes of any recording so far
+        self.context: dict[str, tuple[str, ...]] = {}  # module -> what its last record shows (calls, chaining)
         self._epoch_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._epoch: dict[str, _Collected] = {}  # this epoch's statistics per module
         self._recordings = 0  # recordings reported so far (an index for the epoch's statistics)
@@ -235,6 +236,8 @@ class Reporter:
         collected = self._epoch.get(name)
         if collected is None:
             collected = self._epoch[name] = _Collected(record)
+        if getattr(record, "context", ()):
+            self.context[name] = tuple(record.context)
         return collected
 
     def _warn_approximate(self, name: str, record: RNNRecord | AttentionRecord) -> None:
@@ -350,6 +353,8 @@ class Reporter:
             summary = data.summary()
             entry = self.summary.setdefault(name, {"kind": summary.kind, "rows": summary.rows, "epochs": {}})
             record = {"step": step, "recordings": summary.recordings, "length": _json_number(summary.length)}
+            if self.context.get(name):
+                record["shown"] = list(self.context[name])
             for stat in ("horizon", "decay_per_step", "log10_ratio", "entropy_norm", "entropy", "focus"):
                 if stat in summary.stats:
                     record[stat] = [_json_number(v) for v in summary.stats[stat]]

@@ -465,8 +465,13 @@ class StepRecords:
                 values[spec.name] = {k: torch.from_numpy(np.array(v)) for k, v in info[spec.name].items()}
             elif spec.name in info:
                 value = info[spec.name]
-                values[spec.name] = tuple(value) if isinstance(value, list) else value
+                values[spec.name] = _tuples(value)
         return cls(**values)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back as the tuples a record holds (``calls`` nests them)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def load_records(path: str | os.PathLike[str], *, skip_damaged: bool = False) -> list[StepRecords]:
