@@ -144,7 +144,8 @@ class AttentionRecord:
 
     Attributes:
         name: the module's qualified name.
-        kind: ``"MultiheadAttention"`` or ``"custom"`` (an extractor function).
+        kind: ``"MultiheadAttention"``, ``"custom"`` (an extractor function), or the class name of a
+            library's attention read without an extractor (``"InterpretableMultiHeadAttention"``, ...).
         attention: ``(batch, heads, T_query, T_key)`` softmax weights, per head, before dropout, with
             every mask applied; on the CPU, or where the module ran with ``Probe(on_device=True)``.
             ``add_bias_kv`` and ``add_zero_attn`` append their extra key columns at the end, as PyTorch
