@@ -978,6 +978,10 @@ class _Session:
         proj = module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
         if isinstance(inp, PackedSequence):
             shape: tuple[int, ...] = (inp.data.shape[0], dirs * proj)
+        elif data.get("packing") is not None:
+            # packed inside the subclass's forward, a length of 0 as one step (the CPU only: on CUDA the
+            # generator state is not taken, so reading the lengths never waits for the device)
+            shape = (int(data["packing"][0].clamp(min=1).sum()), dirs * proj)
         elif inp.dim() == 2:
             shape = (inp.shape[0], 1, dirs * proj)
         else:

@@ -158,3 +158,30 @@ def test_plain_modules_are_checked_and_exact(kind):
                 h_n = hidden[0] if isinstance(hidden, tuple) else hidden
                 h_n.sum().backward()
             assert rec[""].exact, (dtype, type(inp).__name__, rec[""].notes)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_handed_off_capture_draws_the_packed_masks(kind):
+    """Through the worker's route (``capture()``, ``hand_off()``, ``finish()``), the dropout masks are drawn
+    on the training thread in the packed layout the module used, and the record equals ``record()``'s."""
+    cls = _library_modules()[kind]
+    torch.manual_seed(5)
+    module = cls(input_size=3, hidden_size=5, num_layers=2, batch_first=True, dropout=0.1).train()
+    x, lengths = torch.randn(4, 9, 3), torch.tensor([9, 0, 4, 6])
+    records = []
+    for route in ("record", "hand_off"):
+        torch.manual_seed(6)
+        probe = Probe(module, strict=True)
+        if route == "record":
+            with probe.record() as rec:
+                out, _ = module(x, lengths=lengths, enforce_sorted=False)
+                out.sum().backward()
+        else:
+            with probe.capture() as captured:
+                out, _ = module(x, lengths=lengths, enforce_sorted=False)
+                out.sum().backward()
+            captured.hand_off()
+            rec = captured.finish()
+        records.append(rec[""])
+    assert all(r.exact for r in records), [r.notes for r in records]
+    torch.testing.assert_close(records[0].hidden_grad, records[1].hidden_grad, rtol=0, atol=0)
