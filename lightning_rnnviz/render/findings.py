@@ -28,7 +28,9 @@ KINDS = (
 RULES: dict[str, tuple[float, str]] = {
     "vanishing_decay": (-0.05, "`decay_per_step` at or below -0.05 (ten times smaller every 20 steps back)"),
     "vanishing_horizon": (0.5, "and a horizon shorter than half the mean sequence length (sequences of 4+ steps)"),
-    "exploding": (1.0, "`log10_ratio` at or above 1: the norm at the first processed step is 10x the last"),
+    "exploding": (1.0, ("`decay_per_step` x (mean sequence length - 1) at or above 1: the least-squares line "
+                        "through log10 ||dL/dh_t|| over the whole sequence rises tenfold or more from the last "
+                        "processed step back to the first (a curve flat but for its ends does not fire)")),
     "gate_saturated": (0.5, "half or more of an LSTM forget gate's or GRU update gate's activations saturated at one end"),
     "hidden_saturated": (0.5, "half or more of the tanh-bounded states with |h| > 0.95"),
     "dead_unit_level": (1e-3, "a unit is dead when |h| stays below 1e-3 at every recorded step of the epoch"),
@@ -217,10 +219,13 @@ def check(module: str, summary: ModuleEpoch, epoch: int, step: int | None = None
             add("vanishing_gradient", horizon, reach, row,
                 f"||dL/dh_t|| falls below 1% of its peak {horizon:.1f} steps back (10^{decay:.2f} per step), "
                 f"{_HELP['vanishing_gradient']}")
-        ratio = _at(stats.get("log10_ratio"), row)
-        if ratio >= RULES["exploding"][0]:
-            add("exploding_gradient", ratio, RULES["exploding"][0], row,
-                f"the norm at the first processed step is 10^{ratio:.1f} times the last one: {_HELP['exploding_gradient']}")
+        # the growth of the line fitted through the whole curve, not the ratio of its two end points: the
+        # first step of a loss on every step gathers the gradients of all later steps, the last has only its own
+        growth = decay * (summary.length - 1)
+        if growth >= RULES["exploding"][0]:
+            add("exploding_gradient", growth, RULES["exploding"][0], row,
+                f"||dL/dh_t|| grows 10^{growth:.1f} times over the {summary.length - 1:.0f} steps back to the first "
+                f"(10^{decay:.3f} per step, fitted over the whole sequence): {_HELP['exploding_gradient']}")
         gate = {"LSTM": "forget", "LSTMCell": "forget", "GRU": "update", "GRUCell": "update"}.get(summary.kind)
         if gate is not None:
             limit = RULES["gate_saturated"][0]

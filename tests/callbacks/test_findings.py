@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from lightning_rnnviz import RNNViz
-from lightning_rnnviz.render.findings import KINDS, RULES, Finding
+from lightning_rnnviz.probe.records import RNNRecord
+from lightning_rnnviz.render.findings import KINDS, RULES, Finding, ModuleEpoch, check
+from lightning_rnnviz.render.gradients import grad_stats
 from tests.helpers.events import RunEvents
 from tests.helpers.namespace import ModelCheckpoint, TensorBoardLogger, pl
 
@@ -189,6 +191,56 @@ def test_healthy_models_show_nothing(tmp_path, net):
              "attention": lambda: _attention(3.0)}[net]
     cb, _ = _fit(tmp_path, Probe(build(), loss="all"))
     assert cb.findings == [], [(f.kind, f.where, f.value) for f in cb.findings]
+
+
+def _exploding_tanh() -> nn.Module:
+    """A vanilla (tanh) RNN with its recurrent weights scaled up: orthogonal, times 3."""
+    net = _rnn()
+    with torch.no_grad():
+        nn.init.orthogonal_(net.weight_hh_l0)
+        net.weight_hh_l0.mul_(3.0)
+    return net
+
+
+def test_exploding_fires_on_a_tanh_rnn_with_scaled_up_recurrent_weights(tmp_path):
+    cb, _ = _fit(tmp_path, Probe(_exploding_tanh()), epochs=1)
+    found = [f for f in cb.findings if f.kind == "exploding_gradient"]
+    assert len(found) == 1, [(f.kind, f.where, f.value) for f in cb.findings]
+    assert found[0].value >= 2 and found[0].threshold == RULES["exploding"][0] == 1.0
+    assert f"grows 10^{found[0].value:.1f} times over the {T - 1} steps back" in found[0].message
+
+
+def _curve_epoch(curve: list[float]) -> tuple[ModuleEpoch, dict[str, float]]:
+    """One recording of a one-layer RNN whose mean ``||dL/dh_t||`` is ``curve``, as the rules read it."""
+    steps = len(curve)
+    grad = torch.zeros(1, 1, steps, 1)
+    grad[0, 0, :, 0] = torch.tensor(curve)
+    record = RNNRecord("rnn", "RNN_TANH", torch.full((1, 1, steps, 1), 0.5), {}, grad, None, None, torch.tensor([steps]))
+    stats = grad_stats(record)
+    return ModuleEpoch("RNN_TANH", ["layer 0"], stats={k: [v] for k, v in stats.items()}, length=float(steps),
+                       recordings=1), stats
+
+
+@pytest.mark.parametrize("curve", [
+    [12.0, 6.0, 3.0, 1.6, 1.1] + [1.0] * 25,  # a loss on every step: the first step gathers every later one's
+    [1.0] * 29 + [1 / 12],                     # the last step alone low
+    [12.0] + [1.0] * 28 + [1.0 / 1.2],         # both ends
+], ids=["first_steps_high", "last_step_low", "both_ends"])
+def test_a_curve_flat_but_for_its_ends_is_not_exploding(curve):
+    """darts' RNNModel: first over last 10^1.08, against a threshold of 1, with the curve flat from step 5
+    to 28. The rule fits the whole curve, not its two ends."""
+    epoch, stats = _curve_epoch(curve)
+    assert stats["log10_ratio"] >= 1.0  # what the rule read before
+    assert check("rnn", epoch, epoch=0) == []
+
+
+def test_a_curve_growing_all_the_way_back_is_exploding():
+    epoch, stats = _curve_epoch([1.12 ** (29 - t) for t in range(30)])
+    (finding,) = check("rnn", epoch, epoch=0)
+    assert finding.kind == "exploding_gradient" and finding.layer == 0
+    assert finding.value == pytest.approx(29 * stats["decay_per_step"]) == pytest.approx(29 * 0.0492, abs=1e-3)
+    assert finding.message.startswith("||dL/dh_t|| grows 10^1.4 times over the 29 steps back to the first "
+                                      "(10^0.049 per step, fitted over the whole sequence)")
 
 
 def test_findings_show_as_text_console_lines_and_summary(tmp_path, caplog):
