@@ -7,6 +7,9 @@ each logger's API is a sink's (:mod:`lightning_rnnviz.sinks`).
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
 import math
 import statistics
 import time
@@ -17,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from lightning_rnnviz.callbacks._copies import Results, SharedResult, check_saveable
 from lightning_rnnviz.callbacks._lightning import CALLBACK_BASES, info
 from lightning_rnnviz.callbacks._loggers import SUPPORTED, logger_kind, sink_for
 from lightning_rnnviz.callbacks._shared import shared_recorder
@@ -86,6 +90,14 @@ class RNNViz(*CALLBACK_BASES):
     logger's run (with a Custom Scalars layout per module); a ``WandbLogger`` in its media panel and
     charts; an ``MLFlowLogger`` as images and metrics; any other logger with a local ``log_dir`` as
     ``<log_dir>/rnnviz/<quantity>/<m>/step_<n>.png`` files, with scalars through ``logger.log_metrics``.
+
+    A pickle of the callback holds its constructor arguments only (what it found stays with the object, and
+    in Lightning checkpoints through ``state_dict``), so a restricted loader needs only the class allow-listed
+    (darts: ``darts.utils.serialization.add_safe_globals([RNNViz])``; ``torch.load(weights_only=True)``:
+    ``torch.serialization.add_safe_globals([RNNViz])``); functions passed to it must be importable by name.
+    A copy (``copy.deepcopy``, as neuralforecast makes of its models) has the same arguments and reports to
+    the original: ``findings``, ``decay_history``, ``error_counts``, ``placement``, ``cadence``, ... of the
+    object the user holds show what the copy did.
 
     Args:
         every_n_steps: record every ``n`` optimizer steps, with Lightning's rule (the batch where
@@ -216,7 +228,7 @@ class RNNViz(*CALLBACK_BASES):
         self.histograms = histograms
         self.renderer = renderer
         self.background = True if background is None and renderer == "matplotlib" else background
-        self.placement: str | None = None  # where pictures were drawn in the last fit: "inline", "thread", "process"
+        self._results = Results()  # placement, stride, cadence, ...: shared with the copies (`__deepcopy__`)
         self.validation = validation
         self.log_first_step = log_first_step
         self.call = call
@@ -224,17 +236,24 @@ class RNNViz(*CALLBACK_BASES):
         self.save_records_max_mb = save_records_max_mb
         self.strict = strict
         self.budget = budget
-        self.stride = 1  # recordings are every `stride * every_n_steps` steps, as the budget allows
-        self.cadence: int | None = None  # the steps between recordings in use (every_n_steps * stride)
         self._guard = Guard(type(self).__name__, strict, RNNVizWarning)
         self._reporter = Reporter(self.quantities, (), self._guard, sample=sample, top_k=top_k,
                                   max_heads=max_heads, max_time=max_time, renderer=renderer, histograms=histograms)
-        # Runtime state, created in `on_fit_start` (the callback must pickle for ddp_spawn).
+        # Runtime state, created in `on_fit_start` (a pickle holds the constructor arguments only).
         self.enabled = False
         self._recorder: Any = None
         self._kinds: dict[str, str] = {}  # watched module -> "LSTM", "GRU", ..., or "attention"
-        self.drawer_peak_rss_mb: float | None = None
-        self.fit_overhead_ms: dict[str, float] = {}  # time spent in fit start and at fit end (closing, flushing)
+
+    #: where pictures were drawn in the last fit: ``"inline"``, ``"thread"`` or ``"process"``
+    placement = SharedResult()
+    #: recordings are every ``stride * every_n_steps`` steps, as the ``budget`` allows
+    stride = SharedResult()
+    #: the steps between recordings in use (``every_n_steps * stride``)
+    cadence = SharedResult()
+    #: the drawing process's peak memory in the last fit (``background=True``)
+    drawer_peak_rss_mb = SharedResult()
+    #: milliseconds spent at fit start (``"start"``) and at fit end (``"end"``: closing, flushing)
+    fit_overhead_ms = SharedResult()
 
     # --- identity and state ----------------------------------------------------------------------
     @property
@@ -276,10 +295,64 @@ class RNNViz(*CALLBACK_BASES):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reporter.load_state_dict(state_dict)
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_recorder"] = None  # writers and drawing processes belong to one process
-        return state
+    # --- saving and copying ------------------------------------------------------------------------
+    def _arguments(self) -> dict[str, Any]:
+        """The constructor arguments that make a callback like this one (its current settings)."""
+        return {name: getattr(self, name) for name in _parameters()}
+
+    def _own_additions(self) -> dict[str, Any]:
+        """Attributes a subclass added beside what ``RNNViz.__init__`` makes (kept by pickles and copies)."""
+        own = _own_attributes()
+        return {k: v for k, v in self.__dict__.items() if k not in own}
+
+    def __getstate__(self) -> dict[str, Any] | tuple[dict[str, Any], dict[str, Any]]:
+        """What a pickle holds: the constructor arguments only (and what a subclass added), so that a safe
+        loader needs nothing allow-listed but the class (``add_safe_globals([RNNViz])``). Results, loggers,
+        threads and drawing processes stay behind; Lightning checkpoints keep the results (``state_dict``).
+
+        Raises:
+            pickle.PicklingError: an argument holds a lambda or local function, which pickle cannot save;
+                the message names it and says how to pass one it can.
+        """
+        arguments = self._arguments()
+        check_saveable(type(self).__name__, arguments)
+        added = self._own_additions()
+        return (arguments, added) if added else arguments
+
+    def __setstate__(self, state: Any) -> None:
+        arguments, added = state if isinstance(state, tuple) else (state, {})
+        if not set(arguments) <= set(_parameters()):  # an earlier development version pickled the whole state
+            whole, results = dict(arguments), Results()
+            for name in vars(results):
+                if name in whole:
+                    setattr(results, name, whole.pop(name))
+            self.__dict__.update(whole, _results=results)
+            return
+        RNNViz.__init__(self, **arguments)
+        self.__dict__.update(added)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RNNViz:
+        """A callback with the same arguments that reports to this one: libraries that copy the callbacks they
+        are given (neuralforecast copies its models, callbacks included) train with the copy, and
+        ``findings``, ``decay_history``, ``error_counts``, ``placement``, ... of the object the user holds
+        show what the copy did. Its run state (hooks, loggers, worker) is its own."""
+        twin = type(self).__new__(type(self))
+        memo[id(self)] = twin
+        RNNViz.__init__(twin, **copy.deepcopy(self._arguments(), memo))
+        twin.__dict__.update(copy.deepcopy(self._own_additions(), memo))
+        twin._share_results(self)
+        return twin
+
+    def __copy__(self) -> RNNViz:
+        """As :meth:`__deepcopy__`, the arguments not copied."""
+        twin = type(self).__new__(type(self))
+        RNNViz.__init__(twin, **self._arguments())
+        twin.__dict__.update(self._own_additions())
+        twin._share_results(self)
+        return twin
+
+    def _share_results(self, original: RNNViz) -> None:
+        self._reporter, self._guard, self._results = original._reporter, original._guard, original._results
 
     # --- fit start and end -------------------------------------------------------------------------
     def _relevant(self, name: str, module: torch.nn.Module, extractors: set[str]) -> bool:
@@ -759,6 +832,21 @@ class RNNViz(*CALLBACK_BASES):
             names = set().union(*(m._reporter.names for m in recorder.members))
             mine = {n: r for n, r in recording.items() if n in names}
             self._guard("keep the records", lambda: keeper.full_records(mine, step, prefix))
+
+
+@functools.cache
+def _parameters() -> tuple[str, ...]:
+    """The names of ``RNNViz.__init__``'s arguments, each kept as the attribute of the same name."""
+    return tuple(inspect.signature(RNNViz.__init__).parameters)[1:]
+
+
+@functools.cache
+def _own_attributes() -> frozenset[str]:
+    """The attributes ``RNNViz.__init__`` makes, and those a run adds: ``state_key``'s cache, and the model's
+    ``log`` and ``log_dict`` that Lightning attaches to every callback at each fit."""
+    blank = RNNViz.__new__(RNNViz)
+    RNNViz.__init__(blank)
+    return frozenset(blank.__dict__) | {"_state_key", "log", "log_dict"}
 
 
 class HiddenStateMonitor(RNNViz):
