@@ -51,6 +51,29 @@ def _loader_workers(trainer: Any) -> int:
     return sum(int(getattr(loader, "num_workers", 0) or 0) for loader in loaders)
 
 
+def _library(module: Any) -> str | None:
+    """The forecasting library whose LightningModule ``module`` is (its class or a base defined there), read
+    from the classes' modules: the library is not imported for it."""
+    for cls in type(module).__mro__:
+        root = (getattr(cls, "__module__", None) or "").partition(".")[0]
+        if root in ("darts", "neuralforecast", "pytorch_forecasting"):
+            return root
+    return None
+
+
+def _logger_hint(module: Any) -> str:
+    """How to give the Trainer a logger, the way of the library that made it."""
+    library = _library(module)
+    if library == "darts":
+        return ("darts trains without a logger by default: pass `log_tensorboard=True` to the model (e.g. "
+                "`RNNModel(..., log_tensorboard=True)`, logs under its `work_dir`), or a logger in "
+                "`pl_trainer_kwargs={\"logger\": TensorBoardLogger(...)}`, to see its figures.")
+    if library == "neuralforecast":
+        return ("With neuralforecast, pass a logger to the model, which hands it to the Trainer (e.g. "
+                "`LSTM(..., logger=TensorBoardLogger(...))`), to see its figures.")
+    return "Pass `logger=TensorBoardLogger(...)` (or any logger with a `log_dir`) to see its figures."
+
+
 class RNNViz(*CALLBACK_BASES):
     r"""Show what happens inside a model's RNNs and attention while it trains, in TensorBoard, W&B or MLflow.
 
@@ -424,11 +447,8 @@ class RNNViz(*CALLBACK_BASES):
                 f"no local `log_dir`. Supported: {SUPPORTED}."))
         if not sinks:
             if not trainer.loggers:
-                self._disable(
-                    f"{type(self).__name__} has nowhere to write: the Trainer has no logger. Pass "
-                    "`logger=TensorBoardLogger(...)` (or any logger with a `log_dir`) to see its figures; "
-                    "it does nothing in this run."
-                )
+                self._disable(f"{type(self).__name__} has nowhere to write: the Trainer has no logger. "
+                              f"{_logger_hint(trainer.lightning_module)} It does nothing in this run.")
             return False
         self.placement = self._placement(trainer)
         # with a worker, the epoch ends' pictures are still drawn here (the training thread waits for them)

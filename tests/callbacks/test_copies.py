@@ -1,17 +1,20 @@
 """Saving and copying the callback: a pickle holds its constructor arguments only (a safe loader needs only
-the class allow-listed), a lambda argument is named when saving fails, and a copy reports to the original."""
+the class allow-listed), a lambda argument is named when saving fails, a copy reports to the original, and
+the no-logger warning names the switch of the library that made the model."""
 
 from __future__ import annotations
 
 import copy
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_rnnviz import GradientNormMonitor, HiddenStateMonitor, RNNViz
+from lightning_rnnviz import GradientNormMonitor, HiddenStateMonitor, RNNViz, RNNVizWarning
+from lightning_rnnviz.callbacks.rnnviz import _logger_hint
 from lightning_rnnviz.render.findings import Finding
 from tests.helpers.models import TinySeqModel, loader
 from tests.helpers.namespace import Callback, TensorBoardLogger, pl
@@ -167,3 +170,25 @@ def test_a_copy_has_its_own_run_state():
     copied.enabled = True
     copied._recorder = object()
     assert original.enabled is False and original._recorder is None
+
+
+# --- no logger ----------------------------------------------------------------------------------------
+def _library_model(module: str) -> type:
+    """A model class defined, as far as its ``__module__`` says, in ``module`` (the library is not imported)."""
+    return type("LibraryModel", (TinySeqModel,), {"__module__": module})
+
+
+@pytest.mark.parametrize(("module", "hint"), [
+    ("darts.models.forecasting.rnn_model", "pass `log_tensorboard=True` to the model"),
+    ("neuralforecast.models.lstm", "`LSTM(..., logger=TensorBoardLogger(...))`"),
+    ("my_project.models", "Pass `logger=TensorBoardLogger(...)`"),
+])
+def test_no_logger_names_the_switch_of_the_models_library(tmp_path, module, hint):
+    model = _library_model(module)()
+    assert hint in _logger_hint(model)
+    trainer = _trainer(tmp_path, [RNNViz()], logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader())
+    ours = [str(w.message) for w in caught if issubclass(w.category, RNNVizWarning)]
+    assert len(ours) == 1 and "no logger" in ours[0] and hint in ours[0], ours
