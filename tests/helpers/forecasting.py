@@ -240,13 +240,9 @@ def fit_nf_tft(callbacks: list, save_dir: Path) -> Fitted:
 
 # --------------------------------------------------------------------------- the table
 
-# pytorch-forecasting's DeepAR and RecurrentNetwork call one `rnn` twice a batch (encoder, then decoder from
-# its state): today one warning says which call is recorded.
-_TWO_CALLS = (r"module 'rnn' was called \d+ times in one recording",)
-
 MODELS: dict[str, Model] = {
-    "pf_deepar": Model("pytorch_forecasting", fit_pf_deepar, ("rnn",), expected_warnings=_TWO_CALLS),
-    "pf_recurrent": Model("pytorch_forecasting", fit_pf_recurrent, ("rnn",), expected_warnings=_TWO_CALLS),
+    "pf_deepar": Model("pytorch_forecasting", fit_pf_deepar, ("rnn",)),
+    "pf_recurrent": Model("pytorch_forecasting", fit_pf_recurrent, ("rnn",)),
     "pf_tft": Model("pytorch_forecasting", fit_pf_tft, ("lstm_encoder", "lstm_decoder"), ("multihead_attn",)),
     "darts_rnn": Model("darts", fit_darts_rnn, ("rnn",)),
     "darts_block_rnn": Model("darts", fit_darts_block_rnn, ("rnn",)),
