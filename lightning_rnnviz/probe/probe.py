@@ -159,6 +159,35 @@ def _same_tensor(a: Tensor | None, b: Tensor) -> bool:
             and a.storage_offset() == b.storage_offset())
 
 
+def _edges_into(inp: Tensor, hx: Any, roots: list[Tensor | None]) -> list[tuple[Any, int]]:
+    """The autograd edges through which a call's outputs ``roots`` send their gradient to its input ``inp``:
+    ``(node, index)`` for each node of the call's own graph whose ``index``-th next function is ``inp``'s.
+    The walk goes back from the outputs and stops at the input, at the initial state (a path through
+    ``hx`` is not the kernel's), at leaves, and at nodes older than the input (made before the call)."""
+    target = torch.autograd.graph.get_gradient_edge(inp)
+    stop = {target.node}
+    for h in hx if isinstance(hx, tuple) else (hx,):
+        if isinstance(h, Tensor) and h.requires_grad:
+            stop.add(torch.autograd.graph.get_gradient_edge(h).node)
+    floor = inp.grad_fn._sequence_nr() if inp.grad_fn is not None else -1
+    edges, seen = [], set()
+    todo = [t.grad_fn for t in roots if isinstance(t, Tensor) and t.grad_fn is not None]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for index, (following, number) in enumerate(node.next_functions):
+            if following is None:
+                continue
+            if following is target.node and number == target.output_nr:
+                edges.append((node, index))
+            elif (following not in stop and following not in seen and following.next_functions
+                  and following._sequence_nr() > floor):
+                todo.append(following)
+    return edges
+
+
 _PLAIN_FORWARDS = frozenset({nn.RNN.forward, nn.LSTM.forward, nn.GRU.forward})
 
 
@@ -227,10 +256,12 @@ def _final_steps(states: Tensor, lengths: Tensor, dirs: int) -> Tensor:
 
 
 def _checked(module: nn.RNNBase, data: dict[str, Any], result: ReplayResult, lengths: Tensor,
-             true_lengths: Tensor | None, unbatched: bool) -> tuple[str, ...]:
+             true_lengths: Tensor | None, unbatched: bool, input_grad: Tensor | None) -> tuple[str, ...]:
     """The replay of one call against what the call returned: the top layer's states against their own
-    recurrence (when they are the module's output) and every layer's final states against ``h_n`` and
-    ``c_n`` (sequences of length 0, whose final state is not the kernel's, left out). ``()`` when it
+    recurrence (when they are the module's output), every layer's final states against ``h_n`` and
+    ``c_n`` (sequences of length 0, whose final state is not the kernel's, left out) and, where the input
+    required a gradient, the replay's ``dL/dx`` against ``input_grad``, what autograd delivered to the
+    input through the call (relative to its largest value, within ten times the tolerance). ``()`` when it
     matches; else a note that says what differed, by how much, and within what."""
     dtype, tf32 = data.get("precision", (torch.float32, False))
     tolerance = TF32_TOLERANCE if tf32 else CHECK_TOLERANCES.get(dtype, CHECK_TOLERANCES[torch.float32])
@@ -254,6 +285,15 @@ def _checked(module: nn.RNNBase, data: dict[str, Any], result: ReplayResult, len
             worst = float(error.amax()) if error.numel() else 0.0
             if not worst <= tolerance:
                 differed.append(f"`{label}` (off by {worst:.2g})")
+    if input_grad is not None and result.input_grad is not None:
+        replayed = result.input_grad
+        given = input_grad.to(replayed.device, replayed.dtype)
+        scale = float(given.abs().nan_to_num(0, 0, 0).amax()) if given.numel() else 0.0
+        same = (replayed == given) | (replayed.isnan() & given.isnan())
+        off = (replayed - given).abs_().masked_fill_(same, 0).nan_to_num_(float("inf"))
+        worst = float(off.amax()) / max(scale, torch.finfo(given.dtype).tiny) if off.numel() else 0.0
+        if not worst <= 10 * tolerance:
+            differed.append(f"the gradient of its input (off by {worst:.2g} of its largest value)")
     if not differed:
         return ()
     precision = "TF32" if tf32 else str(dtype).removeprefix("torch.")
@@ -681,6 +721,19 @@ class _Session:
 
         return hook
 
+    def _input_grad_hook(self, watch: _Watch, call: _Call, index: int) -> Callable:
+        """A hook on a node of the call's graph: the gradient it sends to the call's input, summed."""
+
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            grad = grad_inputs[index]
+            if grad is not None:
+                self._guarded(watch, "capture the input gradient of",
+                              lambda: call.grads.__setitem__("input", call.grads["input"] + grad.detach()
+                                                             if "input" in call.grads else grad.detach().clone()))
+            # Returning None keeps autograd's gradients untouched.
+
+        return hook
+
     def _watch_grad(self, watch: _Watch, call: _Call, tensor: Tensor | None, key: Any) -> None:
         if tensor is not None and tensor.requires_grad:
             self.handles.append(tensor.register_hook(self._grad_hook(watch, call, key)))
@@ -727,6 +780,8 @@ class _Session:
                     # the lengths a packing subclass packed with inside its own forward
                     packing=_packing_lengths(module, args, kwargs),
                 )
+                given_input = inp.data if isinstance(inp, PackedSequence) else inp
+                hx_given = hx
                 if isinstance(inp, PackedSequence):
                     inp = PackedSequence(inp.data.detach(), inp.batch_sizes, inp.sorted_indices, inp.unsorted_indices)
                 else:
@@ -765,6 +820,12 @@ class _Session:
                 self._watch_grad(watch, call, out_tensor, "output")
                 self._watch_grad(watch, call, h_n, "h_n")
                 self._watch_grad(watch, call, c_n, "c_n")
+                if inp_requires_grad and not call.in_backward:
+                    # what autograd delivers to the input through this call, to check the replay's dL/dx
+                    given = inp.data if isinstance(inp, PackedSequence) else inp
+                    for node, index in _edges_into(given_input, hx_given, [out_tensor, h_n, c_n]):
+                        self.handles.append(node.register_hook(self._input_grad_hook(watch, call, index)))
+                    call.data["input_grad_layout"] = given.shape
                 # The packing layout of the output, to unpack its gradient later.
                 call.data["output"] = (
                     PackedSequence(torch.empty(0), out.batch_sizes, out.sorted_indices, out.unsorted_indices)
@@ -1206,16 +1267,28 @@ class _Session:
                 top = values.transpose(0, 1) if module.batch_first else values
             top = top[:, :batch].to(device, dtype)
         # lengths stay on the CPU, where packing needs them: a copy back from the device would wait for it
+        g_in = grads.get("input")
+        if g_in is not None:
+            # what autograd delivered to the input through this call, time-major like the replay's
+            if true_lengths is not None:
+                g_in = (g_in.transpose(0, 1) if module.batch_first else g_in)[:steps]
+            elif packed_layout is not None:
+                g_in, _ = pad_packed_sequence(inp._replace(data=g_in), total_length=steps)
+            elif unbatched:
+                g_in = g_in.unsqueeze(1)
+            elif module.batch_first:
+                g_in = g_in.transpose(0, 1)
+            g_in = g_in[:, :batch]
         result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths, g_out, g_hn, g_cn,
                             top_states=top, layer_states=states, dropout_masks=masks,
-                            user_flags=not self.own_flags)
+                            user_flags=not self.own_flags, input_grad=g_in is not None)
         if lengths is None:
             lengths = torch.full((batch,), steps, dtype=torch.long)
         if true_lengths is not None:
             true_lengths = true_lengths[:batch]
         if not notes:
             # "exact" only when checked: the replay against what this call of the module really returned
-            notes = _checked(module, data, result, lengths.cpu(), true_lengths, unbatched)
+            notes = _checked(module, data, result, lengths.cpu(), true_lengths, unbatched, g_in)
         return _Replayed(result, (lengths if true_lengths is None else true_lengths).cpu(), notes)
 
     @staticmethod

@@ -68,6 +68,9 @@ class ReplayResult:
     # valid steps (a 0-d tensor, on the device). Large when the given states are not this layer's on
     # these inputs and lengths, e.g. when a module processed its input otherwise than its hooks saw.
     top_residual: Tensor | None = None
+    # ``(T, B, I)``: the total gradient with respect to the module's input (zero at padded steps), when asked
+    # for (``input_grad=True``) and any upstream gradient was given.
+    input_grad: Tensor | None = None
 
 
 def lstm_gates(x: Tensor, h_prev: Tensor, w: LayerWeights) -> dict[str, Tensor]:
@@ -132,6 +135,7 @@ def replay_rnn(
     dropout_masks: list[Tensor] | None = None,
     method: str = "auto",
     user_flags: bool = False,
+    input_grad: bool = False,
 ) -> ReplayResult:
     """Replay a fused RNN layer by layer and, given upstream gradients, compute the total ``dL/dh_t``.
 
@@ -174,6 +178,8 @@ def replay_rnn(
         user_flags: leave TF32 as the user set it (a replay on a worker beside training must not change
             process-wide flags); the fused path's float32 results are then rounded as the module's own
             kernels were.
+        input_grad: also give the gradient with respect to the module's input (``ReplayResult.input_grad``),
+            to check the replay against what autograd delivered there.
 
     Returns:
         The per-step hidden and cell states, gates and, when any upstream gradient is given, the total
@@ -191,7 +197,7 @@ def replay_rnn(
     precision = tf32_off() if method == "fused" and not user_flags else contextlib.nullcontext()
     with precision, subnormals_flushed(x.device):
         return _replay(mode, weights, x, h0, c0, lengths, grad_output, grad_h_n, grad_c_n, top_states,
-                       layer_states, dropout_masks, method)
+                       layer_states, dropout_masks, method, input_grad)
 
 
 @contextlib.contextmanager
@@ -299,7 +305,7 @@ def _readable(read: Callable[[], object]) -> object | None:
 def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor, c0: Tensor | None,
             lengths: Tensor | None, grad_output: Tensor | None, grad_h_n: Tensor | None,
             grad_c_n: Tensor | None, top_states: Tensor | None, layer_states: list[Tensor] | None,
-            dropout_masks: list[Tensor] | None, method: str) -> ReplayResult:
+            dropout_masks: list[Tensor] | None, method: str, want_input_grad: bool = False) -> ReplayResult:
     num_layers, num_dirs = len(weights), len(weights[0])
     steps = x.shape[0]
     cpu_lengths = None if lengths is None else lengths.cpu()
@@ -336,15 +342,17 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
             if dropout_masks is not None and layer < num_layers - 1:
                 layer_in = layer_in * dropout_masks[layer]
 
-        hidden_grad = cell_grad = None
+        hidden_grad = cell_grad = input_grad = None
         if any(g is not None for g in (grad_output, grad_h_n, grad_c_n)):
             if method == "loop":
-                hidden_grad, cell_grad = _backward(rows, num_layers, num_dirs, x, lengths, valid,
-                                                   grad_output, grad_h_n, grad_c_n, dropout_masks)
+                hidden_grad, cell_grad, input_grad = _backward(rows, num_layers, num_dirs, x, lengths, valid,
+                                                               grad_output, grad_h_n, grad_c_n, dropout_masks,
+                                                               want_input_grad)
             else:
-                hidden_grad, cell_grad = _backward_fused(rows, weights, layer_inputs, h0, c0, lengths, valid,
-                                                         grad_output, grad_h_n, grad_c_n, dropout_masks,
-                                                         cpu_lengths)
+                hidden_grad, cell_grad, input_grad = _backward_fused(
+                    rows, weights, layer_inputs, h0, c0, lengths, valid, grad_output, grad_h_n, grad_c_n,
+                    dropout_masks, cpu_lengths)
+            input_grad = input_grad if want_input_grad else None
 
         hidden = _stacked([r.h for r in rows])
         cell = _stacked([r.c for r in rows]) if mode == "LSTM" else None
@@ -354,7 +362,7 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
             hidden = hidden.mul_(mask)
             cell = cell.mul_(mask) if cell is not None else None
             gates = {k: v.mul_(mask) for k, v in gates.items()}
-    return ReplayResult(hidden, cell, gates, hidden_grad, cell_grad, top_residual)
+    return ReplayResult(hidden, cell, gates, hidden_grad, cell_grad, top_residual, input_grad)
 
 
 def relative_error(a: Tensor, b: Tensor) -> Tensor:
@@ -677,8 +685,10 @@ def relu_passes_zero(device: torch.device, dtype: torch.dtype) -> bool:
 def _backward(rows: list[_Row], num_layers: int, num_dirs: int, x: Tensor, lengths: Tensor | None,
               valid: Tensor | None, grad_output: Tensor | None, grad_h_n: Tensor | None,
               grad_c_n: Tensor | None,
-              dropout_masks: list[Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
-    """Back-propagation through time and layers; returns ``(dL/dh, dL/dc)``, each ``(L*D, T, B, .)``."""
+              dropout_masks: list[Tensor] | None = None,
+              input_grad: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Back-propagation through time and layers; returns ``(dL/dh, dL/dc, dL/dx)``, the first two
+    ``(L*D, T, B, .)``, the last ``(T, B, I)`` with ``input_grad``, else ``None``."""
     steps, batch = x.shape[:2]
     mask = valid.to(x.dtype) if valid is not None else None
     arange = torch.arange(batch, device=x.device)
@@ -704,13 +714,13 @@ def _backward(rows: list[_Row], num_layers: int, num_dirs: int, x: Tensor, lengt
                     seed_c[final, arange] += grad_c_n[index]
             dh_all, dc_all, d_pre = _backward_row(row, seed, seed_c, mask)
             hidden_grad[index], cell_grad[index] = dh_all, dc_all
-            if layer == 0:
+            if layer == 0 and not input_grad:
                 continue  # nothing below needs the gradient of the module's input
             contribution = F.linear(d_pre, row.w.w_ih.t())  # (T, B, I): gradient into the layer input
             d_input = contribution if d_input is None else d_input + contribution
         # The layer read the dropped-out states of the layer below: its gradient passes the same mask.
         direct = d_input * dropout_masks[layer - 1] if dropout_masks is not None and layer > 0 else d_input
-    return _stacked(hidden_grad), (_stacked(cell_grad) if rows[0].mode == "LSTM" else None)
+    return _stacked(hidden_grad), (_stacked(cell_grad) if rows[0].mode == "LSTM" else None), direct
 
 
 def _backward_row(row: _Row, seed: Tensor, seed_c: Tensor | None,
@@ -792,8 +802,9 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
                     h0: Tensor, c0: Tensor | None, lengths: Tensor | None, valid: Tensor | None,
                     grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
                     dropout_masks: list[Tensor] | None,
-                    cpu_lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """What :func:`_backward` gives, with every step's gate pre-activation gradients from the fused kernel.
+                    cpu_lengths: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """What :func:`_backward` gives (``dL/dx`` always), with every step's gate pre-activation gradients from
+    the fused kernel.
 
     Layer by layer from the top, :func:`_layer_deltas` gives ``delta_t`` (``(T, B, G*H)`` per direction)
     and the gradient reaching the layer's input, which (through the dropout mask the layer below's output
@@ -843,8 +854,10 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
         # (A copy either way: the views would keep this layer's whole gradient alive during the next.)
         if layer > 0:
             direct = d_input * dropout_masks[layer - 1] if dropout_masks is not None else d_input.contiguous()
+        else:
+            direct = d_input
         del d_input, deltas
-    return _stacked(hidden_grad), (_stacked(cell_grad) if rows[0].mode == "LSTM" else None)
+    return _stacked(hidden_grad), (_stacked(cell_grad) if rows[0].mode == "LSTM" else None), direct
 
 
 def _layer_deltas(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,

@@ -185,3 +185,63 @@ def test_handed_off_capture_draws_the_packed_masks(kind):
         records.append(rec[""])
     assert all(r.exact for r in records), [r.notes for r in records]
     torch.testing.assert_close(records[0].hidden_grad, records[1].hidden_grad, rtol=0, atol=0)
+
+
+class _Doubled(torch.autograd.Function):
+    """The identity forward, twice the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        return 2 * grad
+
+
+class GradientBendingLSTM(nn.LSTM):
+    """A subclass whose forward returns what the kernel returned, but whose backward does not pass on the
+    gradient its output receives: only the gradient of its input can tell."""
+
+    def forward(self, x, hx=None):  # noqa: D102
+        if isinstance(x, torch.nn.utils.rnn.PackedSequence):
+            return super().forward(x._replace(data=_Doubled.apply(x.data)), hx)
+        return super().forward(_Doubled.apply(x), hx)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_input_gradient_is_checked(packed):
+    """Where the input requires a gradient, the replay's dL/dx is compared with what autograd delivered to
+    the input through the call: equal for the plain module (padded, packed, a library subclass), and a
+    subclass that bends the gradient on its way back is not exact, though its forward is reproduced."""
+    torch.manual_seed(7)
+    x = torch.randn(3, 8, 4)
+    lengths = torch.tensor([8, 3, 5])
+
+    def run(module):
+        inp = x.clone().requires_grad_()
+        feed = pack_padded_sequence(inp, lengths, batch_first=True, enforce_sorted=False) if packed else inp
+        with Probe(module, strict=True).record() as rec:
+            out, (h_n, _) = module(feed)
+            out_t = out.data if packed else out
+            (out_t.pow(2).sum() + h_n.sum()).backward()
+        return rec[""]
+
+    plain = run(nn.LSTM(4, 5, num_layers=2, batch_first=True))
+    assert plain.exact, plain.notes
+    bent = run(GradientBendingLSTM(4, 5, num_layers=2, batch_first=True))
+    assert not bent.exact and "the gradient of its input" in bent.notes[0]
+    assert "its output" not in bent.notes[0] and "`h_n`" not in bent.notes[0]
+
+
+def test_the_input_gradient_of_a_library_module_with_lengths_is_checked():
+    cls = _library_modules()["GRU"]
+    torch.manual_seed(8)
+    module = cls(input_size=3, hidden_size=4, num_layers=2, batch_first=True, dropout=0.2).train()
+    x = torch.randn(4, 10, 3, requires_grad=True)
+    with Probe(module, strict=True).record() as rec:
+        out, h_n = module(x, lengths=torch.tensor([10, 0, 4, 7]), enforce_sorted=False)
+        (out.pow(2).sum() + h_n.sum()).backward()
+    r = rec[""]
+    assert r.exact, r.notes
+    assert r.lengths.tolist() == [10, 0, 4, 7]
