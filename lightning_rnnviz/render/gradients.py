@@ -48,8 +48,16 @@ def reduce_grad_norm(record: RNNRecord, max_time: int = 2048) -> dict[str, Any] 
     horizon = int(record.lengths.max()) if record.lengths.numel() else 0
     values = norms[:, :horizon].double().numpy()
     binned, width = common.bin_axis(values, max_time)
+    header = common.record_header(record)
+    starts = getattr(record, "call_starts", None)
+    if starts is not None:
+        # where each later call of a chain begins, on the time axis the curve averages over
+        for index, row in enumerate(starts[1:].tolist(), start=2):
+            where = (f"step {min(row)}" if min(row) == max(row)
+                     else f"steps {min(row)}-{max(row)}, by sequence (each counted from its own first step)")
+            header["context"] = (*header["context"], f"call {index} begins at {where}")
     return {
-        **common.record_header(record),
+        **header,
         "norm": binned.astype(np.float64),
         "bin": width,
         "num_directions": record.num_directions,

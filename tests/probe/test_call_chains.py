@@ -101,3 +101,17 @@ def test_a_module_whose_state_starts_another_says_so():
     assert rec["enc"].context == ("its final state starts 'dec': the gradient at its last steps comes through it",)
     assert rec["dec"].context == () and rec["enc"].exact
     assert float(rec["enc"].hidden_grad[0, :, -1].norm()) > 0
+
+
+def test_the_gradient_curve_says_where_the_decoder_begins():
+    rnn = pytest.importorskip("pytorch_forecasting.models.nn.rnn")
+    from lightning_rnnviz.render.gradients import reduce_grad_norm
+
+    torch.manual_seed(3)
+    module = rnn.GRU(input_size=3, hidden_size=4, batch_first=True)
+    with Probe(module, strict=True).record() as rec:
+        out = _chain(module, torch.randn(3, 9, 3), torch.randn(3, 2, 3), torch.tensor([9, 4, 6]),
+                     torch.tensor([2, 2, 2]), library=True)
+        out.sum().backward()
+    context = reduce_grad_norm(rec[""])["context"]
+    assert context[-1] == "call 2 begins at steps 4-9, by sequence (each counted from its own first step)"
