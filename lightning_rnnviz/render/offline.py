@@ -109,6 +109,8 @@ class EpochSummary:
     entropy_norm: list[float] | None = None
     entropy: list[float] | None = None
     focus: list[float] | None = None
+    # what the module's records showed: which calls ("call 2 of 2", "calls 1-2 of 2 as one sequence ...")
+    shown: list[str] = field(default_factory=list)
 
     def stat(self, name: str, row: int) -> float | None:
         """Statistic ``name`` (a field, or a gate of :attr:`gate_means`) of ``row``; ``None`` if absent."""
@@ -333,6 +335,8 @@ def _epoch(check: _Checker, epoch: int, entry: Any, where: str) -> EpochSummary:
     )
     if entry.get("length") is not None:
         result.length = check.number(entry["length"], f"{where}.length")
+    for i, text in enumerate(check.sequence(entry.get("shown", []), f"{where}.shown")):
+        result.shown.append(check.text(text, f"{where}.shown[{i}]") or "")
     for stat in ROW_STATS + HEAD_STATS:
         setattr(result, stat, check.numbers(entry.get(stat), f"{where}.{stat}"))
     for gate, values in check.mapping(entry.get("gate_means"), f"{where}.gate_means").items():
@@ -465,6 +469,9 @@ def summary_text(summary: Summary, module: str | None = None, label: str | None 
         noun = "head" if entry.is_attention else "row"
         count = len(entry.rows)
         lines += ["", f"{name} ({entry.kind}; {count} {noun}{'' if count == 1 else 's'})"]
+        said = [entry.epochs[e].shown for e in sorted(entry.epochs) if entry.epochs[e].shown]
+        for remark in said[-1] if said else ():  # as its last recording with something to say
+            lines.append(f"  shows {remark}")
         columns = _module_columns(entry)
         lengths = any(e.length is not None for e in entry.epochs.values())  # the horizon's yardstick
         headers = ["epoch", "step"] + ["length"] * lengths + [noun]

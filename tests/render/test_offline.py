@@ -522,3 +522,18 @@ def test_summary_shows_the_mean_sequence_length_when_there(tmp_path, capsys):
     assert "  epoch  step  length  row      horizon  decay/step  log10 ratio\n" \
            "      0     8    27.5  layer 0      3.5      -0.210          nan\n" in out
     assert "; length: mean valid sequence length)" in out
+
+
+def test_summary_says_which_calls_a_module_showed(tmp_path, capsys):
+    """DeepAR's `rnn`: its encoder and decoder calls as one sequence, as summary.json keeps it."""
+    document = summary_document("lstm", epochs=2)
+    document["modules"]["rnn"]["epochs"]["1"]["shown"] = [
+        "calls 1-2 of 2 as one sequence, each from the last one's final state (24 + 6 steps)"]
+    write_summary(tmp_path / "deepar", document)
+    status, out, err = run_main(capsys, "summary", tmp_path / "deepar")
+    assert (status, err) == (0, "")
+    assert "  shows calls 1-2 of 2 as one sequence, each from the last one's final state (24 + 6 steps)" in out
+    document["modules"]["rnn"]["epochs"]["1"]["shown"] = [3]
+    write_summary(tmp_path / "broken", document)
+    status, out, err = run_main(capsys, "summary", tmp_path / "broken")
+    assert status != 0 and "shown[0]" in err
