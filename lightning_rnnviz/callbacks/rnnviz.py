@@ -150,9 +150,10 @@ class RNNViz(*CALLBACK_BASES):
             on the CPU its intra-op threads), else the training thread (``placement`` says which was used).
         validation: draw the fixed validation sample at each validation run.
         log_first_step: also record the very first training batch, for instant feedback.
-        call: for a fused RNN called several times in one training step (not as a chain of single steps),
-            which forward call is recorded (0-based, negative from the end); ``None`` records the last
-            call whose output received a gradient, and one warning per module says so.
+        call: for a fused RNN called several times in one training step, which forward call is recorded
+            (0-based, negative from the end); ``None`` records calls that each start from the last one's
+            final state as one sequence (an encoder and its decoder), and otherwise the last call whose
+            output received a gradient, with one warning per module that says so.
         save_records: keep what each recording step drew and measured (the reduced payloads of the pictures
             and the statistics) as one compressed ``.npz`` a step in ``<run data folder>/records/``, for
             :func:`lightning_rnnviz.load_records`; ``"full"`` also keeps every recorded tensor (large: about
