@@ -407,8 +407,8 @@ class Probe:
     """Record what happens inside a model's recurrent and attention modules on one batch.
 
     Supported: ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` (fused, replayed for gates and exact gradients),
-    ``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell`` called in a loop (each call is one step; so is each
-    call of a fused module called once per step from the previous call's state, see ``call``),
+    ``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell`` called in a loop (each call is one step; the calls of a fused module that each start from the
+    previous call's final state are one sequence, see ``call``),
     ``nn.MultiheadAttention`` (also inside the ``nn.Transformer*Layer`` modules), the Temporal Fusion
     Transformer attention of pytorch-forecasting, darts and neuralforecast (``probe/known.py``: read in
     their own layouts, before dropout, with the keys their masks allowed), and any module with a custom
@@ -433,9 +433,10 @@ class Probe:
             module's record (for tests).
         call: which call of a fused ``nn.RNN/LSTM/GRU`` a record shows when the module is called several
             times in one block: an index among the block's forward calls (0-based, negative from the
-            end). ``None`` records the calls as the time axis when they are one step each and each
-            starts from the previous call's final state (a decoder that calls ``nn.GRU`` once per
-            output step; unidirectional modules only); otherwise it shows the last call whose outputs
+            end). ``None`` records the calls as one sequence when each starts from the previous call's
+            final state (an encoder whose state starts its decoder, laid end to end on each sequence's
+            time axis; a decoder that calls ``nn.GRU`` once per output step; unidirectional modules
+            only; see ``RNNRecord.calls`` and ``call_starts``); otherwise it shows the last call whose outputs
             received a gradient, else the last call, and warns once which one it shows. An index past
             a block's calls drops that module's record for the block (as an error of capture).
         on_device: leave the records' tensors on the device where each module ran instead of copying
