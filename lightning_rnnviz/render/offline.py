@@ -588,7 +588,10 @@ def compare_table(runs: Sequence[ComparedRun], row: int | None = None) -> str:
                      run.module.rows[r] if r < len(run.module.rows) else "-"]
             cells += [_format(run.stats.stat(s, r), _FORMATS[s]) for s in ROW_STATS]
             lines.append(cells + [kinds or "-"])
-    return "\n".join(_table(headers, lines, left=[0, 1, 4, 8], indent="")) + "\n"
+    text = _table(headers, lines, left=[0, 1, 4, 8], indent="")
+    # which calls each run's curve shows (an encoder and its decoder as one sequence, one call of several)
+    text += [f"{run.label}: {run.module.name} shows {remark}" for run in runs for remark in run.stats.shown]
+    return "\n".join(text) + "\n"
 
 
 def _finding_scope(finding: Finding) -> str:

@@ -537,3 +537,15 @@ def test_summary_says_which_calls_a_module_showed(tmp_path, capsys):
     write_summary(tmp_path / "broken", document)
     status, out, err = run_main(capsys, "summary", tmp_path / "broken")
     assert status != 0 and "shown[0]" in err
+
+
+def test_compare_says_which_calls_each_run_shows(tmp_path, capsys):
+    shown = "calls 1-2 of 2 as one sequence, each from the last one's final state (24 + 6 steps)"
+    for name in ("a", "b"):
+        document = summary_document("gru", epochs=2)
+        if name == "b":
+            document["modules"]["rnn"]["epochs"]["1"]["shown"] = [shown]
+        write_summary(tmp_path / name, document)
+    status, out, err = run_main(capsys, "compare", tmp_path / "a", tmp_path / "b", "--out", str(tmp_path / "c.png"))
+    assert status == 0, err
+    assert f"b: rnn shows {shown}" in out and "a: rnn shows" not in out
