@@ -377,11 +377,17 @@ def _listing(names: Iterable[str]) -> str:
 
 # --- labels and tables ------------------------------------------------------------------------------------
 _VERSION_DIR = re.compile(r"version_\d+")
+# folders every run has, which tell runs apart less than the folders above them: Lightning's default logger
+# folder (`Trainer(default_root_dir=X)` logs to X/lightning_logs/version_<n>), the callback's own folder
+_GENERIC_DIR = re.compile(r"lightning_logs|rnnviz")
+_WANDB_RUN_DIR = re.compile(r"(offline-)?run-\d{8}_\d{6}-\w+")  # W&B keeps a run's files in <run>/files
 
 
 def run_labels(run_dirs: Sequence[str | os.PathLike[str]]) -> list[str]:
     """Short labels that tell runs apart: the fewest last parts of each run's folder that differ between
-    the runs, leaving out a trailing Lightning ``version_<n>`` where the rest still tells them apart.
+    the runs, leaving out a trailing Lightning ``version_<n>`` where the rest still tells them apart, and
+    parts every run has (``lightning_logs``, ``rnnviz``, a W&B run's ``files``) where a more telling part
+    is left: a run of ``Trainer(default_root_dir="exp_a")`` is ``exp_a``, not ``lightning_logs``.
 
     Example::
 
@@ -391,9 +397,11 @@ def run_labels(run_dirs: Sequence[str | os.PathLike[str]]) -> list[str]:
         ['version_0', 'version_1']
         >>> run_labels(["logs/lstm/version_3"])
         ['lstm']
+        >>> run_labels(["exp_a/lightning_logs/version_0", "exp_b/lightning_logs/version_0"])
+        ['exp_a', 'exp_b']
     """
-    full = [Path(os.path.abspath(p)).parts for p in run_dirs]
-    short = [parts[:-1] if len(parts) > 2 and _VERSION_DIR.fullmatch(parts[-1]) else parts for parts in full]
+    full = [_telling_parts(p) for p in run_dirs]
+    short = [parts[:-1] if len(parts) > 1 and _VERSION_DIR.fullmatch(parts[-1]) else parts for parts in full]
     for candidate in (short, full):
         for k in range(1, max((len(c) for c in candidate), default=0) + 1):
             labels = ["/".join(c[-k:]) for c in candidate]
@@ -406,6 +414,19 @@ def run_labels(run_dirs: Sequence[str | os.PathLike[str]]) -> list[str]:
         if counts[label] > 1:
             labels[i] = f"{label} #{counts[label]}"
     return labels
+
+
+def _telling_parts(run_dir: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The parts of ``run_dir``'s absolute path below its root, less the generic ones (kept where only
+    generic parts and ``version_<n>`` would be left)."""
+    path = Path(os.path.abspath(run_dir))
+    parts = path.parts[1:] if path.anchor else path.parts
+    kept = tuple(part for i, part in enumerate(parts)
+                 if not (_GENERIC_DIR.fullmatch(part)
+                         or part == "files" and i > 0 and _WANDB_RUN_DIR.fullmatch(parts[i - 1])))
+    if all(_VERSION_DIR.fullmatch(part) for part in kept):  # nothing more telling: keep what there is
+        kept = parts
+    return kept or path.parts
 
 
 def _format(value: float | None, pattern: str = "{:.3g}") -> str:

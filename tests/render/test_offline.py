@@ -177,6 +177,39 @@ def test_run_labels():
     assert run_labels([]) == []
 
 
+def test_run_labels_name_a_default_root_dir_run_from_its_folder():
+    """``Trainer(default_root_dir=X)`` logs to ``X/lightning_logs/version_0``: the run is ``X``."""
+    runs = ["s/exp_a/lightning_logs/version_0", "s/exp_b/lightning_logs/version_0"]
+    assert run_labels(runs) == ["exp_a", "exp_b"]
+    assert run_labels(["s/exp_a/lightning_logs/version_3"]) == ["exp_a"]
+    assert run_labels(["s/exp_a/lightning_logs/version_0", "s/exp_b/lightning_logs/version_2"]) == \
+        ["exp_a", "exp_b"]
+    # versions of one folder: the version tells them apart; with another folder beside them, both parts
+    assert run_labels(["s/exp_a/lightning_logs/version_0", "s/exp_a/lightning_logs/version_1"]) == \
+        ["version_0", "version_1"]
+    assert run_labels(["s/exp_a/lightning_logs/version_0", "s/exp_a/lightning_logs/version_1",
+                       "s/exp_b/lightning_logs/version_0"]) == \
+        ["exp_a/version_0", "exp_a/version_1", "exp_b/version_0"]
+    # a W&B run's files folder (wandb/<run>/files/rnnviz/summary.json) is named from its run folder
+    assert run_labels(["w/wandb/run-20250101_120000-abc123/files", "w/wandb/run-20250101_130000-def456/files"]) == \
+        ["run-20250101_120000-abc123", "run-20250101_130000-def456"]
+    # a generic part is kept where nothing more telling is left
+    assert run_labels(["/lightning_logs/version_0"]) == ["lightning_logs"]
+    assert run_labels(["/rnnviz"]) == ["rnnviz"]
+
+
+def test_compare_and_summary_name_default_root_dir_runs_from_their_folder(tmp_path, capsys):
+    for name, kind in (("exp_a", "rnn"), ("exp_b", "gru")):
+        write_summary(tmp_path / name / "lightning_logs" / "version_0", summary_document(kind))
+    status, out, err = run_main(capsys, "compare", tmp_path / "exp_a", tmp_path / "exp_b",
+                                "--out", tmp_path / "c.svg")
+    assert (status, err) == (0, "")
+    assert [line.split()[0] for line in out.splitlines()[1:3]] == ["exp_a", "exp_b"]
+    assert "exp_a  (horizon 3.5 steps)" in (tmp_path / "c.svg").read_text()
+    status, out, _ = run_main(capsys, "summary", tmp_path / "exp_b")
+    assert out.startswith("run exp_b: ")
+
+
 # --- the summary command ------------------------------------------------------------------------------------
 GRU_SUMMARY = """\
 run gru: {path}
