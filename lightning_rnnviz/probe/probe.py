@@ -270,6 +270,37 @@ def _final_state(data: dict[str, Any]) -> tuple[Tensor, Tensor | None] | None:
     return h_n, c_n
 
 
+def _first_entries(parts: list[_Replayed], starts: Tensor | None) -> Tensor:
+    """The calls' first steps where a gradient entered, on the record's time axis (``-1``: none)."""
+    if len(parts) == 1:
+        return parts[0].direct_from
+    found = torch.full_like(parts[0].direct_from, -1)
+    for part, start in zip(parts, starts):
+        here = torch.where(part.direct_from >= 0, start + part.direct_from, -1)
+        found = torch.where((found < 0) | ((here >= 0) & (here < found)), here, found)
+    return found
+
+
+def _direct_from(module: nn.RNNBase, g_out: Tensor | None, g_hn: Tensor | None, g_cn: Tensor | None,
+                 lengths: Tensor) -> Tensor:
+    """``(B,)``: the first step of each sequence where a gradient entered the forward direction from outside
+    the module (its output at that step, or ``h_n``/``c_n`` at its last step), ``-1`` where none did."""
+    dirs = 2 if module.bidirectional else 1
+    batch = lengths.shape[0]
+    first = torch.full((batch,), -1, dtype=torch.long)
+    if g_out is not None:
+        width = g_out.shape[-1] // dirs
+        entered = (g_out[..., :width] != 0).any(-1).cpu()  # (T, B)
+        hit = entered.any(0)
+        first = torch.where(hit, entered.to(torch.uint8).argmax(0), first)
+    at_end = torch.zeros(batch, dtype=torch.bool)
+    for g in (g_hn, g_cn):
+        if g is not None:
+            at_end |= (g[0::dirs] != 0).flatten(2).any(-1).any(0).cpu()
+    last = (lengths - 1).clamp(min=0)
+    return torch.where(at_end & ((first < 0) | (last < first)), last, first)
+
+
 def _final_steps(states: Tensor, lengths: Tensor, dirs: int) -> Tensor:
     """``(L*D, B, X)``: each row's state where its direction ended, from ``(L*D, T, B, X)``."""
     index = (lengths.clamp(min=1) - 1).to(states.device).view(1, 1, -1, 1)
@@ -426,6 +457,8 @@ class _Replayed:
     result: ReplayResult
     lengths: Tensor
     notes: tuple[str, ...]
+    # (B,) on the CPU: the first step where a gradient entered the forward direction from outside, -1 if none
+    direct_from: Tensor | None = None
 
 
 class Probe:
@@ -1203,6 +1236,7 @@ class _Session:
             calls=(shown, len(pool)),
             call_starts=starts if len(parts) > 1 and several_steps else None,
             context=tuple(context),
+            direct_from=_first_entries(parts, starts),
         )
 
     def _replay_call(self, module: nn.RNNBase, call: _Call, scale: float | None) -> _Replayed:
@@ -1313,7 +1347,8 @@ class _Session:
         if not notes:
             # "exact" only when checked: the replay against what this call of the module really returned
             notes = _checked(module, data, result, lengths.cpu(), true_lengths, unbatched, g_in)
-        return _Replayed(result, (lengths if true_lengths is None else true_lengths).cpu(), notes)
+        shown = (lengths if true_lengths is None else true_lengths).cpu()
+        return _Replayed(result, shown, notes, _direct_from(module, g_out, g_hn, g_cn, shown))
 
     @staticmethod
     def _as_packed_call(module: nn.RNNBase, data: dict[str, Any], upstream: dict[Any, Tensor]

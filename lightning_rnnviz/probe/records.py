@@ -53,6 +53,10 @@ class RNNRecord:
             one call follow those of the call before); ``None`` otherwise.
         context: what the record's pictures say besides caveats (which calls they show, which module
             its final state starts); not a reason for ``exact`` to be ``False``.
+        direct_from: ``(batch,)`` the first step of each sequence at which a gradient entered the module
+            from outside (through its output at that step, or through ``h_n``/``c_n`` at the sequence's
+            last step), ``-1`` where none did; ``None`` when not known (cells). It decides
+            :attr:`grad_alignment`.
     """
 
     name: str
@@ -71,6 +75,7 @@ class RNNRecord:
     calls: tuple[tuple[int, ...], int] = ((0,), 1)
     call_starts: Tensor | None = None
     context: tuple[str, ...] = ()
+    direct_from: Tensor | None = None
     # Summaries that several renderers need, computed once (not part of the record's identity).
     derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -99,18 +104,49 @@ class RNNRecord:
         return self.hidden.shape[1]
 
     @property
-    def grad_norm(self) -> Tensor | None:
-        """``(layers*directions, time)``: mean over the sequences still valid at ``t`` of ``||dL/dh_t||_2``.
+    def grad_alignment(self) -> str:
+        """How :attr:`grad_norm` lines up the sequences: ``"end"`` when their lengths differ and the gradient
+        enters each at the same number of steps before its end but not at the same step from its start (a
+        many-to-one loss; an encoder followed by a decoder of fixed length), so that the curve follows the
+        gradient back from where it entered instead of averaging sequence ends at different steps;
+        ``"start"`` otherwise (equal lengths, a loss at every step, or nothing known)."""
+        if self.direct_from is None or self.all_valid:
+            return "start"
+        entered = self.direct_from.cpu() >= 0
+        if not bool(entered.any()):
+            return "start"
+        from_start = self.direct_from.cpu()[entered]
+        from_end = (self.lengths.cpu() - 1 - self.direct_from.cpu())[entered]
+        same_from_end = bool((from_end == from_end[0]).all())
+        same_from_start = bool((from_start == from_start[0]).all())
+        return "end" if same_from_end and not same_from_start else "start"
 
-        ``NaN`` at a step where no sequence is valid; ``None`` when there is no gradient. Reduced where
-        the record lives; the result is on the CPU.
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """``(layers*directions, time)``: mean over the sequences of ``||dL/dh_t||_2``, lined up as
+        :attr:`grad_alignment` says: at their first step (column ``t`` is step ``t`` of every sequence long
+        enough), or at their last (column ``T_max - 1 - d`` is ``d`` steps before each sequence's end, for
+        the sequences longer than ``d``; ``T_max`` the longest length).
+
+        ``NaN`` where no sequence is valid; ``None`` when there is no gradient. Reduced where the record
+        lives; the result is on the CPU.
         """
         if self.hidden_grad is None:
             return None
         cached = self.derived.get("grad_norm")
         if cached is None or cached[0] is not self.hidden_grad:
             norms = torch.linalg.vector_norm(self.hidden_grad, dim=-1)  # (LD, B, T)
-            valid = self.valid_mask().to(norms.dtype)  # (B, T)
+            valid = self.valid_mask(norms.device)  # (B, T)
+            if self.grad_alignment == "end":
+                # column j of sequence b is its step j - (T_max - length_b)
+                longest = int(self.lengths.max())
+                shift = (longest - self.lengths.to(torch.int64)).to(norms.device)
+                source = torch.arange(norms.shape[-1], device=norms.device).unsqueeze(0) - shift.unsqueeze(1)
+                inside = source >= 0
+                index = source.clamp(min=0)
+                norms = norms.gather(2, index.unsqueeze(0).expand_as(norms))
+                valid = valid.gather(1, index) & inside
+            valid = valid.to(norms.dtype)
             count = valid.sum(0)  # (T,)
             total = (norms * valid).sum(1)  # (LD, T)
             # 0/0 -> NaN: no valid sequence

@@ -16,7 +16,7 @@ from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from lightning_rnnviz.render import common
 from lightning_rnnviz.render._lazy import torch
@@ -49,15 +49,26 @@ def reduce_grad_norm(record: RNNRecord, max_time: int = 2048) -> dict[str, Any] 
     values = norms[:, :horizon].double().numpy()
     binned, width = common.bin_axis(values, max_time)
     header = common.record_header(record)
+    alignment = record.grad_alignment
+    if alignment == "end":
+        header["context"] = (*header["context"], "sequences lined up at their last steps, where the gradient "
+                                                 "enters each alike")
     starts = getattr(record, "call_starts", None)
     if starts is not None:
         # where each later call of a chain begins, on the time axis the curve averages over
-        for index, row in enumerate(starts[1:].tolist(), start=2):
-            where = (f"step {min(row)}" if min(row) == max(row)
-                     else f"steps {min(row)}-{max(row)}, by sequence (each counted from its own first step)")
-            header["context"] = (*header["context"], f"call {index} begins at {where}")
+        for index, row in enumerate(starts[1:], start=2):
+            tail = (record.lengths.cpu() - row).tolist()
+            row = row.tolist()
+            if alignment == "end" and min(tail) == max(tail):
+                where = f"is each sequence's last {tail[0]} steps"
+            elif min(row) == max(row):
+                where = f"begins at step {row[0]}"
+            else:
+                where = f"begins at steps {min(row)}-{max(row)}, by sequence (each counted from its own first step)"
+            header["context"] = (*header["context"], f"call {index} {where}")
     return {
         **header,
+        "alignment": alignment,
         "norm": binned.astype(np.float64),
         "bin": width,
         "num_directions": record.num_directions,
@@ -109,7 +120,13 @@ def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: s
     ax.xaxis.set_major_locator(MaxNLocator(8, integer=True))
     ax.tick_params(labelsize=common.TICK_SIZE)
     ax.grid(True, which="major", color="0.9", linewidth=0.6)
-    ax.set_xlabel("time step" if width == 1 else f"time (bins of {width} steps)", fontsize=common.LABEL_SIZE)
+    label = "time step" if width == 1 else f"time (bins of {width} steps)"
+    if payload.get("alignment") == "end":
+        # 0 at each sequence's last step, negative before it
+        last = columns * width - 1
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v - last))}"))
+        label = "steps before each sequence's end" + ("" if width == 1 else f" (bins of {width})")
+    ax.set_xlabel(label, fontsize=common.LABEL_SIZE)
     ax.set_ylabel("||dL/dh_t||, mean over sequences", fontsize=common.LABEL_SIZE)
     ax.legend(
         handles=handles,
@@ -252,9 +269,11 @@ def draw_grad_decay(
     max_curves: int = 16,
     horizons: Mapping[int, Sequence[float | None]] | None = None,
     notes: Sequence[str] = (),
+    alignment: str = "start",
 ) -> Figure:
     """Gradient norm per step, one line per epoch, one panel per layer/direction; each panel's heading gives
-    the gradient horizon of some of the epochs drawn.
+    the gradient horizon of some of the epochs drawn. ``alignment`` ``"end"``: the curves are lined up at
+    each sequence's last step (:attr:`RNNRecord.grad_alignment`), so they end together, counted back.
 
     Args:
         history: epoch -> ``(layers*directions, time)`` gradient norms (e.g. ``RNNRecord.grad_norm`` of a
@@ -271,7 +290,7 @@ def draw_grad_decay(
     Raises:
         ValueError: empty ``history``, or an entry that is not ``(len(layer_labels), time)``.
     """
-    epochs, curves, total, flag = decay_curves(history, layer_labels, max_curves)
+    epochs, curves, total, flag = decay_curves(history, layer_labels, max_curves, alignment)
     rows = len(layer_labels)
     payload = {"exact": not notes, "notes": tuple(notes)}
     heading = title or f"{name}: gradient norm per step, by epoch"
@@ -308,6 +327,8 @@ def draw_grad_decay(
         ax.set_xlim(-0.5, length - 0.5)
         ax.set_ylim(floor / 2, ceiling * 2)
         ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
+        if alignment == "end":
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v - (length - 1)))}"))
         ax.tick_params(labelsize=common.TICK_SIZE)
         ax.grid(True, which="major", color="0.9", linewidth=0.6)
         ax.set_title(
@@ -319,7 +340,8 @@ def draw_grad_decay(
         if r % ncols == 0:
             ax.set_ylabel("||dL/dh_t||", fontsize=common.LABEL_SIZE)
         if r >= rows - ncols:
-            ax.set_xlabel("time step", fontsize=common.LABEL_SIZE)
+            ax.set_xlabel("steps before each sequence's end" if alignment == "end" else "time step",
+                          fontsize=common.LABEL_SIZE)
     height = fig.get_size_inches()[1]
     cax = fig.add_axes((1 - 0.8 / 8.0, 0.55 / height, 0.15 / 8.0, 1 - (0.55 + top) / height))
     colorbar = fig.colorbar(mappable, cax=cax)
@@ -354,10 +376,12 @@ def horizon_text(entries: Sequence[tuple[int, float]]) -> str:
 
 
 def decay_curves(
-    history: Mapping[int, np.ndarray | torch.Tensor], layer_labels: Sequence[str], max_curves: int = 16
+    history: Mapping[int, np.ndarray | torch.Tensor], layer_labels: Sequence[str], max_curves: int = 16,
+    alignment: str = "start",
 ) -> tuple[list[int], dict[int, np.ndarray], int, str]:
     """Check and thin a :func:`draw_grad_decay` history: ``(epochs drawn, epoch -> float64 curves,
-    epochs in the history, non-finite flag)``."""
+    epochs in the history, non-finite flag)``; with ``alignment`` ``"end"`` the shorter curves are padded
+    with NaN in front, so that every curve ends at the last column."""
     if not history:
         raise ValueError("`history` is empty; pass at least one epoch -> (layers*directions, time) array.")
     max_curves = common.check_positive("max_curves", max_curves)
@@ -380,6 +404,10 @@ def decay_curves(
             )
         curves[epoch] = values
     flag = common.nonfinite_flag(*(_strip_trailing_nan(v) for v in curves.values()))
+    if alignment == "end" and curves:
+        longest = max(v.shape[1] for v in curves.values())
+        curves = {e: np.pad(v, ((0, 0), (longest - v.shape[1], 0)), constant_values=np.nan)
+                  for e, v in curves.items()}
     return epochs, curves, total, flag
 
 

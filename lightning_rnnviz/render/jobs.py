@@ -40,7 +40,8 @@ def draw(job: Job) -> np.ndarray:
 
         if job.kind == "grad_decay":
             return paint.paint_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step,
-                                          horizons=p.get("horizons"), notes=p.get("notes", ()))
+                                          horizons=p.get("horizons"), notes=p.get("notes", ()),
+                                          alignment=p.get("alignment", "start"))
         return paint.PAINTERS[job.kind](p, step=job.step)
     if job.renderer != "matplotlib":
         raise ValueError(f"unknown renderer {job.renderer!r}; use one of {RENDERERS}")
@@ -54,7 +55,8 @@ def draw(job: Job) -> np.ndarray:
     }
     if job.kind == "grad_decay":
         figure = render.draw_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step,
-                                        horizons=p.get("horizons"), notes=p.get("notes", ()))
+                                        horizons=p.get("horizons"), notes=p.get("notes", ()),
+                                        alignment=p.get("alignment", "start"))
     else:
         figure = drawers[job.kind](p, step=job.step)
     return render.figure_to_rgb(figure)

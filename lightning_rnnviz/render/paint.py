@@ -44,6 +44,18 @@ def _title(heading: str, payload: Mapping[str, Any], step: int | None, nonfinite
     return common.compose_title(heading, dict(payload), step, nonfinite, escape=False)
 
 
+def _aligned_time_axis(alignment: str, steps: int, width: int, count: int) -> tuple[np.ndarray, list[str], str]:
+    """Tick positions, their labels and the axis title of a gradient curve's time axis of ``steps`` steps:
+    step numbers, or (``alignment`` ``"end"``) steps before each sequence's end, 0 at the last column."""
+    if alignment != "end":
+        ticks = cv.nice_ticks(0, max(steps - 1, 0), count, integer=True)
+        return ticks, [str(int(v)) for v in ticks], _time_label(width)
+    last = max(steps - 1, 0)
+    ticks = cv.nice_ticks(-last, 0, count, integer=True)
+    label = "steps before each sequence's end" + ("" if width == 1 else f" (bins of {width})")
+    return ticks + last, [str(int(v)) for v in ticks], label
+
+
 def _time_label(width: int) -> str:
     return "time step" if width == 1 else f"time (bins of {width} steps)"
 
@@ -287,9 +299,9 @@ def paint_grad_norm(payload: Mapping[str, Any], *, step: int | None = None, titl
         entries.append((nonfinite, NONFINITE_RGB, "x"))
     panel.frame()
     panel.yticks(ticks, [cv.format_log_tick(v) for v in ticks])
-    time_ticks = cv.nice_ticks(0, max(columns * width - 1, 0), 9, integer=True)
-    panel.xticks(time_ticks, [str(int(v)) for v in time_ticks])
-    panel.xlabel(_time_label(width))
+    positions, labels, axis_label = _aligned_time_axis(payload.get("alignment", "start"), columns * width, width, 9)
+    panel.xticks(positions, labels)
+    panel.xlabel(axis_label)
     panel.ylabel("||dL/dh_t||, mean over sequences", offset=52)
     cv.legend(canvas, (WIDTH - 180, top), entries, column_width=175)
     return canvas.to_array()
@@ -305,13 +317,14 @@ def paint_grad_decay(
     max_curves: int = 16,
     horizons: Mapping[int, Sequence[float | None]] | None = None,
     notes: Sequence[str] = (),
+    alignment: str = "start",
 ) -> np.ndarray:
     """Gradient norm per step, one line per epoch (colour: epoch), one panel per layer/direction; each
     panel's heading gives the gradient horizon of some of the epochs drawn (first and last among them).
 
     Arguments and errors as :func:`~lightning_rnnviz.render.draw_grad_decay`.
     """
-    epochs, curves, total, flag = decay_curves(history, layer_labels, max_curves)
+    epochs, curves, total, flag = decay_curves(history, layer_labels, max_curves, alignment)
     rows = len(layer_labels)
     heading = title or f"{name}: gradient norm per step, by epoch"
     if len(epochs) < total:
@@ -332,7 +345,7 @@ def paint_grad_decay(
     low, high = epochs[0], epochs[-1]
     vmin, vmax = (low - 0.5, high + 0.5) if low == high else (low, high)
     table = cv.colour_table("sequential")
-    time_ticks = cv.nice_ticks(0, max(length - 1, 0), 7, integer=True)
+    time_ticks, time_labels, time_title = _aligned_time_axis(alignment, length, 1, 7)
     any_zero = False
     for r in range(rows):
         row, column = divmod(r, ncols)
@@ -350,13 +363,13 @@ def paint_grad_decay(
         panel.frame()
         panel.yticks(ticks, [cv.format_log_tick(v) for v in ticks])
         last = r >= rows - ncols
-        panel.xticks(time_ticks, [str(int(v)) for v in time_ticks] if last else [""] * len(time_ticks))
+        panel.xticks(time_ticks, time_labels if last else [""] * len(time_ticks))
         entries = horizon_entries(horizons, epochs, r, most=4 if ncols == 1 else 3)
         panel.title(str(layer_labels[r]), right=horizon_text(entries))
         if column == 0:
             panel.ylabel("||dL/dh_t||", offset=48)
         if last:
-            panel.xlabel("time step")
+            panel.xlabel(time_title)
     epoch_ticks = cv.nice_ticks(low, high, 6, integer=True) if high > low else np.array([low])
     cv.colour_bar(canvas, (WIDTH - 84, top, WIDTH - 70, height - bottom), "sequential", vmin, vmax, "epoch",
                   ticks=epoch_ticks, tick_labels=[str(int(e)) for e in epoch_ticks])

@@ -124,6 +124,7 @@ class Reporter:
         self.summary: dict[str, dict[str, Any]] = {}  # module -> {"kind", "rows", "epochs": {epoch: {...}}}
         self.notes: dict[str, list[str]] = {}  # module -> approximation notes of any recording so far
         self.context: dict[str, tuple[str, ...]] = {}  # module -> what its last record shows (calls, chaining)
+        self.alignment: dict[str, str] = {}  # module -> how its gradient curves line sequences up
         self._epoch_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._epoch: dict[str, _Collected] = {}  # this epoch's statistics per module
         self._recordings = 0  # recordings reported so far (an index for the epoch's statistics)
@@ -306,14 +307,25 @@ class Reporter:
     # --- epochs ------------------------------------------------------------------------------------
     def _accumulate_decay(self, name: str, record: RNNRecord) -> None:
         norm = record.grad_norm  # (rows, T)
+        # sequences of one length line up either way: they keep the module's alignment
+        alignment = self.alignment.get(name, "start") if record.all_valid else record.grad_alignment
+        self.alignment[name] = alignment
+        if alignment == "end":  # the curve ends at the longest sequence's last step, and so do the sums
+            norm = norm[:, : int(record.lengths.max())]
         finite = torch.isfinite(norm)
         values = torch.where(finite, norm, torch.zeros_like(norm)).double()
         total, count = self._epoch_sums.get(name, (values.new_zeros(0), values.new_zeros(0)))
-        steps = max(total.shape[-1] if total.numel() else 0, values.shape[-1])
+        held = total.shape[-1] if total.numel() else 0
+        steps = max(held, values.shape[-1])
         total = _pad_to(total, values.shape[0], steps)
         count = _pad_to(count, values.shape[0], steps)
-        total[:, : values.shape[-1]] += values
-        count[:, : values.shape[-1]] += finite.double()
+        if alignment == "end":
+            total, count = total.roll(steps - held, -1), count.roll(steps - held, -1)  # the padding in front
+            total[:, steps - values.shape[-1]:] += values
+            count[:, steps - values.shape[-1]:] += finite.double()
+        else:
+            total[:, : values.shape[-1]] += values
+            count[:, : values.shape[-1]] += finite.double()
         self._epoch_sums[name] = (total, count)
 
     def end_epoch(self, epoch: int, step: int, out: Output) -> tuple[bool, list[str]]:
@@ -341,7 +353,8 @@ class Reporter:
             horizons = {e: epochs[e]["horizon"] for e in history if e in epochs and epochs[e].get("horizon")}
             notes = tuple(self.notes.get(name, ()))
             payload = {"history": {e: h.numpy() for e, h in history.items()}, "name": name, "layer_labels": labels,
-                       "horizons": horizons, "exact": not notes, "notes": notes}
+                       "horizons": horizons, "exact": not notes, "notes": notes,
+                       "alignment": self.alignment.get(name, "start")}
             self._picture(out, "grad_decay", name, step, "rnnviz", lambda p=payload: p)
             drawn = True
         return drawn, lines
@@ -355,6 +368,8 @@ class Reporter:
             record = {"step": step, "recordings": summary.recordings, "length": _json_number(summary.length)}
             if self.context.get(name):
                 record["shown"] = list(self.context[name])
+            if self.alignment.get(name) == "end":
+                record["alignment"] = "end"  # its grad_norm curve counts back from the sequences' ends
             for stat in ("horizon", "decay_per_step", "log10_ratio", "entropy_norm", "entropy", "focus"):
                 if stat in summary.stats:
                     record[stat] = [_json_number(v) for v in summary.stats[stat]]

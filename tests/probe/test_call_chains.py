@@ -113,5 +113,12 @@ def test_the_gradient_curve_says_where_the_decoder_begins():
         out = _chain(module, torch.randn(3, 9, 3), torch.randn(3, 2, 3), torch.tensor([9, 4, 6]),
                      torch.tensor([2, 2, 2]), library=True)
         out.sum().backward()
-    context = reduce_grad_norm(rec[""])["context"]
-    assert context[-1] == "call 2 begins at steps 4-9, by sequence (each counted from its own first step)"
+    payload = reduce_grad_norm(rec[""])
+    # the loss is on the decoder's steps: the sequences are lined up at their ends, where it is the same
+    assert payload["alignment"] == "end"
+    assert payload["context"][-1] == "call 2 is each sequence's last 2 steps"
+    rec[""].direct_from = None  # alignment unknown: each sequence from its first step
+    rec[""].derived.clear()
+    payload = reduce_grad_norm(rec[""])
+    assert payload["alignment"] == "start"
+    assert payload["context"][-1] == "call 2 begins at steps 4-9, by sequence (each counted from its own first step)"
