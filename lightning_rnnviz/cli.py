@@ -1,8 +1,9 @@
 """The command line: ``lightning-rnnviz`` (or ``python -m lightning_rnnviz``) ``summary RUN`` prints a run's
 per-epoch statistics and findings; ``compare RUN [RUN ...] --out FILE.png`` draws the runs' gradient norm
-curves ``||dL/dh_t||`` on one picture and prints their statistics side by side. ``RUN`` is a run folder (the
-logger's ``log_dir``, or its ``rnnviz/`` folder) or a ``summary.json``; for ``compare``, a folder that holds
-several runs stands for all of them. What it reads and draws is :mod:`lightning_rnnviz.render.offline`'s.
+curves ``||dL/dh_t||`` of a recurrent module on one picture (of an attention module, its ``entropy_norm`` and
+``focus`` per head) and prints their statistics side by side. ``RUN`` is a run folder (the logger's
+``log_dir``, or its ``rnnviz/`` folder) or a ``summary.json``; for ``compare``, a folder that holds several
+runs stands for all of them. What it reads and draws is :mod:`lightning_rnnviz.render.offline`'s.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ examples:
   {prog} summary lightning_logs/lstm/version_0
   {prog} compare lightning_logs/rnn/version_0 lightning_logs/gru/version_0 --out grads.png
   {prog} compare lightning_logs --epoch 0 --out grads.svg   (every run below lightning_logs)
+  {prog} compare exp_a exp_b --module decoder.attn --out attn.png   (Trainer(default_root_dir="exp_a"), ...)
 """
 
 
@@ -49,7 +51,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Read the summary.json that lightning_rnnviz's RNNViz callback writes beside a run: "
-                    "print its statistics and findings, or compare the gradient norms of several runs.",
+                    "print its statistics and findings, or compare several runs' gradient norms or "
+                    "attention.",
         epilog=_EXAMPLES.format(prog=prog or "lightning-rnnviz"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -62,18 +65,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                          help="a run folder (the logger's log_dir, or its rnnviz/) or a summary.json")
     summary.add_argument("--module", metavar="NAME", help="only this module (its qualified name)")
     compare = commands.add_parser(
-        "compare", help="draw the gradient norm curves of several runs on one picture",
+        "compare", help="draw several runs' gradient norm curves (or attention per head) on one picture",
         description="Draw ||dL/dh_t|| per time step of several runs on one picture (one panel per layer and "
-                    "direction) and print their statistics side by side.",
+                    "direction) and print their statistics side by side. Of an attention module: its "
+                    "entropy_norm and focus per head, one colour per run; of one head (--head I), per "
+                    "epoch.",
     )
     compare.add_argument("runs", nargs="+", metavar="RUN",
                          help="run folders or summary.json files; a folder that holds several runs adds "
                               "them all")
     compare.add_argument("--module", metavar="NAME",
-                         help="the module to compare (default: the only recurrent module all runs have)")
+                         help="the module to compare (default: the only recurrent module all runs have, "
+                              "else the only attention module)")
     compare.add_argument("--epoch", type=_epoch_arg, default="last", metavar="N|last",
-                         help="which epoch (default: each run's last epoch with a gradient curve)")
-    compare.add_argument("--row", type=int, metavar="I", help="only row I (layer*directions + direction)")
+                         help="which epoch (default: each run's last epoch with a gradient curve, or "
+                              "with attention statistics)")
+    compare.add_argument("--row", "--head", type=int, metavar="I",
+                         help="only row I (layer*directions + direction), or head I of an attention module")
     compare.add_argument("--out", required=True, metavar="FILE",
                          help="the picture to write: .png (150 dpi), .svg or .pdf")
     return parser

@@ -1,9 +1,10 @@
 """Runs compared after training, from the ``summary.json`` the callback writes at each training epoch's end.
 
 What the command line (:mod:`lightning_rnnviz.cli`) prints and draws: a run's per-epoch statistics and
-findings (:func:`summary_text`), and several runs' gradient norm curves ``||dL/dh_t||`` on one picture
-(:func:`draw_compare`) with their statistics side by side (:func:`compare_table`). A run is a run folder
-(the logger's ``log_dir``, or its ``rnnviz/`` folder) or a ``summary.json``.
+findings (:func:`summary_text`), and several runs' gradient norm curves ``||dL/dh_t||`` of a recurrent
+module on one picture, or an attention module's ``entropy_norm`` and ``focus`` per head
+(:func:`draw_compare`), with their statistics side by side (:func:`compare_table`). A run is a run folder
+(the logger's ``log_dir``, or its ``rnnviz/`` folder) or a ``summary.json``, labelled by :func:`run_labels`.
 
 In a notebook, the same in three lines::
 
@@ -112,6 +113,11 @@ class EpochSummary:
     # what the module's records showed: which calls ("call 2 of 2", "calls 1-2 of 2 as one sequence ...")
     shown: list[str] = field(default_factory=list)
 
+    @property
+    def has_head_stats(self) -> bool:
+        """Whether an attention module's statistics (``entropy_norm``, ``entropy``, ``focus``) are here."""
+        return any(getattr(self, stat) is not None for stat in HEAD_STATS)
+
     def stat(self, name: str, row: int) -> float | None:
         """Statistic ``name`` (a field, or a gate of :attr:`gate_means`) of ``row``; ``None`` if absent."""
         values = self.gate_means.get(name) if name in self.gate_means else getattr(self, name, None)
@@ -134,12 +140,23 @@ class ModuleSummary:
         return self.kind == "attention"
 
     def last_epoch(self, with_curve: bool = False) -> int | None:
-        """The last epoch (with ``with_curve``, the last that has a gradient curve, if any has)."""
+        """The last epoch (with ``with_curve``, the last that has a gradient curve, or of an attention
+        module its statistics per head, if any has)."""
         epochs = sorted(self.epochs)
         if with_curve:
-            curved = [e for e in epochs if self.epochs[e].grad_norm is not None]
+            curved = [e for e in epochs if self.has_data(e)]
             epochs = curved or epochs
         return epochs[-1] if epochs else None
+
+    def has_data(self, epoch: int) -> bool:
+        """Whether ``epoch`` has what ``compare`` draws: a gradient curve, or an attention module's
+        statistics per head."""
+        stats = self.epochs.get(epoch)
+        if stats is None:
+            return False
+        if self.is_attention:
+            return stats.has_head_stats
+        return stats.grad_norm is not None and stats.grad_norm.size > 0
 
     def row_index(self, layer: int | None, direction: str | None) -> int | None:
         """The row of a finding's ``layer`` and ``direction``."""
@@ -540,19 +557,41 @@ def _choose_module(summaries: Sequence[Summary], labels: Sequence[str], module: 
                 raise SummaryError(f"run {label!r} ({summary.path}) has no module {module!r}; "
                                    f"it has {_listing(summary.modules)}.")
         return module
-    recurrent = [{n for n, m in s.modules.items() if not m.is_attention} for s in summaries]
-    common_rnn = set.intersection(*recurrent)
-    if len(common_rnn) == 1:
-        return next(iter(common_rnn))
+    recurrent = set.intersection(*({n for n, m in s.modules.items() if not m.is_attention}
+                                   for s in summaries))
+    attention = set.intersection(*({n for n, m in s.modules.items() if m.is_attention} for s in summaries))
+    if len(recurrent) == 1:
+        return next(iter(recurrent))
+    if not recurrent and len(attention) == 1:
+        return next(iter(attention))
     each = "; ".join(f"{label}: {_listing(s.modules)}" for s, label in zip(summaries, labels))
-    why = "no recurrent module is common to" if not common_rnn else "several recurrent modules are common to"
+    if len(recurrent) > 1:
+        why = "several recurrent modules are common to"
+    elif attention:
+        why = "no recurrent module and several attention modules are common to"
+    else:
+        why = "no recurrent or attention module is common to"
     raise SummaryError(f"{why} all runs; pick one with `--module NAME` (modules of each run: {each}).")
+
+
+def _check_kinds(summaries: Sequence[Summary], labels: Sequence[str], name: str) -> None:
+    """One kind of module to compare: an attention module in one run and a recurrent one in another is not."""
+    kinds = {label: s.modules[name] for s, label in zip(summaries, labels)}
+    attention = [label for label, m in kinds.items() if m.is_attention]
+    recurrent = [f"{label} ({m.kind})" for label, m in kinds.items() if not m.is_attention]
+    if attention and recurrent:
+        raise SummaryError(
+            f"module {name!r} is an attention module in run{'s' * (len(attention) > 1)} "
+            f"{', '.join(repr(a) for a in attention)} and a recurrent module in "
+            f"run{'s' * (len(recurrent) > 1)} {', '.join(recurrent)}; `compare` compares one kind at a "
+            f"time: pass runs whose {name!r} is the same kind, or pick another module with `--module NAME`.")
 
 
 def select_runs(summaries: Sequence[Summary], labels: Sequence[str] | None = None, module: str | None = None,
                 epoch: int | str = "last", row: int | None = None) -> tuple[str, list[ComparedRun]]:
-    """Choose what ``compare`` compares: the module (``None``: the only recurrent module all runs have),
-    each run's epoch (``"last"``: its last epoch with a gradient curve) and check ``row``.
+    """Choose what ``compare`` compares: the module (``None``: the only recurrent module all runs have,
+    else the only attention module), each run's epoch (``"last"``: its last epoch with a gradient curve,
+    or with an attention module's statistics) and check ``row`` (a head of an attention module).
 
     Args:
         summaries: the runs, as :func:`read_summary` returns them.
@@ -562,18 +601,17 @@ def select_runs(summaries: Sequence[Summary], labels: Sequence[str] | None = Non
         The module's name and one :class:`ComparedRun` per run.
 
     Raises:
-        SummaryError: no such module, epoch or row, no common recurrent module, an attention module, or
-            no gradient curve in any run; the message lists what there is.
+        SummaryError: no such module, epoch or row, no common module to choose, a module recurrent in one
+            run and attention in another, or nothing to draw (no gradient curve, no attention statistics)
+            in any run; the message lists what there is.
     """
     if labels is None:
         labels = run_labels([s.run_dir for s in summaries])
     name = _choose_module(summaries, labels, module)
+    _check_kinds(summaries, labels, name)
     runs = []
     for summary, label in zip(summaries, labels):
         entry = summary.modules[name]
-        if entry.is_attention:
-            raise SummaryError(f"module {name!r} of run {label!r} is an attention module; `compare` draws "
-                               f"the gradient norms of recurrent modules.")
         if not entry.epochs:
             raise SummaryError(f"run {label!r} ({summary.path}) has no epochs of module {name!r} yet.")
         if epoch == "last":
@@ -584,32 +622,47 @@ def select_runs(summaries: Sequence[Summary], labels: Sequence[str] | None = Non
             raise SummaryError(f"run {label!r} has no epoch {epoch} of module {name!r}; it has epochs "
                                f"{', '.join(str(e) for e in entry.epochs)}.")
         if row is not None and not 0 <= row < len(entry.rows):
+            if entry.is_attention:
+                heads = ", ".join(str(i) for i in range(len(entry.rows))) or "none"
+                raise SummaryError(f"`--head {row}` is out of range for attention module {name!r} of run "
+                                   f"{label!r}; its heads are {heads}.")
             rows = ", ".join(f"{i} ({r})" for i, r in enumerate(entry.rows))
             raise SummaryError(f"`--row {row}` is out of range for module {name!r} of run {label!r}; "
                                f"its rows are {rows}.")
         runs.append(ComparedRun(label, summary, entry, chosen, entry.epochs[chosen]))
-    if not any(r.stats.grad_norm is not None and r.stats.grad_norm.size for r in runs):
+    if not any(r.module.has_data(r.epoch) for r in runs):
+        if runs[0].module.is_attention:
+            raise SummaryError(f"no run has attention statistics (`entropy_norm`, `entropy`, `focus`) of "
+                               f"module {name!r} at the chosen epoch; they are written for epochs whose "
+                               f"training steps recorded the module.")
         raise SummaryError(f"no run has a gradient curve (`grad_norm`) of module {name!r} at the chosen "
                            f"epoch; record gradients (a training step with backward) to compare them.")
     return name, runs
 
 
 def compare_table(runs: Sequence[ComparedRun], row: int | None = None) -> str:
-    """The runs side by side: one line per run and row, with the findings of that epoch and row."""
-    headers = ["run", "module", "epoch", "step", "row"] + [_HEADERS[s] for s in ROW_STATS] + ["findings"]
+    """The runs side by side: one line per run and row (an attention module: per head, its entropy and
+    focus), with the findings of that epoch and row."""
+    attention = bool(runs) and runs[0].module.is_attention
+    stats = HEAD_STATS if attention else ROW_STATS
+    noun = "head" if attention else "row"
+    headers = ["run", "module", "epoch", "step", noun] + [_HEADERS[s] for s in stats] + ["findings"]
     lines = []
     for run in runs:
         rows = [row] if row is not None else range(max(len(run.module.rows), 1))
         for r in rows:
             found = [f for f in run.summary.findings if f.module == run.module.name and f.epoch == run.epoch
-                     and (run.module.row_index(f.layer, f.direction) == r
+                     and ((f.head if attention else run.module.row_index(f.layer, f.direction)) == r
                           or (f.layer is None and f.head is None and r == rows[0]))]
             kinds = ", ".join(dict.fromkeys(f.kind + _finding_scope(f) for f in found))
             cells = [run.label, run.module.name, str(run.epoch), _format(run.stats.step, "{}"),
                      run.module.rows[r] if r < len(run.module.rows) else "-"]
-            cells += [_format(run.stats.stat(s, r), _FORMATS[s]) for s in ROW_STATS]
+            cells += [_format(run.stats.stat(s, r), _FORMATS[s]) for s in stats]
             lines.append(cells + [kinds or "-"])
-    text = _table(headers, lines, left=[0, 1, 4, 8], indent="")
+    text = _table(headers, lines, left=[0, 1, 4, len(headers) - 1], indent="")
+    if attention:
+        text.append("(entropy_norm: entropy / log(keys), 1 = uniform over the keys, 0 = one key; entropy in "
+                    "nats; focus: mean largest weight of a query)")
     # which calls each run's curve shows (an encoder and its decoder as one sequence, one call of several)
     text += [f"{run.label}: {run.module.name} shows {remark}" for run in runs for remark in run.stats.shown]
     return "\n".join(text) + "\n"
@@ -627,7 +680,12 @@ def draw_compare(runs: Sequence[ComparedRun], module: str, row: int | None = Non
 
     Zeros are drawn as triangles on a floor a decade below the panel's smallest positive value; a step
     without a finite value inside a curve is a cross along the top edge; a shorter curve ends early.
+
+    An attention module: its ``entropy_norm`` and ``focus`` per head, one panel each and one colour per
+    run (see :func:`_draw_attention_compare`).
     """
+    if runs and runs[0].module.is_attention:
+        return _draw_attention_compare(runs, module, row, epoch)
     rows = [row] if row is not None else list(range(max(len(r.module.rows) for r in runs)))
     curves = [r.stats.grad_norm for r in runs if r.stats.grad_norm is not None]
     length = max((c.shape[1] for c in curves), default=1)
@@ -711,6 +769,107 @@ def draw_compare(runs: Sequence[ComparedRun], module: str, row: int | None = Non
 def _row_title(runs: Sequence[ComparedRun], r: int) -> str:
     labels = list(dict.fromkeys(run.module.rows[r] for run in runs if r < len(run.module.rows)))
     return common.escape_text(" / ".join(labels) if labels else f"row {r}")
+
+
+# an attention comparison is drawn for where pictures are seen (a card of ~350 px, a slide): 840 px wide,
+# few words in type whose glyphs stay 8 px or more high scaled to 350 px, the legend a row above the panels
+_ATTENTION_PANELS = (("entropy_norm", "entropy_norm   1 = uniform, 0 = one key"),
+                     ("focus", "focus   mean largest weight"))
+_BIG_TITLE, _BIG_TEXT, _BIG_TICK = 16, 14, 13
+
+
+def _draw_attention_compare(runs: Sequence[ComparedRun], module: str, row: int | None,
+                            epoch: int | str) -> Figure:
+    """``entropy_norm`` (above) and ``focus`` (below) of an attention module, one colour per run.
+
+    Every head (or several): bars per head at each run's chosen epoch, a black tick across each bar at
+    the run's first epoch (where training started it). One head (``row``, or a one-head module) of runs
+    with several epochs: a line per run over the epochs. A head without a value says ``n/a``.
+    """
+    heads = [row] if row is not None else list(range(max(len(r.module.rows) for r in runs)))
+    epochs = [[e for e in r.module.epochs if r.module.has_data(e)] for r in runs]
+    over_epochs = len(heads) == 1 and any(len(e) > 1 for e in epochs)
+    same_epoch = len({r.epoch for r in runs}) == 1
+    fig = Figure(figsize=(5.6, 6.0), layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.06, hspace=0.05)
+    axes = fig.subplots(2, 1, sharex=True)
+    markers = "os^Dv<>pXh"
+    handles: list[Any] = []
+    for i, run in enumerate(runs):
+        label = common.escape_text(run.label)
+        if not same_epoch and not over_epochs:
+            label += f" (epoch {run.epoch})"
+        handles.append(Line2D([], [], color=f"C{i % 10}", linewidth=2.5 if over_epochs else 9,
+                              marker=markers[i % len(markers)] if over_epochs else None, markersize=8,
+                              label=label))
+    first_drawn = False
+    for ax, (stat, title) in zip(axes, _ATTENTION_PANELS):
+        for i, run in enumerate(runs):
+            color = f"C{i % 10}"
+            if over_epochs:
+                values = np.array([_number(run.module.epochs[e].stat(stat, heads[0])) for e in epochs[i]])
+                ax.plot(epochs[i], values, color=color, linewidth=2.5, marker=markers[i % len(markers)],
+                        markersize=8, zorder=3)
+                if epoch != "last" and run.epoch in epochs[i]:  # the epoch the table shows
+                    ax.plot([run.epoch], [_number(run.stats.stat(stat, heads[0]))], color=color,
+                            marker=markers[i % len(markers)], markersize=13, markeredgecolor="black",
+                            markeredgewidth=1.5, zorder=4)
+                continue
+            width = 0.84 / len(runs)
+            x = np.arange(len(heads)) + (i - (len(runs) - 1) / 2) * width
+            values = np.array([_number(run.stats.stat(stat, h)) for h in heads])
+            known = np.isfinite(values)
+            ax.bar(x[known], values[known], width=width * 0.9, color=color, zorder=3)
+            for xi in x[~known]:
+                ax.text(xi, 0.03, "n/a", rotation=90, ha="center", va="bottom", fontsize=_BIG_TICK - 2,
+                        color="0.35")
+            first = next((e for e in epochs[i] if e < run.epoch), None)
+            if first is not None:
+                start = np.array([_number(run.module.epochs[first].stat(stat, h)) for h in heads])
+                ax.hlines(start, x - width * 0.45, x + width * 0.45, colors="black", linewidth=2.5, zorder=4)
+                first_drawn = first_drawn or bool(np.isfinite(start).any())
+        ax.set_ylim(0, 1.05)
+        ax.set_yticks([0, 0.5, 1])
+        ax.set_yticks([0.25, 0.75], minor=True)
+        ax.grid(True, axis="y", which="both", color="0.88", linewidth=0.8, zorder=0)
+        ax.tick_params(labelsize=_BIG_TICK)
+        ax.set_title(title, fontsize=_BIG_TEXT, loc="left")
+    if over_epochs:
+        axes[-1].xaxis.set_major_locator(MaxNLocator(8, integer=True))
+        axes[-1].set_xlabel("epoch", fontsize=_BIG_TEXT)
+        heading = f"{_head_title(runs, heads[0])} per epoch"
+        if epoch != "last":
+            handles.append(Line2D([], [], color="white", marker="o", markersize=11, markeredgecolor="black",
+                                  markeredgewidth=1.5, label=f"epoch {epoch}"))
+    else:
+        axes[-1].set_xticks(range(len(heads)), [str(h) for h in heads])
+        axes[-1].set_xlim(-0.5, len(heads) - 0.5)
+        axes[-1].set_xlabel("head", fontsize=_BIG_TEXT)
+        if same_epoch:
+            heading = f"per head, epoch {runs[0].epoch}" + (" (last)" if epoch == "last" else "")
+        else:
+            heading = "per head, last epoch"  # each run's, in the legend
+        if first_drawn:
+            handles.append(Line2D([], [], color="black", linewidth=2.5, label="first epoch"))
+    # the title heads the legend: a suptitle beside a legend outside the panels overlaps it
+    title = f"{common.escape_text(module)}\nattention {heading}"
+    longest = max(len(line) for line in title.splitlines())  # ~40 bold characters fit at _BIG_TITLE
+    one_row = sum(len(h.get_label()) + 4 for h in handles) <= 40
+    fig.legend(handles=handles, loc="outside upper center", ncol=len(handles) if one_row else 2,
+               fontsize=_BIG_TEXT, frameon=False, handlelength=1.2 if not over_epochs else 2.0,
+               columnspacing=1.2, title=title, alignment="center",
+               title_fontproperties={"size": max(10.0, min(_BIG_TITLE, _BIG_TITLE * 40 / longest)),
+                                     "weight": "bold"})
+    return fig
+
+
+def _head_title(runs: Sequence[ComparedRun], h: int) -> str:
+    labels = list(dict.fromkeys(run.module.rows[h] for run in runs if h < len(run.module.rows)))
+    return common.escape_text(" / ".join(labels) if labels else f"head {h}")
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def _log_limits(values: np.ndarray) -> tuple[float, float]:

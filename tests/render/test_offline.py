@@ -114,6 +114,28 @@ def bidirectional_document(epochs: int = 2, length: int = 40) -> dict:
     }
 
 
+def attention_document(sharpen: float, heads: int = 2, epochs: int = 3, name: str = "decoder.attn") -> dict:
+    """An attention module as the callback writes it: rows are heads, per epoch ``entropy_norm``, ``entropy``
+    (nats, over 10 keys) and ``focus`` per head; head ``h`` sharpens ``sharpen * (1 + h)`` per epoch. The last
+    head collapses at the last epoch where ``sharpen`` >= 0.1."""
+    record_epochs = {}
+    for e in range(epochs):
+        norm = [round(0.95 - sharpen * (1 + h) * e, 6) for h in range(heads)]
+        record_epochs[str(e)] = {
+            "step": 10 * (e + 1), "recordings": 2, "entropy_norm": norm,
+            "entropy": [round(v * float(np.log(10)), 6) for v in norm],
+            "focus": [round(0.15 + sharpen * (1 + h) * e, 6) for h in range(heads)],
+        }
+    findings = []
+    if sharpen >= 0.1:
+        findings.append({"kind": "attention_collapse", "module": name, "epoch": epochs - 1, "head": heads - 1,
+                         "value": 0.95, "threshold": 0.9, "message": "every query looks at the same key."})
+    return {"format": "lightning_rnnviz.summary", "version": 1,
+            "modules": {name: {"kind": "attention", "rows": [f"head {h}" for h in range(heads)],
+                               "epochs": record_epochs}},
+            "findings": findings}
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "lightning_rnnviz", *map(str, args)], capture_output=True,
@@ -191,8 +213,8 @@ def test_run_labels_name_a_default_root_dir_run_from_its_folder():
                        "s/exp_b/lightning_logs/version_0"]) == \
         ["exp_a/version_0", "exp_a/version_1", "exp_b/version_0"]
     # a W&B run's files folder (wandb/<run>/files/rnnviz/summary.json) is named from its run folder
-    assert run_labels(["w/wandb/run-20250101_120000-abc123/files", "w/wandb/run-20250101_130000-def456/files"]) == \
-        ["run-20250101_120000-abc123", "run-20250101_130000-def456"]
+    wandb = ["w/wandb/run-20250101_120000-abc123/files", "w/wandb/offline-run-20250101_130000-def456/files"]
+    assert run_labels(wandb) == ["run-20250101_120000-abc123", "offline-run-20250101_130000-def456"]
     # a generic part is kept where nothing more telling is left
     assert run_labels(["/lightning_logs/version_0"]) == ["lightning_logs"]
     assert run_labels(["/rnnviz"]) == ["rnnviz"]
@@ -510,12 +532,9 @@ def test_compare_module_choice_errors(tmp_path, capsys):
     write_summary(tmp_path / "gru", summary_document("gru"))
     status, _, err = run_main(capsys, "compare", tmp_path / "bi", tmp_path / "gru",
                               "--out", tmp_path / "c.png")
-    assert_one_line_error(err, r"no recurrent module is common to all runs; pick one with `--module NAME` "
-                               r"\(modules of each run: bi: 'decoder.attn', 'encoder.lstm'; gru: 'rnn'\)\.$")
-    status, _, err = run_main(capsys, "compare", tmp_path / "bi", "--module", "decoder.attn", "--out",
-                              tmp_path / "c.png")
-    assert_one_line_error(err, r"module 'decoder.attn' of run 'bi' is an attention module; `compare` draws "
-                               r"the gradient norms of recurrent modules\.$")
+    assert_one_line_error(err, r"no recurrent or attention module is common to all runs; pick one with "
+                               r"`--module NAME` \(modules of each run: bi: 'decoder.attn', 'encoder.lstm'; "
+                               r"gru: 'rnn'\)\.$")
     document = summary_document("gru")
     for epoch in document["modules"]["rnn"]["epochs"].values():
         epoch.pop("grad_norm")
@@ -582,3 +601,181 @@ def test_compare_says_which_calls_each_run_shows(tmp_path, capsys):
     status, out, err = run_main(capsys, "compare", tmp_path / "a", tmp_path / "b", "--out", str(tmp_path / "c.png"))
     assert status == 0, err
     assert f"b: rnn shows {shown}" in out and "a: rnn shows" not in out
+
+
+# --- comparing attention modules ----------------------------------------------------------------------------
+ATTENTION_TABLE = """\
+run    module        epoch  step  head    entropy_norm  entropy  focus  findings
+exp_a  decoder.attn      2    30  head 0         0.850    1.957  0.250  -
+exp_a  decoder.attn      2    30  head 1         0.750    1.727  0.350  -
+exp_b  decoder.attn      2    30  head 0         0.550    1.266  0.550  -
+exp_b  decoder.attn      2    30  head 1         0.150    0.345  0.950  attention_collapse
+(entropy_norm: entropy / log(keys), 1 = uniform over the keys, 0 = one key; entropy in nats; focus: mean \
+largest weight of a query)
+"""
+
+
+def _attention_runs(tmp_path: Path) -> list[Path]:
+    """Two runs of ``Trainer(default_root_dir=exp_a)`` and ``exp_b``: b's heads sharpen 4x faster."""
+    runs = [tmp_path / name / "lightning_logs" / "version_0" for name in ("exp_a", "exp_b")]
+    write_summary(runs[0], attention_document(0.05))
+    write_summary(runs[1], attention_document(0.2))
+    return runs
+
+
+def test_compare_attention_in_a_subprocess_writes_a_png_and_the_table(tmp_path):
+    out = tmp_path / "attention.png"
+    done = run_cli("compare", *_attention_runs(tmp_path), "--out", out)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == ATTENTION_TABLE + f"wrote {out}\n"
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (840, 900)  # drawn for a ~350 px card: few large words
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    for color in ((31, 119, 180), (255, 127, 14)):  # one colour per run, bars per head
+        assert (np.abs(rgb - color).sum(-1) < 30).sum() > 10_000, color
+    assert (rgb.sum(-1) < 30).sum() > 1_000  # the black ticks where each head started (epoch 0)
+
+
+def test_compare_picks_the_only_common_attention_module(tmp_path, capsys):
+    """Runs without a recurrent module (transformers): their one attention module; the table's findings per
+    head and of the whole module."""
+    runs = _attention_runs(tmp_path)
+    document = attention_document(0.2)
+    document["findings"].append({"kind": "nonfinite", "module": "decoder.attn", "epoch": 2, "value": 1,
+                                 "threshold": 0, "message": "1 of 2 recordings held NaN/Inf."})
+    write_summary(runs[1], document)
+    status, out, err = run_main(capsys, "compare", tmp_path / "exp_a", tmp_path / "exp_b", "--out",
+                                tmp_path / "a.svg")
+    assert (status, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[3] == ("exp_b  decoder.attn      2    30  head 0         0.550    1.266  0.550  "
+                        "nonfinite (module)")
+    assert lines[4].endswith("head 1         0.150    0.345  0.950  attention_collapse")
+    svg = (tmp_path / "a.svg").read_text()
+    assert "attention per head, epoch 2 (last)" in svg
+    assert "entropy_norm   1 = uniform, 0 = one key" in svg and "focus   mean largest weight" in svg
+
+
+def test_draw_compare_of_attention_heads(tmp_path):
+    runs = _attention_runs(tmp_path)
+    document = attention_document(0.05, epochs=2)
+    document["modules"]["decoder.attn"]["epochs"]["1"]["entropy_norm"][1] = None  # no query with 2 keys
+    write_summary(runs[0], document)
+    name, compared = offline.select_runs([read_summary(r) for r in runs])
+    assert name == "decoder.attn" and [r.epoch for r in compared] == [1, 2]
+    figure = offline.draw_compare(compared, name)
+    entropy, focus = figure.axes
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["exp_a (epoch 1)", "exp_b (epoch 2)",
+                                                                      "first epoch"]
+    assert figure.legends[0].get_title().get_text() == "decoder.attn\nattention per head, last epoch"
+    assert entropy.get_ylim() == focus.get_ylim() == (0, 1.05)
+    assert [t.get_text() for t in focus.get_xticklabels()] == ["0", "1"] and focus.get_xlabel() == "head"
+    heights = {ax: sorted(round(p.get_height(), 3) for p in ax.patches) for ax in (entropy, focus)}
+    assert heights[entropy] == [0.15, 0.55, 0.9]  # a's head 1 has no value: no bar, the words n/a
+    assert heights[focus] == [0.2, 0.25, 0.55, 0.95]
+    assert [t.get_text() for t in entropy.texts] == ["n/a"] and not focus.texts
+    starts = sorted(round(float(seg[0][1]), 3) for c in entropy.collections for seg in c.get_segments())
+    assert starts == [0.95, 0.95, 0.95, 0.95]  # each run's epoch 0, where its heads started
+
+
+def test_compare_one_attention_head_over_epochs(tmp_path, capsys):
+    runs = _attention_runs(tmp_path)
+    for flag in ("--head", "--row"):
+        status, out, err = run_main(capsys, "compare", *runs, flag, "1", "--epoch", "1", "--out",
+                                    tmp_path / "h.svg")
+        assert (status, err) == (0, "")
+        assert out.splitlines()[1:3] == [
+            "exp_a  decoder.attn      1    20  head 1         0.850    1.957  0.250  -",
+            "exp_b  decoder.attn      1    20  head 1         0.550    1.266  0.550  -",
+        ]
+    name, compared = offline.select_runs([read_summary(r) for r in runs], row=1, epoch=1)
+    figure = offline.draw_compare(compared, name, row=1, epoch=1)
+    entropy, focus = figure.axes
+    assert focus.get_xlabel() == "epoch"
+    assert figure.legends[0].get_title().get_text() == "decoder.attn\nattention head 1 per epoch"
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["exp_a", "exp_b", "epoch 1"]
+    a, _, b, _ = entropy.get_lines()  # per run: its line over the epochs, and the table's epoch marked
+    assert list(a.get_xdata()) == [0, 1, 2] and np.allclose(a.get_ydata(), [0.95, 0.85, 0.75])
+    assert np.allclose(b.get_ydata(), [0.95, 0.55, 0.15])
+
+
+def _glyph_heights(figure, png: Path, width: int = 350) -> dict[str, float]:
+    """Each text of ``figure`` (saved as ``png``): the height in pixels of its ink in the PNG scaled to
+    ``width`` (rows with a dark pixel inside the text's box; of a text turned 90 degrees, columns)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    offline.save_figure(figure, png)
+    with Image.open(png) as image:
+        full = image.size
+        scale = width / full[0]
+        grey = np.asarray(image.convert("L").resize((width, round(full[1] * scale)), Image.LANCZOS))
+    figure.set_dpi(offline.PNG_DPI)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    assert canvas.get_width_height() == full
+    unseen = set()  # tick labels a locator made beyond the axis' limits: not drawn
+    for ax in figure.axes:
+        for labels, (low, high), at in ((ax.get_xticklabels(), sorted(ax.get_xlim()), 0),
+                                        (ax.get_yticklabels(), sorted(ax.get_ylim()), 1)):
+            unseen.update(t for t in labels if not low - 1e-9 <= t.get_position()[at] <= high + 1e-9)
+    heights = {}
+    for text in figure.findobj(lambda a: hasattr(a, "get_rotation") and hasattr(a, "get_text")):
+        if not text.get_visible() or not text.get_text().strip() or text in unseen:
+            continue
+        box = text.get_window_extent(canvas.get_renderer())
+        top, bottom = full[1] - box.y1, full[1] - box.y0
+        crop = grey[max(0, int(top * scale) - 1): int(bottom * scale) + 2,
+                    max(0, int(box.x0 * scale) - 1): int(box.x1 * scale) + 2]
+        ink = crop < 128
+        lines = max(1, text.get_text().count("\n") + 1)
+        along = np.flatnonzero(ink.any(0 if text.get_rotation() == 90 else 1))
+        heights[text.get_text()] = (along[-1] - along[0] + 1) / lines if along.size else 0.0
+    return heights
+
+
+def test_attention_picture_type_is_readable_at_card_size(tmp_path):
+    """TensorBoard and W&B show pictures about 350 px wide: every word of the attention comparison, its
+    rendered glyphs measured on the PNG scaled to that width, stays at least 7 px high (a digit of the
+    tick labels included; the gradient-norm comparison's tick digits are about 4 px there)."""
+    runs = _attention_runs(tmp_path)
+    for row in (None, 1):
+        name, compared = offline.select_runs([read_summary(r) for r in runs], row=row)
+        heights = _glyph_heights(offline.draw_compare(compared, name, row=row), tmp_path / "a.png")
+        assert {"0.0", "0.5", "1.0", "exp_a", "decoder.attn\nattention head 1 per epoch" if row else "head"} \
+            <= set(heights)
+        small = {text: round(h, 1) for text, h in heights.items() if h < 7}
+        assert not small, small
+
+
+def test_compare_attention_errors(tmp_path, capsys):
+    runs = _attention_runs(tmp_path)
+    status, out, err = run_main(capsys, "compare", *runs, "--head", "2", "--out", tmp_path / "c.png")
+    assert (status, out) == (2, "")
+    assert_one_line_error(err, r"`--head 2` is out of range for attention module 'decoder.attn' of run "
+                               r"'exp_a'; its heads are 0, 1\.$")
+    # the same name recurrent in one run and attention in another
+    mixed = summary_document("gru")
+    mixed["modules"]["decoder.attn"] = mixed["modules"].pop("rnn")
+    write_summary(tmp_path / "exp_c" / "lightning_logs" / "version_0", mixed)
+    status, _, err = run_main(capsys, "compare", tmp_path / "exp_a", tmp_path / "exp_c", "--module",
+                              "decoder.attn", "--out", tmp_path / "c.png")
+    assert status == 2
+    assert_one_line_error(err, r"module 'decoder.attn' is an attention module in run 'exp_a' and a recurrent "
+                               r"module in run exp_c \(GRU\); `compare` compares one kind at a time")
+    # two attention modules, no recurrent one: which?
+    two = attention_document(0.05)
+    two["modules"]["encoder.attn"] = two["modules"]["decoder.attn"]
+    write_summary(tmp_path / "two", two)
+    status, _, err = run_main(capsys, "compare", tmp_path / "two", "--out", tmp_path / "c.png")
+    assert_one_line_error(err, r"no recurrent module and several attention modules are common to all runs; "
+                               r"pick one with `--module NAME`")
+    # an attention module whose epochs have no statistics
+    empty = attention_document(0.05)
+    for record in empty["modules"]["decoder.attn"]["epochs"].values():
+        for stat in ("entropy_norm", "entropy", "focus"):
+            record.pop(stat)
+    write_summary(tmp_path / "empty", empty)
+    status, _, err = run_main(capsys, "compare", tmp_path / "empty", "--out", tmp_path / "c.png")
+    assert_one_line_error(err, r"no run has attention statistics \(`entropy_norm`, `entropy`, `focus`\) of "
+                               r"module 'decoder.attn' at the chosen epoch")
+    assert not (tmp_path / "c.png").exists()
