@@ -44,6 +44,9 @@ PALETTE = (
     (180, 170, 30),
 )
 
+# Dash lengths in pixels of the line styles (matplotlib's names) that `Canvas.line` and `legend` draw.
+DASHES = {"-": 0.0, "--": 5.0, ":": 1.6, "-.": 10.0}
+
 TITLE_SIZE = 12
 PANEL_TITLE_SIZE = 11
 LABEL_SIZE = 10
@@ -560,14 +563,14 @@ def legend(
     columns: int = 1,
     column_width: float = 120,
 ) -> None:
-    """Legend entries ``(label, colour, style)`` from ``xy`` (top left); style ``"-"``, ``"--"``, ``"x"``,
-    ``"v"`` or ``"s"`` (a filled square)."""
+    """Legend entries ``(label, colour, style)`` from ``xy`` (top left); style a line (``"-"``, ``"--"``,
+    ``":"``, ``"-."``: :data:`DASHES`), ``"x"``, ``"v"`` or ``"s"`` (a filled square)."""
     x0, y0 = xy
     for index, (label, colour, style) in enumerate(entries):
         row, column = divmod(index, columns)
         x, y = x0 + column * column_width, y0 + row * (TICK_SIZE + 7) + TICK_SIZE / 2 + 1
-        if style in ("-", "--"):
-            canvas.line([(x, y), (x + 20, y)], colour, width=1.6, dash=4 if style == "--" else 0)
+        if style in DASHES:
+            canvas.line([(x, y), (x + 20, y)], colour, width=1.6, dash=0.8 * DASHES[style])
         elif style == "s":
             canvas.rectangle((x + 5, y - 5, x + 15, y + 5), fill=colour)
         else:

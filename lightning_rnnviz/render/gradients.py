@@ -1,7 +1,9 @@
 """Gradient norms ``||dL/dh_t||`` over time: one recording, its decay statistics, and epochs compared.
 
-A log axis cannot show zero: zeros are drawn as triangles on a floor one decade below the smallest positive
-value, and the legend says so. Non-finite values are drawn as crosses along the top edge.
+A log axis cannot show zero, and float32 cannot tell a value below about ``1e-7`` of its curve's peak from
+rounding (:data:`RESOLUTION`): such values, zeros included, are drawn as triangles on a floor one decade below
+the smallest value above that resolution, and the legend says so. The axis spans what is drawn above it, not
+the dozens of decades down to a vanished step. Non-finite values are drawn as crosses along the top edge.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.transforms import offset_copy
 
 from lightning_rnnviz.render import common
 from lightning_rnnviz.render._lazy import torch
@@ -25,6 +28,25 @@ if TYPE_CHECKING:
     from lightning_rnnviz.probe.records import RNNRecord
 
 _NONFINITE_COLOR = "red"
+RESOLUTION = 1e-7
+"""A value of ``||dL/dh_t||`` below this fraction of its curve's largest value is drawn as (near) zero: float32
+keeps about 7 significant digits (``eps`` = 1.2e-7), so such a value is at the level of the rounding of sums
+of terms as large as the peak, and the weight update that sums the curve's steps cannot feel it."""
+NEAR_ZERO_LABEL = "~0 (< 1e-7 x peak)"
+LANE_PX = 8
+"""Pixels between the floor's rows of triangles of different curves, so that one does not hide another."""
+# Bidirectional modules: colour tells the direction, line style the layer.
+LAYER_STYLES = ("-", "--", ":", "-.")
+
+
+def row_style(row: int, num_directions: int) -> tuple[int, str]:
+    """``(colour index, line style)`` of row ``row`` of a gradient-norm picture: one colour per layer, solid,
+    for a one-directional module; one colour per direction (forward first) and one line style per layer
+    (:data:`LAYER_STYLES`, in turn) for a bidirectional one."""
+    layer, direction = divmod(row, num_directions)
+    if num_directions == 1:
+        return layer, "-"
+    return direction, LAYER_STYLES[layer % len(LAYER_STYLES)]
 
 
 def reduce_grad_norm(record: RNNRecord, max_time: int = 2048) -> dict[str, Any] | None:
@@ -80,7 +102,9 @@ def reduce_grad_norm(record: RNNRecord, max_time: int = 2048) -> dict[str, Any] 
 def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: str | None = None) -> Figure:
     """``||dL/dh_t||_2`` (mean over valid sequences) against ``t``, log axis, one line per layer/direction.
 
-    Colour tells the layer; reverse directions are dashed.
+    Colour tells the layer; in a bidirectional module it tells the direction and the line style the layer
+    (:func:`row_style`). The axis spans the values above :data:`RESOLUTION` of their curve's peak; those
+    below, zeros included, are triangles on its floor.
 
     Args:
         payload: from :func:`reduce_grad_norm`.
@@ -101,16 +125,16 @@ def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: s
     width = payload["bin"]
     x = np.arange(columns) * width + (width - 1) / 2
     floor, ceiling = _log_limits(norm)
+    shown = _above_resolution(norm)
+    lanes = near_zero_lanes(norm, shown)
     handles = []
-    any_zero = False
     for r in range(rows):
-        layer, direction = divmod(r, payload["num_directions"])
-        style = {"color": f"C{layer % 10}", "linestyle": "--" if direction == 1 else "-"}
-        handles.append(_plot_log_curve(ax, x, norm[r], floor, style))
-        any_zero = any_zero or bool((norm[r] == 0).any())
+        colour, linestyle = row_style(r, payload["num_directions"])
+        style = {"color": f"C{colour % 10}", "linestyle": linestyle}
+        handles.append(_plot_log_curve(ax, x, norm[r], shown[r], floor, style, lanes[r]))
         handles[-1].set_label(payload["row_labels"][r])
-    if any_zero:
-        handles.append(_zero_handle(floor))
+    if (np.isfinite(norm) & ~shown).any():
+        handles.append(_zero_handle())
     if payload["nonfinite"]:
         handles.append(
             Line2D([], [], color=_NONFINITE_COLOR, marker="x", linestyle="", label=payload["nonfinite"])
@@ -306,7 +330,7 @@ def draw_grad_decay(
     top = common.top_margin(full_title)
     fig = common.new_figure(8.0, top + 0.55 + 0.45 + 2.3 * nrows)
     grid = common.panel_grid(fig, nrows, ncols, top=top, right=1.05, wspace=0.7)
-    floor, ceiling = _log_limits(np.concatenate([v.ravel() for v in curves.values()]))
+    floor, ceiling = _log_limits(*curves.values())
     low, high = epochs[0], epochs[-1]
     norm = Normalize(low - 0.5, high + 0.5) if low == high else Normalize(low, high)
     mappable = ScalarMappable(norm=norm, cmap=common.SEQUENTIAL_CMAP)
@@ -317,8 +341,9 @@ def draw_grad_decay(
         segments, colors = [], []
         for epoch in epochs:
             values = curves[epoch][r]
-            any_zero = any_zero or bool((values == 0).any())
-            for run in _finite_runs(np.where(values == 0, floor, values)):
+            near_zero = np.isfinite(values) & ~_above_resolution(values)
+            any_zero = any_zero or bool(near_zero.any())
+            for run in _finite_runs(np.where(near_zero, floor, values)):
                 segments.append(run)
                 colors.append(mappable.to_rgba(epoch))
         # past a few curves antialiasing adds little to the dense band but triples the PNG size
@@ -349,7 +374,7 @@ def draw_grad_decay(
     colorbar.ax.yaxis.set_major_locator(MaxNLocator(6, integer=True))
     colorbar.ax.tick_params(labelsize=common.TICK_SIZE)
     if any_zero:
-        fig.text(0.01, 0.01, f"zeros drawn at {floor:.0e}", fontsize=common.TICK_SIZE, color="0.3")
+        fig.text(0.01, 0.01, f"{NEAR_ZERO_LABEL} drawn at {floor:.0e}", fontsize=common.TICK_SIZE, color="0.3")
     fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
     return fig
 
@@ -411,29 +436,64 @@ def decay_curves(
     return epochs, curves, total, flag
 
 
-def _log_limits(values: np.ndarray) -> tuple[float, float]:
-    """``(floor, ceiling)`` of a log axis: a decade below the smallest positive finite value; the largest."""
-    positive = values[np.isfinite(values) & (values > 0)]
-    if positive.size == 0:
+def _above_resolution(values: np.ndarray) -> np.ndarray:
+    """Where ``values`` (curves along the last axis) are finite and at least :data:`RESOLUTION` of their own
+    curve's largest finite value: what a log axis draws as a line; zero is never above."""
+    finite = np.isfinite(values)
+    peak = np.where(finite, values, 0.0).max(axis=-1, initial=0.0, keepdims=True)
+    return finite & (values > 0) & (values >= RESOLUTION * peak)
+
+
+def _log_limits(*curves: np.ndarray) -> tuple[float, float]:
+    """``(floor, ceiling)`` of a log axis for ``curves`` (each along its last axis): a decade below the
+    smallest value above :data:`RESOLUTION` of its curve's peak (where the rest is drawn); the largest."""
+    shown = np.concatenate([np.asarray(c)[_above_resolution(np.asarray(c))].ravel() for c in curves] or [[]])
+    if shown.size == 0:
         return 0.1, 10.0
-    low, high = float(positive.min()), float(positive.max())
+    low, high = float(shown.min()), float(shown.max())
     return low / 10, high
 
 
+def near_zero_lanes(values: np.ndarray, shown: np.ndarray) -> list[int]:
+    """For each curve (row) of ``values``, which row of triangles on the floor its values that are not
+    ``shown`` (zero, or below the resolution) take, counted upwards, :data:`LANE_PX` apart: curves with
+    such values in turn; ``0`` for the others."""
+    lanes, lane = [], 0
+    for row, keep in zip(values, shown):
+        hidden = bool((np.isfinite(row) & ~keep).any())
+        lanes.append(lane if hidden else 0)
+        lane += hidden
+    return lanes
+
+
+def _lone_points(shown: np.ndarray) -> np.ndarray:
+    """Where a ``shown`` value has no shown neighbour: a line through it draws nothing."""
+    before = np.concatenate(([False], shown[:-1]))
+    after = np.concatenate((shown[1:], [False]))
+    return shown & ~before & ~after
+
+
 def _plot_log_curve(
-    ax: Any, x: np.ndarray, values: np.ndarray, floor: float, style: dict[str, Any]
+    ax: Any, x: np.ndarray, values: np.ndarray, shown: np.ndarray, floor: float, style: dict[str, Any],
+    lane: int = 0,
 ) -> Line2D:
-    positive = np.where(np.isfinite(values) & (values > 0), values, np.nan)
-    (line,) = ax.plot(x, positive, linewidth=1.3, **style)
-    zeros = values == 0
-    if zeros.any():
+    """A curve through the ``shown`` values (a lone one as a dot); the other finite ones (zero, or below the
+    resolution) as triangles on ``floor``, ``lane`` rows up; non-finite ones as crosses along the top."""
+    (line,) = ax.plot(x, np.where(shown, values, np.nan), linewidth=1.3, **style)
+    lone = _lone_points(shown)
+    if lone.any():
+        ax.plot(x[lone], values[lone], marker="o", linestyle="", color=style["color"], markersize=3.5)
+    near_zero = np.isfinite(values) & ~shown
+    if near_zero.any():
+        up = offset_copy(ax.transData, fig=ax.figure, y=lane * LANE_PX * 72 / ax.figure.dpi, units="points")
         ax.plot(
-            x[zeros],
-            np.full(int(zeros.sum()), floor),
+            x[near_zero],
+            np.full(int(near_zero.sum()), floor),
             marker="v",
             linestyle="",
             color=style["color"],
             markersize=4,
+            transform=up,
         )
     bad = ~np.isfinite(values)
     if bad.any():
@@ -448,10 +508,8 @@ def _plot_log_curve(
     return line
 
 
-def _zero_handle(floor: float) -> Line2D:
-    return Line2D(
-        [], [], color="0.3", marker="v", linestyle="", markersize=4, label=f"zero (drawn at {floor:.0e})"
-    )
+def _zero_handle() -> Line2D:
+    return Line2D([], [], color="0.3", marker="v", linestyle="", markersize=4, label=NEAR_ZERO_LABEL)
 
 
 def _finite_runs(values: np.ndarray) -> list[np.ndarray]:

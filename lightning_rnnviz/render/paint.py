@@ -27,11 +27,16 @@ from lightning_rnnviz.render import canvas as cv
 from lightning_rnnviz.render import common
 from lightning_rnnviz.render.gates import TANH_GATES
 from lightning_rnnviz.render.gradients import (
+    LANE_PX,
+    NEAR_ZERO_LABEL,
+    _above_resolution,
     _finite_runs,
     _log_limits,
     decay_curves,
     horizon_entries,
     horizon_text,
+    near_zero_lanes,
+    row_style,
 )
 
 WIDTH = 800
@@ -239,21 +244,23 @@ def _finite_segments(values: np.ndarray) -> list[np.ndarray]:
 
 
 # --- gradient norms ----------------------------------------------------------------------------------
-def _log_curve(canvas: cv.Canvas, panel: cv.Panel, x: np.ndarray, values: np.ndarray, floor: float,
-               colour: tuple[int, int, int], dash: float = 0.0, width: float = 1.4) -> None:
-    """A curve on a log axis: gaps at non-positive or non-finite values, zeros as triangles on the floor,
-    NaN/Inf as crosses along the top edge, lone points as dots."""
-    good = np.isfinite(values) & (values > 0)
-    for run in _finite_segments(np.where(good, values, np.nan)):
+def _log_curve(canvas: cv.Canvas, panel: cv.Panel, x: np.ndarray, values: np.ndarray, shown: np.ndarray,
+               floor: float, colour: tuple[int, int, int], dash: float = 0.0, width: float = 1.4,
+               lane: int = 0) -> None:
+    """A curve on a log axis through the ``shown`` values; the other finite ones (zero, or below the
+    resolution of the curve's peak) as triangles on the floor, ``lane`` rows up
+    (:func:`~lightning_rnnviz.render.gradients.near_zero_lanes`); NaN/Inf as crosses along the top edge;
+    lone points as dots."""
+    for run in _finite_segments(np.where(shown, values, np.nan)):
         points = np.column_stack((panel.x(x[run]), panel.y(values[run])))
         if len(run) == 1:
-            canvas.markers(points[:, 0], points[:, 1], colour, radius=1.5)
+            canvas.markers(points[:, 0], points[:, 1], colour, radius=2.5)
         else:
             canvas.line(points, colour, width=width, dash=dash)
-    zeros = values == 0
-    if zeros.any():
-        canvas.markers(panel.x(x[zeros]), np.full(int(zeros.sum()), float(panel.y(floor))), colour, radius=3.5,
-                       shape="v")
+    near_zero = np.isfinite(values) & ~shown
+    if near_zero.any():
+        y = float(panel.y(floor)) - lane * LANE_PX
+        canvas.markers(panel.x(x[near_zero]), np.full(int(near_zero.sum()), y), colour, radius=3.5, shape="v")
     bad = ~np.isfinite(values)
     if bad.any():
         canvas.markers(panel.x(x[bad]), np.full(int(bad.sum()), panel.box[1] + 6), NONFINITE_RGB, radius=3,
@@ -269,7 +276,9 @@ def _log_axis(panel: cv.Panel, floor: float, ceiling: float) -> np.ndarray:
 
 def paint_grad_norm(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None) -> np.ndarray:
     """``||dL/dh_t||_2`` (mean over valid sequences) against ``t`` on a log axis, one line per
-    layer/direction; colour tells the layer, reverse directions are dashed."""
+    layer/direction; colour tells the layer, or in a bidirectional module the direction, and the line style
+    the layer (:func:`~lightning_rnnviz.render.gradients.row_style`). Values below 1e-7 of their curve's
+    peak, zeros included, are triangles on the floor; the axis spans the rest."""
     heading = title or f"{payload['name']}: gradient norm per step"
     nonfinite = payload["nonfinite"]
     full_title = _title(heading, payload, step, nonfinite)
@@ -283,18 +292,20 @@ def paint_grad_norm(payload: Mapping[str, Any], *, step: int | None = None, titl
     width = payload["bin"]
     x = np.arange(columns) * width + (width - 1) / 2
     floor, ceiling = _log_limits(norm)
+    shown = _above_resolution(norm)
+    lanes = near_zero_lanes(norm, shown)
     panel = cv.Panel(canvas, (80, top, WIDTH - 190, 450 - 52), (-0.5, columns * width - 0.5),
                      (floor / 2, ceiling * 2), ylog=True)
     ticks = _log_axis(panel, floor, ceiling)
     entries = []
     with canvas.fine(panel.box):
         for r in range(rows):
-            layer, direction = divmod(r, payload["num_directions"])
-            dash = 5.0 if direction == 1 else 0.0
-            _log_curve(canvas, panel, x, norm[r], floor, cv.palette(layer), dash=dash)
-            entries.append((payload["row_labels"][r], cv.palette(layer), "--" if direction == 1 else "-"))
-    if (norm == 0).any():
-        entries.append((f"zero (drawn at {floor:.0e})", cv.MUTED_RGB, "v"))
+            colour, style = row_style(r, payload["num_directions"])
+            _log_curve(canvas, panel, x, norm[r], shown[r], floor, cv.palette(colour), dash=cv.DASHES[style],
+                       lane=lanes[r])
+            entries.append((payload["row_labels"][r], cv.palette(colour), style))
+    if (np.isfinite(norm) & ~shown).any():
+        entries.append((NEAR_ZERO_LABEL, cv.MUTED_RGB, "v"))
     if nonfinite:
         entries.append((nonfinite, NONFINITE_RGB, "x"))
     panel.frame()
@@ -341,7 +352,7 @@ def paint_grad_decay(
     canvas = cv.Canvas(WIDTH, math.ceil(height))
     cv.title_block(canvas, full_title)
     panel_w = (WIDTH - left - right - gap_x * (ncols - 1)) / ncols
-    floor, ceiling = _log_limits(np.concatenate([v.ravel() for v in curves.values()]))
+    floor, ceiling = _log_limits(*curves.values())
     low, high = epochs[0], epochs[-1]
     vmin, vmax = (low - 0.5, high + 0.5) if low == high else (low, high)
     table = cv.colour_table("sequential")
@@ -356,9 +367,10 @@ def paint_grad_decay(
         with canvas.fine(panel.box):
             for epoch in epochs:
                 values = curves[epoch][r]
-                any_zero = any_zero or bool((values == 0).any())
+                near_zero = np.isfinite(values) & ~_above_resolution(values)
+                any_zero = any_zero or bool(near_zero.any())
                 colour = tuple(int(c) for c in table[round((epoch - vmin) / (vmax - vmin) * 255)])
-                for run in _finite_runs(np.where(values == 0, floor, values)):
+                for run in _finite_runs(np.where(near_zero, floor, values)):
                     canvas.line(np.column_stack((panel.x(run[:, 0]), panel.y(run[:, 1]))), colour, width=1.1)
         panel.frame()
         panel.yticks(ticks, [cv.format_log_tick(v) for v in ticks])
@@ -374,7 +386,7 @@ def paint_grad_decay(
     cv.colour_bar(canvas, (WIDTH - 84, top, WIDTH - 70, height - bottom), "sequential", vmin, vmax, "epoch",
                   ticks=epoch_ticks, tick_labels=[str(int(e)) for e in epoch_ticks])
     if any_zero:
-        canvas.text((6, height - 6), f"zeros drawn at {floor:.0e}", cv.TICK_SIZE, anchor="ld", fill=cv.MUTED_RGB)
+        canvas.text((6, height - 6), f"{NEAR_ZERO_LABEL} drawn at {floor:.0e}", cv.TICK_SIZE, anchor="ld", fill=cv.MUTED_RGB)
     return canvas.to_array()
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from lightning_rnnviz import render
+from lightning_rnnviz.probe.records import RNNRecord
 from lightning_rnnviz.render import canvas as cv
 from lightning_rnnviz.render import paint
 from lightning_rnnviz.sinks.png import encode_png
@@ -221,6 +222,37 @@ def test_paint_grad_norm_zero_and_nonfinite_marks(rnn_record):
     reddish = (rgb[..., 0] > 150) & (rgb[..., 1] < 90) & (rgb[..., 2] < 90)
     assert reddish.sum() > 5  # the cross at the top edge and its legend entry
     assert _count_colour(rgb, cv.palette(1), tolerance=25) > 20  # layer 1's colour
+
+
+def test_paint_grad_norm_one_colour_per_direction_and_near_zero_rows_apart():
+    """A bidirectional many-to-one module: forward in the first colour, reverse in the second, whatever the
+    layer; the reverse row's zeros and the forward row's steps below 1e-7 of its peak are triangles in two
+    rows on the floor, not at 1e-20."""
+    t = np.arange(40, dtype=np.float32)
+    forward = 10.0 ** ((t - 39) / 2)  # down to 1e-19.5 of the peak
+    reverse = np.where(t == 39, 2.0, 0.0)
+    grad = torch.zeros(2, 1, 40, 1)
+    grad[:, 0, :, 0] = torch.from_numpy(np.stack([forward, reverse]).astype(np.float32))
+    record = RNNRecord("rnn", "LSTM", torch.zeros(2, 1, 40, 1), {}, grad, None, None, torch.tensor([40]),
+                       num_directions=2)
+    payload = render.reduce_grad_norm(record)
+    rgb = paint.paint_grad_norm(payload)
+    _check(rgb)
+    assert _count_colour(rgb, cv.palette(0), tolerance=25) > 20  # forward
+    assert _count_colour(rgb, cv.palette(1), tolerance=25) > 20  # reverse: its own colour, though layer 0
+    shown = render.gradients._above_resolution(payload["norm"])
+    assert render.gradients.near_zero_lanes(payload["norm"], shown) == [0, 1]
+    floor, _ = render.gradients._log_limits(payload["norm"])
+    assert floor > 1e-8
+
+
+def test_legend_draws_each_line_style_apart():
+    canvas = cv.Canvas(120, 80)
+    cv.legend(canvas, (0, 0), [(style, (0, 0, 0), style) for style in cv.DASHES])
+    rows = [canvas.to_array()[round(r * (cv.TICK_SIZE + 7) + cv.TICK_SIZE / 2 + 1), :20, 0] < 128
+            for r in range(len(cv.DASHES))]
+    inked = [int(row.sum()) for row in rows]
+    assert inked[0] == max(inked) and len(set(inked)) == len(inked)  # solid inks the most; no two alike
 
 
 def test_paint_grad_decay_matches_draw_grad_decay_inputs_and_errors(rnn_record):

@@ -14,7 +14,7 @@ from lightning_rnnviz.render import (
     grad_stats,
     reduce_grad_norm,
 )
-from lightning_rnnviz.render.gradients import grad_horizon
+from lightning_rnnviz.render.gradients import NEAR_ZERO_LABEL, _log_limits, grad_horizon
 
 
 def record_with_norms(
@@ -105,7 +105,8 @@ def test_draw_grad_norm(rnn_record, image_ok):
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["layer 0 forward", "layer 0 reverse", "layer 1 forward", "layer 1 reverse"]
+    # the fixture decays ten decades: its first steps are below 1e-7 of the peak
+    assert labels == ["layer 0 forward", "layer 0 reverse", "layer 1 forward", "layer 1 reverse", NEAR_ZERO_LABEL]
     assert "step 9" in fig.get_suptitle()
     image_ok(figure_to_rgb(fig))
     assert len(figure_to_png(fig)) < 150_000
@@ -118,11 +119,76 @@ def test_draw_grad_norm_zeros_and_nan():
     fig = draw_grad_norm(payload)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels[0] == "layer 0"
-    assert labels[1].startswith("zero (drawn at ") and labels[2] == "NaN"
+    assert labels[1] == NEAR_ZERO_LABEL and labels[2] == "NaN"
     assert "contains NaN" in fig.get_suptitle()
     low, _ = fig.axes[0].get_ylim()
     assert 0 < low < 1e-4
     figure_to_rgb(fig)
+
+
+def _many_to_one_bidirectional(layers: int = 1, steps: int = 60) -> RNNRecord:
+    """A bidirectional many-to-one record: each forward row vanishes from the last step back, 10x a step
+    below the first layer's, down to 1e-19 of its peak; each reverse row's gradient enters at the last step
+    only (zero elsewhere) but the first layer's, which the second layer feeds at every step."""
+    t = np.arange(steps, dtype=np.float64)
+    rows = []
+    for layer in range(layers):
+        forward = 10.0 ** ((t - steps + 1) / (steps / 19))
+        reverse = np.where(t == steps - 1, 2.0, 0.0) if layer == layers - 1 else forward[::-1] * 0.5
+        rows += [forward.tolist(), reverse.tolist()]
+    return record_with_norms(rows, directions=2)
+
+
+def test_bidirectional_many_to_one_axis_spans_the_data_not_the_vanished_steps():
+    """The reverse row's zeros and the forward row's steps below 1e-7 of its peak (float32 rounding, nothing
+    an update can feel) are triangles on a floor a decade below the rest, not 20 decades down."""
+    payload = reduce_grad_norm(_many_to_one_bidirectional())
+    assert payload["norm"][0].min() < 1e-18  # the vanished steps are in the payload, unchanged
+    floor, ceiling = _log_limits(payload["norm"])
+    assert ceiling == pytest.approx(2.0)
+    assert 1e-8 <= floor < 1e-7  # a decade below the forward row's smallest value above 1e-7 of its peak, 1
+    ax = draw_grad_norm(payload).axes[0]
+    low, high = ax.get_ylim()
+    assert low == pytest.approx(floor / 2) and high == pytest.approx(ceiling * 2)
+    assert math.log10(high / low) < 10  # was 21 decades
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["layer 0 forward", "layer 0 reverse", NEAR_ZERO_LABEL]
+
+
+def test_bidirectional_colour_tells_the_direction_and_style_the_layer():
+    fig = draw_grad_norm(reduce_grad_norm(_many_to_one_bidirectional(layers=2)))
+    lines = {t.get_text(): h for t, h in zip(fig.axes[0].get_legend().get_texts(),
+                                               fig.axes[0].get_legend().legend_handles)}
+    colour = {name: lines[name].get_color() for name in lines if name.startswith("layer")}
+    style = {name: lines[name].get_linestyle() for name in colour}
+    assert colour["layer 0 forward"] == colour["layer 1 forward"] != colour["layer 0 reverse"]
+    assert colour["layer 0 reverse"] == colour["layer 1 reverse"]
+    assert style["layer 0 forward"] == style["layer 0 reverse"] != style["layer 1 forward"]
+    assert style["layer 1 forward"] == style["layer 1 reverse"]
+    # one-directional: colour still tells the layer
+    fig = draw_grad_norm(reduce_grad_norm(record_with_norms([[1.0, 2.0], [3.0, 4.0]])))
+    handles = fig.axes[0].get_legend().legend_handles
+    assert handles[0].get_color() != handles[1].get_color()
+    assert handles[0].get_linestyle() == handles[1].get_linestyle() == "-"
+
+
+def test_near_zero_marks_of_two_curves_do_not_hide_each_other():
+    fig = draw_grad_norm(reduce_grad_norm(_many_to_one_bidirectional()))
+    ax = fig.axes[0]
+    marks = [line for line in ax.lines if line.get_marker() == "v"]
+    assert len(marks) == 2  # the forward row's vanished steps, the reverse row's zeros
+    heights = [line.get_transform().transform(line.get_xydata()[:1])[0, 1] for line in marks]
+    assert abs(heights[0] - heights[1]) >= 7  # pixels: one row of triangles above the other
+    # the reverse row's one gradient, a lone point between zeros, is drawn as a dot
+    assert any(line.get_marker() == "o" and line.get_xydata()[0, 0] == 59 for line in ax.lines)
+
+
+def test_grad_decay_axis_spans_the_data_too():
+    curve = _many_to_one_bidirectional().grad_norm.double().numpy()
+    fig = draw_grad_decay({0: curve, 1: curve * 0.5}, "rnn", ["layer 0 forward", "layer 0 reverse"])
+    low, _ = fig.axes[0].get_ylim()
+    assert low > 1e-9
+    assert any(t.get_text().startswith(f"{NEAR_ZERO_LABEL} drawn at") for t in fig.findobj(Text))
 
 
 def test_draw_grad_norm_all_zero():
@@ -153,7 +219,7 @@ def test_grad_decay_single_epoch_zeros_and_nan():
     curve = np.array([[1e-3, 0.0, 1e-2, np.nan, 1.0, np.nan]])
     fig = draw_grad_decay({4: curve}, "rnn", ["layer 0"])
     assert "contains NaN" in fig.get_suptitle()
-    assert any(t.get_text().startswith("zeros drawn at") for t in fig.findobj(Text))
+    assert any(t.get_text().startswith(f"{NEAR_ZERO_LABEL} drawn at") for t in fig.findobj(Text))
     figure_to_rgb(fig)
 
 
