@@ -24,22 +24,27 @@ def reduce_attention(
     query_labels: Sequence[str] | None = None,
     key_labels: Sequence[str] | None = None,
     max_steps: int = 256,
+    self_attention: bool | None = None,
 ) -> dict[str, Any]:
     """Cut what :func:`draw_attention` needs out of ``record``: the first ``max_heads`` heads of one sample.
 
-    Padded keys (beyond ``record.key_lengths[sample]``) are cropped. Longer axes than ``max_steps`` are
-    binned: queries are averaged and keys summed, so a binned row still sums to one.
+    Padded keys (beyond ``record.key_lengths[sample]``) are cropped; in self-attention the padded queries
+    are too, the same steps of the same sequence. Longer axes than ``max_steps`` are binned: queries are
+    averaged and keys summed, so a binned row still sums to one.
 
     Args:
         record: the recorded module.
         sample: which sample of the batch to show.
         max_heads: most heads shown.
-        query_labels: one token per query (output) step; dropped when queries are binned.
+        query_labels: one token per real query (output) step; dropped when queries are binned.
         key_labels: one token per real key (input) step; dropped when keys are binned.
         max_steps: most rows and columns per heatmap.
+        self_attention: whether the queries are the keys' sequence; ``None`` decides by
+            :func:`is_self_attention`.
 
     Returns:
-        A small picklable dict; ``weights`` is ``(heads shown, queries, keys)``.
+        A small picklable dict; ``weights`` is ``(heads shown, queries, keys)``, ``queries`` and ``keys``
+        the real steps shown (before binning), ``self_attention`` whether padded queries were cropped.
 
     Raises:
         ValueError: ``sample`` out of range, ``max_heads``/``max_steps`` not positive, or too few labels.
@@ -48,10 +53,14 @@ def reduce_attention(
     sample = common.check_sample(sample, batch)
     max_heads = common.check_positive("max_heads", max_heads)
     max_steps = common.check_positive("max_steps", max_steps)
+    if self_attention is None:
+        self_attention = is_self_attention(record)
     if record.key_lengths is not None:
         keys = min(keys, int(record.key_lengths[sample]))
+        if self_attention:
+            queries = min(queries, keys)
     shown = min(heads, max_heads)
-    weights = record.attention[sample, :shown, :, :keys].float()  # (h, Tq, Tk)
+    weights = record.attention[sample, :shown, :queries, :keys].float()  # (h, Tq, Tk)
     query_tokens = common.check_labels("query_labels", query_labels, queries)
     key_tokens = common.check_labels("key_labels", key_labels, keys)
     flag = common.nonfinite_flag(weights)
@@ -68,6 +77,7 @@ def reduce_attention(
         "heads": heads,
         "queries": queries,
         "keys": keys,
+        "self_attention": bool(self_attention),
         "query_bin": query_bin,
         "key_bin": key_bin,
         "query_labels": query_tokens if query_bin == 1 else None,
@@ -77,8 +87,32 @@ def reduce_attention(
     }
 
 
+def is_self_attention(record: AttentionRecord) -> bool:
+    """Whether ``record``'s queries are taken to be its keys' sequence, so that a padded key is a padded
+    query too: a ``key_padding_mask`` gave its real keys (``key_lengths``) and there are as many queries
+    as keys. Cross-attention between two sequences of equal padded length passes this test too: give
+    :func:`reduce_attention` ``self_attention=False`` for it; self-attention with ``add_bias_kv`` or
+    ``add_zero_attn`` (more keys than queries) does not: give ``self_attention=True``.
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_rnnviz.probe.records import AttentionRecord
+        >>> weights = torch.full((2, 1, 4, 4), 0.25)
+        >>> is_self_attention(AttentionRecord("attn", "MultiheadAttention", weights, torch.tensor([4, 2])))
+        True
+        >>> is_self_attention(AttentionRecord("attn", "MultiheadAttention", weights))  # no padding known
+        False
+    """
+    queries, keys = record.attention.shape[-2:]
+    return record.key_lengths is not None and queries == keys
+
+
 def draw_attention(payload: dict[str, Any], *, step: int | None = None, title: str | None = None) -> Figure:
     """Heatmap per head (rows: query/output steps, columns: key/input steps) with one shared colour bar.
+
+    Only real steps are drawn: padded keys are cropped, and in self-attention padded queries
+    (:func:`reduce_attention`).
 
     Args:
         payload: from :func:`reduce_attention`.

@@ -396,7 +396,9 @@ def _bin_label(text: str, width: int) -> str:
 
 
 def paint_attention(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None) -> np.ndarray:
-    """Heatmap per head (rows: query/output steps, columns: key/input steps) with one shared colour bar."""
+    """Heatmap per head (rows: query/output steps, columns: key/input steps) with one shared colour bar; only
+    real steps are drawn: padded keys are cropped, and in self-attention padded queries
+    (:func:`~lightning_rnnviz.render.reduce_attention`)."""
     heading = title or f"{payload['name']}: attention, sample {payload['sample']}"
     weights = payload["weights"]
     if payload["heads"] > weights.shape[0]:

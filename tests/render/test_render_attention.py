@@ -13,8 +13,10 @@ from lightning_rnnviz.render import (
     draw_attention,
     figure_to_png,
     figure_to_rgb,
+    paint_attention,
     reduce_attention,
 )
+from lightning_rnnviz.render.attention import is_self_attention
 
 
 def uniform_over_real_keys(
@@ -167,3 +169,57 @@ def test_argument_errors(attention_record):
         reduce_attention(record, sample=-1)
     with pytest.raises(ValueError, match="`max_heads`=0 must be a positive int"):
         reduce_attention(record, max_heads=0)
+
+
+def _padded_self_attention(lengths: tuple[int, ...] = (12, 7), heads: int = 2) -> AttentionRecord:
+    """``nn.MultiheadAttention`` over one right-padded batch (query is key), as the Probe records it: the
+    padded queries' rows attend to the real keys and look like any other row."""
+    torch.manual_seed(0)
+    steps = max(lengths)
+    mha = torch.nn.MultiheadAttention(16, heads, batch_first=True)
+    x = torch.randn(len(lengths), steps, 16)
+    mask = torch.arange(steps)[None, :] >= torch.tensor(lengths)[:, None]
+    _, weights = mha(x, x, x, key_padding_mask=mask, average_attn_weights=False)
+    return AttentionRecord("encoder.self_attn", "MultiheadAttention", weights.detach(), torch.tensor(lengths))
+
+
+def test_self_attention_crops_padded_queries_as_well_as_keys(image_ok):
+    record = _padded_self_attention()
+    assert is_self_attention(record)
+    tokens = [f"w{i}" for i in range(7)]  # the real tokens of sample 1, on both axes
+    payload = reduce_attention(record, sample=1, query_labels=tokens, key_labels=tokens)
+    assert payload["weights"].shape == (2, 7, 7)
+    assert (payload["queries"], payload["keys"], payload["self_attention"]) == (7, 7, True)
+    np.testing.assert_allclose(payload["weights"], record.attention[1, :, :7, :7].numpy())
+    assert payload["vmax"] == pytest.approx(float(record.attention[1, :, :7, :7].max()))  # padded rows left out
+    fig = draw_attention(payload)
+    assert fig.axes[0].get_ylim() == (6.5, -0.5)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == tokens
+    image_ok(figure_to_rgb(fig))
+    full = reduce_attention(record, sample=0)  # the longest sequence has no padding to crop
+    assert full["weights"].shape == (2, 12, 12)
+
+
+def test_padded_query_rows_are_not_painted(shows_bad_color):
+    record = _padded_self_attention()
+    record.attention[1, :, 7:] = float("nan")  # mark the padded queries' rows
+    payload = reduce_attention(record, sample=1)
+    assert payload["nonfinite"] == ""
+    for rgb in (paint_attention(payload), figure_to_rgb(draw_attention(payload))):
+        assert not shows_bad_color(rgb)
+
+
+def test_cross_attention_keeps_its_queries():
+    record = _padded_self_attention()
+    payload = reduce_attention(record, sample=1, self_attention=False)  # e.g. source and target both 12 long
+    assert payload["weights"].shape == (2, 12, 7) and payload["self_attention"] is False
+    fewer = AttentionRecord("dec.attn", "MultiheadAttention", record.attention[:, :, :5], record.key_lengths)
+    assert not is_self_attention(fewer)  # 5 queries over 12 keys
+    assert reduce_attention(fewer, sample=1)["weights"].shape == (2, 5, 7)
+    unknown = AttentionRecord("attn", "MultiheadAttention", record.attention)  # no padding mask known
+    assert not is_self_attention(unknown)
+    # self-attention with add_zero_attn: one more key than queries, said by the caller
+    extra = torch.cat([record.attention, torch.zeros(2, 2, 12, 1)], dim=-1)
+    zero_attn = AttentionRecord("attn", "MultiheadAttention", extra, record.key_lengths)
+    assert not is_self_attention(zero_attn)
+    assert reduce_attention(zero_attn, sample=1, self_attention=True)["weights"].shape == (2, 7, 7)
