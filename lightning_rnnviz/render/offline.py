@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from lightning_rnnviz.render import common
 from lightning_rnnviz.render.findings import Finding  # the callback's own, read back
@@ -112,6 +112,8 @@ class EpochSummary:
     focus: list[float] | None = None
     # what the module's records showed: which calls ("call 2 of 2", "calls 1-2 of 2 as one sequence ...")
     shown: list[str] = field(default_factory=list)
+    # how `grad_norm` lines the sequences up: "start" (step t of each) or "end" (counted back from each end)
+    alignment: str = "start"
 
     @property
     def has_head_stats(self) -> bool:
@@ -354,6 +356,10 @@ def _epoch(check: _Checker, epoch: int, entry: Any, where: str) -> EpochSummary:
         result.length = check.number(entry["length"], f"{where}.length")
     for i, text in enumerate(check.sequence(entry.get("shown", []), f"{where}.shown")):
         result.shown.append(check.text(text, f"{where}.shown[{i}]") or "")
+    alignment = check.text(entry.get("alignment"), f"{where}.alignment") or "start"
+    if alignment not in ("start", "end"):
+        raise check.fail(f"{where}.alignment", f"is {alignment!r}, not 'start' or 'end'")
+    result.alignment = alignment
     for stat in ROW_STATS + HEAD_STATS:
         setattr(result, stat, check.numbers(entry.get(stat), f"{where}.{stat}"))
     for gate, values in check.mapping(entry.get("gate_means"), f"{where}.gate_means").items():
@@ -689,6 +695,13 @@ def draw_compare(runs: Sequence[ComparedRun], module: str, row: int | None = Non
     rows = [row] if row is not None else list(range(max(len(r.module.rows) for r in runs)))
     curves = [r.stats.grad_norm for r in runs if r.stats.grad_norm is not None]
     length = max((c.shape[1] for c in curves), default=1)
+    alignments = {r.stats.alignment for r in runs if r.stats.grad_norm is not None}
+    if len(alignments) > 1:
+        ends = ", ".join(repr(r.label) for r in runs if r.stats.alignment == "end")
+        raise SummaryError(f"the runs line their sequences up differently: {ends} counted back from each "
+                           "sequence's end (lengths that differ, a loss at the end), the others from the start; "
+                           "compare runs of one kind, or one epoch each with `--epoch`.")
+    at_end = alignments == {"end"}
     same_epoch = len({r.epoch for r in runs}) == 1
     panel_height = 4.2 if len(rows) == 1 else 3.4 if len(rows) <= 4 else 2.6
     fig = Figure(figsize=(10.0, 1.2 + panel_height * len(rows)), layout="constrained")
@@ -719,7 +732,7 @@ def draw_compare(runs: Sequence[ComparedRun], module: str, row: int | None = Non
             if not same_epoch:
                 details.append(f"epoch {run.epoch}")
             label += f"  ({', '.join(details)})" if details else ""
-            x = np.arange(values.size)
+            x = np.arange(values.size) + (length - values.size if at_end else 0)  # curves end together
             good = np.isfinite(values) & (values > 0)
             (line,) = ax.plot(x, np.where(good, values, np.nan), color=color, linewidth=1.8,
                               marker=markers[i % len(markers)] if show_markers else None, markersize=4.5,
@@ -752,7 +765,11 @@ def draw_compare(runs: Sequence[ComparedRun], module: str, row: int | None = Non
         ax.set_title(_row_title(runs, r), fontsize=11, loc="left")
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=10, frameon=False,
                   borderaxespad=0.0)
-    axes[-1].set_xlabel("time step t (sequence position)", fontsize=11)
+    if at_end:
+        axes[-1].xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v - (length - 1)))}"))
+        axes[-1].set_xlabel("steps before each sequence's end", fontsize=11)
+    else:
+        axes[-1].set_xlabel("time step t (sequence position)", fontsize=11)
     if same_epoch:
         which = f"epoch {runs[0].epoch}"
         if epoch == "last" and len(runs) > 1:

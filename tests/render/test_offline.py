@@ -779,3 +779,26 @@ def test_compare_attention_errors(tmp_path, capsys):
     assert_one_line_error(err, r"no run has attention statistics \(`entropy_norm`, `entropy`, `focus`\) of "
                                r"module 'decoder.attn' at the chosen epoch")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_compare_counts_back_from_the_end_for_end_aligned_curves(tmp_path, capsys):
+    """summary.json's `alignment: end` (lengths that differ, a many-to-one loss): the curves end together and
+    the axis counts steps back; runs lined up differently are refused with the reason."""
+    for name, steps in (("a", 3), ("b", 5)):
+        document = summary_document("gru", epochs=1)
+        record = document["modules"]["rnn"]["epochs"]["0"]
+        record["grad_norm"] = [[10.0 ** (k - steps) for k in range(steps)]]
+        record["alignment"] = "end"
+        write_summary(tmp_path / name, document)
+    from lightning_rnnviz.render.offline import draw_compare, read_summaries, select_runs
+
+    module, runs = select_runs(read_summaries([tmp_path / "a", tmp_path / "b"]))
+    fig = draw_compare(runs, module)
+    ax = fig.axes[0]
+    ends = [line.get_xdata()[-1] for line in ax.get_lines() if len(line.get_xdata()) > 1]
+    assert ends == [4, 4]
+    assert fig.axes[0].get_xlabel() == "steps before each sequence's end"
+    document = summary_document("gru", epochs=1)
+    write_summary(tmp_path / "c", document)
+    status, out, err = run_main(capsys, "compare", tmp_path / "a", tmp_path / "c", "--out", str(tmp_path / "x.png"))
+    assert status != 0 and "line their sequences up differently" in err
