@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.helpers.readme import example_runs, quick_start
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -38,8 +41,25 @@ def _image_tags(root: Path) -> dict[str, set[str]]:
     return tags
 
 
+def _quick_start_args(name: str) -> list[str]:
+    """The arguments README's quick start runs example ``name`` with (the test adds where it writes)."""
+    return dict(example_runs())[name] + ["--save-dir"]
+
+
+def test_the_quick_start_runs_both_examples_and_shows_their_logs():
+    """README's quick start is what these tests run: both examples, fast, and TensorBoard over the folder
+    they write to by default."""
+    assert [name for name, _ in example_runs()] == ["vanishing_gradients", "seq2seq_attention"]
+    assert all(args == ["--fast"] for _, args in example_runs())
+    lines = quick_start()
+    assert lines[0].startswith("python3 -m venv") and any(line.startswith("pip install -e .") for line in lines)
+    tensorboard = next(shlex.split(line) for line in lines if line.startswith("tensorboard"))
+    defaults = {name: _load(name).parse_args([]).save_dir for name, _ in example_runs()}
+    assert set(defaults.values()) == {tensorboard[tensorboard.index("--logdir") + 1]} == {"lightning_logs"}
+
+
 def test_vanishing_gradients_fast(tmp_path):
-    results = _load("vanishing_gradients").main(["--fast", "--save-dir", str(tmp_path)])
+    results = _load("vanishing_gradients").main(_quick_start_args("vanishing_gradients") + [str(tmp_path)])
     runs = _image_tags(tmp_path)
     assert len(runs) >= 3  # one TensorBoard run per model kind
     every = set().union(*runs.values())
@@ -51,7 +71,7 @@ def test_vanishing_gradients_fast(tmp_path):
 
 
 def test_seq2seq_attention_fast(tmp_path):
-    results = _load("seq2seq_attention").main(["--fast", "--save-dir", str(tmp_path)])
+    results = _load("seq2seq_attention").main(_quick_start_args("seq2seq_attention") + [str(tmp_path)])
     every = set().union(*_image_tags(tmp_path).values())
     assert "rnnviz/attention/decoder.attn" in every
     assert any(t.startswith("rnnviz/attention/") and t != "rnnviz/attention/decoder.attn" for t in every)
