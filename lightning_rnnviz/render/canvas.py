@@ -45,7 +45,7 @@ PALETTE = (
 )
 
 # Dash lengths in pixels of the line styles (matplotlib's names) that `Canvas.line` and `legend` draw.
-DASHES = {"-": 0.0, "--": 5.0, ":": 1.6, "-.": 10.0}
+DASHES = {"-": 0.0, "--": 5.0, ":": 2.5, "-.": 10.0}
 
 TITLE_SIZE = 12
 PANEL_TITLE_SIZE = 11
