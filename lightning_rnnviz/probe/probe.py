@@ -1274,14 +1274,16 @@ class _Session:
             c0 = c0.unsqueeze(1) if c0 is not None and c0.dim() == 2 else c0
 
         grads = {k: g.to(device, dtype) / (scale or 1.0) for k, g in upstream.items()}
+        def time_major(t: Tensor, packed: PackedSequence | None) -> Tensor:
+            """A tensor laid out as the call's input or output was, time-major ``(T, B, ...)``."""
+            if packed is not None:
+                return pad_packed_sequence(packed._replace(data=t), total_length=steps)[0]
+            if unbatched:
+                return t.unsqueeze(1)
+            return t.transpose(0, 1) if module.batch_first else t
+
         g_out = grads.get("output")
-        if g_out is not None:
-            if packed_layout is not None:
-                g_out, _ = pad_packed_sequence(packed_layout._replace(data=g_out), total_length=steps)
-            elif unbatched:
-                g_out = g_out.unsqueeze(1)
-            elif module.batch_first:
-                g_out = g_out.transpose(0, 1)
+        g_out = None if g_out is None else time_major(g_out, packed_layout)
         g_hn, g_cn = grads.get("h_n"), grads.get("c_n")
         if unbatched:
             g_hn = g_hn.unsqueeze(1) if g_hn is not None else None
@@ -1317,26 +1319,14 @@ class _Session:
         top = None
         # Without the masks, the module's output is not the top layer of the replayed network.
         if unchanged and not notes:
-            if packed_layout is not None:
-                top, _ = pad_packed_sequence(packed_layout._replace(data=values), total_length=steps)
-            elif unbatched:
-                top = values.unsqueeze(1)
-            else:
-                top = values.transpose(0, 1) if module.batch_first else values
-            top = top[:, :batch].to(device, dtype)
+            top = time_major(values, packed_layout)[:, :batch].to(device, dtype)
         # lengths stay on the CPU, where packing needs them: a copy back from the device would wait for it
         g_in = grads.get("input")
         if g_in is not None:
-            # what autograd delivered to the input through this call, time-major like the replay's
-            if true_lengths is not None:
-                g_in = (g_in.transpose(0, 1) if module.batch_first else g_in)[:steps]
-            elif packed_layout is not None:
-                g_in, _ = pad_packed_sequence(inp._replace(data=g_in), total_length=steps)
-            elif unbatched:
-                g_in = g_in.unsqueeze(1)
-            elif module.batch_first:
-                g_in = g_in.transpose(0, 1)
-            g_in = g_in[:, :batch]
+            # what autograd delivered to the input through this call (the padded input of a subclass that
+            # packed it itself), time-major like the replay's
+            g_in = time_major(g_in, inp if true_lengths is None and packed_layout is not None else None)
+            g_in = g_in[:steps, :batch]
         result = replay_rnn(module.mode, layer_weights, x, h0, c0, lengths, g_out, g_hn, g_cn,
                             top_states=top, layer_states=states, dropout_masks=masks,
                             user_flags=not self.own_flags, input_grad=g_in is not None)

@@ -1,9 +1,9 @@
-"""Attention weights: per-head query x key heatmaps of one sample, and per-head entropy and focus."""
+"""Attention weights: per-head query x key heatmaps of one sequence of the batch, and per-head entropy and focus."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -108,25 +108,54 @@ def is_self_attention(record: AttentionRecord) -> bool:
     return record.key_lengths is not None and queries == keys
 
 
-def draw_attention(payload: dict[str, Any], *, step: int | None = None, title: str | None = None) -> Figure:
-    """Heatmap per head (rows: query/output steps, columns: key/input steps) with one shared colour bar.
+def attention_heading(payload: Mapping[str, Any]) -> str:
+    """An attention picture's heading, the same in both painters: ``"<module>: self-attention, sequence <n>"``
+    where the queries are known to be the keys' sequence (``payload["self_attention"]``), else
+    ``"<module>: attention, sequence <n>"``."""
+    what = "self-attention" if payload.get("self_attention") else "attention"
+    return f"{payload['name']}: {what}, sequence {payload['sample']}"
+
+
+def axis_titles(payload: Mapping[str, Any]) -> tuple[str, str]:
+    """The titles of the query (rows) and key (columns) axes, the same in both painters: ``"query step"``
+    and ``"key step"`` in self-attention, both steps of the same sequence, and where there are as many
+    queries as keys (it may be self-attention); ``"query (output) step"`` and ``"key (input) step"`` across
+    two sequences (an encoder-decoder's attention: its queries from the output, its keys the input).
+
+    Example::
+
+        >>> axis_titles({"self_attention": False, "queries": 5, "keys": 9})
+        ('query (output) step', 'key (input) step')
+        >>> axis_titles({"self_attention": True, "queries": 7, "keys": 7})
+        ('query step', 'key step')
+    """
+    if payload.get("self_attention") or payload["queries"] == payload["keys"]:
+        return "query step", "key step"
+    return "query (output) step", "key (input) step"
+
+
+def draw_attention(payload: dict[str, Any], *, step: int | None = None, title: str | None = None,
+                   validation: bool = False) -> Figure:
+    """Heatmap per head (rows: query steps, columns: key steps, :func:`axis_titles`) with one shared colour
+    bar.
 
     Only real steps are drawn: padded keys are cropped, and in self-attention padded queries
     (:func:`reduce_attention`).
 
     Args:
         payload: from :func:`reduce_attention`.
-        step: training step for the title.
-        title: replaces the heading ``"<module>: attention, sample <n>"``.
+        step: training step for the title (``train step <n>``).
+        title: replaces the heading ``"<module>: attention, sequence <n>"`` (:func:`attention_heading`).
+        validation: the picture shows the validation sample (``validation at train step <n>``).
     """
-    heading = title or f"{payload['name']}: attention, sample {payload['sample']}"
+    heading = title or attention_heading(payload)
     if payload["heads"] > payload["weights"].shape[0]:
         heading += f" (showing {payload['weights'].shape[0]} of {payload['heads']} heads)"
-    full_title = common.compose_title(heading, payload, step, payload["nonfinite"])
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], validation=validation)
     weights = payload["weights"]
     shown, rows, columns = weights.shape
     if rows == 0 or columns == 0:
-        return common.message_figure(full_title, f"sample {payload['sample']} has no real keys or queries")
+        return common.message_figure(full_title, f"sequence {payload['sample']} has no real keys or queries")
 
     ncols = min(shown, 4)
     nrows = math.ceil(shown / ncols)
@@ -140,6 +169,7 @@ def draw_attention(payload: dict[str, Any], *, step: int | None = None, title: s
         fig, nrows, ncols, left=left, right=1.0, top=top, bottom=bottom, hspace=0.4, wspace=0.35
     )
     query_bin, key_bin = payload["query_bin"], payload["key_bin"]
+    query_axis, key_axis = axis_titles(payload)
     most_ticks = max(4, int(panel * 6))  # token labels at fontsize 6 need about 1/6 inch each
     extent = (-0.5, columns * key_bin - 0.5, rows * query_bin - 0.5, -0.5)
     cmap = common.colormap(common.SEQUENTIAL_CMAP)
@@ -177,9 +207,9 @@ def draw_attention(payload: dict[str, Any], *, step: int | None = None, title: s
             ax.yaxis.set_major_locator(MaxNLocator(5, integer=True))
         ax.tick_params(labelsize=common.TICK_SIZE - (1 if key_tokens or query_tokens else 0))
         if last_row:
-            ax.set_xlabel(_axis_label("key (input) step", key_bin), fontsize=common.LABEL_SIZE)
+            ax.set_xlabel(_axis_label(key_axis, key_bin), fontsize=common.LABEL_SIZE)
         if first_col:
-            ax.set_ylabel(_axis_label("query (output) step", query_bin), fontsize=common.LABEL_SIZE)
+            ax.set_ylabel(_axis_label(query_axis, query_bin), fontsize=common.LABEL_SIZE)
     label = "attention weight" + (" (sum over key bin)" if key_bin > 1 else "")
     return common.finish_heatmap(fig, image, label, bottom, top, payload["nonfinite"], full_title)
 

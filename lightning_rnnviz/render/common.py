@@ -244,16 +244,28 @@ def compose_title(
     nonfinite: str = "",
     width: int = 95,
     escape: bool = True,
+    validation: bool = False,
 ) -> str:
-    """Figure title: heading, step, ``contains NaN`` warning and the approximation note below it.
+    """Figure title: heading, training step, ``contains NaN`` warning and the approximation note below it.
 
-    The note is wrapped onto as many lines as it needs (``width`` characters each), never cut.
-    ``escape`` protects ``$`` from matplotlib's mathtext; the raster painter writes text as it is.
+    The step is the training step (``train step 120``), so that it is not read as a step of the time axis
+    beside it; a ``validation`` picture says so (``validation at train step 120``). The note is wrapped onto
+    as many lines as it needs (``width`` characters each), never cut. ``escape`` protects ``$`` from
+    matplotlib's mathtext; the raster painter writes text as it is.
+
+    Example::
+
+        >>> compose_title("rnn: hidden state h_t, sequence 0", {}, 120)
+        'rnn: hidden state h_t, sequence 0  ·  train step 120'
+        >>> compose_title("rnn: hidden state h_t, sequence 0", {}, 120, validation=True)
+        'rnn: hidden state h_t, sequence 0  ·  validation at train step 120'
     """
     protect = escape_text if escape else str
     line = protect(heading)
     if step is not None:
-        line += f"  ·  step {step}"
+        line += f"  ·  {'validation at ' if validation else ''}train step {step}"
+    elif validation:
+        line += "  ·  validation"
     if nonfinite:
         line += f"  ·  contains {nonfinite}"
     for remark in payload.get("context", ()):

@@ -94,7 +94,8 @@ def reduce_gates(record: RNNRecord, max_time: int = 256, max_units: int = 512) -
     }
 
 
-def draw_gates(payload: dict[str, Any], *, step: int | None = None, title: str | None = None) -> Figure:
+def draw_gates(payload: dict[str, Any], *, step: int | None = None, title: str | None = None,
+               validation: bool = False) -> Figure:
     """Left: mean activation of each gate over time; right: per-unit saturation fractions.
 
     One row of panels per layer/direction. In the right panels every point is a unit: x is the fraction
@@ -102,11 +103,12 @@ def draw_gates(payload: dict[str, Any], *, step: int | None = None, title: str |
 
     Args:
         payload: from :func:`reduce_gates`.
-        step: training step for the title.
+        step: training step for the title (``train step <n>``).
         title: replaces the heading ``"<module>: gate activations"``.
+        validation: the picture shows the validation sample (``validation at train step <n>``).
     """
     heading = title or f"{payload['name']}: gate activations"
-    full_title = common.compose_title(heading, payload, step, payload["nonfinite"])
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], validation=validation)
     mean = payload["mean"]
     rows, _, columns = mean.shape
     if columns == 0:

@@ -99,7 +99,8 @@ def reduce_grad_norm(record: RNNRecord, max_time: int = 2048) -> dict[str, Any] 
     }
 
 
-def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: str | None = None) -> Figure:
+def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: str | None = None,
+                   validation: bool = False) -> Figure:
     """``||dL/dh_t||_2`` (mean over valid sequences) against ``t``, log axis, one line per layer/direction.
 
     Colour tells the layer; in a bidirectional module it tells the direction and the line style the layer
@@ -108,11 +109,12 @@ def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: s
 
     Args:
         payload: from :func:`reduce_grad_norm`.
-        step: training step for the title.
-        title: replaces the heading ``"<module>: gradient norm per step"``.
+        step: training step for the title (``train step <n>``).
+        title: replaces the heading ``"<module>: gradient norm per time step"``.
+        validation: the picture shows the validation sample (``validation at train step <n>``).
     """
-    heading = title or f"{payload['name']}: gradient norm per step"
-    full_title = common.compose_title(heading, payload, step, payload["nonfinite"])
+    heading = title or f"{payload['name']}: gradient norm per time step"
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], validation=validation)
     norm = payload["norm"]
     rows, columns = norm.shape
     if columns == 0:
@@ -304,8 +306,8 @@ def draw_grad_decay(
             fixed batch); curves may differ in length, NaN marks missing steps.
         name: the module's name, for the title.
         layer_labels: one label per row, e.g. ``[record.layer_label(i) for i in range(rows)]``.
-        step: training step for the title.
-        title: replaces the heading ``"<name>: gradient norm per step, by epoch"``.
+        step: training step for the title (``train step <n>``).
+        title: replaces the heading ``"<name>: gradient norm per time step, by epoch"``.
         max_curves: most epochs drawn; beyond that, evenly spaced epochs (first and last included).
         horizons: epoch -> per-row gradient horizon (:func:`grad_horizon`, averaged over the epoch), for
             the panels' headings; ``None`` gives none.
@@ -317,7 +319,7 @@ def draw_grad_decay(
     epochs, curves, total, flag = decay_curves(history, layer_labels, max_curves, alignment)
     rows = len(layer_labels)
     payload = {"exact": not notes, "notes": tuple(notes)}
-    heading = title or f"{name}: gradient norm per step, by epoch"
+    heading = title or f"{name}: gradient norm per time step, by epoch"
     if len(epochs) < total:
         heading += f" ({len(epochs)} of {total} epochs)"
     full_title = common.compose_title(heading, payload, step, flag)

@@ -97,17 +97,19 @@ def _call_starts(record: RNNRecord, sample: int, length: int) -> list[int]:
     return [int(s) for s in starts[1:, sample].tolist() if 0 < int(s) < length]
 
 
-def draw_hidden(payload: dict[str, Any], *, step: int | None = None, title: str | None = None) -> Figure:
+def draw_hidden(payload: dict[str, Any], *, step: int | None = None, title: str | None = None,
+                validation: bool = False) -> Figure:
     """Heatmap of ``h_t``, units x time, one panel per layer (rows) and direction (columns).
 
     Args:
         payload: from :func:`reduce_hidden`.
-        step: training step for the title.
-        title: replaces the heading ``"<module>: hidden state, sequence <n>"``; the step, the NaN warning
-            and the approximation note are always added.
+        step: training step for the title (``train step <n>``).
+        title: replaces the heading ``"<module>: hidden state h_t, sequence <n>"``; the step, the NaN
+            warning and the approximation note are always added.
+        validation: the picture shows the validation sample (``validation at train step <n>``).
     """
     heading = title or f"{payload['name']}: hidden state h_t, sequence {payload['sample']}"
-    full_title = common.compose_title(heading, payload, step, payload["nonfinite"])
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], validation=validation)
     values = payload["values"]
     rows, units, columns = values.shape
     if columns == 0 or units == 0:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 RENDERERS = ("fast", "matplotlib")
+VALIDATION_PREFIX = "rnnviz/val/"  # the tags of the validation sample's pictures
 
 
 @dataclass
@@ -26,6 +27,12 @@ class Job:
     tag: str
     step: int
     renderer: str = "fast"
+
+    @property
+    def validation(self) -> bool:
+        """Whether the picture shows the validation sample (its tag is under ``rnnviz/val/``): its title
+        says ``validation at train step N``."""
+        return self.tag.startswith(VALIDATION_PREFIX)
 
 
 def draw(job: Job) -> np.ndarray:
@@ -42,7 +49,7 @@ def draw(job: Job) -> np.ndarray:
             return paint.paint_grad_decay(p["history"], p["name"], p["layer_labels"], step=job.step,
                                           horizons=p.get("horizons"), notes=p.get("notes", ()),
                                           alignment=p.get("alignment", "start"))
-        return paint.PAINTERS[job.kind](p, step=job.step)
+        return paint.PAINTERS[job.kind](p, step=job.step, validation=job.validation)
     if job.renderer != "matplotlib":
         raise ValueError(f"unknown renderer {job.renderer!r}; use one of {RENDERERS}")
     import lightning_rnnviz.render as render
@@ -58,5 +65,5 @@ def draw(job: Job) -> np.ndarray:
                                         horizons=p.get("horizons"), notes=p.get("notes", ()),
                                         alignment=p.get("alignment", "start"))
     else:
-        figure = drawers[job.kind](p, step=job.step)
+        figure = drawers[job.kind](p, step=job.step, validation=job.validation)
     return render.figure_to_rgb(figure)

@@ -25,6 +25,7 @@ import numpy as np
 
 from lightning_rnnviz.render import canvas as cv
 from lightning_rnnviz.render import common
+from lightning_rnnviz.render.attention import attention_heading, axis_titles
 from lightning_rnnviz.render.gates import TANH_GATES
 from lightning_rnnviz.render.gradients import (
     LANE_PX,
@@ -45,8 +46,9 @@ NONFINITE_RGB = (220, 0, 0)
 _GATE_ORDER = ("input", "forget", "cell", "output", "reset", "update", "new")
 
 
-def _title(heading: str, payload: Mapping[str, Any], step: int | None, nonfinite: str) -> str:
-    return common.compose_title(heading, dict(payload), step, nonfinite, escape=False)
+def _title(heading: str, payload: Mapping[str, Any], step: int | None, nonfinite: str,
+           validation: bool = False) -> str:
+    return common.compose_title(heading, dict(payload), step, nonfinite, escape=False, validation=validation)
 
 
 def _aligned_time_axis(alignment: str, steps: int, width: int, count: int) -> tuple[np.ndarray, list[str], str]:
@@ -102,17 +104,19 @@ def _layout_rows(count: int, top: float, bottom: float, panel: float, gap: float
 
 
 # --- hidden state ------------------------------------------------------------------------------------
-def paint_hidden(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None) -> np.ndarray:
+def paint_hidden(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None,
+                 validation: bool = False) -> np.ndarray:
     """Heatmap of ``h_t``, units x time, one panel per layer (rows) and direction (columns).
 
     Args:
         payload: from :func:`~lightning_rnnviz.render.reduce_hidden`.
-        step: training step for the title.
+        step: training step for the title (``train step <n>``).
         title: replaces the heading ``"<module>: hidden state h_t, sequence <n>"``.
+        validation: the picture shows the validation sample (``validation at train step <n>``).
     """
     heading = title or f"{payload['name']}: hidden state h_t, sequence {payload['sample']}"
     nonfinite = payload["nonfinite"]
-    full_title = _title(heading, payload, step, nonfinite)
+    full_title = _title(heading, payload, step, nonfinite, validation)
     values = payload["values"]
     rows, units, columns = values.shape
     if columns == 0 or units == 0:
@@ -170,12 +174,13 @@ def gate_colour(gate: str, index: int) -> tuple[int, int, int]:
     return cv.palette(_GATE_ORDER.index(gate) if gate in _GATE_ORDER else index)
 
 
-def paint_gates(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None) -> np.ndarray:
+def paint_gates(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None,
+                validation: bool = False) -> np.ndarray:
     """Left: mean activation of each gate over time; right: per-unit saturation fractions (Karpathy et al.,
     2015); one row of panels per layer/direction. See :func:`~lightning_rnnviz.render.draw_gates`."""
     heading = title or f"{payload['name']}: gate activations"
     nonfinite = payload["nonfinite"]
-    full_title = _title(heading, payload, step, nonfinite)
+    full_title = _title(heading, payload, step, nonfinite, validation)
     mean = payload["mean"]
     rows, _, columns = mean.shape
     if columns == 0:
@@ -274,14 +279,15 @@ def _log_axis(panel: cv.Panel, floor: float, ceiling: float) -> np.ndarray:
     return ticks
 
 
-def paint_grad_norm(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None) -> np.ndarray:
+def paint_grad_norm(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None,
+                    validation: bool = False) -> np.ndarray:
     """``||dL/dh_t||_2`` (mean over valid sequences) against ``t`` on a log axis, one line per
     layer/direction; colour tells the layer, or in a bidirectional module the direction, and the line style
     the layer (:func:`~lightning_rnnviz.render.gradients.row_style`). Values below 1e-7 of their curve's
     peak, zeros included, are triangles on the floor; the axis spans the rest."""
-    heading = title or f"{payload['name']}: gradient norm per step"
+    heading = title or f"{payload['name']}: gradient norm per time step"
     nonfinite = payload["nonfinite"]
-    full_title = _title(heading, payload, step, nonfinite)
+    full_title = _title(heading, payload, step, nonfinite, validation)
     norm = payload["norm"]
     rows, columns = norm.shape
     if columns == 0:
@@ -337,7 +343,7 @@ def paint_grad_decay(
     """
     epochs, curves, total, flag = decay_curves(history, layer_labels, max_curves, alignment)
     rows = len(layer_labels)
-    heading = title or f"{name}: gradient norm per step, by epoch"
+    heading = title or f"{name}: gradient norm per time step, by epoch"
     if len(epochs) < total:
         heading += f" ({len(epochs)} of {total} epochs)"
     full_title = _title(heading, {"exact": not notes, "notes": tuple(notes)}, step, flag)
@@ -395,19 +401,20 @@ def _bin_label(text: str, width: int) -> str:
     return text if width == 1 else f"{text} (bins of {width})"
 
 
-def paint_attention(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None) -> np.ndarray:
-    """Heatmap per head (rows: query/output steps, columns: key/input steps) with one shared colour bar; only
+def paint_attention(payload: Mapping[str, Any], *, step: int | None = None, title: str | None = None,
+                    validation: bool = False) -> np.ndarray:
+    """Heatmap per head (rows: query steps, columns: key steps) with one shared colour bar; only
     real steps are drawn: padded keys are cropped, and in self-attention padded queries
     (:func:`~lightning_rnnviz.render.reduce_attention`)."""
-    heading = title or f"{payload['name']}: attention, sample {payload['sample']}"
+    heading = title or attention_heading(payload)
     weights = payload["weights"]
     if payload["heads"] > weights.shape[0]:
         heading += f" (showing {weights.shape[0]} of {payload['heads']} heads)"
     nonfinite = payload["nonfinite"]
-    full_title = _title(heading, payload, step, nonfinite)
+    full_title = _title(heading, payload, step, nonfinite, validation)
     shown, rows, columns = weights.shape
     if rows == 0 or columns == 0:
-        return paint_message(full_title, f"sample {payload['sample']} has no real keys or queries")
+        return paint_message(full_title, f"sequence {payload['sample']} has no real keys or queries")
     ncols = min(shown, 4)
     nrows = math.ceil(shown / ncols)
     query_tokens, key_tokens = payload["query_labels"], payload["key_labels"]
@@ -424,6 +431,7 @@ def paint_attention(payload: Mapping[str, Any], *, step: int | None = None, titl
     cv.title_block(canvas, full_title)
     _nonfinite_key(canvas, nonfinite, top - 38)
     query_bin, key_bin = payload["query_bin"], payload["key_bin"]
+    query_axis, key_axis = axis_titles(payload)
     vmax = payload["vmax"]
     most = max(4, int(panel / 13))
     for h in range(shown):
@@ -442,7 +450,7 @@ def paint_attention(payload: Mapping[str, Any], *, step: int | None = None, titl
             else:
                 ticks = cv.nice_ticks(0, max(columns * key_bin - 1, 0), 5, integer=True)
                 axes.xticks(ticks, [str(int(t)) for t in ticks])
-            axes.xlabel(_bin_label("key (input) step", key_bin), offset=bottom - 22)
+            axes.xlabel(_bin_label(key_axis, key_bin), offset=bottom - 22)
         if first_col:
             if query_tokens:
                 ticks = common.tick_positions(rows, most)
@@ -450,7 +458,7 @@ def paint_attention(payload: Mapping[str, Any], *, step: int | None = None, titl
             else:
                 ticks = cv.nice_ticks(0, max(rows * query_bin - 1, 0), 5, integer=True)
                 axes.yticks(ticks, [str(int(t)) for t in ticks])
-            axes.ylabel(_bin_label("query (output) step", query_bin),
+            axes.ylabel(_bin_label(query_axis, query_bin),
                         offset=max(_label_room(canvas, query_tokens), 16) + 20)
     label = "attention weight" + (" (sum over key bin)" if key_bin > 1 else "")
     grid_bottom = top + nrows * panel + (nrows - 1) * gap_y

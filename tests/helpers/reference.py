@@ -212,17 +212,21 @@ class RNNReference:
     def valid_mask(self) -> Tensor:
         return torch.arange(self.time).unsqueeze(0) < self.lengths.unsqueeze(1)
 
-    def grad_norm(self) -> Tensor:
-        """``(rows, time)``: mean over sequences valid at t of ``||dL/dh_t||``, computed by loops."""
+    def grad_norm(self, alignment: str = "start") -> Tensor:
+        """``(rows, time)``: mean over sequences of ``||dL/dh_t||``, computed by loops; with ``alignment``
+        ``"start"`` column ``t`` is step ``t`` of the sequences valid there, with ``"end"`` column
+        ``T_max - 1 - d`` is ``d`` steps before each sequence's end (``T_max`` the longest length)."""
         g = self.hidden_grad()
+        longest = int(self.lengths.max())
         out = torch.full((self.rows, self.time), float("nan"), dtype=torch.float64)
         for row in range(self.rows):
             for t in range(self.time):
-                norms = [
-                    math.sqrt(float((g[row, b, t] ** 2).sum()))
-                    for b in range(self.batch)
-                    if t < int(self.lengths[b])
-                ]
+                norms = []
+                for b in range(self.batch):
+                    n = int(self.lengths[b])
+                    step = t if alignment == "start" else n - 1 - (longest - 1 - t)
+                    if 0 <= step < n:
+                        norms.append(math.sqrt(float((g[row, b, step] ** 2).sum())))
                 if norms:
                     out[row, t] = sum(norms) / len(norms)
         return out
