@@ -80,20 +80,23 @@ _STYLE = (
 
 
 def _inline(text: str) -> str:
-    text = html.escape(text, quote=False)
+    text = html.escape(text.replace("\\|", "|"), quote=False)  # an escaped pipe is a pipe
     for pattern, replacement in _INLINE:
         text = pattern.sub(replacement, text)
     return text
 
 
 def _cells(line: str) -> list[str]:
-    line = line.strip().removeprefix("|").removesuffix("|")
-    return [cell.strip() for cell in line.split("|")]
+    line = line.strip().removeprefix("|")
+    if line.endswith("|") and not line.endswith("\\|"):
+        line = line[:-1]
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|", line)]  # "\|" is a pipe inside a cell
 
 
 def markdown_html(markdown: str) -> str:
-    """A small, self-contained HTML page of the markdown we write: ``#`` headings, ``|`` tables,
-    paragraphs, ``**bold**``, ``*italic*`` and `` `code` ``; everything else is shown as text.
+    """A small, self-contained HTML page of the markdown we write: ``#`` headings, ``|`` tables (``\\|`` is
+    a ``|`` in a cell), paragraphs, ``**bold**``, ``*italic*`` and `` `code` ``; everything else is shown as
+    text.
 
     Example::
 
