@@ -121,6 +121,8 @@ class Reporter:
         self.decay_history: dict[str, dict[int, torch.Tensor]] = {}
         self.layer_labels: dict[str, list[str]] = {}  # module -> "layer 0", "layer 0 reverse", ...
         self.findings: list[findings_.Finding] = []  # every epoch's, in order
+        self.persistence = findings_.Persistence()  # how long each condition has held
+        self.pending: list[findings_.Finding] = []  # the last check's conditions that have not persisted yet
         self.summary: dict[str, dict[str, Any]] = {}  # module -> {"kind", "rows", "epochs": {epoch: {...}}}
         self.notes: dict[str, list[str]] = {}  # module -> approximation notes of any recording so far
         self.context: dict[str, tuple[str, ...]] = {}  # module -> what its last record shows (calls, chaining)
@@ -362,8 +364,10 @@ class Reporter:
     def _summarise(self, epoch: int, step: int, collected: Mapping[str, _Collected], out: Output) -> list[str]:
         previous = {f.key: f for f in self.findings if f.epoch == self._last_epoch()}
         found: list[findings_.Finding] = []
+        pending: list[findings_.Finding] = []
         for name, data in sorted(collected.items()):
             summary = data.summary()
+            first = not self.summary.get(name, {}).get("epochs")  # the module's first check
             entry = self.summary.setdefault(name, {"kind": summary.kind, "rows": summary.rows, "epochs": {}})
             record = {"step": step, "recordings": summary.recordings, "length": _json_number(summary.length)}
             if self.context.get(name):
@@ -381,13 +385,18 @@ class Reporter:
             if curve is not None:
                 record["grad_norm"] = [[_json_number(v) for v in row] for row in curve.tolist()]
             entry["epochs"][epoch] = record
-            found.extend(findings_.check(name, summary, epoch, step))
+            held = findings_.check(name, summary, epoch, step)
+            reported, waiting = self.persistence.update(name, held, summary.recordings, first)
+            found.extend(reported)
+            pending.extend(waiting)
         self.findings.extend(found)
+        # the modules checked now replace theirs; the others' stay as their last check left them
+        self.pending = [f for f in self.pending if f.module not in collected] + pending
         now = {f.key: f for f in found}
         lines = [findings_.console_line(f) for key, f in now.items() if key not in previous]
         lines += [findings_.console_line(f, cleared_in=epoch) for key, f in previous.items()
                   if key not in now and f.module in collected]
-        out.text("rnnviz/findings", findings_.markdown(found, epoch, step), step)
+        out.text("rnnviz/findings", findings_.markdown(found, epoch, step, pending), step)
         out.document("summary.json", self.summary_document(), step)
         return lines
 
@@ -404,6 +413,7 @@ class Reporter:
                                "epochs": {str(e): v for e, v in sorted(entry["epochs"].items())}}
                         for name, entry in sorted(self.summary.items())},
             "findings": [f.to_dict() for f in self.findings],
+            "pending": [f.to_dict() for f in self.pending],
         }
 
     # --- state ------------------------------------------------------------------------------------
@@ -411,6 +421,8 @@ class Reporter:
         return {
             "decay_history": {m: dict(h) for m, h in self.decay_history.items()},
             "findings": [f.to_dict() for f in self.findings],
+            "persistence": self.persistence.state_dict(),
+            "pending": [f.to_dict() for f in self.pending],
             "summary": {m: {**entry, "epochs": dict(entry["epochs"])} for m, entry in self.summary.items()},
             "notes": {m: list(n) for m, n in self.notes.items()},
         }
@@ -418,6 +430,13 @@ class Reporter:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.decay_history = {m: dict(h) for m, h in state.get("decay_history", {}).items()}
         self.findings = [findings_.Finding.from_dict(f) for f in state.get("findings", [])]
+        self.pending = [findings_.Finding.from_dict(f) for f in state.get("pending", [])]
+        self.persistence = findings_.Persistence()
+        if "persistence" in state:
+            self.persistence.load_state_dict(state["persistence"])
+        elif self.findings:  # saved before findings had to persist: the last epoch's stay reported
+            last = max(f.epoch for f in self.findings)
+            self.persistence.assume_reported(f for f in self.findings if f.epoch == last)
         self.summary = {m: {**entry, "epochs": {int(e): v for e, v in entry["epochs"].items()}}
                         for m, entry in state.get("summary", {}).items()}
         self.notes = {m: list(n) for m, n in state.get("notes", {}).items()}
@@ -428,6 +447,7 @@ class _Collected:
 
     def __init__(self, record: RNNRecord | AttentionRecord) -> None:
         self.attention_kind = isinstance(record, AttentionRecord)
+        self.module_kind = record.kind  # chooses the findings' advice
         if self.attention_kind:
             self.kind = "attention"
             self.rows = [f"head {h}" for h in range(record.heads)]
@@ -491,7 +511,8 @@ class _Collected:
             dead = (self.unit_peak < level).double().mean(-1).tolist()
         same = np.mean(self.same_key, axis=0).tolist() if self.same_key else []
         return findings_.ModuleEpoch(self.kind, self.rows, self.num_directions, stats, dead, same,
-                                     _nanmean(self.lengths), len(self.recordings), len(self.nonfinite))
+                                     _nanmean(self.lengths), len(self.recordings), len(self.nonfinite),
+                                     self.module_kind)
 
 
 def _nanmean(values: Sequence[float]) -> float:
