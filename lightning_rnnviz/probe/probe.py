@@ -934,13 +934,14 @@ class _Session:
         return t if self.max_samples is None else t.narrow(dim, 0, min(self.max_samples, t.shape[dim]))
 
     def _store_attention(self, watch: _Watch, weights: Tensor, key_padding_mask: Tensor | None,
-                         key_counts: Tensor | None = None) -> None:
+                         key_counts: Tensor | None = None, query_is_key: bool | None = None) -> None:
         call = _Call(in_backward=False)
         call.data.update(attention=weights, key_lengths=key_lengths_from_mask(key_padding_mask, batched=True),
-                         key_counts=key_counts)
+                         key_counts=key_counts, query_is_key=query_is_key)
         watch.calls.append(call)
 
     def _mha_recompute(self, module: nn.MultiheadAttention, q, k, v, kpm, mask, is_causal, watch: _Watch):
+        query_is_key = q is k
         batched = q.dim() == 3
         if batched and self.max_samples is not None:
             dim = 0 if module.batch_first else 1
@@ -954,7 +955,7 @@ class _Session:
             kpm = kpm.unsqueeze(0)
         extra = int(module.bias_k is not None) + int(module.add_zero_attn)
         counts = allowed_key_counts(weights.shape, kpm, mask, is_causal, extra)
-        self._store_attention(watch, weights, None if extra else kpm, counts)
+        self._store_attention(watch, weights, None if extra else kpm, counts, query_is_key)
 
     def _mha_hook(self, watch: _Watch) -> Callable:
         def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
@@ -1004,7 +1005,7 @@ class _Session:
     def _store_encoder_attention(self, watch: _Watch, weights: Tensor, mask: Tensor | None,
                                  kpm: Tensor | None, is_causal: bool) -> None:
         counts = allowed_key_counts(weights.shape, kpm, mask, is_causal)
-        self._store_attention(watch, weights, self._sliced(kpm, 0) if kpm is not None else None, counts)
+        self._store_attention(watch, weights, self._sliced(kpm, 0) if kpm is not None else None, counts, True)
 
     def _extractor_hook(self, watch: _Watch) -> Callable:
         extractor = self.probe.extractors[watch.name]
@@ -1165,7 +1166,8 @@ class _Session:
         counts = call.data["key_counts"]  # on the CPU, from the masks
         kind = call.data.get("kind", "MultiheadAttention")
         return AttentionRecord(watch.name, kind, weights, call.data["key_lengths"],
-                               key_counts=None if counts is None else counts.to(weights.device))
+                               key_counts=None if counts is None else counts.to(weights.device),
+                               query_is_key=call.data.get("query_is_key"))
 
     def _build_fused(self, watch: _Watch, calls: list[_Call], scale: float | None) -> RNNRecord:
         """One call replayed, or the calls of a chain (each from the last one's final state) replayed one by
@@ -1237,6 +1239,7 @@ class _Session:
             call_starts=starts if len(parts) > 1 and several_steps else None,
             context=tuple(context),
             direct_from=_first_entries(parts, starts),
+            feeds=feeds,
         )
 
     def _replay_call(self, module: nn.RNNBase, call: _Call, scale: float | None) -> _Replayed:

@@ -57,6 +57,8 @@ class RNNRecord:
             from outside (through its output at that step, or through ``h_n``/``c_n`` at the sequence's
             last step), ``-1`` where none did; ``None`` when not known (cells). It decides
             :attr:`grad_alignment`.
+        feeds: the name of the recorded module whose first call started from this module's final state
+            (an encoder whose ``h_n`` starts the decoder), ``None`` when none did (cells: never known).
     """
 
     name: str
@@ -76,6 +78,7 @@ class RNNRecord:
     call_starts: Tensor | None = None
     context: tuple[str, ...] = ()
     direct_from: Tensor | None = None
+    feeds: str | None = None
     # Summaries that several renderers need, computed once (not part of the record's identity).
     derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -196,6 +199,10 @@ class AttentionRecord:
             ``key_padding_mask``, plus the columns of ``add_bias_kv`` / ``add_zero_attn``. For custom
             extractors, whose masks are unknown, it counts the keys with a weight above zero. ``None``
             when every key is allowed for every query. On the same device as ``attention``.
+        query_is_key: whether the call's query was its key, the very tensor (self-attention: an
+            ``nn.TransformerEncoder``'s layers, ``attn(x, x, x)``); ``False`` for a call with another key
+            (cross-attention, ``attn(x, memory, memory)``); ``None`` where it is not known (extractors,
+            other libraries' classes).
     """
 
     name: str
@@ -205,6 +212,7 @@ class AttentionRecord:
     exact: bool = True
     notes: tuple[str, ...] = ()
     key_counts: Tensor | None = None
+    query_is_key: bool | None = None
 
     @property
     def heads(self) -> int:
