@@ -21,9 +21,12 @@ recomputes the per-head weights, so the forward may skip them with ``need_weight
 ``AdditiveAttention`` needs one line telling how to read its weights: its forward returns
 ``(context, weights)`` with weights ``(batch, T_in)``, and as it is called once per decoding step the
 callback stacks the calls into a ``(T_out, T_in)`` map. ``labels`` returns the letters of the drawn
-source string as ``"input"`` (the time axes of hidden-state figures and the columns of attention maps)
-and those of its target as ``"output"`` (the rows of the ``decoder.attn`` map: the letter each decoding
-step writes).
+source string as ``"input"`` and those of its target as ``"output"``; each picture takes the letters of
+the sequence it runs over: the source's on ``encoder.rnn``'s time axis, on both axes of
+``encoder.self_attn`` and on the columns of ``decoder.attn``; the target's (the letter each decoding step
+writes) on ``decoder.cell``'s time axis and the rows of ``decoder.attn``. Source and target have one
+length here; ``decoder.cell`` is told apart by its one call per step, ``encoder.self_attn`` by being
+called with its query as its key.
 
 What to look for in TensorBoard:
 

@@ -129,10 +129,14 @@ class RNNViz(*CALLBACK_BASES):
             supported module. Unknown names fail at fit start with the list of names that exist.
         attention: ``{name or pattern: fn(module, args, output) -> weights}`` for custom attention
             modules; weights ``(batch, [heads,] T_out, T_in)``, or ``(batch, T_in)`` per decoding step.
-        labels: ``fn(batch) -> list[str]``: tokens of the drawn input sequence (batch row ``sample``) for
-            the time axes of hidden-state figures and the key axis of attention maps (and the query
-            axis of ``nn.MultiheadAttention`` self-attention of the same length); or ``fn(batch) ->
-            {"input": [...], "output": [...]}`` to label a decoder's query (output) axis too.
+        labels: ``fn(batch) -> list[str]``: tokens of the drawn input sequence (batch row ``sample``), on
+            every axis of that length; or ``fn(batch) -> {"input": [...], "output": [...]}`` for an
+            encoder-decoder: each module's axes get the tokens of the sequence they run over (the input's
+            on an encoder's time axis and both axes of its self-attention, the output's on a decoder's time
+            axis and both axes of its self-attention, cross-attention's queries the output's and keys the
+            input's; :mod:`lightning_rnnviz.render.labels` tells how each role is recognised). Add
+            ``"modules": {name: "input" | "output" | [tokens] | None | {"query": ..., "key": ...}}`` to
+            choose a module's tokens where the guess is wrong.
         sample: which sequence of the batch the figures draw.
         max_samples: how many sequences of the batch are recorded and replayed (cost control); the
             statistics average over them. ``None`` records the whole batch.

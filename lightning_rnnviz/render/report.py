@@ -23,6 +23,7 @@ from lightning_rnnviz.probe.held import warn as held_warn
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
 from lightning_rnnviz.render import findings as findings_
 from lightning_rnnviz.render.jobs import Job
+from lightning_rnnviz.render.labels import Axes, token_axes
 from lightning_rnnviz.render.names import safe_name
 
 QUANTITIES = ("hidden", "gates", "grad_norm", "grad_decay", "attention")
@@ -150,20 +151,22 @@ class Reporter:
             step: the step they are logged at.
             prefix: ``"rnnviz"`` for training, ``"rnnviz/val"`` for the validation sample.
             training: whether the batch was a training batch (statistics and gradients only then).
-            tokens: ``labels(batch)``, called at most once, for the time axes.
+            tokens: ``labels(batch)``, called at most once, for the time axes
+                (:func:`~lightning_rnnviz.render.labels.token_axes` puts them on each module's axes).
         """
         mine = {n: r for n, r in recording.items() if n in self.names}
         self._recordings += 1
         self.guard("draw the chosen `sample`", lambda: self._check_sample(mine))
-        labels = None
+        labels: dict[str, Axes] = {}
         if tokens is not None:
-            labels = self.guard("use the `labels` tokens", lambda: self._checked_tokens(tokens(), mine))
+            labels = self.guard("use the `labels` tokens",
+                                lambda: token_axes(tokens(), mine, self.sample, recording)) or {}
         self._warn_nonfinite(mine, step)
         for name, record in mine.items():
             if isinstance(record, RNNRecord):
-                self._report_rnn(name, record, out, step, prefix, training, labels)
+                self._report_rnn(name, record, out, step, prefix, training, labels.get(name))
             elif isinstance(record, AttentionRecord) and "attention" in self.quantities:
-                self._report_attention(name, record, out, step, prefix, training, labels)
+                self._report_attention(name, record, out, step, prefix, training, labels.get(name))
 
     def _warn_nonfinite(self, records: Mapping[str, Any], step: int) -> None:
         """One warning per run when a recording holds NaN/Inf (the figures mark them at every step)."""
@@ -187,27 +190,6 @@ class Reporter:
                     f"`sample={self.sample}` is past the {batch} recorded sequences of {name!r}; the last one is "
                     f"drawn instead. Pick `sample` below {batch}."
                 )
-
-    def _checked_tokens(self, tokens: Any, records: Mapping[str, Any]) -> dict[str, list[str]] | None:
-        """``labels(batch)``, checked against the time axes of this recording: each token list must fit
-        at least one of them; figures then use it wherever its length matches."""
-        tokens = _token_lists(tokens)
-        lengths: set[int] = set()
-        for record in records.values():
-            if isinstance(record, RNNRecord):
-                lengths.add(int(record.lengths[min(self.sample, record.batch - 1)]))
-            else:
-                sample = min(self.sample, record.attention.shape[0] - 1)
-                queries, keys = record.attention.shape[-2:]
-                lengths.update((queries, int(record.key_lengths[sample]) if record.key_lengths is not None else keys))
-        for axis, values in (tokens or {}).items():
-            if len(values) not in lengths:
-                raise ValueError(
-                    f"`labels(batch)` returned {len(values)} {axis} tokens but the recorded sequences have "
-                    f"{', '.join(str(n) for n in sorted(lengths))} steps; return one token per time step of "
-                    f"batch row `sample={self.sample}`."
-                )
-        return tokens
 
     def _picture(self, out: Output, quantity: str, name: str, step: int, prefix: str,
                  reduce: Callable[[], Any]) -> None:
@@ -258,14 +240,13 @@ class Reporter:
             self.guard(f"histogram {tag!r}", lambda: out.histogram(tag, lambda: histogram_buckets(values()), step))
 
     def _report_rnn(self, name: str, record: RNNRecord, out: Output, step: int, prefix: str, training: bool,
-                    tokens: dict[str, list[str]] | None) -> None:
+                    tokens: Axes | None) -> None:
         sample = min(self.sample, record.batch - 1)
         safe = safe_name(name)
         self._warn_approximate(name, record)
         self.layer_labels[name] = [record.layer_label(i) for i in range(record.hidden.shape[0])]
         if "hidden" in self.quantities:
-            length = int(record.lengths[sample])
-            labels = _fitting(tokens.get("input") if tokens else None, length)
+            labels = tokens.time if tokens else None
             self._picture(out, "hidden", name, step, prefix,
                           lambda: render.reduce_hidden(record, sample, self.top_k, self.max_time, labels))
             if training:
@@ -287,20 +268,14 @@ class Reporter:
             self.guard(f"collect the findings' statistics of {name!r}", lambda: self._collect(name, record).rnn(self._recordings, record))
 
     def _report_attention(self, name: str, record: AttentionRecord, out: Output, step: int, prefix: str,
-                          training: bool, tokens: dict[str, list[str]] | None) -> None:
+                          training: bool, tokens: Axes | None) -> None:
         sample = min(self.sample, record.attention.shape[0] - 1)
         self._warn_approximate(name, record)
-        queries, keys = record.attention.shape[-2:]
-        if record.key_lengths is not None:
-            keys = int(record.key_lengths[sample])
-        key_labels = query_labels = None
-        if tokens:
-            key_labels = _fitting(tokens.get("input"), keys)
-            query_labels = _fitting(tokens.get("output"), queries)
-            if "output" not in tokens and record.kind == "MultiheadAttention" and queries == keys:
-                query_labels = key_labels  # self-attention over one sequence
+        query_labels, key_labels = (tokens.query, tokens.key) if tokens else (None, None)
+        # what the labels took it for, else what the call showed (self-attention crops padded queries too)
+        self_attention = tokens.self_attention if tokens else record.query_is_key
         self._picture(out, "attention", name, step, prefix, lambda: render.reduce_attention(
-            record, sample, self.max_heads, query_labels, key_labels, self.max_time))
+            record, sample, self.max_heads, query_labels, key_labels, self.max_time, self_attention))
         if training:
             self._stats(out, "attention", name, step, record, lambda: render.attention_stats(record))
             self.guard(f"collect the findings' statistics of {name!r}",
@@ -650,27 +625,6 @@ def _bincount(index: torch.Tensor, bins: int) -> torch.Tensor:
     except RuntimeError:
         edges = torch.arange(bins + 1, device=index.device, dtype=index.dtype)
         return torch.searchsorted(index.sort().values, edges).diff()
-
-
-def _token_lists(tokens: Any) -> dict[str, list[str]] | None:
-    if tokens is None:
-        return None
-    if isinstance(tokens, Mapping):
-        unknown = set(tokens) - {"input", "output"}
-        if unknown:
-            raise ValueError(f"`labels(batch)` may return keys 'input' and 'output', got {sorted(unknown)}.")
-        return {k: _token_list(v) for k, v in tokens.items()}
-    return {"input": _token_list(tokens)}
-
-
-def _token_list(tokens: Any) -> list[str]:
-    if isinstance(tokens, str) or not isinstance(tokens, Sequence):
-        raise ValueError(f"`labels(batch)` must return a list of str, got {type(tokens).__name__}.")
-    return [str(t) for t in tokens]
-
-
-def _fitting(tokens: list[str] | None, length: int) -> list[str] | None:
-    return tokens if tokens is not None and len(tokens) == length else None
 
 
 def _pad_to(t: torch.Tensor, rows: int, steps: int) -> torch.Tensor:
