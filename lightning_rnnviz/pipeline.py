@@ -30,7 +30,6 @@ import functools
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 
 from lightning_rnnviz.probe import Capture, Recording
-from lightning_rnnviz.probe.held import Held, held
+from lightning_rnnviz.probe.held import Held, give, held
 from lightning_rnnviz.render.jobs import Job, draw
 from lightning_rnnviz.sinks.base import Picture
 
@@ -312,9 +311,10 @@ class Worker:
 
 
 def give_warnings(delivery: Delivery) -> None:
-    """Give the warnings the worker held, on this (the training) thread, where the user's filters act."""
-    for message, category in delivery.warnings:
-        warnings.warn(message, category, stacklevel=3)
+    """Give the warnings the worker held, on this (the training) thread, where the user's filters act; each
+    points at the user's class it is about, where one is known (:mod:`lightning_rnnviz.probe.held`)."""
+    for message, category, where in delivery.warnings:
+        give(message, category, where, stacklevel=3)
 
 
 def hand_off(capture: Capture, grad_scale: float | None, reports: list[Report], step: int,

@@ -145,15 +145,18 @@ class _NaNModel(TinySeqModel):
 
 
 def test_the_workers_warnings_reach_the_users_filters_on_the_training_thread(tmp_path, monkeypatch):
-    """Held on the worker, given by the training thread, where a user's `error` filter acts."""
+    """Held on the worker, given by the training thread, where a user's `error` filter acts (with
+    `warn_explicit` at the user's class, or `warn` where none is known)."""
     given = []
-    real = warnings.warn
 
-    def warn(message, *args, **kwargs):
-        given.append((str(message), threading.current_thread().name))
-        return real(message, *args, **kwargs)
+    def spy(real):
+        def warn(message, *args, **kwargs):
+            given.append((str(message), threading.current_thread().name))
+            return real(message, *args, **kwargs)
+        return warn
 
-    monkeypatch.setattr(warnings, "warn", warn)
+    monkeypatch.setattr(warnings, "warn", spy(warnings.warn))
+    monkeypatch.setattr(warnings, "warn_explicit", spy(warnings.warn_explicit))
     cb = RNNViz(every_n_steps=1, background="thread", validation=False)
     with pytest.warns(RNNVizWarning, match="NaN/Inf"):
         _fit(tmp_path, "w", _NaNModel(), cb, loader(), max_epochs=1)

@@ -13,7 +13,6 @@ import inspect
 import math
 import statistics
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -26,6 +25,7 @@ from lightning_rnnviz.callbacks._loggers import SUPPORTED, logger_kind, sink_for
 from lightning_rnnviz.callbacks._shared import shared_recorder
 from lightning_rnnviz.pipeline import Delivery, Report, Worker, give_warnings, one_thread
 from lightning_rnnviz.probe import Recording, RNNVizWarning
+from lightning_rnnviz.probe.held import locator
 from lightning_rnnviz.probe.probe import Extractor
 from lightning_rnnviz.probe.targets import ATTENTION_TYPES, is_supported, resolve_targets
 from lightning_rnnviz.render.findings import Finding
@@ -400,6 +400,7 @@ class RNNViz(*CALLBACK_BASES):
         self.enabled = False
         if not trainer.is_global_zero:
             return
+        self._guard.locate = locator(pl_module)  # our warnings point at the user's classes
         try:
             targets, extractors = resolve_targets(pl_module, self.modules, self.attention)
         except ValueError as error:
@@ -496,7 +497,7 @@ class RNNViz(*CALLBACK_BASES):
 
     def _disable(self, message: str) -> None:
         self.enabled = False
-        warnings.warn(message, RNNVizWarning, stacklevel=3)
+        self._guard.warn(message, stacklevel=3)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._shutdown(trainer)
@@ -534,11 +535,10 @@ class RNNViz(*CALLBACK_BASES):
             fanout.close()
             self._report_render_errors(fanout.renderer)
             if fanout.renderer.dropped:
-                warnings.warn(
+                self._guard.warn(
                     f"{type(self).__name__}: the drawing process fell behind and {fanout.renderer.dropped} figures "
                     "were dropped (oldest first). Record less often (`every_n_steps`), watch fewer `modules`, or "
                     "draw on the training thread with `background=False`.",
-                    RNNVizWarning,
                     stacklevel=3,
                 )
             self.drawer_peak_rss_mb = fanout.renderer.peak_rss_mb

@@ -572,6 +572,7 @@ class Probe:
             "`RNNViz(attention=...)`).",
             RNNVizWarning,
             stacklevel=3,
+            where=held.where(model, names[0]),
         )
 
     def _find_encoder_layers(self, model: nn.Module) -> dict[str, tuple[nn.TransformerEncoderLayer, str | None, int]]:
@@ -641,7 +642,7 @@ class Probe:
         if watch.name not in self._warned:
             self._warned.add(watch.name)
             held.warn(f"lightning_rnnviz does not record module {watch.name!r} here ({reason}).",
-                          RNNVizWarning, stacklevel=4)
+                      RNNVizWarning, stacklevel=4, where=held.where(self.model, watch.name))
 
     def _warn_calls(self, name: str, shown: int, total: int, with_grad: bool) -> None:
         """Once per module: several calls that are not one chain of steps; say which one is shown."""
@@ -658,6 +659,7 @@ class Probe:
             "`call=` (`RNNViz(call=...)`, `Probe(call=...)`: 0-based among the forward calls, negative from the end).",
             RNNVizWarning,
             stacklevel=2,
+            where=held.where(self.model, name),
         )
 
     def _fail(self, watch: _Watch, error: BaseException, where: str) -> None:
@@ -673,6 +675,7 @@ class Probe:
                 "`Probe.error_counts`. Pass `strict=True` to raise instead.",
                 RNNVizWarning,
                 stacklevel=2,
+                where=held.where(self.model, watch.name),
             )
 
 

@@ -10,6 +10,7 @@ output writes to.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 import lightning_rnnviz.render as render
+from lightning_rnnviz.probe.held import Location, Where
 from lightning_rnnviz.probe.held import warn as held_warn
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
 from lightning_rnnviz.render import findings as findings_
@@ -51,6 +53,11 @@ class Guard:
         owner: the name warnings start with, e.g. ``"RNNViz"``.
         strict: re-raise instead of warning.
         category: the warnings' class (the callbacks use :class:`~lightning_rnnviz.RNNVizWarning`).
+
+    Attributes:
+        locate: module name (``None``: the model) -> where a warning about it points, the user's class
+            (:func:`lightning_rnnviz.probe.held.locator`); ``None`` (the default): where
+            :func:`warnings.warn` would.
     """
 
     def __init__(self, owner: str, strict: bool = False, category: type[Warning] = UserWarning) -> None:
@@ -59,6 +66,7 @@ class Guard:
         self.category = category
         self.counts: Counter[str] = Counter()
         self.warned: set[str] = set()
+        self.locate: Callable[[str | None], Location | None] | None = None
 
     def __call__(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -76,13 +84,23 @@ class Guard:
         self.once(what, f"{self.owner} could not {what} ({detail}); skipped, training goes on. Further errors "
                   "are counted in `error_counts`.")
 
-    def once(self, key: str, message: str) -> bool:
-        """Warn ``message`` unless a warning was given under ``key`` already; whether it was given now."""
+    def once(self, key: str, message: str, module: str | None = None) -> bool:
+        """Warn ``message`` unless a warning was given under ``key`` already; whether it was given now. It
+        points at the user's class of ``module`` (``None``: the model's) where :attr:`locate` knows it."""
         if key in self.warned:
             return False
         self.warned.add(key)
-        held_warn(message, self.category, stacklevel=4)
+        held_warn(message, self.category, stacklevel=4, where=self.where(module))
         return True
+
+    def warn(self, message: str, module: str | None = None, stacklevel: int = 2) -> None:
+        """Warn ``message`` (every time), pointing as :meth:`once` does."""
+        held_warn(message, self.category, stacklevel=stacklevel + 1, where=self.where(module))
+
+    def where(self, module: str | None = None) -> Where | None:
+        """Where a warning about ``module`` points, worked out when it is given; ``None`` without :attr:`locate`."""
+        locate = self.locate
+        return None if locate is None else functools.partial(locate, module)
 
 
 class Reporter:
@@ -179,7 +197,8 @@ class Reporter:
                    and not bool(torch.isfinite(getattr(record, f)).all())]
             if bad:
                 self.guard.once("nonfinite", f"{self.guard.owner}: NaN/Inf in {', '.join(bad)} of {name!r} at step "
-                                f"{step}. Training goes on; the figures mark non-finite values (this warning is shown once).")
+                                f"{step}. Training goes on; the figures mark non-finite values (this warning is shown once).",
+                                module=name)
                 return
 
     def _check_sample(self, records: Mapping[str, Any]) -> None:
@@ -232,7 +251,7 @@ class Reporter:
             note = " ".join(record.notes) or "the replay could not reproduce the training forward."
             self.guard.once(f"approximate {name}", f"{self.guard.owner}: the record of {name!r} is approximate: "
                             f"{note} Its figures say so, and its statistics carry `exact` = 0 (this warning is "
-                            "shown once per module).")
+                            "shown once per module).", module=name)
 
     def _histogram(self, out: Output, tag: str, step: int, values: Callable[[], torch.Tensor]) -> None:
         """Buckets of ``values()``, counted only when some logger keeps histograms (``out`` calls it)."""
