@@ -44,7 +44,8 @@ def reduce_attention(
 
     Returns:
         A small picklable dict; ``weights`` is ``(heads shown, queries, keys)``, ``queries`` and ``keys``
-        the real steps shown (before binning), ``self_attention`` whether padded queries were cropped.
+        the real steps shown (before binning), ``self_attention`` whether padded queries were cropped,
+        ``cross_attention`` whether ``self_attention=False`` said the queries are another sequence's.
 
     Raises:
         ValueError: ``sample`` out of range, ``max_heads``/``max_steps`` not positive, or too few labels.
@@ -53,6 +54,7 @@ def reduce_attention(
     sample = common.check_sample(sample, batch)
     max_heads = common.check_positive("max_heads", max_heads)
     max_steps = common.check_positive("max_steps", max_steps)
+    cross_attention = self_attention is False  # said, not guessed: its axes say output and input
     if self_attention is None:
         self_attention = is_self_attention(record)
     if record.key_lengths is not None:
@@ -78,6 +80,7 @@ def reduce_attention(
         "queries": queries,
         "keys": keys,
         "self_attention": bool(self_attention),
+        "cross_attention": cross_attention,
         "query_bin": query_bin,
         "key_bin": key_bin,
         "query_labels": query_tokens if query_bin == 1 else None,
@@ -118,20 +121,26 @@ def attention_heading(payload: Mapping[str, Any]) -> str:
 
 def axis_titles(payload: Mapping[str, Any]) -> tuple[str, str]:
     """The titles of the query (rows) and key (columns) axes, the same in both painters: ``"query step"``
-    and ``"key step"`` in self-attention, both steps of the same sequence, and where there are as many
-    queries as keys (it may be self-attention); ``"query (output) step"`` and ``"key (input) step"`` across
-    two sequences (an encoder-decoder's attention: its queries from the output, its keys the input).
+    and ``"key step"`` in self-attention, both steps of the same sequence; ``"query (output) step"`` and
+    ``"key (input) step"`` across two sequences (an encoder-decoder's attention: its queries from the
+    output, its keys the input), known as such (``payload["cross_attention"]``) or with fewer or more
+    queries than keys. Unknown with as many queries as keys (it may be self-attention): ``"query step"``
+    and ``"key step"``.
 
     Example::
 
         >>> axis_titles({"self_attention": False, "queries": 5, "keys": 9})
         ('query (output) step', 'key (input) step')
+        >>> axis_titles({"self_attention": False, "cross_attention": True, "queries": 7, "keys": 7})
+        ('query (output) step', 'key (input) step')
         >>> axis_titles({"self_attention": True, "queries": 7, "keys": 7})
         ('query step', 'key step')
     """
-    if payload.get("self_attention") or payload["queries"] == payload["keys"]:
+    if payload.get("self_attention"):
         return "query step", "key step"
-    return "query (output) step", "key (input) step"
+    if payload.get("cross_attention") or payload["queries"] != payload["keys"]:
+        return "query (output) step", "key (input) step"
+    return "query step", "key step"
 
 
 def draw_attention(payload: dict[str, Any], *, step: int | None = None, title: str | None = None,

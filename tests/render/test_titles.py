@@ -5,13 +5,16 @@ says so, and attention axes say "query" and "key" (with "(output)"/"(input)" onl
 from __future__ import annotations
 
 import pytest
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from torch import nn
 
-from lightning_rnnviz import render
+from lightning_rnnviz import Probe, render
 from lightning_rnnviz.probe.records import AttentionRecord
 from lightning_rnnviz.render import canvas as cv
 from lightning_rnnviz.render.jobs import Job, draw
+from lightning_rnnviz.render.report import Guard, Reporter
 from tests.render.conftest import make_attention, make_rnn
 
 KINDS = ("hidden", "gates", "grad_norm", "attention")
@@ -121,3 +124,44 @@ def test_gradient_titles_say_time_step_beside_the_train_step(written, renderer):
     assert [t.split("  ·  ")[0] for t in written["title"]] == [
         "encoder.rnn: gradient norm per time step", "rnn: gradient norm per time step, by epoch"]
     assert all(t.split("\n")[0].endswith("  ·  train step 9") for t in written["title"])
+
+
+class _Pictures:
+    """An output that keeps the pictures' payloads by tag."""
+
+    def __init__(self) -> None:
+        self.payloads: dict = {}
+
+    def picture(self, job) -> None:
+        self.payloads[job.tag] = job.payload
+
+    def scalars(self, values, step) -> None: ...
+
+    def histogram(self, tag, buckets, step) -> None: ...
+
+    def text(self, tag, markdown, step) -> None: ...
+
+    def document(self, name, data, step) -> None: ...
+
+
+@pytest.mark.parametrize("renderer", ["fast", "matplotlib"])
+def test_recorded_self_and_cross_attention_of_equal_lengths_get_their_own_axes(written, renderer):
+    """Unpadded, with as many queries as keys: what the call showed (``attn(x, x, x)`` or another key)
+    tells self-attention (query/key of one sequence) from cross-attention (output queries, input keys)."""
+    model = nn.ModuleDict({"self_attn": nn.MultiheadAttention(4, 1, batch_first=True),
+                           "cross": nn.MultiheadAttention(4, 1, batch_first=True)})
+    source, target = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    with Probe(model, strict=True).record() as recording:
+        mixed, _ = model["self_attn"](source, source, source)
+        out, _ = model["cross"](target, mixed, mixed)
+        out.sum().backward()
+    pictures = _Pictures()
+    Reporter(("attention",), recording.records, Guard("test", strict=True), renderer=renderer).report(
+        recording, pictures, step=3)
+    for tag in ("rnnviz/attention/self_attn", "rnnviz/attention/cross"):
+        draw(Job("attention", pictures.payloads[tag], tag, 3, renderer))
+    assert [t.split("  ·  ")[0] for t in written["title"]] == ["self_attn: self-attention, sequence 0",
+                                                                "cross: attention, sequence 0"]
+    axes = [text for text in written["axes"] if "step" in text]
+    assert set(axes[:2]) == {"query step", "key step"}
+    assert set(axes[2:]) == {"query (output) step", "key (input) step"}
