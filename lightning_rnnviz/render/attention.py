@@ -92,8 +92,8 @@ def reduce_attention(
 
 def is_self_attention(record: AttentionRecord) -> bool:
     """Whether ``record``'s queries are taken to be its keys' sequence, so that a padded key is a padded
-    query too: a ``key_padding_mask`` gave its real keys (``key_lengths``) and there are as many queries
-    as keys. Cross-attention between two sequences of equal padded length passes this test too: give
+    query too: what the call showed (:attr:`AttentionRecord.query_is_key`) where it is known; else a
+    ``key_padding_mask`` gave its real keys (``key_lengths``) and there are as many queries as keys. Cross-attention between two sequences of equal padded length passes this test too: give
     :func:`reduce_attention` ``self_attention=False`` for it; self-attention with ``add_bias_kv`` or
     ``add_zero_attn`` (more keys than queries) does not: give ``self_attention=True``.
 
@@ -106,8 +106,14 @@ def is_self_attention(record: AttentionRecord) -> bool:
         True
         >>> is_self_attention(AttentionRecord("attn", "MultiheadAttention", weights))  # no padding known
         False
+        >>> is_self_attention(AttentionRecord("attn", "MultiheadAttention", weights, torch.tensor([4, 2]),
+        ...                                   query_is_key=False))  # the call showed another key
+        False
     """
     queries, keys = record.attention.shape[-2:]
+    said = getattr(record, "query_is_key", None)
+    if said is not None:  # what the call showed (``nn.MultiheadAttention`` called with its query as its key)
+        return bool(said) and queries == keys
     return record.key_lengths is not None and queries == keys
 
 
