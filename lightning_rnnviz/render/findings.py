@@ -44,6 +44,9 @@ RULES: dict[str, tuple[float, str]] = {
     "exploding": (1.0, ("`decay_per_step` x (mean sequence length - 1) at or above 1: the least-squares line "
                         "through log10 ||dL/dh_t|| over the whole sequence rises tenfold or more from the last "
                         "processed step back to the first (a curve flat but for its ends does not fire)")),
+    "exploding_gated": (2.0, ("for an LSTM or GRU (cells included), a hundredfold or more: the cell's additive path "
+                              "carries the gradient back, and a curve rising about tenfold towards the early steps "
+                              "a task marks is learning, not an explosion")),
     "gate_saturated": (0.5, "half or more of an LSTM forget gate's or GRU update gate's activations saturated at one end"),
     "hidden_saturated": (0.5, "half or more of the tanh-bounded states with |h| > 0.95"),
     "dead_unit_level": (1e-3, "a unit is dead when |h| stays below 1e-3 at every recorded step of the epoch"),
@@ -361,7 +364,7 @@ def check(module: str, summary: ModuleEpoch, epoch: int, step: int | None = None
         # the growth of the line fitted through the whole curve, not the ratio of its two end points: the
         # first step of a loss on every step gathers the gradients of all later steps, the last has only its own
         growth = decay * (summary.length - 1)
-        limit = RULES["exploding"][0]
+        limit = RULES["exploding_gated" if family(kind) in ("lstm", "gru") else "exploding"][0]
         if growth >= limit:
             add("exploding_gradient", growth, limit, row,
                 f"growth of ||dL/dh_t|| back to the first step 10^{growth:.1f} (decay_per_step {decay:+.3f} over "

@@ -537,3 +537,17 @@ def test_tensorboard_shows_the_norm_as_written_in_the_text_dashboard(tmp_path):
         assert row[:4] == ("vanishing gradient", "net", "layer 0", "0")
         assert "||dL/dh_t|| falls below 1% of its peak" in row[4] and "//" not in row[4]
         browser.screenshot(driver, tmp_path / "text.png")
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
+def test_a_gated_cell_explodes_at_a_hundredfold(kind):
+    """A gated cell's curve rising about tenfold back towards the steps a task marks (the vanishing-gradients
+    example's LSTM while it learns the adding problem: 10^1.07) is not an explosion; a hundredfold is."""
+    for growth, fires in ((1.1, False), (2.2, True)):
+        epoch, stats = _curve_epoch([10 ** (growth * (29 - t) / 29) for t in range(30)])
+        epoch.kind = epoch.module_kind = kind
+        found = check("rnn", epoch, epoch=0)
+        assert [f.kind for f in found] == (["exploding_gradient"] if fires else []), (growth, found)
+        if fires:
+            assert found[0].threshold == RULES["exploding_gated"][0] == 2.0
+            assert ">= threshold 10^2:" in found[0].message
