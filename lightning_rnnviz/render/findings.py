@@ -6,7 +6,7 @@ direction (or head, or gate), and says in one sentence what it read (every numbe
 ``gradient horizon 6.25 steps < threshold 12.8 steps``), what that means and what usually helps *for that
 kind of module* (:func:`family`: a vanilla RNN is told to try a gated cell, an LSTM about its forget gate,
 ``nn.MultiheadAttention`` never to scale scores it scales already). The rules and their thresholds are
-:data:`RULES`; the README lists them.
+:data:`RULES`; docs/diagnosis.md lists them.
 
 A condition is *reported* only once it persists (:class:`Persistence`): it must hold at
 :data:`PERSIST_CHECKS` consecutive checks of its module (the ends of training epochs that had recordings
@@ -475,7 +475,7 @@ def markdown(findings: Iterable[Finding], epoch: int, step: int | None = None,
     findings, pending = list(findings), list(pending)
     head = f"**Epoch {epoch}**" + (f" (step {step})" if step is not None else "")
     if not findings:
-        lines = [f"{head}: no findings. The rules and their thresholds are listed in the README under Diagnosis."]
+        lines = [f"{head}: no findings. The rules and their thresholds are listed in docs/diagnosis.md."]
     else:
         lines = [f"{head}: {len(findings)} finding{'s' if len(findings) > 1 else ''}", "",
                  "| finding | module | where | since epoch | what it says |", "|---|---|---|---|---|"]
