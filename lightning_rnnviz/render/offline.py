@@ -50,6 +50,8 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from lightning_rnnviz.render import common
 from lightning_rnnviz.render.findings import Finding  # the callback's own, read back
+from lightning_rnnviz.render.gradients import NEAR_ZERO_LABEL, _above_resolution
+from lightning_rnnviz.render.gradients import _log_limits as _resolved_limits
 
 __all__ = [
     "ComparedRun",
@@ -711,7 +713,8 @@ def draw_compare(runs: Sequence[ComparedRun], module: str, row: int | None = Non
     show_markers = length <= 60
     for ax, r in zip(axes, rows):
         # each panel its own range: layers can sit decades apart, and the runs within a panel are the point
-        floor, ceiling = _log_limits(np.concatenate([c[r] for c in curves if r < len(c)] or [np.zeros(0)]))
+        # as the live pictures: values under 1e-7 of their own curve's peak (zeros included) are rounding
+        floor, ceiling = _resolved_limits(*[_strip_trailing_nan(c[r]) for c in curves if r < len(c)])
         ax.set_yscale("log")
         handles = []
         any_zero = any_gap = False
@@ -733,12 +736,12 @@ def draw_compare(runs: Sequence[ComparedRun], module: str, row: int | None = Non
                 details.append(f"epoch {run.epoch}")
             label += f"  ({', '.join(details)})" if details else ""
             x = np.arange(values.size) + (length - values.size if at_end else 0)  # curves end together
-            good = np.isfinite(values) & (values > 0)
+            good = _above_resolution(values)
             (line,) = ax.plot(x, np.where(good, values, np.nan), color=color, linewidth=1.8,
                               marker=markers[i % len(markers)] if show_markers else None, markersize=4.5,
                               markevery=max(1, values.size // 30), label=label, zorder=3)
             handles.append(line)
-            zeros = values == 0
+            zeros = np.isfinite(values) & ~good
             if zeros.any():
                 any_zero = True
                 ax.plot(x[zeros], np.full(int(zeros.sum()), floor), marker="v", linestyle="", color=color,
@@ -751,7 +754,7 @@ def draw_compare(runs: Sequence[ComparedRun], module: str, row: int | None = Non
                         zorder=4)
         if any_zero:
             handles.append(Line2D([], [], color="0.35", marker="v", linestyle="", markersize=6,
-                                  label=f"zero (drawn at {floor:.0e})"))
+                                  label=f"{NEAR_ZERO_LABEL} drawn at {floor:.0e}"))
         if any_gap:
             handles.append(Line2D([], [], color="0.35", marker="x", linestyle="", markersize=7,
                                   markeredgewidth=1.8, label="no finite value at this step"))
@@ -887,14 +890,6 @@ def _head_title(runs: Sequence[ComparedRun], h: int) -> str:
 
 def _number(value: float | None) -> float:
     return math.nan if value is None else value
-
-
-def _log_limits(values: np.ndarray) -> tuple[float, float]:
-    """A decade below the smallest positive finite value, and the largest."""
-    positive = values[np.isfinite(values) & (values > 0)]
-    if positive.size == 0:
-        return 0.1, 10.0
-    return float(positive.min()) / 10, float(positive.max())
 
 
 def _strip_trailing_nan(values: np.ndarray) -> np.ndarray:

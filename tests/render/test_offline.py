@@ -4,6 +4,7 @@ process), with every error a one-line ``error: ...`` and exit status 2."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from PIL import Image
 
 from lightning_rnnviz.cli import main
 from lightning_rnnviz.render import offline
+from lightning_rnnviz.render.gradients import NEAR_ZERO_LABEL
 from lightning_rnnviz.render.offline import SummaryError, find_runs, read_summary, run_labels
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -373,9 +375,31 @@ def test_compare_draws_zeros_nan_and_runs_without_a_curve(logs, tmp_path, capsys
     text = (tmp_path / "c.svg").read_text()
     assert "flat  (no gradient curve)" in text
     assert "rnn  (horizon 3.5 steps)" in text
-    assert "zero (drawn at 3e-07)" in text  # a decade below the smallest positive value, 0.8e-5.46
+    # as the live pictures: zero (and anything under 1e-7 of its curve's peak) sits a decade below the rest
+    assert html.escape(f"{NEAR_ZERO_LABEL} drawn at 3e-07", quote=False) in text  # smallest drawn: 0.8e-5.46
     status, _, _ = run_main(capsys, "compare", logs / "gru" / "version_0", "--out", tmp_path / "g.svg")
     assert "no finite value at this step" in (tmp_path / "g.svg").read_text()
+
+
+def test_compare_draws_float32_rounding_as_near_zero_not_as_decades_of_axis(logs):
+    """A curve that has vanished to 1e-24 (float32 rounding, not gradient) is drawn as the live pictures draw
+    it: values under 1e-7 of the curve's peak are triangles on a floor a decade below the rest, and the axis
+    does not stretch over twenty decades to reach them."""
+    document = summary_document("rnn")
+    curve = document["modules"]["rnn"]["epochs"]["2"]["grad_norm"][0]
+    curve[3:6] = [1e-24, 3e-20, 2e-9]  # under 1e-7 of the peak (0.8): near zero, all three
+    write_summary(logs / "tiny" / "version_0", document)
+    runs = [read_summary(logs / "tiny" / "version_0")]
+    name, selected = offline.select_runs(runs)
+    figure = offline.draw_compare(selected, name)
+    ax = figure.axes[0]
+    low, high = ax.get_ylim()
+    smallest_drawn = min(v for v in curve[6:] if v)  # the first value above 1e-7 of the peak
+    assert low == pytest.approx(smallest_drawn / 10 / 2) and high == pytest.approx(0.8 * 2)
+    triangles = [line for line in ax.get_lines() if line.get_marker() == "v"]
+    assert sum(len(line.get_xdata()) for line in triangles) == 6  # three zeros and three near zeros
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert f"{NEAR_ZERO_LABEL} drawn at {smallest_drawn / 10:.0e}" in legend
 
 
 def test_draw_compare_figure_is_matplotlib_without_pyplot(logs):
@@ -387,7 +411,7 @@ def test_draw_compare_figure_is_matplotlib_without_pyplot(logs):
     assert isinstance(figure, matplotlib.figure.Figure)
     assert "matplotlib.pyplot" not in sys.modules or not matplotlib.pyplot.get_fignums()
     legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
-    assert legend == ["rnn  (horizon 3.5 steps)", "gru  (horizon 19.0 steps)", "zero (drawn at 3e-07)",
+    assert legend == ["rnn  (horizon 3.5 steps)", "gru  (horizon 19.0 steps)", f"{NEAR_ZERO_LABEL} drawn at 3e-07",
                       "no finite value at this step"]
     assert figure.axes[0].get_yscale() == "log"
     assert figure.axes[0].get_xlabel() == "time step t (sequence position)"
