@@ -241,7 +241,8 @@ def attention_stats(record: AttentionRecord) -> dict[str, float]:
     - ``focus/head<h>``: mean of the largest weight of each query.
 
     Where ``key_counts`` says a query may attend to no key at all (its weights are ``NaN``), that query
-    is left out of all three means.
+    is left out of all three means; so are the padded queries of a self-attention call
+    (``record.query_is_key``, with ``key_lengths``): their rows are padding, as their keys are.
 
     Example::
 
@@ -276,6 +277,10 @@ def attention_stats(record: AttentionRecord) -> dict[str, float]:
         counts = real[:, None, None].expand(batch, heads, queries)
         attended = torch.ones(batch, heads, queries, dtype=torch.bool, device=device)
     informative = counts > 1
+    if record.query_is_key and record.key_lengths is not None and queries == keys:
+        # self-attention (the call's query was its key): a padded key's query row is padding too, not data
+        real_query = (torch.arange(queries, device=device).unsqueeze(0) < real.unsqueeze(1))[:, None, :]
+        attended, informative = attended & real_query, informative & real_query
     entropy_norm = entropy / counts.clamp(min=2).double().log()
     # per-head means where the record lives: three numbers a head cross to the host
     means = torch.stack([_head_means(entropy, attended), _head_means(entropy_norm, informative),

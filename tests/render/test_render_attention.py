@@ -36,6 +36,30 @@ def test_uniform_attention_has_maximal_entropy():
     assert stats["focus/head0"] == pytest.approx((1 / 4 + 1 / 2) / 2)
 
 
+def test_padded_query_rows_of_self_attention_are_left_out_of_the_statistics():
+    """``nn.MultiheadAttention(x, x, x, key_padding_mask=...)``: the rows of padded steps are padding (they are
+    cropped from the picture too), so a sequence of 2 real steps in 4 weighs its 2 real queries only."""
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(4, 1, batch_first=True).eval()
+    x = torch.randn(2, 4, 4)
+    padding = torch.tensor([[False] * 4, [False, False, True, True]])
+    with torch.no_grad():
+        weights = attn(x, x, x, key_padding_mask=padding)[1].unsqueeze(1)  # (B, 1, Tq, Tk)
+    lengths = torch.tensor([4, 2])
+    record = AttentionRecord("attn", "MultiheadAttention", weights, lengths, query_is_key=True)
+    stats = attention_stats(record)
+
+    def entropy(p: torch.Tensor) -> float:
+        return float(-(p * p.clamp_min(1e-30).log()).sum())
+
+    real_rows = [weights[0, 0, q] for q in range(4)] + [weights[1, 0, q] for q in range(2)]
+    assert stats["entropy/head0"] == pytest.approx(sum(entropy(p) for p in real_rows) / 6)
+    assert stats["focus/head0"] == pytest.approx(sum(float(p.max()) for p in real_rows) / 6)
+    # a cross-attention of as many queries as keys keeps every query: its queries are not the padded keys
+    cross = attention_stats(AttentionRecord("attn", "MultiheadAttention", weights, lengths, query_is_key=False))
+    assert cross["focus/head0"] == pytest.approx(float(weights[:, 0].amax(-1).mean()))
+
+
 def test_one_hot_and_mixed_heads():
     weights = torch.zeros(1, 2, 2, 3)
     weights[0, 0, :, 1] = 1.0
