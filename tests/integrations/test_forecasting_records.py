@@ -83,7 +83,7 @@ def _tap(module: torch.nn.Module, calls: list) -> list:
         states.append(torch.get_rng_state())
 
     def hook(m, args, kwargs, output):
-        x = args[0]
+        x = args[0] if args else kwargs["input"]  # darts' TFT calls its LSTMs with keywords
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         lengths = kwargs.get("lengths")
         out, hidden = output
@@ -149,7 +149,8 @@ def _laid(parts: list[torch.Tensor], lengths: list[torch.Tensor]) -> torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("name", ["pf_deepar", "pf_recurrent", "pf_tft", "darts_rnn", "nf_lstm"])
+@pytest.mark.parametrize("name", ["pf_deepar", "pf_recurrent", "pf_tft", "darts_rnn", "darts_block_rnn", "darts_tft",
+                                  "nf_lstm", "nf_gru", "nf_tft"])
 def test_records_equal_the_reference_with_the_batchs_lengths(name, tmp_path):
     model = MODELS[name]
     pytest.importorskip(model.library)
