@@ -12,7 +12,7 @@ default run):
 
 * ``rnnviz/grad_norm/rnn``: the exact ``||dL/dh_t||`` at every step ``t``, on a log axis. For the
   vanilla RNN it falls exponentially away from the last step, a straight line of about 0.2 decades per
-  step (``decay_per_step``), some six decades over the sequence (``log10_ratio``), and it stays that way
+  step (``decay_per_step`` in ``summary.json`` and the findings), some six decades over the sequence (``log10_ratio``), and it stays that way
   all run: the marked steps get no gradient, and ``val/loss`` stays on the baseline.
 * The GRU and the LSTM start out the same way (``log10_ratio`` -3 to -6 at step 0), but their gates
   learn: within a few hundred steps the curve flattens and then tilts up, as the early, marked steps
@@ -20,9 +20,10 @@ default run):
   ``rnnviz/grad_decay/rnn`` draws one curve per epoch, so the whole change is one picture.
 * ``rnnviz/gates/rnn``: the gate that keeps the previous state. The GRU's update gate ``z`` (PyTorch:
   ``h_t = (1 - z_t) * n_t + z_t * h_{t-1}``) rises from 0.5 to about 0.73 (``update_mean``), with a
-  burst of values saturating near 1 (``update_saturated_high``) while it finds the task. The LSTM is
-  started with forget-gate bias 1, so its forget gate begins near 0.73; its mean hardly moves, while a
-  few percent of its values come to saturate above 0.9 (``forget_saturated_high``).
+  burst of units held open (the gates picture's bars; ``update_saturated_high`` with ``scalars="all"``)
+  while it finds the task. The LSTM is started with forget-gate bias 1, so its forget gate begins near
+  0.73; its mean hardly moves, while a few percent of its values come to saturate above 0.9
+  (``forget_saturated_high`` with ``scalars="all"``).
 
 Run it and look::
 

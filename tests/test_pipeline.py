@@ -61,7 +61,7 @@ def test_the_worker_writes_what_the_training_thread_writes(tmp_path, case):
             model, data = TinySeqModel(), loader()
         else:
             model, data = PackedBiLSTMModel(), padded_loader([6, 3, 5, 2, 6, 4, 1, 6], batch_size=4)
-        cb = RNNViz(every_n_steps=1, background=background, strict=True)
+        cb = RNNViz(every_n_steps=1, background=background, strict=True, scalars="all")
         trainer = _fit(tmp_path, str(background), model, cb, data)
         assert cb.placement == ("thread" if background else "inline")
         runs[background] = _everything(trainer)
@@ -98,7 +98,7 @@ def test_dropout_is_replayed_exactly_on_the_worker_from_masks_drawn_at_the_hand_
     runs = {}
     for background in (False, "thread"):
         pl.seed_everything(5)
-        cb = RNNViz(every_n_steps=2, background=background, validation=False, strict=True)
+        cb = RNNViz(every_n_steps=2, background=background, validation=False, strict=True, scalars="all")
         trainer = _fit(tmp_path, str(background), _DropoutLSTM(), cb, loader(), max_epochs=1)
         runs[background] = _everything(trainer)
     assert [v for _, v in runs["thread"]["rnnviz/grad_norm/rnn/exact"]] == [1.0] * 3

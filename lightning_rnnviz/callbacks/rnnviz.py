@@ -30,7 +30,7 @@ from lightning_rnnviz.probe.probe import Extractor
 from lightning_rnnviz.probe.targets import ATTENTION_TYPES, is_supported, resolve_targets
 from lightning_rnnviz.render.findings import Finding
 from lightning_rnnviz.render.jobs import RENDERERS
-from lightning_rnnviz.render.report import QUANTITIES, Guard, Reporter, scalar_layout
+from lightning_rnnviz.render.report import QUANTITIES, SCALARS, Guard, Reporter, scalar_layout
 from lightning_rnnviz.sinks import Fanout
 from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer, spare_cores
 from lightning_rnnviz.sinks.records import RecordKeeper
@@ -85,29 +85,38 @@ class RNNViz(*CALLBACK_BASES):
     validation dataloader) at every validation run. Works on global rank zero only, with no collective,
     with ``lightning.pytorch`` and ``pytorch_lightning`` alike (it subclasses the ``Callback`` of both).
 
-    What it logs (``<m>`` is the module's name made safe, as in ``model.named_modules()``):
+    What it logs (``<m>`` is the module's name made safe, as in ``model.named_modules()``; the scalars
+    marked *all* only with ``scalars="all"``):
 
     ====================================  ====================================================================
     tag                                   content
     ====================================  ====================================================================
     ``rnnviz/hidden/<m>``                 image: units x time heatmap of one sample
     ``rnnviz/hidden_dist/<m>``            histogram of ``h_t``
-    ``rnnviz/hidden/<m>/<stat>``          ``mean_abs``, ``saturated`` (tanh-bounded states), ``step_change``
+    ``rnnviz/hidden/<m>/<stat>``          ``mean_abs``; *all*: ``saturated`` (tanh-bounded states),
+                                          ``step_change``
     ``rnnviz/gates/<m>``                  image: mean gate activation over time + per-unit saturation
     ``rnnviz/gates_dist/<m>/<gate>``      histogram of that gate's activations
-    ``rnnviz/gates/<m>/<stat>``           ``<gate>_mean``, ``<gate>_saturated_low``, ``<gate>_saturated_high``
+    ``rnnviz/gates/<m>/<stat>``           ``<gate>_mean``; *all*: ``<gate>_saturated_low``,
+                                          ``<gate>_saturated_high``
     ``rnnviz/grad_norm/<m>``              image: ``||dL/dh_t||`` against ``t`` (log axis), this step
-    ``rnnviz/grad_norm/<m>/<stat>``       ``first_norm``, ``last_norm``, ``log10_ratio``, ``decay_per_step``,
-                                          ``horizon`` (steps back with ``||dL/dh_t||`` >= 1% of its peak)
-    ``rnnviz/<quantity>/<m>/exact``       1 for a record verified exact, 0 for an approximate one
+    ``rnnviz/grad_norm/<m>/<stat>``       ``first_norm``, ``last_norm``, ``log10_ratio``, ``horizon`` (steps
+                                          back with ``||dL/dh_t||`` >= 1% of its peak); *all*:
+                                          ``decay_per_step``
+    ``rnnviz/<quantity>/<m>/exact``       *all*: 1 for a record verified exact, 0 for an approximate one
+                                          (by default the pictures' titles and ``summary.json`` say so)
+    ``rnnviz/overhead/<what>``            *all*: what each recording cost (``train_thread_ms``,
+                                          ``replay_ms``, ``render_ms``, ``write_ms``, ...), ``every_n_steps``
     ``rnnviz/grad_decay/<m>``             image at each epoch end: one curve per epoch so far
     ``rnnviz/findings``                   text at each epoch end: the epoch's findings (see ``findings``)
     ``rnnviz/attention/<m>``              image: per-head maps, rows = query steps, columns = key steps
-    ``rnnviz/attention/<m>/<stat>``       ``entropy/head<h>``, ``entropy_norm/head<h>``, ``focus/head<h>``
+    ``rnnviz/attention/<m>/<stat>``       ``entropy_norm/head<h>``; *all*: ``entropy/head<h>``,
+                                          ``focus/head<h>``
     ``rnnviz/val/<quantity>/<m>``         validation images (hidden, gates, attention) of the fixed sample
     ====================================  ====================================================================
 
-    Statistics of multi-layer or bidirectional modules carry a suffix such as ``/layer1_reverse``.
+    Statistics of multi-layer or bidirectional modules carry a suffix such as ``/layer1_reverse``. Every
+    statistic is computed either way: the findings, ``summary.json`` and ``compare`` use them all.
     Every logger of the Trainer gets every picture and scalar (each picture is drawn once): a
     ``TensorBoardLogger`` in a run of our own, ``<log_dir>/rnnviz``, shown by TensorBoard beside the
     logger's run (with a Custom Scalars layout per module); a ``WandbLogger`` in its media panel and
@@ -166,8 +175,13 @@ class RNNViz(*CALLBACK_BASES):
         strict: re-raise errors of capture and rendering instead of warning once (for tests).
         budget: the largest share of the training's wall time the callback's own work on the training
             thread may take (e.g. ``0.03``); past it, recordings are spaced out to a multiple of
-            ``every_n_steps`` (never closer), said once, and the cadence is logged. ``None``: every
+            ``every_n_steps`` (never closer), said once on the console, and kept in ``cadence`` (with
+            ``scalars="all"`` also logged, ``rnnviz/overhead/every_n_steps``). ``None``: every
             ``every_n_steps``, whatever it costs.
+        scalars: ``"default"`` writes the scalars a user reads (per module: the gradient's ``first_norm``,
+            ``last_norm``, ``horizon``, ``log10_ratio``; the hidden state's ``mean_abs``; each gate's
+            ``<gate>_mean``; attention's ``entropy_norm`` per head), nine for a one-layer LSTM; ``"all"``
+            also the others of the table above, the ``exact`` flags and ``rnnviz/overhead/*``.
 
     Raises:
         ValueError: an argument is out of range (the message names it and the fix).
@@ -203,6 +217,7 @@ class RNNViz(*CALLBACK_BASES):
         save_records_max_mb: float = 256,
         strict: bool = False,
         budget: float | None = None,
+        scalars: Literal["default", "all"] = "default",
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
                                           or every_n_steps <= 0):
@@ -242,6 +257,10 @@ class RNNViz(*CALLBACK_BASES):
                                    or not 0 < budget < 1):
             raise ValueError(f"`budget` must be a share of the training time between 0 and 1 (e.g. 0.03 for 3 %) "
                              f"or None (no limit), got {budget!r}.")
+        if not isinstance(scalars, str) or scalars not in SCALARS:
+            raise ValueError(f"`scalars` must be \"default\" (the few a user reads: gradient norms and horizon, mean "
+                             f"|h|, gate means, attention entropy) or \"all\" (every statistic, the `exact` flags and "
+                             f"the callback's overhead), got {scalars!r}.")
         if labels is not None and not callable(labels):
             raise ValueError(f"`labels` must be a function `batch -> list[str]`, got {type(labels).__name__}.")
         self.every_n_steps = every_n_steps
@@ -264,13 +283,16 @@ class RNNViz(*CALLBACK_BASES):
         self.save_records_max_mb = save_records_max_mb
         self.strict = strict
         self.budget = budget
+        self.scalars = scalars
         self._guard = Guard(type(self).__name__, strict, RNNVizWarning)
         self._reporter = Reporter(self.quantities, (), self._guard, sample=sample, top_k=top_k,
-                                  max_heads=max_heads, max_time=max_time, renderer=renderer, histograms=histograms)
+                                  max_heads=max_heads, max_time=max_time, renderer=renderer, histograms=histograms,
+                                  scalars=scalars)
         # Runtime state, created in `on_fit_start` (a pickle holds the constructor arguments only).
         self.enabled = False
         self._recorder: Any = None
         self._kinds: dict[str, str] = {}  # watched module -> "LSTM", "GRU", ..., or "attention"
+        self._bidirectional: set[str] = set()  # watched modules with two directions
 
     #: where pictures were drawn in the last fit: ``"inline"``, ``"thread"`` or ``"process"``
     placement = SharedResult()
@@ -418,6 +440,7 @@ class RNNViz(*CALLBACK_BASES):
         self._reporter.names = set(names)
         self._kinds = {n: "attention" if _is_attention(n, m, set(extractors)) else type(m).__name__
                        for n, m in names.items()}
+        self._bidirectional = {n for n, m in names.items() if getattr(m, "bidirectional", False) is True}
         recorder = shared_recorder(trainer)
         if recorder.fanout is None and not self._open_output(trainer, recorder):
             return
@@ -686,14 +709,15 @@ class RNNViz(*CALLBACK_BASES):
         if self is wanting[-1]:  # the last monitor of this batch reports what the batch cost and flushes
             self._report_render_errors(recorder.fanout.renderer)
             render_s, write_s = recorder.drawing_since_begin()
-            self._guard("overhead statistics", lambda: recorder.fanout.scalars({
-                "rnnviz/overhead/train_thread_ms": 1e3 * recorder.spent_s,
-                "rnnviz/overhead/replay_ms": 1e3 * recorder.replay_s,
-                "rnnviz/overhead/render_ms": 1e3 * render_s,
-                "rnnviz/overhead/write_ms": 1e3 * write_s,
-                "rnnviz/overhead/dropped_figures": float(recorder.fanout.renderer.dropped),
-                "rnnviz/overhead/every_n_steps": float(self.cadence or 0),
-            }, step))
+            if _overhead_wanted(recorder):
+                self._guard("overhead statistics", lambda: recorder.fanout.scalars({
+                    "rnnviz/overhead/train_thread_ms": 1e3 * recorder.spent_s,
+                    "rnnviz/overhead/replay_ms": 1e3 * recorder.replay_s,
+                    "rnnviz/overhead/render_ms": 1e3 * render_s,
+                    "rnnviz/overhead/write_ms": 1e3 * write_s,
+                    "rnnviz/overhead/dropped_figures": float(recorder.fanout.renderer.dropped),
+                    "rnnviz/overhead/every_n_steps": float(self.cadence or 0),
+                }, step))
             self._guard("flush", recorder.fanout.flush)
             recorder.flush_next = True
             recorder.release()  # every monitor has it: its tensors (device memory on a GPU) go now
@@ -716,7 +740,9 @@ class RNNViz(*CALLBACK_BASES):
             info(trainer, line)
         if drawn:
             spent_ms = 1e3 * (time.perf_counter() - started)
-            self._guard("overhead statistics", lambda: fanout.scalars({"rnnviz/overhead/epoch_end_ms": spent_ms}, step))
+            if self.scalars == "all":
+                self._guard("overhead statistics",
+                            lambda: fanout.scalars({"rnnviz/overhead/epoch_end_ms": spent_ms}, step))
             self._spend(trainer, spent_ms / 1e3, recording=False)
         self._guard("flush", lambda: fanout.flush(only_if_written=True))
 
@@ -763,7 +789,8 @@ class RNNViz(*CALLBACK_BASES):
         recorder.layout_written = True
         charts: dict[str, dict[str, list[str]]] = {}
         for member in recorder.members:
-            for category, group in scalar_layout(member._kinds, member.quantities).items():
+            for category, group in scalar_layout(member._kinds, member.quantities, member.scalars,
+                                                 member._bidirectional).items():
                 charts.setdefault(category, {}).update(group)
         self._guard("write the chart layout", lambda: recorder.fanout.layout(charts))
 
@@ -816,16 +843,17 @@ class RNNViz(*CALLBACK_BASES):
             if delivery.prefix == "rnnviz":
                 write_s = time.perf_counter() - started
                 waited_s, recorder.reported_wait_s = worker.waited_s - recorder.reported_wait_s, worker.waited_s
-                self._guard("overhead statistics", lambda d=delivery, w=write_s, v=waited_s: fanout.scalars({
-                    "rnnviz/overhead/train_thread_ms": 1e3 * (d.thread_s + w + v),
-                    "rnnviz/overhead/offthread_ms": 1e3 * d.worker_s,
-                    "rnnviz/overhead/replay_ms": 1e3 * d.replay_s,
-                    "rnnviz/overhead/render_ms": 1e3 * d.draw_s,
-                    "rnnviz/overhead/write_ms": 1e3 * w,
-                    "rnnviz/overhead/wait_ms": 1e3 * v,
-                    "rnnviz/overhead/dropped_figures": 0.0,
-                    "rnnviz/overhead/every_n_steps": float(self.cadence or 0),
-                }, d.step))
+                if _overhead_wanted(recorder):
+                    self._guard("overhead statistics", lambda d=delivery, w=write_s, v=waited_s: fanout.scalars({
+                        "rnnviz/overhead/train_thread_ms": 1e3 * (d.thread_s + w + v),
+                        "rnnviz/overhead/offthread_ms": 1e3 * d.worker_s,
+                        "rnnviz/overhead/replay_ms": 1e3 * d.replay_s,
+                        "rnnviz/overhead/render_ms": 1e3 * d.draw_s,
+                        "rnnviz/overhead/write_ms": 1e3 * w,
+                        "rnnviz/overhead/wait_ms": 1e3 * v,
+                        "rnnviz/overhead/dropped_figures": 0.0,
+                        "rnnviz/overhead/every_n_steps": float(self.cadence or 0),
+                    }, d.step))
                 if trainer is not None:
                     self._spend(trainer, delivery.thread_s + write_s + waited_s, recording=True)
             self._guard("flush", fanout.flush)
@@ -857,6 +885,12 @@ class RNNViz(*CALLBACK_BASES):
             names = set().union(*(m._reporter.names for m in recorder.members))
             mine = {n: r for n, r in recording.items() if n in names}
             self._guard("keep the records", lambda: keeper.full_records(mine, step, prefix))
+
+
+def _overhead_wanted(recorder: Any) -> bool:
+    """Whether the ``rnnviz/overhead/*`` scalars of a recording are written: some monitor on the Trainer
+    has ``scalars="all"``."""
+    return any(member.scalars == "all" for member in recorder.members)
 
 
 @functools.cache

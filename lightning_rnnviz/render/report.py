@@ -29,6 +29,34 @@ from lightning_rnnviz.render.labels import Axes, token_axes
 from lightning_rnnviz.render.names import safe_name
 
 QUANTITIES = ("hidden", "gates", "grad_norm", "grad_decay", "attention")
+SCALARS = ("default", "all")  # which statistics are written as scalars (every one is computed either way)
+# the statistics written by default, per quantity (a gate's ``<gate>_mean`` besides)
+DEFAULT_STATS = {
+    "grad_norm": ("first_norm", "last_norm", "horizon", "log10_ratio"),
+    "hidden": ("mean_abs",),
+    "gates": (),
+    "attention": ("entropy_norm",),
+}
+
+
+def default_scalar(quantity: str, stat: str) -> bool:
+    """Whether statistic ``stat`` of ``quantity`` (its name as the statistics functions give it, with its row
+    or head suffix) is written with ``scalars="default"``: the gradient's ``first_norm``, ``last_norm``,
+    ``horizon`` and ``log10_ratio``, the hidden state's ``mean_abs``, each gate's ``<gate>_mean`` and
+    attention's ``entropy_norm``. The rest (``decay_per_step``, ``saturated``, ``step_change``,
+    ``<gate>_saturated_low/high``, ``entropy``, ``focus``, the ``exact`` flags) needs ``scalars="all"``.
+
+    Example::
+
+        >>> default_scalar("grad_norm", "horizon/layer1"), default_scalar("grad_norm", "decay_per_step")
+        (True, False)
+        >>> default_scalar("gates", "forget_mean"), default_scalar("gates", "forget_saturated_low")
+        (True, False)
+    """
+    name = stat.split("/", 1)[0]
+    if quantity == "gates":
+        return name.endswith("_mean")
+    return name in DEFAULT_STATS.get(quantity, ())
 
 
 class Output(Protocol):
@@ -116,6 +144,8 @@ class Reporter:
         max_time: most time columns drawn.
         renderer: ``"fast"`` or ``"matplotlib"``, carried by every :class:`~lightning_rnnviz.render.jobs.Job`.
         histograms: produce activation histograms.
+        scalars: ``"default"`` writes the statistics of :func:`default_scalar`, ``"all"`` every one and the
+            ``exact`` flags; the findings and ``summary.json`` use every statistic either way.
     """
 
     def __init__(
@@ -130,8 +160,10 @@ class Reporter:
         max_time: int = 256,
         renderer: str = "fast",
         histograms: bool = True,
+        scalars: str = "default",
     ) -> None:
         self.quantities = tuple(quantities)
+        self.scalars = scalars
         self.names = set(names)
         self.guard = guard
         self.sample, self.top_k, self.max_heads, self.max_time = sample, top_k, max_heads, max_time
@@ -224,15 +256,19 @@ class Reporter:
 
     def _stats(self, out: Output, quantity: str, name: str, step: int, record: RNNRecord | AttentionRecord,
                compute: Callable[[], Mapping[str, float]]) -> None:
-        """Statistics of one quantity, with ``exact`` (1, or 0 for an approximate record) to filter on."""
+        """Statistics of one quantity, every one kept for the findings and ``summary.json``; written are those
+        :attr:`scalars` chooses (with ``"all"``, ``exact`` too: 1, or 0 for an approximate record)."""
         base = f"rnnviz/{quantity}/{safe_name(name)}"
+        every = self.scalars == "all"
 
         def work() -> None:
             stats = {k: float(v) for k, v in compute().items()}
             self._collect(name, record).add(self._recordings, stats)
-            values = {f"{base}/{k}": v for k, v in stats.items()}
-            values[f"{base}/exact"] = float(bool(record.exact))
-            out.scalars(values, step)
+            values = {f"{base}/{k}": v for k, v in stats.items() if every or default_scalar(quantity, k)}
+            if every:
+                values[f"{base}/exact"] = float(bool(record.exact))
+            if values:
+                out.scalars(values, step)
 
         self.guard(f"{quantity} statistics of {name!r}", work)
 
@@ -242,6 +278,8 @@ class Reporter:
             collected = self._epoch[name] = _Collected(record)
         if getattr(record, "context", ()):
             self.context[name] = tuple(record.context)
+        if not record.exact:
+            collected.approximate(record.notes)
         return collected
 
     def _warn_approximate(self, name: str, record: RNNRecord | AttentionRecord) -> None:
@@ -250,8 +288,8 @@ class Reporter:
             notes.extend(n for n in record.notes if n not in notes)
             note = " ".join(record.notes) or "the replay could not reproduce the training forward."
             self.guard.once(f"approximate {name}", f"{self.guard.owner}: the record of {name!r} is approximate: "
-                            f"{note} Its figures say so, and its statistics carry `exact` = 0 (this warning is "
-                            "shown once per module).", module=name)
+                            f"{note} Its figures and summary.json say so (and with `scalars=\"all\"` its statistics carry "
+                            "`exact` = 0; this warning is shown once per module).", module=name)
 
     def _histogram(self, out: Output, tag: str, step: int, values: Callable[[], torch.Tensor]) -> None:
         """Buckets of ``values()``, counted only when some logger keeps histograms (``out`` calls it)."""
@@ -368,6 +406,11 @@ class Reporter:
                 record["shown"] = list(self.context[name])
             if self.alignment.get(name) == "end":
                 record["alignment"] = "end"  # its grad_norm curve counts back from the sequences' ends
+            record["exact"] = data.exact  # false: some record of the epoch was approximate, its notes say why
+            if not data.exact:
+                record["notes"] = list(data.notes)
+                # said where `summary` and `compare` print what a module's records showed
+                record["shown"] = [*record.get("shown", []), f"an approximate record ({'; '.join(data.notes)})"]
             for stat in ("horizon", "decay_per_step", "log10_ratio", "entropy_norm", "entropy", "focus"):
                 if stat in summary.stats:
                     record[stat] = [_json_number(v) for v in summary.stats[stat]]
@@ -458,6 +501,14 @@ class _Collected:
         self.unit_peak: torch.Tensor | None = None
         self.same_key: list[np.ndarray] = []
         self.lengths: list[float] = []
+        self.exact = True  # every record of the epoch was exact
+        self.notes: list[str] = []  # the approximate records' notes
+
+    def approximate(self, notes: Iterable[str]) -> None:
+        """A record of the epoch was approximate, for the reasons ``notes`` give."""
+        self.exact = False
+        notes = list(notes) or ["the replay could not reproduce the training forward."]
+        self.notes.extend(n for n in notes if n not in self.notes)
 
     def add(self, index: int, stats: Mapping[str, float]) -> None:
         """Recording ``index``'s statistics (``<stat><row suffix>`` -> value)."""
@@ -518,22 +569,30 @@ def _json_number(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def scalar_layout(kinds: Mapping[str, str], quantities: Iterable[str] = QUANTITIES) -> dict[str, dict[str, list[str]]]:
+def scalar_layout(kinds: Mapping[str, str], quantities: Iterable[str] = QUANTITIES, scalars: str = "default",
+                  bidirectional: Iterable[str] = ()) -> dict[str, dict[str, list[str]]]:
     r"""Charts for TensorBoard's Custom Scalars dashboard: one category per module, one multi-line chart per
-    family of statistics (every layer, direction, gate or head as one line), plus one category comparing
-    every module. Charts are ``{category: {title: [tag regex, ...]}}``.
+    family of statistics, plus one category comparing every module. Each title says what its lines are (one
+    per layer, per gate and layer, per head, ...). Charts are ``{category: {title: [tag regex, ...]}}``.
 
     Args:
         kinds: module name -> ``"attention"`` or the recurrent module's type (``"LSTM"``, ``"GRUCell"``, ...).
         quantities: what the monitors log.
+        scalars: ``"default"``: charts of the default statistics (see :func:`default_scalar`); ``"all"``:
+            also of the others, the ``exact`` flags and the callback's ``rnnviz/overhead/*``.
+        bidirectional: the modules with two directions (their lines are per layer and direction).
 
     Example::
 
         >>> charts = scalar_layout({"enc.rnn": "LSTM"}, ("grad_norm",))
-        >>> charts["rnnviz: enc.rnn"]["gradient: log10(first / last norm)"]
+        >>> charts["rnnviz: enc.rnn"]["gradient: log10(first / last norm), one line per layer"]
         ['rnnviz/grad_norm/enc\\.rnn/log10_ratio(/.*)?$']
+        >>> sorted(scalar_layout({"enc.rnn": "LSTM"}, ("grad_norm",), "all"))
+        ['rnnviz: enc.rnn', 'rnnviz: every module', 'rnnviz: overhead']
     """
     wanted = set(quantities)
+    every_stat = scalars == "all"
+    two = set(bidirectional)
     charts: dict[str, dict[str, list[str]]] = {}
     every: dict[str, list[str]] = {}
     for name, kind in sorted(kinds.items()):
@@ -541,28 +600,57 @@ def scalar_layout(kinds: Mapping[str, str], quantities: Iterable[str] = QUANTITI
         group: dict[str, list[str]] = {}
         if kind == "attention":
             if "attention" in wanted:
-                group["attention: normalised entropy per head (1 = uniform)"] = [f"rnnviz/attention/{m}/entropy_norm/.*"]
-                group["attention: largest weight per head"] = [f"rnnviz/attention/{m}/focus/.*"]
-                every.setdefault("attention: normalised entropy, every module", []).append(
+                group["attention: normalised entropy (1 = uniform), one line per head"] = [
+                    f"rnnviz/attention/{m}/entropy_norm/.*"]
+                if every_stat:
+                    group["attention: entropy (nats), one line per head"] = [f"rnnviz/attention/{m}/entropy/.*"]
+                    group["attention: largest weight of a query (focus), one line per head"] = [
+                        f"rnnviz/attention/{m}/focus/.*"]
+                every.setdefault("attention: normalised entropy, one line per module and head", []).append(
                     f"rnnviz/attention/{m}/entropy_norm/.*")
         else:
+            rows = "layer and direction" if name in two else "layer"
+            per_row = f"one line per {rows}"
             if "grad_norm" in wanted:
-                group["gradient: norm at the first and last processed step"] = [
+                group[f"gradient: ||dL/dh_t|| at the first and at the last step, two lines per {rows}"] = [
                     f"rnnviz/grad_norm/{m}/(first|last)_norm(/.*)?$"]
-                group["gradient: log10(first / last norm)"] = [f"rnnviz/grad_norm/{m}/log10_ratio(/.*)?$"]
-                group["gradient: decay per step (log10)"] = [f"rnnviz/grad_norm/{m}/decay_per_step(/.*)?$"]
-                every.setdefault("gradient: log10(first / last norm), every module", []).append(
+                group[f"gradient: horizon (steps back to 1 % of the peak norm), {per_row}"] = [
+                    f"rnnviz/grad_norm/{m}/horizon(/.*)?$"]
+                group[f"gradient: log10(first / last norm), {per_row}"] = [f"rnnviz/grad_norm/{m}/log10_ratio(/.*)?$"]
+                if every_stat:
+                    group[f"gradient: decay per step (log10), {per_row}"] = [
+                        f"rnnviz/grad_norm/{m}/decay_per_step(/.*)?$"]
+                every.setdefault(f"gradient: horizon (steps), one line per module and {rows}", []).append(
+                    f"rnnviz/grad_norm/{m}/horizon(/.*)?$")
+                every.setdefault(f"gradient: log10(first / last norm), one line per module and {rows}", []).append(
                     f"rnnviz/grad_norm/{m}/log10_ratio(/.*)?$")
             if "gates" in wanted and kind in ("LSTM", "GRU", "LSTMCell", "GRUCell"):
-                group["gates: mean activation"] = [f"rnnviz/gates/{m}/[a-z]+_mean(/.*)?$"]
-                group["gates: fraction saturated"] = [f"rnnviz/gates/{m}/[a-z]+_saturated_(low|high)(/.*)?$"]
+                group[f"gates: mean activation, one line per gate and {rows}"] = [
+                    f"rnnviz/gates/{m}/[a-z]+_mean(/.*)?$"]
+                if every_stat:
+                    group[f"gates: fraction saturated low, one line per gate and {rows}"] = [
+                        f"rnnviz/gates/{m}/[a-z]+_saturated_low(/.*)?$"]
+                    group[f"gates: fraction saturated high, one line per gate and {rows}"] = [
+                        f"rnnviz/gates/{m}/[a-z]+_saturated_high(/.*)?$"]
             if "hidden" in wanted:
-                group["hidden: mean |h| and fraction saturated"] = [f"rnnviz/hidden/{m}/(mean_abs|saturated)(/.*)?$"]
-                group["hidden: step change ||h_t - h_(t-1)||"] = [f"rnnviz/hidden/{m}/step_change(/.*)?$"]
+                group[f"hidden: mean |h_t|, {per_row}"] = [f"rnnviz/hidden/{m}/mean_abs(/.*)?$"]
+                if every_stat:
+                    group[f"hidden: fraction of |h_t| > 0.95 (tanh-bounded states), {per_row}"] = [
+                        f"rnnviz/hidden/{m}/saturated(/.*)?$"]
+                    group[f"hidden: step change ||h_t - h_(t-1)||, {per_row}"] = [
+                        f"rnnviz/hidden/{m}/step_change(/.*)?$"]
+        if group and every_stat:
+            group["record: exact (1) or approximate (0), one line per quantity"] = [f"rnnviz/[a-z_]+/{m}/exact$"]
         if group:
             charts[f"rnnviz: {name or 'root'}"] = group
     if every:
         charts["rnnviz: every module"] = every
+    if every_stat and charts:
+        charts["rnnviz: overhead"] = {
+            "overhead: milliseconds of a recording, one line per part": ["rnnviz/overhead/.*_ms$"],
+            "overhead: steps between recordings (every_n_steps) and figures dropped": [
+                "rnnviz/overhead/(every_n_steps|dropped_figures)$"],
+        }
     return charts
 
 

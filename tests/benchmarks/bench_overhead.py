@@ -161,7 +161,8 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
     first = {0} if VARIANTS[variant].get("log_first_step", True) else set()
     recorded = first | {s for s in range(cfg["steps"]) if (s + 1) % log_every == 0}
     timer = _StepTimer(device)
-    callbacks = [timer] + ([RNNViz(**VARIANTS[variant])] if with_callback else [])  # the timer first, RNNViz last
+    # the timer first, RNNViz last; scalars="all" writes the `rnnviz/overhead/*` scalars read below
+    callbacks = [timer] + ([RNNViz(**{"scalars": "all", **VARIANTS[variant]})] if with_callback else [])
     # RUSAGE_CHILDREN would count any child; the drawing process reports its own peak.
     logger = TensorBoardLogger(out_dir, name=workload)
     trainer = pl.Trainer(

@@ -59,7 +59,8 @@ def test_a_pickle_holds_the_constructor_arguments_and_loads_with_only_the_class_
                      "labels": token_labels, "sample": 0, "max_samples": 4, "top_k": 64, "max_heads": 8,
                      "max_time": 256, "histograms": True, "renderer": "matplotlib", "background": True,
                      "validation": True, "log_first_step": True, "call": None, "save_records": False,
-                     "save_records_max_mb": 256, "strict": False, "budget": 0.05}
+                     "save_records_max_mb": 256, "strict": False, "budget": 0.05,
+                     "scalars": "default"}
     blob = _saved([cb])
     # the class and the user's own functions: nothing of ours beside the class
     assert _globals(blob) == {RNNVIZ, f"{__name__}.token_labels", f"{__name__}.first_output"}

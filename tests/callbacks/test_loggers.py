@@ -94,7 +94,7 @@ def test_mlflow_alone_with_a_file_store(tmp_path, mlflow_env):
     uri = f"file:{tmp_path / 'mlruns'}"
     logger = pl.loggers.MLFlowLogger(experiment_name="rnnviz", tracking_uri=uri)
     assert logger.log_dir is None
-    _fit(logger, strict=True, histograms=False)
+    _fit(logger, strict=True, histograms=False, scalars="all")
     stored = read_mlflow(uri, logger.run_id)
     assert [s for s, _ in stored["metrics"]["rnnviz/grad_norm/rnn/decay_per_step/layer1"]] == STEPS
     assert stored["images"] or stored["step_images"]

@@ -103,12 +103,15 @@ def test_lightning_cli_from_yaml_and_from_the_command_line(tmp_path, namespace):
                                                 "init_args": {"save_dir": str(tmp_path / "yaml")}},
                           "callbacks": [{"class_path": "lightning_rnnviz.RNNViz",
                                          "init_args": {"every_n_steps": 2, "modules": ["rnn"],
-                                                       "labels": "tests.helpers.cli_run.tokens"}}]}}
+                                                       "labels": "tests.helpers.cli_run.tokens",
+                                                       "scalars": "all"}}]}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(config))
     _cli(namespace, tmp_path, "fit", "--config", "cfg.yaml")
     pictures = _pictures(tmp_path / "yaml")
     # 4 batches, every_n_steps=2: steps 1 and 3, and the very first step; only `rnn` is watched.
     assert pictures["rnnviz/hidden/rnn"] == [0, 1, 3] and not any("attention" in t for t in pictures)
+    [log_dir] = sorted(p.parent for p in (tmp_path / "yaml").rglob("hparams.yaml"))
+    assert "rnnviz/hidden/rnn/step_change/layer0" in RunEvents(log_dir).Tags()["scalars"]  # scalars="all"
 
     # The command-line form; --print_config writes a config that loads and runs again.
     flags = [f"--trainer.{k}={v}" for k, v in trainer.items()]
@@ -118,6 +121,7 @@ def test_lightning_cli_from_yaml_and_from_the_command_line(tmp_path, namespace):
     callbacks = yaml.safe_load(printed)["trainer"]["callbacks"]
     assert [c["class_path"] for c in callbacks] == ["lightning_rnnviz.RNNViz"]
     assert callbacks[0]["init_args"]["every_n_steps"] == 2 and callbacks[0]["init_args"]["renderer"] == "fast"
+    assert callbacks[0]["init_args"]["scalars"] == "default"
     (tmp_path / "printed.yaml").write_text(printed)
     _cli(namespace, tmp_path, "fit", "--config", "printed.yaml")
     pictures = _pictures(tmp_path / "cli")

@@ -213,7 +213,7 @@ def _grad_stats_run(tmp_path: Path, model: pl.LightningModule, **trainer_kwargs)
     Watches the RNN only (attention under autocast: ``test_probe_records_attention_under_bf16_autocast``).
     """
     cb = GradientNormMonitor(every_n_steps=1, modules=["rnn*"], validation=False, histograms=False,
-                             strict=True)
+                             strict=True, scalars="all")
     trainer = _trainer(tmp_path, [cb], **trainer_kwargs)
     trainer.fit(model, loader())
     assert trainer.state.finished

@@ -80,14 +80,15 @@ def test_tags_steps_and_sizes_follow_lightning_logging(tmp_path):
             assert 200 <= event.width <= 800 and 200 <= event.height <= 800
             assert len(event.encoded_image_string) < 150_000
     scalars = set(acc.Tags()["scalars"])
-    for stat in ("first_norm", "last_norm", "log10_ratio", "decay_per_step"):
+    for stat in ("first_norm", "last_norm", "log10_ratio", "horizon"):
         assert f"rnnviz/grad_norm/rnn/{stat}/layer1" in scalars
-    for stat in ("input_mean", "forget_saturated_low", "output_saturated_high"):
-        assert f"rnnviz/gates/rnn/{stat}/layer0" in scalars
-    assert {"rnnviz/hidden/rnn/mean_abs/layer0", "rnnviz/attention/attn/entropy/head1",
-            "rnnviz/attention/attn/focus/head0"} <= scalars
+    for gate in ("input", "forget", "cell", "output"):
+        assert f"rnnviz/gates/rnn/{gate}_mean/layer0" in scalars
+    assert {"rnnviz/hidden/rnn/mean_abs/layer0", "rnnviz/attention/attn/entropy_norm/head1"} <= scalars
     assert [e.step for e in acc.Scalars("rnnviz/grad_norm/rnn/first_norm/layer0")] == [0, 2, 5]
-    assert [e.step for e in acc.Scalars("rnnviz/overhead/train_thread_ms")] == [0, 2, 5]
+    # the rest only with scalars="all" (tests/callbacks/test_scalars.py)
+    assert not {t for t in scalars if t.startswith("rnnviz/overhead/") or t.endswith("/exact")
+                or "saturated" in t or "/focus/" in t or "/entropy/" in t or "decay_per_step" in t}
     histograms = set(acc.Tags()["histograms"])
     assert {"rnnviz/hidden_dist/rnn", "rnnviz/gates_dist/rnn/forget", "rnnviz/val/hidden_dist/rnn"} <= histograms
     assert all(tag.startswith("rnnviz/") for tag in steps)
@@ -146,7 +147,7 @@ def test_every_renderer_and_placement_writes_the_same_pictures(tmp_path, monkeyp
     import lightning_rnnviz.callbacks.rnnviz as module
 
     monkeypatch.setattr(module, "spare_cores", lambda **kw: 0)  # as on this project's 2-core machines
-    cb = RNNViz(renderer=renderer, background=background, validation=False, strict=True)
+    cb = RNNViz(renderer=renderer, background=background, validation=False, strict=True, scalars="all")
     in_child = placement == "process"
     trainer = _trainer(tmp_path, [cb])
     trainer.fit(TinySeqModel(), loader())
@@ -514,32 +515,51 @@ class _DrawsBeforeTheKernel(TinySeqModel):
         return self.head(a[:, -1]).squeeze(-1)
 
 
-def test_an_approximate_record_says_so_everywhere(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scalars", ["default", "all"])
+def test_an_approximate_record_says_so_everywhere(tmp_path, monkeypatch, scalars):
+    """The pictures' titles (their payloads' ``exact`` and notes), ``summary.json`` and the ``summary``
+    command say so with either choice of scalars; ``scalars="all"`` also writes the ``exact`` flags."""
+    import json
+
+    from lightning_rnnviz.render.offline import read_summary, summary_text
+
     payloads = []
     import lightning_rnnviz.sinks.fanout as fanout
 
     original = fanout.Fanout.picture
     monkeypatch.setattr(fanout.Fanout, "picture", lambda self, job: payloads.append(job) or original(self, job))
-    cb = RNNViz(validation=False, strict=True)
+    cb = RNNViz(validation=False, strict=True, scalars=scalars)
     trainer = _trainer(tmp_path, [cb], max_epochs=1)
     with pytest.warns(RNNVizWarning, match=r"the record of 'rnn' is approximate: The inter-layer dropout replay "
                                            r"\(p=0.3\) did not give the module's output bit for bit") as caught:
         trainer.fit(_DrawsBeforeTheKernel(), loader())
     assert sum("is approximate" in str(w.message) for w in caught) == 1  # once per module
     acc = _events(trainer)
-    for quantity in ("hidden", "gates", "grad_norm"):
-        assert [e.value for e in acc.Scalars(f"rnnviz/{quantity}/rnn/exact")] == [0.0, 0.0]
-    assert [e.value for e in acc.Scalars("rnnviz/attention/attn/exact")] == [1.0, 1.0]
+    if scalars == "all":
+        for quantity in ("hidden", "gates", "grad_norm"):
+            assert [e.value for e in acc.Scalars(f"rnnviz/{quantity}/rnn/exact")] == [0.0, 0.0]
+        assert [e.value for e in acc.Scalars("rnnviz/attention/attn/exact")] == [1.0, 1.0]
+    else:
+        assert not [t for t in acc.Tags()["scalars"] if t.endswith("/exact")]
+    summary = json.loads((Path(trainer.logger.log_dir) / "rnnviz" / "summary.json").read_text())
+    epoch = summary["modules"]["rnn"]["epochs"]["0"]
+    assert epoch["exact"] is False and "bit for bit" in epoch["notes"][0]
+    assert summary["modules"]["attn"]["epochs"]["0"]["exact"] is True
+    assert "notes" not in summary["modules"]["attn"]["epochs"]["0"]
+    text = summary_text(read_summary(trainer.logger.log_dir))
+    assert "  shows an approximate record (The inter-layer dropout replay (p=0.3)" in text
     rnn_jobs = [j for j in payloads if j.tag.endswith("/rnn")]
     assert {j.kind for j in rnn_jobs} == {"hidden", "gates", "grad_norm", "grad_decay"}
     assert all(not j.payload["exact"] and "bit for bit" in j.payload["notes"][0] for j in rnn_jobs)
 
 
-@pytest.mark.parametrize("background", [False, "thread"])
-def test_a_budget_spaces_recordings_out_on_lightnings_steps_and_says_so(tmp_path, caplog, monkeypatch, background):
+@pytest.mark.parametrize(("background", "scalars"), [(False, "all"), ("thread", "all"), ("thread", "default")])
+def test_a_budget_spaces_recordings_out_on_lightnings_steps_and_says_so(tmp_path, caplog, monkeypatch, background,
+                                                                          scalars):
     """A recording that costs the training thread far more than 1 % of the steps: with
     `budget=0.01` the recordings thin out to multiples of `every_n_steps`, one console line says so, and
-    the cadence in use is logged; `budget=None` (the default) records every step."""
+    the cadence in use is kept in `cadence` (and logged with `scalars="all"`); `budget=None` (the default)
+    records every step. The console line does not depend on the overhead scalars."""
     import logging
 
     caplog.set_level(logging.INFO)
@@ -551,12 +571,18 @@ def test_a_budget_spaces_recordings_out_on_lightnings_steps_and_says_so(tmp_path
     runs = {}
     for budget in (None, 0.01):
         cb = RNNViz(every_n_steps=2, log_first_step=True, validation=False, histograms=False, budget=budget,
-                    background=background, strict=True)
+                    background=background, strict=True, scalars=scalars)
         trainer = _trainer(tmp_path / str(budget), [cb], max_epochs=4)
         trainer.fit(TinySeqModel(), loader(n=64))
         events = _events(trainer)
-        runs[budget] = ([e.step for e in events.Scalars("rnnviz/overhead/train_thread_ms")],
-                        [e.value for e in events.Scalars("rnnviz/overhead/every_n_steps")], cb.cadence)
+        recorded = [e.step for e in events.Scalars("rnnviz/grad_norm/rnn/first_norm/layer0")]
+        if scalars == "all":
+            assert [e.step for e in events.Scalars("rnnviz/overhead/train_thread_ms")] == recorded
+            logged = [e.value for e in events.Scalars("rnnviz/overhead/every_n_steps")]
+        else:
+            assert not [t for t in events.Tags()["scalars"] if t.startswith("rnnviz/overhead/")]
+            logged = [2.0]  # not logged: `cadence` holds the last one
+        runs[budget] = (recorded, logged, cb.cadence)
     steps, cadence, last = runs[None]
     assert steps == [0] + list(range(1, 32, 2)) and set(cadence) == {2.0} and last == 2
     steps, cadence, last = runs[0.01]

@@ -116,7 +116,7 @@ def test_fit_is_bit_identical_and_writes_every_recurrent_tag(tmp_path, name):
     _library(name)
     spec = MODELS[name]
     plain, _ = _fit(name, [], tmp_path / "without")
-    callback = RNNViz(every_n_steps=EVERY, strict=True)
+    callback = RNNViz(every_n_steps=EVERY, strict=True, scalars="all")  # every tag, `exact` flags included
     watched, ours = _fit(name, [callback], tmp_path / "with")
 
     # Training is bit-identical: every state_dict entry.
@@ -169,7 +169,7 @@ TFTS = [name for name, spec in MODELS.items() if spec.attention]
 def test_tft_attention_is_recorded_without_an_extractor(tmp_path, name):
     _library(name)
     spec = MODELS[name]
-    watched, _ = _fit(name, [RNNViz(every_n_steps=EVERY, strict=True)], tmp_path)
+    watched, _ = _fit(name, [RNNViz(every_n_steps=EVERY, strict=True, scalars="all")], tmp_path)
     events = RunEvents(watched.log_dir)
     expected: dict[str, set[str]] = {}
     for module_name in spec.attention:
