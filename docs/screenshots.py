@@ -2,9 +2,10 @@
 
 Without ``--logdir`` it first trains the vanishing-gradients example with its default settings (a few
 minutes on 2 CPU cores) into a temporary folder. Then it starts a real TensorBoard on that folder (the
-Rust data server, TensorBoard's default), opens its Images and Custom Scalars dashboards in headless
-Chromium (Debian's ``chromium`` and ``chromium-driver``, and ``selenium``) and saves
-``docs/tensorboard_images.png`` and ``docs/tensorboard_custom_scalars.png``.
+Rust data server, TensorBoard's default), opens its Images, Time Series and Custom Scalars dashboards in
+headless Chromium (Debian's ``chromium`` and ``chromium-driver``, and ``selenium``) in a 1600x1200 window,
+as a user sees them (no "Show actual image size"), and saves ``docs/tensorboard_images.png``,
+``docs/tensorboard_time_series.png`` and ``docs/tensorboard_custom_scalars.png``.
 """
 
 from __future__ import annotations
@@ -35,10 +36,17 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run([sys.executable, str(ROOT / "examples/vanishing_gradients.py"), "--save-dir", logdir],
                        check=True)
     out = Path(opts.out)
-    with TensorBoardServer(Path(logdir)) as board, browser.chromium(window_size=(1500, 1100)) as driver:
+    with TensorBoardServer(Path(logdir)) as board, browser.chromium(window_size=(1600, 1200)) as driver:
         cards = browser.image_cards(driver, board, tag_filter=opts.filter)
         print(f"{len(cards)} image cards, all loaded: {all(c.loaded for c in cards)}")
         browser.screenshot(driver, out / "tensorboard_images.png")
+        cards = browser.image_cards(driver, board, tag_filter=opts.filter, dashboard="timeseries")
+        print(f"{len(cards)} Time Series image cards, all loaded: {all(c.loaded for c in cards)}")
+        from selenium.webdriver.common.keys import Keys  # close the filter's suggestions over the cards
+
+        driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+        driver.execute_script("document.activeElement && document.activeElement.blur()")
+        browser.screenshot(driver, out / "tensorboard_time_series.png")
         charts = browser.custom_scalar_charts(driver, board)
         print(f"{len(charts)} custom-scalar charts in {len({c.category for c in charts})} sections")
         browser.screenshot(driver, out / "tensorboard_custom_scalars.png")

@@ -95,7 +95,7 @@ class RNNViz(*CALLBACK_BASES):
     ``rnnviz/hidden_dist/<m>``            histogram of ``h_t``
     ``rnnviz/hidden/<m>/<stat>``          ``mean_abs``; *all*: ``saturated`` (tanh-bounded states),
                                           ``step_change``
-    ``rnnviz/gates/<m>``                  image: mean gate activation over time + per-unit saturation
+    ``rnnviz/gates/<m>``                  image: mean gate activation over time + units held closed or open
     ``rnnviz/gates_dist/<m>/<gate>``      histogram of that gate's activations
     ``rnnviz/gates/<m>/<stat>``           ``<gate>_mean``; *all*: ``<gate>_saturated_low``,
                                           ``<gate>_saturated_high``

@@ -16,6 +16,8 @@ from lightning_rnnviz.render._lazy import torch
 if TYPE_CHECKING:
     from lightning_rnnviz.probe.records import AttentionRecord
 
+TOKEN_CHARS = 10  # most characters of a token label on an axis
+
 
 def reduce_attention(
     record: AttentionRecord,
@@ -166,26 +168,31 @@ def draw_attention(payload: dict[str, Any], *, step: int | None = None, title: s
     heading = title or attention_heading(payload)
     if payload["heads"] > payload["weights"].shape[0]:
         heading += f" (showing {payload['weights'].shape[0]} of {payload['heads']} heads)"
-    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], validation=validation)
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], width=1000,
+                                      validation=validation)
     weights = payload["weights"]
     shown, rows, columns = weights.shape
     if rows == 0 or columns == 0:
         return common.message_figure(full_title, f"sequence {payload['sample']} has no real keys or queries")
 
-    ncols = min(shown, 4)
+    ncols = min(shown, 2 if shown <= 4 else 3)
     nrows = math.ceil(shown / ncols)
     query_tokens, key_tokens = payload["query_labels"], payload["key_labels"]
-    left = 0.5 + max(common.label_extent(query_tokens), 0.2)
-    bottom = 0.4 + max(common.label_extent(key_tokens), 0.15)
-    top = common.top_margin(full_title)
-    panel = min(2.6, (8.0 - left - 1.0 - 0.35 * (ncols - 1)) / ncols)
-    fig = common.new_figure(8.0, top + bottom + 0.35 * (nrows - 1) + panel * nrows)
-    grid = common.panel_grid(
-        fig, nrows, ncols, left=left, right=1.0, top=top, bottom=bottom, hspace=0.4, wspace=0.35
-    )
+    gap = 0.12
+    left = 0.3 + (common.label_extent(query_tokens, limit=TOKEN_CHARS) if query_tokens else 0.3)
+    panel = min(2.2, (common.FIGURE_WIDTH - left - common.COLORBAR_MARGIN - gap * (ncols - 1)) / ncols)
+    most_ticks = max(3, int(panel * 6))  # a token label at 9 pt needs about 1/6 inch
+    key_ticks = common.tick_positions(columns, most_ticks)
+    if key_tokens:
+        bottom = 0.34 + common.label_extent([key_tokens[t] for t in key_ticks], limit=TOKEN_CHARS)
+    else:
+        bottom = 0.5
+    top = common.top_margin(full_title, 0.22)
+    fig = common.new_figure(common.FIGURE_WIDTH, top + bottom + (gap + 0.2) * (nrows - 1) + panel * nrows)
+    grid = common.panel_grid(fig, nrows, ncols, left=left, right=common.COLORBAR_MARGIN, top=top, bottom=bottom,
+                             hspace=gap + 0.2, wspace=gap)
     query_bin, key_bin = payload["query_bin"], payload["key_bin"]
     query_axis, key_axis = axis_titles(payload)
-    most_ticks = max(4, int(panel * 6))  # token labels at fontsize 6 need about 1/6 inch each
     extent = (-0.5, columns * key_bin - 0.5, rows * query_bin - 0.5, -0.5)
     cmap = common.colormap(common.SEQUENTIAL_CMAP)
     interpolation = common.interpolation_for(weights.shape, fig, grid[0, 0])
@@ -202,30 +209,36 @@ def draw_attention(payload: dict[str, Any], *, step: int | None = None, title: s
             interpolation=interpolation,
             extent=extent,
         )
-        ax.set_title(f"head {h}", fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0)
+        ax.set_title(f"head {h}", fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0, pad=3)
         first_col, last_row = col == 0, h + ncols >= shown
         # inner panels share the outer panels' axes; skipping their ticks saves much of the drawing time
         if not last_row:
             ax.set_xticks([])
         elif key_tokens:
-            ticks = common.tick_positions(columns, most_ticks)
-            ax.set_xticks(ticks, [common.short_label(key_tokens[t]) for t in ticks])
+            ax.set_xticks(key_ticks, [common.short_label(key_tokens[t], TOKEN_CHARS) for t in key_ticks])
             ax.tick_params(axis="x", labelrotation=90)
         else:
-            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(3 if ncols > 1 else 5, integer=True))
         if not first_col:
             ax.set_yticks([])
         elif query_tokens:
             ticks = common.tick_positions(rows, most_ticks)
-            ax.set_yticks(ticks, [common.short_label(query_tokens[t]) for t in ticks])
+            ax.set_yticks(ticks, [common.short_label(query_tokens[t], TOKEN_CHARS) for t in ticks])
         else:
-            ax.yaxis.set_major_locator(MaxNLocator(5, integer=True))
-        ax.tick_params(labelsize=common.TICK_SIZE - (1 if key_tokens or query_tokens else 0))
-        if last_row:
+            ax.yaxis.set_major_locator(MaxNLocator(3 if nrows > 1 else 5, integer=True))
+        ax.tick_params(labelsize=common.TICK_SIZE, length=2.5, pad=1.5)
+        # one title per axis, centred on the panels: on the panel at the bottom left
+        if first_col and last_row:
+            width, height = fig.get_size_inches()
             ax.set_xlabel(_axis_label(key_axis, key_bin), fontsize=common.LABEL_SIZE)
-        if first_col:
             ax.set_ylabel(_axis_label(query_axis, query_bin), fontsize=common.LABEL_SIZE)
-    label = "attention weight" + (" (sum over key bin)" if key_bin > 1 else "")
+            across = (left + (width - common.COLORBAR_MARGIN - left) / 2) / width
+            ax.xaxis.set_label_coords(across, 0.04 / height, transform=fig.transFigure)
+            ax.xaxis.label.set_verticalalignment("bottom")
+            ax.yaxis.set_label_coords(0.04 / width, (bottom + (height - top - bottom) / 2) / height,
+                                      transform=fig.transFigure)
+            ax.yaxis.label.set_verticalalignment("top")
+    label = "weight" + (" (key bin sum)" if key_bin > 1 else "")
     return common.finish_heatmap(fig, image, label, bottom, top, payload["nonfinite"], full_title)
 
 

@@ -21,6 +21,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -47,10 +48,40 @@ PALETTE = (
 # Dash lengths in pixels of the line styles (matplotlib's names) that `Canvas.line` and `legend` draw.
 DASHES = {"-": 0.0, "--": 5.0, ":": 2.5, "-.": 10.0}
 
-TITLE_SIZE = 12
-PANEL_TITLE_SIZE = 11
-LABEL_SIZE = 10
-TICK_SIZE = 9
+# Type sizes in pixels. The pictures are seen in TensorBoard's image cards, about 350 px wide: a picture
+# 560 px wide is shown at 0.625 of its size, and a 16 px digit (11.7 px tall in the PNG) keeps 7-8 px there.
+TITLE_SIZE = 21
+PANEL_TITLE_SIZE = 18
+LABEL_SIZE = 17
+TICK_SIZE = 17
+NOTE_SIZE = 16  # the lines under a title (context, approximation notes)
+TICK_PX = 5  # length of a tick mark
+
+
+# --- where the text went (for tests) ----------------------------------------------------------------
+class TextBox(NamedTuple):
+    """One line of text as :meth:`Canvas.text` wrote it: its content, its box ``(x0, y0, x1, y1)`` in final
+    pixels (the extent of the glyphs' mask), and whether it reads upwards."""
+
+    text: str
+    box: tuple[float, float, float, float]
+    rotated: bool = False
+
+
+_recording: list[TextBox] | None = None
+
+
+@contextlib.contextmanager
+def recording_text() -> Iterator[list[TextBox]]:
+    """Inside the block, every :meth:`Canvas.text` call (on any canvas, in any thread) appends its
+    :class:`TextBox` to the list it yields; outside, nothing is kept and writing costs nothing more. For
+    tests that measure how tall the text of a picture is where it is seen."""
+    global _recording
+    outer, _recording = _recording, []
+    try:
+        yield _recording
+    finally:
+        _recording = outer
 
 
 # --- colour ------------------------------------------------------------------------------------------
@@ -78,17 +109,22 @@ def _lch_ramp(lightness: np.ndarray, chroma: np.ndarray, hue_deg: np.ndarray) ->
 
 @functools.cache
 def colour_table(name: str) -> np.ndarray:
-    """``(256, 3)`` uint8 table of colour map ``name`` (``"sequential"`` or ``"diverging"``)."""
+    """``(256, 3)`` uint8 table of colour map ``name``: ``"sequential"``, ``"diverging"``, or ``"epochs"``
+    (from light to dark: the latest epoch of a ``grad_decay`` picture darkest)."""
     s = np.linspace(0.0, 1.0, 256)
     if name == "sequential":
         return _lch_ramp(0.30 + 0.63 * s, 0.10 + 0.07 * s, 290.0 - 185.0 * s)
+    if name == "epochs":
+        # light (early epochs) to dark (late ones): orange-yellow through red to a dark violet, the first
+        # still visible on white
+        return _lch_ramp(0.86 - 0.62 * s, 0.13 + 0.05 * np.sin(np.pi * s), 85.0 - 215.0 * s)
     if name == "diverging":
         side = np.abs(2 * s - 1)  # 0 in the middle, 1 at both ends
         lightness = 0.97 - 0.50 * side**1.1
         chroma = 0.19 * np.sin(np.pi / 2 * np.minimum(side * 1.15, 1.0))
         hue = np.where(s < 0.5, 255.0, 28.0)
         return _lch_ramp(lightness, chroma, hue)
-    raise ValueError(f"Unknown colour map {name!r}; use 'sequential' or 'diverging'.")
+    raise ValueError(f"Unknown colour map {name!r}; use 'sequential', 'diverging' or 'epochs'.")
 
 
 def colourise(values: np.ndarray, name: str, vmin: float, vmax: float) -> np.ndarray:
@@ -203,7 +239,8 @@ def _text_length(text: str, size: int) -> float:
     return _font(size).getlength(text)
 
 
-_CACHED_TEXT = 64  # longest text kept in the cache (axis titles, legends, headings; a title's step is not)
+_CACHED_TEXT = 120  # longest text kept in the cache (axis titles, legends, headings, the lines under a
+# title; a title's step is written apart, uncached)
 
 
 @functools.lru_cache(maxsize=2048)
@@ -226,6 +263,21 @@ def _text_mask(text: str, size: int, anchor: str, rotate: bool) -> tuple[Image.I
 
 
 FINE = 2  # how many times the size `Canvas.fine` paints at
+
+
+@functools.cache
+def _stamp(r: int, shape: str) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel offsets ``(dx, dy)`` of a marker of radius ``r`` (``"dot"``, ``"x"``, ``"v"``, else a square)."""
+    offsets = [(dx, dy) for dx in range(-r, r + 1) for dy in range(-r, r + 1)]
+    if shape == "dot":
+        offsets = [(dx, dy) for dx, dy in offsets if dx * dx + dy * dy <= r * r + r]
+    elif shape == "x":
+        offsets = [(dx, dy) for dx, dy in offsets if abs(dx) == abs(dy)]
+        offsets += [(dx + 1, dy) for dx, dy in offsets]
+    elif shape == "v":
+        offsets = [(dx, dy) for dx, dy in offsets if abs(dx) <= (r - dy) / 2 + 0.5]
+    dx, dy = np.array(offsets, dtype=np.int64).T
+    return dx, dy
 
 
 class Canvas:
@@ -305,6 +357,10 @@ class Canvas:
         mask, (dx, dy) = render(text, round(size * self.scale), anchor, rotate)
         x, y = round(self._x(xy[0]) + dx), round(self._y(xy[1]) + dy)
         self.image.paste(fill, (x, y, x + mask.width, y + mask.height), mask)
+        if _recording is not None:
+            s, (ox, oy) = self.scale, self.origin
+            _recording.append(TextBox(text, (x / s + ox, y / s + oy, (x + mask.width) / s + ox,
+                                             (y + mask.height) / s + oy), rotate))
 
     def line(
         self,
@@ -312,19 +368,30 @@ class Canvas:
         fill: tuple[int, int, int],
         width: float = 1.0,
         dash: float = 0.0,
+        round_joints: bool = True,
     ) -> None:
-        """A polyline through ``points``; ``dash`` > 0 draws dashes and gaps of that many pixels."""
+        """A polyline through ``points``; ``dash`` > 0 draws dashes and gaps of that many pixels.
+        ``round_joints=False`` leaves the corners square-cut: Pillow rounds them one vertex at a time, in
+        Python, which costs more than the line itself where many wide lines are drawn."""
         points = (np.asarray(points, dtype=np.float64).reshape(-1, 2) - self.origin) * self.scale
         if len(points) < 2:
             return
         stroke = max(1, round(width * self.scale))
         if dash <= 0:
-            self.draw.line(points.ravel().tolist(), fill=fill, width=stroke, joint="curve")
+            self.draw.line(points.ravel().tolist(), fill=fill, width=stroke, joint="curve" if round_joints else None)
             return
         period = dash * self.scale
         lengths = np.hypot(*np.diff(points, axis=0).T)
         along = np.concatenate(([0.0], np.cumsum(lengths)))
         total = along[-1]
+        if len(points) == 2:  # a straight dashed line (a level, a boundary): every dash at once
+            starts = np.arange(0.0, total, 2 * period)
+            ends = np.minimum(starts + period, total)
+            xs = np.interp(np.column_stack((starts, ends)), along, points[:, 0])
+            ys = np.interp(np.column_stack((starts, ends)), along, points[:, 1])
+            for (xa, xb), (ya, yb) in zip(xs.tolist(), ys.tolist()):
+                self.draw.line((xa, ya, xb, yb), fill=fill, width=stroke)
+            return
         start = 0.0
         while start < total:
             stop = min(start + period, total)
@@ -365,14 +432,6 @@ class Canvas:
                    fill) for xs, ys, fill in groups]
         groups = [g for g in groups if g[0].size]
         r = max(1, round(radius * self.scale))
-        offsets = [(dx, dy) for dx in range(-r, r + 1) for dy in range(-r, r + 1)]
-        if shape == "dot":
-            offsets = [(dx, dy) for dx, dy in offsets if dx * dx + dy * dy <= r * r + r]
-        elif shape == "x":
-            offsets = [(dx, dy) for dx, dy in offsets if abs(dx) == abs(dy)]
-            offsets += [(dx + 1, dy) for dx, dy in offsets]
-        elif shape == "v":
-            offsets = [(dx, dy) for dx, dy in offsets if abs(dx) <= (r - dy) / 2 + 0.5]
         if not groups:
             return
         centres = [(np.round(xs).astype(np.int64), np.round(ys).astype(np.int64), fill) for xs, ys, fill in groups]
@@ -385,7 +444,7 @@ class Canvas:
             return
         region = np.array(self.image.crop((x0, y0, x1, y1)))
         height, width = region.shape[:2]
-        dx, dy = np.array(offsets, dtype=np.int64).T
+        dx, dy = _stamp(r, shape)
         for cx, cy, fill in centres:
             px = (cx[:, None] + dx[None, :] - x0).ravel()
             py = (cy[:, None] + dy[None, :] - y0).ravel()
@@ -470,11 +529,11 @@ class Panel:
         _, _, _, y1 = self.box
         labels = [format_tick(v) for v in values] if labels is None else labels
         for x, label in zip(self.x(values), labels):
-            self.canvas.line([(x, y1), (x, y1 + 4)], FRAME_RGB)
+            self.canvas.line([(x, y1), (x, y1 + TICK_PX)], FRAME_RGB)
             if rotate:
-                self.canvas.text((x, y1 + 6), label, size, anchor="rm", rotate=True)
+                self.canvas.text((x, y1 + TICK_PX + 3), label, size, anchor="rm", rotate=True)
             else:
-                self.canvas.text((x, y1 + 6), label, size, anchor="ma")
+                self.canvas.text((x, y1 + TICK_PX + 3), label, size, anchor="ma")
 
     def yticks(self, values: np.ndarray, labels: Sequence[str] | None = None, size: int = TICK_SIZE,
                right: bool = False) -> None:
@@ -482,32 +541,45 @@ class Panel:
         labels = [format_tick(v) for v in values] if labels is None else labels
         for y, label in zip(self.y(values), labels):
             if right:
-                self.canvas.line([(x1, y), (x1 + 4, y)], FRAME_RGB)
-                self.canvas.text((x1 + 6, y), label, size, anchor="lm")
+                self.canvas.line([(x1, y), (x1 + TICK_PX, y)], FRAME_RGB)
+                self.canvas.text((x1 + TICK_PX + 3, y), label, size, anchor="lm")
             else:
-                self.canvas.line([(x0 - 4, y), (x0, y)], FRAME_RGB)
-                self.canvas.text((x0 - 6, y), label, size, anchor="rm")
+                self.canvas.line([(x0 - TICK_PX, y), (x0, y)], FRAME_RGB)
+                self.canvas.text((x0 - TICK_PX - 3, y), label, size, anchor="rm")
 
     def title(self, text: str, right: str = "") -> None:
+        """``text`` over the panel's left edge; ``right`` (muted) over its right edge where both fit, else
+        ``right`` is left out."""
         x0, y0, x1, _ = self.box
+        room = x1 - x0
         if right:
-            self.canvas.text((x1, y0 - 4), right, TICK_SIZE, anchor="rd", fill=MUTED_RGB)
-            room = x1 - x0 - self.canvas.text_width(right, TICK_SIZE) - 10
-        else:
-            room = x1 - x0
-        self.canvas.text((x0, y0 - 4), self.canvas.fit_text(text, PANEL_TITLE_SIZE, room), PANEL_TITLE_SIZE,
+            needed = self.canvas.text_width(text, PANEL_TITLE_SIZE) + self.canvas.text_width(right, TICK_SIZE) + 12
+            if needed <= room:
+                self.canvas.text((x1, y0 - 5), right, TICK_SIZE, anchor="rd", fill=MUTED_RGB)
+                room -= self.canvas.text_width(right, TICK_SIZE) + 12
+        self.canvas.text((x0, y0 - 5), self.canvas.fit_text(text, PANEL_TITLE_SIZE, room), PANEL_TITLE_SIZE,
                          anchor="ld")
 
-    def xlabel(self, text: str, offset: float = 22) -> None:
+    def xlabel(self, text: str, offset: float = 0.0) -> None:
+        """The axis title under the panel, ``offset`` pixels below its bottom edge (default: under one row
+        of tick labels)."""
         x0, _, x1, y1 = self.box
-        self.canvas.text(((x0 + x1) / 2, y1 + offset), text, LABEL_SIZE, anchor="ma")
+        offset = offset or TICK_PX + TICK_SIZE + 8
+        self.canvas.text(((x0 + x1) / 2, y1 + offset), self.canvas.fit_text(text, LABEL_SIZE, self.canvas.width - 8),
+                         LABEL_SIZE, anchor="ma")
 
     def ylabel(self, text: str, offset: float = 34, right: bool = False) -> None:
         x0, y0, x1, y1 = self.box
+        text = self.canvas.fit_text(text, LABEL_SIZE, max(y1 - y0 + 40, 40))
         if right:
             self.canvas.text((x1 + offset, (y0 + y1) / 2), text, LABEL_SIZE, anchor="mt", rotate=True)
         else:
             self.canvas.text((x0 - offset, (y0 + y1) / 2), text, LABEL_SIZE, anchor="mb", rotate=True)
+
+
+def tick_room(canvas: Canvas, labels: Sequence[str], size: int = TICK_SIZE) -> float:
+    """Pixels from a panel's edge to the far side of its widest tick label."""
+    return TICK_PX + 3 + max((canvas.text_width(label, size) for label in labels), default=0.0)
 
 
 def colour_bar(
@@ -520,40 +592,97 @@ def colour_bar(
     ticks: np.ndarray | None = None,
     tick_labels: Sequence[str] | None = None,
 ) -> None:
-    """A vertical colour bar in ``box`` for colour map ``name`` over ``[vmin, vmax]``, ticks on the right."""
+    """A vertical colour bar in ``box`` for colour map ``name`` over ``[vmin, vmax]``, ticks and ``label``
+    on the right (:func:`colour_bar_width` pixels from the bar's left edge in all)."""
     strip = colour_table(name)[::-1][:, None, :]
     panel = Panel(canvas, box, (0.0, 1.0), (vmin, vmax))
     panel.image(strip)
     panel.frame()
     values = nice_ticks(vmin, vmax, 5) if ticks is None else np.asarray(ticks)
-    panel.yticks(values, tick_labels, right=True)
-    widest = max((canvas.text_width(t, TICK_SIZE) for t in (tick_labels or [format_tick(v) for v in values])),
-                 default=0.0)
-    panel.ylabel(label, offset=widest + 12, right=True)
+    labels = [format_tick(v) for v in values] if tick_labels is None else list(tick_labels)
+    panel.yticks(values, labels, right=True)
+    panel.ylabel(label, offset=tick_room(canvas, labels) + 4, right=True)
 
 
-def title_block(canvas: Canvas, title: str, top: float = 8) -> float:
-    """Write the (one- or two-line) figure ``title`` centred at the top; returns the y below it."""
-    y = top
-    for number, line in enumerate(title.split("\n")):
-        size = TITLE_SIZE if number == 0 else LABEL_SIZE
-        fill = TEXT_RGB if number == 0 else MUTED_RGB
-        fitted = canvas.fit_text(line, size, canvas.width - 16)
-        pieces = line.split(_TITLE_SEPARATOR) if fitted == line else [fitted]
-        if len(pieces) == 1:
-            canvas.text((canvas.width / 2, y), fitted, size, anchor="ma", fill=fill)
-        else:
-            # The heading stays the same from picture to picture and its mask is cached; the step changes.
-            pieces = [pieces[0]] + [_TITLE_SEPARATOR + piece for piece in pieces[1:]]
-            x = (canvas.width - canvas.text_width(line, size)) / 2
-            for index, piece in enumerate(pieces):
-                canvas.text((x, y), piece, size, anchor="la", fill=fill, cache=index == 0)
-                x += canvas.text_width(piece, size)
-        y += size + 6
-    return y
+BAR_PX = 14  # the width of a colour bar's strip
+
+
+def colour_bar_width(canvas: Canvas, vmin: float, vmax: float, tick_labels: Sequence[str] | None = None) -> float:
+    """Pixels a :func:`colour_bar` takes from its left edge: the strip, its tick labels and its title."""
+    labels = [format_tick(v) for v in nice_ticks(vmin, vmax, 5)] if tick_labels is None else tick_labels
+    return BAR_PX + tick_room(canvas, labels) + 4 + LABEL_SIZE + 4
 
 
 _TITLE_SEPARATOR = "  ·  "  # between a figure title's heading, step and warnings (`common.compose_title`)
+_LINE_GAP = 5  # pixels between the lines of a title
+
+
+def wrap_text(canvas: Canvas, text: str, size: int, width: float) -> list[str]:
+    """``text`` broken at spaces into lines of at most ``width`` pixels (a word longer than that is cut)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and canvas.text_width(lines[-1] + " " + word, size) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return [canvas.fit_text(line, size, width) for line in lines]
+
+
+def _title_rows(canvas: Canvas, title: str) -> list[tuple[list[str], int, tuple[int, int, int]]]:
+    """The rows a figure title is written in: ``(pieces, size, colour)``. The first line of ``title``
+    (heading, step, warnings, joined by the separator) keeps its pieces whole where it can, starting a new
+    row at a separator when the row would be too wide; the lines under it (context, notes) are wrapped
+    at spaces, in the smaller muted type."""
+    room = canvas.width - 16
+    rows: list[tuple[list[str], int, tuple[int, int, int]]] = []
+    for number, line in enumerate(title.split("\n")):
+        if number:
+            rows += [([part], NOTE_SIZE, MUTED_RGB) for part in wrap_text(canvas, line, NOTE_SIZE, room)]
+            continue
+        packed: list[list[str]] = []
+        for index, piece in enumerate(line.split(_TITLE_SEPARATOR)):
+            joined = _TITLE_SEPARATOR.join(packed[-1] + [piece]) if packed else piece
+            if index and canvas.text_width(joined, TITLE_SIZE) <= room:
+                packed[-1].append(piece)
+            elif canvas.text_width(piece, TITLE_SIZE) <= room:
+                packed.append([piece])
+            else:
+                packed += [[part] for part in wrap_text(canvas, piece, TITLE_SIZE, room)]
+        rows += [(pieces, TITLE_SIZE, TEXT_RGB) for pieces in packed]
+    return rows
+
+
+def title_height(canvas: Canvas, title: str, top: float = 8) -> float:
+    """The y below ``title`` as :func:`title_block` writes it, without writing it."""
+    return top + sum(size + _LINE_GAP for _, size, _ in _title_rows(canvas, title))
+
+
+def title_block(canvas: Canvas, title: str, top: float = 8) -> float:
+    """Write the figure ``title`` centred at the top, in as many rows as the width needs
+    (:func:`_title_rows`); returns the y below it."""
+    y = top
+    first = True
+    for pieces, size, fill in _title_rows(canvas, title):
+        line = _TITLE_SEPARATOR.join(pieces)
+        x = (canvas.width - canvas.text_width(line, size)) / 2
+        for index, piece in enumerate(pieces):
+            text = piece if index == 0 else _TITLE_SEPARATOR + piece
+            # The heading stays the same from picture to picture and its mask is cached; the step changes.
+            canvas.text((x, y), text, size, anchor="la", fill=fill, cache=first and index == 0)
+            x += canvas.text_width(text, size)
+        first = False
+        y += size + _LINE_GAP
+    return y
+
+
+LEGEND_ROW = TICK_SIZE + 6  # pixels from one legend entry to the next
+LEGEND_KEY = 26  # pixels of a legend entry's line sample
+
+
+def legend_size(canvas: Canvas, entries: Sequence[tuple[str, tuple[int, int, int], str]]) -> tuple[float, float]:
+    """``(width, height)`` of a one-column :func:`legend` of ``entries``, its margin included."""
+    widest = max((canvas.text_width(label, TICK_SIZE) for label, _, _ in entries), default=0.0)
+    return LEGEND_KEY + 6 + widest + 12, len(entries) * LEGEND_ROW + 6
 
 
 def legend(
@@ -561,18 +690,59 @@ def legend(
     xy: tuple[float, float],
     entries: Sequence[tuple[str, tuple[int, int, int], str]],
     columns: int = 1,
-    column_width: float = 120,
+    column_width: float = 160,
+    background: bool = False,
 ) -> None:
     """Legend entries ``(label, colour, style)`` from ``xy`` (top left); style a line (``"-"``, ``"--"``,
-    ``":"``, ``"-."``: :data:`DASHES`), ``"x"``, ``"v"`` or ``"s"`` (a filled square)."""
+    ``":"``, ``"-."``: :data:`DASHES`), ``"x"``, ``"v"``, ``"s"`` (a filled square) or ``"h"`` (a level: a
+    thin dashed line with a dot). ``background``
+    first clears a framed box of :func:`legend_size` (one column) to white: a legend inside a plot."""
     x0, y0 = xy
+    if background:
+        width, height = legend_size(canvas, entries)
+        canvas.rectangle((x0, y0, x0 + width, y0 + height), outline=GRID_RGB, fill=(255, 255, 255))
+        x0, y0 = x0 + 6, y0 + 3
     for index, (label, colour, style) in enumerate(entries):
         row, column = divmod(index, columns)
-        x, y = x0 + column * column_width, y0 + row * (TICK_SIZE + 7) + TICK_SIZE / 2 + 1
+        x, y = x0 + column * column_width, y0 + row * LEGEND_ROW + LEGEND_ROW / 2
         if style in DASHES:
-            canvas.line([(x, y), (x + 20, y)], colour, width=1.6, dash=0.8 * DASHES[style])
+            canvas.line([(x, y), (x + LEGEND_KEY, y)], colour, width=3, dash=1.2 * DASHES[style])
         elif style == "s":
-            canvas.rectangle((x + 5, y - 5, x + 15, y + 5), fill=colour)
+            canvas.rectangle((x + 6, y - 7, x + 20, y + 7), fill=colour)
+        elif style == "h":  # a level: a thin dashed line, and a dot where a curve crosses it
+            canvas.line([(x, y), (x + LEGEND_KEY, y)], colour, width=1.3, dash=6)
+            canvas.markers(np.array([x + LEGEND_KEY / 2]), np.array([y]), colour, radius=4.5)
         else:
-            canvas.markers(np.array([x + 10]), np.array([y]), colour, radius=3, shape="x" if style == "x" else "v")
-        canvas.text((x + 26, y), canvas.fit_text(label, TICK_SIZE, column_width - 30), TICK_SIZE, anchor="lm")
+            canvas.markers(np.array([x + LEGEND_KEY / 2]), np.array([y]), colour, radius=5,
+                           shape="x" if style == "x" else "v")
+        canvas.text((x + LEGEND_KEY + 6, y), canvas.fit_text(label, TICK_SIZE, column_width - LEGEND_KEY - 8),
+                    TICK_SIZE, anchor="lm")
+
+
+def quiet_corner(panel: Panel, size: tuple[float, float], points: Sequence[np.ndarray], inset: float = 6) -> tuple[float, float]:
+    """The top left of a ``size`` box in the corner of ``panel`` that covers the fewest of ``points``
+    (``(n, 2)`` pixel arrays: the curves drawn in it): where a legend hides the least. Ties go to the top
+    right, then the top left."""
+    x0, y0, x1, y1 = panel.box
+    width, height = size
+    corners = [(x1 - inset - width, y0 + inset), (x0 + inset, y0 + inset), (x1 - inset - width, y1 - inset - height),
+               (x0 + inset, y1 - inset - height)]
+    every = np.concatenate([_densify(np.asarray(p, dtype=np.float64).reshape(-1, 2)) for p in points]
+                           or [np.zeros((0, 2))])
+    best, fewest = corners[0], None
+    for cx, cy in corners:
+        inside = ((every[:, 0] >= cx - 4) & (every[:, 0] <= cx + width + 4) & (every[:, 1] >= cy - 4)
+                  & (every[:, 1] <= cy + height + 4))
+        count = int(inside.sum())
+        if fewest is None or count < fewest:
+            best, fewest = (cx, cy), count
+    return best
+
+
+def _densify(points: np.ndarray, step: float = 4.0) -> np.ndarray:
+    """Points along the polyline ``points`` at most ``step`` pixels apart (its vertices included)."""
+    if len(points) < 2:
+        return points
+    along = np.concatenate(([0.0], np.cumsum(np.hypot(*np.diff(points, axis=0).T))))
+    where = np.union1d(along, np.arange(0.0, along[-1], step))
+    return np.column_stack((np.interp(where, along, points[:, 0]), np.interp(where, along, points[:, 1])))

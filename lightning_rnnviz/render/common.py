@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
+from matplotlib import font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
@@ -42,15 +43,21 @@ def exact_count(ones: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return ones.sum(dtype=dtype) if dim is None else ones.sum(dim, dtype=dtype)
 
 
-DPI = 100
-MAX_INCHES = 8.0  # 800 px at DPI
+# The pictures are seen in TensorBoard's image cards, about 350 px wide (1600x1200 window), and in W&B's
+# media panels of about that size: they are laid out for a figure 4 inches wide, where type of 9 points is
+# 1/32 of the width and keeps capitals and digits 8 px tall on a card. Drawn at 140 dpi: 560 px wide.
+DPI = 140
+FIGURE_WIDTH = 4.0  # inches
+MAX_INCHES = 800 / DPI  # 800 px
 BAD_COLOR = "#ff00ff"  # magenta: absent from both the diverging and the sequential maps below
 DIVERGING_CMAP = "RdBu_r"
 SEQUENTIAL_CMAP = "viridis"
 TITLE_SIZE = 10
-PANEL_TITLE_SIZE = 9
-LABEL_SIZE = 8
-TICK_SIZE = 7
+PANEL_TITLE_SIZE = 9.5
+LABEL_SIZE = 9
+TICK_SIZE = 9
+LINE_WIDTH = 2.0  # points: 2.4 px on a card
+TITLE_SEPARATOR = "  ·  "  # between a title's heading, step and warnings (:func:`compose_title`)
 
 # Kinds whose hidden state is tanh(.) or o * tanh(c) and so lies in [-1, 1]. A projected LSTM and a ReLU
 # RNN are unbounded; "RNNCell" does not say which nonlinearity it uses (see `hidden_is_tanh_bounded`).
@@ -283,21 +290,90 @@ def colormap(name: str) -> Colormap:
 
 
 def new_figure(width: float, height: float) -> Figure:
-    """A figure of at most 800 x 800 px, not registered with pyplot."""
-    return Figure(figsize=(min(width, MAX_INCHES), min(max(height, 1.0), MAX_INCHES)), dpi=DPI)
+    """A figure of at most :data:`FIGURE_WIDTH` x :data:`MAX_INCHES` inches at :data:`DPI`, not registered
+    with pyplot."""
+    return Figure(figsize=(min(width, FIGURE_WIDTH), min(max(height, 1.0), MAX_INCHES)), dpi=DPI)
 
 
-def top_margin(title: str, base: float = 0.45) -> float:
-    """Inches above the panels for a title of one or more lines."""
-    return base + 0.22 * title.count("\n")
+def text_width(text: str, size: float) -> float:
+    """Inches that ``text`` takes on one line at ``size`` points in matplotlib's default font."""
+    font = font_manager.get_font(font_manager.findfont(font_manager.FontProperties()))  # cached per thread
+    font.set_size(size, 72)
+    font.set_text(text, 0.0)
+    return font.get_width_height()[0] / 64 / 72
 
 
-def label_extent(labels: Sequence[str] | None, fontsize: float = TICK_SIZE - 1) -> float:
-    """Inches that the longest of ``labels`` (as :func:`short_label` shortens it) takes when written."""
+def fit_lines(text: str, size: float, width: float = FIGURE_WIDTH - 0.15, separator: str = TITLE_SEPARATOR) -> str:
+    """``text`` with each of its lines broken so that it fits ``width`` inches at ``size`` points: at the
+    ``separator`` first (the pieces of a title stay whole: its heading, ``train step N``, ``contains NaN``),
+    then between words; nothing is cut."""
+    out = []
+    for line in text.split("\n"):
+        if text_width(line, size) <= width:
+            out.append(line)
+            continue
+        current = ""
+        for piece in line.split(separator):
+            joined = current + separator + piece if current else piece
+            if not current or text_width(joined, size) <= width:
+                current = joined
+            else:
+                out.append(current)
+                current = piece
+        out.append(current)
+    return "\n".join(_fit_pieces(line, size, width) for line in out)
+
+
+def _fit_pieces(line: str, size: float, width: float, breaks: tuple[str, ...] = (": ", ", ", " ", ".")) -> str:
+    """``line`` broken where it must: after a ``": "`` or a ``", "`` when every piece then fits, else between
+    words (a word too long broken after a ``"."``)."""
+    if text_width(line, size) <= width or not breaks:
+        return line
+    mark, rest = breaks[0], breaks[1:]
+    pieces = line.split(mark)
+    if len(pieces) == 1:
+        return _fit_pieces(line, size, width, rest)
+    glue = mark.strip()
+    lines, current = [], ""
+    for index, piece in enumerate(pieces):
+        piece = piece + (glue if index < len(pieces) - 1 else "")
+        joined = current + (" " if mark.endswith(" ") else "") + piece if current else piece
+        if current and text_width(joined, size) > width:
+            lines.append(current)
+            current = piece
+        else:
+            current = joined
+    lines.append(current)
+    if len(rest) >= 2 and any(text_width(piece, size) > width for piece in lines):
+        return _fit_pieces(line, size, width, rest)  # ": " and ", " only where they suffice
+    return "\n".join(_fit_pieces(piece, size, width, rest) for piece in lines)
+
+
+def card_title(fig: Figure, title: str, size: float = TITLE_SIZE) -> float:
+    """Write ``title`` (from :func:`compose_title`, its lines broken to fit the figure: :func:`fit_lines`)
+    at the top of ``fig``; returns the inches it takes from the top."""
+    text = fit_lines(title, size, fig.get_size_inches()[0] - 0.15)
+    fig.suptitle(text, fontsize=size, y=1 - 0.04 / fig.get_size_inches()[1], va="top", linespacing=1.15)
+    return title_height(text, size)
+
+
+def title_height(text: str, size: float = TITLE_SIZE) -> float:
+    """Inches above the panels for ``text`` (already broken into lines) at ``size`` points."""
+    return 0.08 + (text.count("\n") + 1) * size * 1.15 / 72
+
+
+def top_margin(title: str, base: float = 0.12, size: float = TITLE_SIZE, width: float = FIGURE_WIDTH) -> float:
+    """Inches above the panels for ``title`` (as :func:`card_title` writes it in a figure ``width`` inches
+    wide) and ``base`` more (room for the panels' own titles)."""
+    return base + title_height(fit_lines(title, size, width - 0.15), size)
+
+
+def label_extent(labels: Sequence[str] | None, fontsize: float = TICK_SIZE, limit: int = 12) -> float:
+    """Inches that the longest of ``labels`` (as :func:`short_label` shortens it to ``limit``) takes when
+    written."""
     if not labels:
         return 0.0
-    longest = max(len(short_label(label)) for label in labels)
-    return 0.62 * fontsize / 72 * longest + 0.05
+    return max(text_width(short_label(label, limit), fontsize) for label in labels) + 0.05
 
 
 def panel_grid(
@@ -341,9 +417,11 @@ def interpolation_for(shape: tuple[int, ...], fig: Figure, spec: Any) -> str:
 
 def message_figure(title: str, message: str) -> Figure:
     """A small figure that says why there is nothing to draw."""
-    fig = new_figure(6.0, 2.0)
-    fig.suptitle(title, fontsize=TITLE_SIZE)
-    fig.text(0.5, 0.45, escape_text(message), ha="center", va="center", fontsize=LABEL_SIZE + 1)
+    text = fit_lines(title, TITLE_SIZE)
+    fig = new_figure(FIGURE_WIDTH, title_height(text) + 1.0)
+    card_title(fig, title)
+    fig.text(0.5, 0.5 / fig.get_size_inches()[1], fit_lines(escape_text(message), LABEL_SIZE + 1),
+             ha="center", va="center", fontsize=LABEL_SIZE + 1)
     return fig
 
 
@@ -367,19 +445,25 @@ def figure_to_png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+COLORBAR_MARGIN = 0.85
+"""Inches right of the panels of a heatmap figure for its colour bar, the bar's ticks and its label."""
+
+
 def finish_heatmap(fig: Figure, image: Any, label: str, bottom: float, top: float, nonfinite: str, title: str) -> Figure:
-    """Shared ending of the heatmap figures: a colour bar at the right edge, the NaN/Inf legend, the title.
+    """Shared ending of the heatmap figures: a colour bar in the right margin (:data:`COLORBAR_MARGIN`),
+    the NaN/Inf key under it, the title.
 
     ``bottom`` and ``top`` are the figure margins in inches, as the panels were laid out with.
     """
-    height = fig.get_size_inches()[1]
-    cax = fig.add_axes((1 - 0.75 / 8.0, bottom / height, 0.15 / 8.0, 1 - (bottom + top) / height))
+    width, height = fig.get_size_inches()
+    left = width - COLORBAR_MARGIN + 0.12
+    cax = fig.add_axes((left / width, bottom / height, 0.11 / width, 1 - (bottom + top) / height))
     colorbar = fig.colorbar(image, cax=cax)
-    colorbar.set_label(label, fontsize=LABEL_SIZE)
-    colorbar.ax.yaxis.set_major_locator(MaxNLocator(5))
-    colorbar.ax.tick_params(labelsize=TICK_SIZE)
+    colorbar.set_label(label, fontsize=LABEL_SIZE, labelpad=2)
+    colorbar.ax.yaxis.set_major_locator(MaxNLocator(4))
+    colorbar.ax.tick_params(labelsize=TICK_SIZE, length=2.5, pad=1.5)
     if nonfinite:
-        fig.legend(handles=[Patch(color=BAD_COLOR, label=nonfinite)], loc="upper right", fontsize=TICK_SIZE,
-                   frameon=False)
-    fig.suptitle(title, fontsize=TITLE_SIZE)
+        fig.legend(handles=[Patch(color=BAD_COLOR, label=nonfinite)], loc="lower right", bbox_to_anchor=(1, 0),
+                   fontsize=TICK_SIZE, frameon=False, handlelength=0.9, handletextpad=0.3, borderaxespad=0.15)
+    card_title(fig, title)
     return fig

@@ -1,4 +1,5 @@
-"""Gate activations: mean over time per gate, and the per-unit saturation plot of Karpathy et al. (2015).
+"""Gate activations: mean over time per gate, and how many units each gate keeps closed or open (after the
+per-unit saturation of Karpathy et al., 2015).
 
 A gate value is *left-saturated* when it lies within 0.1 of its lower bound and *right-saturated* when it
 lies within 0.1 of its upper bound: ``< 0.1`` / ``> 0.9`` for sigmoid gates (LSTM input, forget, output;
@@ -10,8 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from lightning_rnnviz.render import common
@@ -46,7 +47,7 @@ def reduce_gates(record: RNNRecord, max_time: int = 256, max_units: int = 512) -
     Args:
         record: the recorded module.
         max_time: most time points of the mean curves (longer sequences are averaged in bins).
-        max_units: most units per gate in the saturation scatter (evenly spaced unit indices beyond that).
+        max_units: most units per gate in the saturation shares (evenly spaced unit indices beyond that).
 
     Returns:
         ``None`` for a module without gates (vanilla RNN); else a small picklable dict with ``mean``
@@ -96,10 +97,12 @@ def reduce_gates(record: RNNRecord, max_time: int = 256, max_units: int = 512) -
 
 def draw_gates(payload: dict[str, Any], *, step: int | None = None, title: str | None = None,
                validation: bool = False) -> Figure:
-    """Left: mean activation of each gate over time; right: per-unit saturation fractions.
+    """Left: mean activation of each gate over time; right: how many units each gate keeps closed or open.
 
-    One row of panels per layer/direction. In the right panels every point is a unit: x is the fraction
-    of valid steps it is left-saturated, y right-saturated; points lie in the triangle ``x + y <= 1``.
+    One row of panels per layer/direction. On the right, one bar per gate splits the units into those
+    left-saturated on most (more than half) of the valid steps ("closed"; near -1 for a tanh candidate),
+    those right-saturated on most ("open"; near +1) and the rest, in percent of the units shown; the gate's
+    name beside its bar, in its curve's colour, is the legend of the curves.
 
     Args:
         payload: from :func:`reduce_gates`.
@@ -108,75 +111,97 @@ def draw_gates(payload: dict[str, Any], *, step: int | None = None, title: str |
         validation: the picture shows the validation sample (``validation at train step <n>``).
     """
     heading = title or f"{payload['name']}: gate activations"
-    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], validation=validation)
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], width=1000,
+                                      validation=validation)
     mean = payload["mean"]
     rows, _, columns = mean.shape
     if columns == 0:
         return common.message_figure(full_title, "no valid steps")
     names = payload["gates"]
-    top = common.top_margin(full_title, 0.75)
-    fig = common.new_figure(8.0, top + 0.55 + 0.35 + 1.55 * rows)
-    grid = common.panel_grid(fig, rows, 2, top=top, left=0.7, right=0.25, width_ratios=(2.2, 1.0), wspace=0.9)
+    labels = [gate + (" (tanh)" if gate in TANH_GATES else "") for gate in names]
+    colors = [_GATE_COLORS.get(gate, f"C{g}") for g, gate in enumerate(names)]
+    top = common.top_margin(full_title, 0.24)
+    bottom = 0.5
+    panel_h = max(0.85, 0.19 * len(names) + 0.1)
+    hspace = 0.3
+    fig = common.new_figure(common.FIGURE_WIDTH, top + bottom + panel_h * rows + hspace * (rows - 1))
+    left, right, bars_w = 0.5, 0.2, 1.0
+    gap = 0.12 + max(common.text_width(label, common.TICK_SIZE) for label in labels)
+    curves_w = common.FIGURE_WIDTH - left - right - gap - bars_w
+    grid = common.panel_grid(fig, rows, 2, top=top, bottom=bottom, left=left, right=right, hspace=hspace,
+                             wspace=gap, width_ratios=(curves_w, bars_w))
     width = payload["bin"]
     x = np.arange(columns) * width + (width - 1) / 2
     has_tanh = any(gate in TANH_GATES for gate in names)
-    y_range = (-1.05, 1.05) if has_tanh else (-0.03, 1.03)
-    triangle_x, triangle_y = (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+    y_range = (-1.08, 1.08) if has_tanh else (-0.04, 1.04)
+    shown = payload["units_shown"]
+    units = f"{shown} units" if shown == payload["hidden_size"] else f"{shown} of {payload['hidden_size']} units"
+    with np.errstate(invalid="ignore"):
+        closed = (payload["low"] > 0.5).mean(-1) * 100  # (rows, gates): percent of the units shown
+        opened = (payload["high"] > 0.5).mean(-1) * 100
     for r in range(rows):
         curves = fig.add_subplot(grid[r, 0])
-        scatter = fig.add_subplot(grid[r, 1])
-        for g, gate in enumerate(names):
-            color = _GATE_COLORS.get(gate, f"C{g}")
-            curves.plot(x, mean[r, g], color=color, linewidth=1.2)
-            scatter.scatter(
-                payload["low"][r, g], payload["high"][r, g], s=4, color=color, alpha=0.6, linewidths=0
-            )
+        bars = fig.add_subplot(grid[r, 1])
+        for g, color in enumerate(colors):
+            curves.plot(x, mean[r, g], color=color, linewidth=common.LINE_WIDTH * 0.8)
         curves.set_xlim(-0.5, columns * width - 0.5)
         curves.set_ylim(*y_range)
-        curves.xaxis.set_major_locator(MaxNLocator(6, integer=True))
-        curves.set_yticks((-1.0, -0.5, 0.0, 0.5, 1.0) if has_tanh else (0.0, 0.5, 1.0))
-        curves.set_ylabel("mean activation", fontsize=common.LABEL_SIZE)
-        curves.set_title(payload["row_labels"][r], fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0)
-        scatter.fill(triangle_x, triangle_y, color="0.93", zorder=0)
-        scatter.set_xlim(-0.02, 1.02)
-        scatter.set_ylim(-0.02, 1.02)
-        scatter.set_xticks((0, 0.5, 1))
-        scatter.set_yticks((0, 0.5, 1))
-        scatter.set_ylabel("right-saturated", fontsize=common.LABEL_SIZE)
-        shown = payload["units_shown"]
-        units = (
-            f"{shown} units"
-            if shown == payload["hidden_size"]
-            else f"{shown} of {payload['hidden_size']} units"
-        )
-        scatter.set_title(f"saturation, {units}", fontsize=common.TICK_SIZE + 1, loc="left", y=1.0)
-        for ax in (curves, scatter):
-            ax.tick_params(labelsize=common.TICK_SIZE)
+        curves.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+        curves.set_yticks((-1.0, 0.0, 1.0) if has_tanh else (0.0, 0.5, 1.0), ["−1", "0", "1"] if has_tanh
+                          else ["0", "0.5", "1"])
+        curves.grid(True, axis="y", color="0.9", linewidth=0.6)
+        curves.set_ylabel("mean", fontsize=common.LABEL_SIZE, labelpad=2)
+        curves.set_title(payload["row_labels"][r], fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0, pad=3)
+        _saturation_bars(bars, closed[r], opened[r], colors, labels, bars_w)
+        if r == 0:
+            bars.set_title("closed", fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0, pad=3)
+            bars.set_title("open", fontsize=common.PANEL_TITLE_SIZE, loc="right", y=1.0, pad=3)
+        for ax in (curves, bars):
+            ax.tick_params(labelsize=common.TICK_SIZE, length=2.5, pad=1.5)
         if r == rows - 1:
             label = "time step" if width == 1 else f"time (bins of {width} steps)"
-            curves.set_xlabel(label, fontsize=common.LABEL_SIZE)
-            scatter.set_xlabel("left-saturated (fraction of steps)", fontsize=common.LABEL_SIZE)
-    handles = [
-        Line2D(
-            [],
-            [],
-            color=_GATE_COLORS.get(gate, f"C{g}"),
-            label=gate + (" (tanh)" if gate in TANH_GATES else ""),
-        )
-        for g, gate in enumerate(names)
-    ]
-    fig.legend(
-        handles=handles,
-        loc="upper center",
-        bbox_to_anchor=(0.5, 1 - (top - 0.3) / fig.get_size_inches()[1]),
-        ncols=len(handles),
-        fontsize=common.LABEL_SIZE,
-        frameon=False,
-        handlelength=1.5,
-        columnspacing=1.2,
-    )
-    fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
+            curves.set_xlabel(label, fontsize=common.LABEL_SIZE, labelpad=2)
+            bars.set_xlabel(f"% of {units}", fontsize=common.LABEL_SIZE, labelpad=2)
+        else:
+            curves.tick_params(axis="x", labelbottom=False)
+            bars.tick_params(axis="x", labelbottom=False)
+    common.card_title(fig, full_title)
     return fig
+
+
+def _saturation_bars(ax: Any, closed: np.ndarray, opened: np.ndarray, colors: list[str], labels: list[str],
+                     inches: float) -> None:
+    """One stacked bar per gate: closed (dark, from the left), the rest (grey), open (from the right), in
+    percent; each share written inside its part where it fits (``inches``: the panel's width)."""
+    rest = 100 - closed - opened
+    ticks = np.arange(len(labels))
+    for g, color in enumerate(colors):
+        dark = tuple(0.55 * c for c in to_rgb(color))
+        parts = ((0.0, closed[g], dark, "white"), (closed[g], rest[g], "0.86", "black"),
+                 (closed[g] + rest[g], opened[g], color, _text_on(color)))
+        for start, share, fill, ink in parts:
+            if not np.isfinite(share) or share <= 0:
+                continue
+            ax.barh(g, share, left=start, height=0.78, color=fill, linewidth=0)
+            for text in (f"{share:.0f}%", f"{share:.0f}"):  # the axis says "%" where the sign has no room
+                if common.text_width(text, common.TICK_SIZE) + 0.02 <= share / 100 * inches:
+                    ax.text(start + share / 2, g, text, ha="center", va="center", color=ink,
+                            fontsize=common.TICK_SIZE)
+                    break
+    ax.set_xlim(0, 100)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xticks((0, 50, 100))
+    ax.set_yticks(ticks, labels)
+    for tick, color in zip(ax.get_yticklabels(), colors):
+        tick.set_color(color)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _text_on(color: str) -> str:
+    """Black or white, whichever reads on ``color``."""
+    red, green, blue = to_rgb(color)
+    return "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.55 else "white"
 
 
 def gate_summary(record: RNNRecord) -> dict[str, dict[str, Any]]:

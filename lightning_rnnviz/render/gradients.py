@@ -8,17 +8,19 @@ the dozens of decades down to a vanished step. Non-finite values are drawn as cr
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import matplotlib
 import numpy as np
 from matplotlib.cm import ScalarMappable
 from matplotlib.collections import LineCollection
-from matplotlib.colors import Normalize
+from matplotlib.colors import Colormap, LinearSegmentedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from matplotlib.transforms import offset_copy
 
 from lightning_rnnviz.render import common
@@ -37,6 +39,8 @@ LANE_PX = 8
 """Pixels between the floor's rows of triangles of different curves, so that one does not hide another."""
 # Bidirectional modules: colour tells the direction, line style the layer.
 LAYER_STYLES = ("-", "--", ":", "-.")
+HORIZON_FRACTION = 0.01
+PEAK_LABEL = "1% of peak"  # the grad_norm picture's dashed lines: HORIZON_FRACTION of each curve's peak
 
 
 def row_style(row: int, num_directions: int) -> tuple[int, str]:
@@ -105,7 +109,10 @@ def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: s
 
     Colour tells the layer; in a bidirectional module it tells the direction and the line style the layer
     (:func:`row_style`). The axis spans the values above :data:`RESOLUTION` of their curve's peak; those
-    below, zeros included, are triangles on its floor.
+    below, zeros included, are triangles on its floor. A dashed line in each curve's colour marks 1 % of its
+    peak (:data:`HORIZON_FRACTION`), and a dot where the curve, followed back from where its direction ends,
+    first falls below it (:func:`horizon_crossing`): the horizon of the drawn curve (:func:`grad_horizon`
+    averages it per sequence).
 
     Args:
         payload: from :func:`reduce_grad_norm`.
@@ -114,14 +121,15 @@ def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: s
         validation: the picture shows the validation sample (``validation at train step <n>``).
     """
     heading = title or f"{payload['name']}: gradient norm per time step"
-    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], validation=validation)
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], width=1000,
+                                      validation=validation)
     norm = payload["norm"]
     rows, columns = norm.shape
     if columns == 0:
         return common.message_figure(full_title, "no valid steps")
-    top = common.top_margin(full_title)
-    fig = common.new_figure(8.0, 4.5)
-    grid = common.panel_grid(fig, 1, 1, top=top, left=0.8, right=1.9)
+    top = common.top_margin(full_title, 0.12)
+    fig = common.new_figure(common.FIGURE_WIDTH, top + 0.5 + 2.4)
+    grid = common.panel_grid(fig, 1, 1, top=top, bottom=0.5, left=0.62, right=0.15)
     ax = fig.add_subplot(grid[0, 0])
     ax.set_yscale("log")
     width = payload["bin"]
@@ -130,21 +138,35 @@ def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: s
     shown = _above_resolution(norm)
     lanes = near_zero_lanes(norm, shown)
     handles = []
+    low = floor / 2
     for r in range(rows):
         colour, linestyle = row_style(r, payload["num_directions"])
         style = {"color": f"C{colour % 10}", "linestyle": linestyle}
         handles.append(_plot_log_curve(ax, x, norm[r], shown[r], floor, style, lanes[r]))
         handles[-1].set_label(payload["row_labels"][r])
+        good = np.isfinite(norm[r]) & (norm[r] > 0)
+        if good.any():  # 1 % of the curve's peak, and where the curve falls below it going back
+            level = HORIZON_FRACTION * float(norm[r][good].max())
+            low = min(low, level / 3)
+            ax.axhline(level, color=style["color"], linestyle="--", linewidth=1.2, zorder=1.5)
+            crossing = horizon_crossing(norm[r], x, reverse=r % payload["num_directions"] == 1)
+            if crossing is not None:
+                ax.plot(*crossing, marker="o", markersize=6, color=style["color"], markeredgecolor="white",
+                        markeredgewidth=1.2, linestyle="", zorder=3)
     if (np.isfinite(norm) & ~shown).any():
         handles.append(_zero_handle())
     if payload["nonfinite"]:
         handles.append(
             Line2D([], [], color=_NONFINITE_COLOR, marker="x", linestyle="", label=payload["nonfinite"])
         )
+    if (np.isfinite(norm) & (norm > 0)).any():
+        handles.append(Line2D([], [], color="0.4", linestyle="--", linewidth=1.2, marker="o", markersize=5,
+                              markeredgecolor="white", label=PEAK_LABEL))
     ax.set_xlim(-0.5, columns * width - 0.5)
-    ax.set_ylim(floor / 2, ceiling * 2)
-    ax.xaxis.set_major_locator(MaxNLocator(8, integer=True))
-    ax.tick_params(labelsize=common.TICK_SIZE)
+    ax.set_ylim(low, ceiling * 2)
+    log_ticks(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
+    ax.tick_params(labelsize=common.TICK_SIZE, length=2.5, pad=1.5)
     ax.grid(True, which="major", color="0.9", linewidth=0.6)
     label = "time step" if width == 1 else f"time (bins of {width} steps)"
     if payload.get("alignment") == "end":
@@ -152,20 +174,57 @@ def draw_grad_norm(payload: dict[str, Any], *, step: int | None = None, title: s
         last = columns * width - 1
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v - last))}"))
         label = "steps before each sequence's end" + ("" if width == 1 else f" (bins of {width})")
-    ax.set_xlabel(label, fontsize=common.LABEL_SIZE)
-    ax.set_ylabel("||dL/dh_t||, mean over sequences", fontsize=common.LABEL_SIZE)
-    ax.legend(
-        handles=handles,
-        loc="upper left",
-        bbox_to_anchor=(1.02, 1.0),
-        fontsize=common.TICK_SIZE + 1,
-        frameon=False,
-    )
-    fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
+    ax.set_xlabel(label, fontsize=common.LABEL_SIZE, labelpad=2)
+    ax.set_ylabel("||dL/dh_t||", fontsize=common.LABEL_SIZE, labelpad=2)
+    ax.legend(handles=handles, loc="best", fontsize=common.TICK_SIZE, framealpha=0.85, handlelength=1.8,
+              borderaxespad=0.3, borderpad=0.3, labelspacing=0.25, handletextpad=0.5)
+    common.card_title(fig, full_title)
     return fig
 
 
-HORIZON_FRACTION = 0.01
+def horizon_crossing(values: np.ndarray, x: np.ndarray, reverse: bool,
+                     fraction: float = HORIZON_FRACTION) -> tuple[float, float] | None:
+    """``(x, level)`` where a curve of ``values`` at ``x``, followed back from where its direction ends (its
+    last column; its first when ``reverse``), first falls below ``level`` = ``fraction`` of its largest
+    finite value, interpolated on the log scale between the last column at or above it and the first below;
+    ``None`` when it never does or has no positive value. Non-finite columns are passed over."""
+    good = np.isfinite(values) & (values > 0)
+    if not good.any():
+        return None
+    level = fraction * float(values[good].max())
+    before = None  # the last column at or above the level
+    for index in range(len(values)) if reverse else range(len(values) - 1, -1, -1):
+        value = values[index]
+        if not np.isfinite(value):
+            continue
+        if value >= level:
+            before = index
+            continue
+        if before is None:
+            return float(x[index]), level
+        high, low = math.log10(values[before]), math.log10(max(value, level * 1e-12))
+        share = (high - math.log10(level)) / (high - low)
+        return float(x[before] + share * (x[index] - x[before])), level
+    return None
+
+
+def log_ticks(ax: Any) -> None:
+    """Decade ticks on ``ax``'s log y axis, at most five labelled, written plainly (``0.01``, ``1``,
+    ``1e-7``); no labels on the minor ticks."""
+    ax.yaxis.set_major_locator(LogLocator(base=10, numticks=5))
+    ax.yaxis.set_major_formatter(FuncFormatter(_decade))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _decade(value: float, _: Any = None) -> str:
+    if value <= 0:
+        return ""
+    exponent = round(math.log10(value))
+    if not math.isclose(value, 10.0**exponent, rel_tol=1e-6):
+        return ""
+    return f"{10.0 ** exponent:g}" if -2 <= exponent <= 3 else f"1e{exponent}"
+
+
 
 
 def sequence_grad_norms(record: RNNRecord) -> torch.Tensor | None:
@@ -322,63 +381,86 @@ def draw_grad_decay(
     heading = title or f"{name}: gradient norm per time step, by epoch"
     if len(epochs) < total:
         heading += f" ({len(epochs)} of {total} epochs)"
-    full_title = common.compose_title(heading, payload, step, flag)
+    full_title = common.compose_title(heading, payload, step, flag, width=1000)
     length = max(v.shape[1] for v in curves.values())
     if length == 0:
         return common.message_figure(full_title, "no steps recorded")
 
-    ncols = 1 if rows == 1 else 2
+    ncols = 1 if rows <= 4 else 2
     nrows = math.ceil(rows / ncols)
-    top = common.top_margin(full_title)
-    fig = common.new_figure(8.0, top + 0.55 + 0.45 + 2.3 * nrows)
-    grid = common.panel_grid(fig, nrows, ncols, top=top, right=1.05, wspace=0.7)
+    top = common.top_margin(full_title, 0.24)
     floor, ceiling = _log_limits(*curves.values())
+    any_zero = any(bool((np.isfinite(v) & ~_above_resolution(v)).any()) for v in curves.values())
+    bottom = 0.5 + (0.2 if any_zero else 0.0)
+    left, hspace, wspace = 0.62, 0.3, 0.55
+    panel_h = 1.9 if nrows == 1 else 1.2 if nrows == 2 else 0.85
+    fig = common.new_figure(common.FIGURE_WIDTH, top + bottom + panel_h * nrows + hspace * (nrows - 1))
+    grid = common.panel_grid(fig, nrows, ncols, top=top, bottom=bottom, left=left, right=common.COLORBAR_MARGIN,
+                             hspace=hspace, wspace=wspace)
+    panel_w = (common.FIGURE_WIDTH - left - common.COLORBAR_MARGIN - wspace * (ncols - 1)) / ncols
     low, high = epochs[0], epochs[-1]
     norm = Normalize(low - 0.5, high + 0.5) if low == high else Normalize(low, high)
-    mappable = ScalarMappable(norm=norm, cmap=common.SEQUENTIAL_CMAP)
-    any_zero = False
+    mappable = ScalarMappable(norm=norm, cmap=epoch_colormap())
     for r in range(rows):
         ax = fig.add_subplot(grid[divmod(r, ncols)])
         ax.set_yscale("log")
         segments, colors = [], []
-        for epoch in epochs:
+        for epoch in epochs:  # the latest epoch drawn last, on top
             values = curves[epoch][r]
             near_zero = np.isfinite(values) & ~_above_resolution(values)
-            any_zero = any_zero or bool(near_zero.any())
             for run in _finite_runs(np.where(near_zero, floor, values)):
                 segments.append(run)
                 colors.append(mappable.to_rgba(epoch))
         # past a few curves antialiasing adds little to the dense band but triples the PNG size
-        lines = LineCollection(segments, colors=colors, linewidths=1.1, antialiaseds=len(epochs) <= 6)
+        lines = LineCollection(segments, colors=colors, linewidths=common.LINE_WIDTH, antialiaseds=len(epochs) <= 6,
+                               capstyle="round")
         ax.add_collection(lines)
         ax.set_xlim(-0.5, length - 0.5)
         ax.set_ylim(floor / 2, ceiling * 2)
-        ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
+        log_ticks(ax)
+        ax.yaxis.set_major_locator(LogLocator(base=10, numticks=4 if panel_h < 1 else 5))
+        ax.xaxis.set_major_locator(MaxNLocator(6 if ncols == 1 else 4, integer=True))
         if alignment == "end":
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{int(round(v - (length - 1)))}"))
-        ax.tick_params(labelsize=common.TICK_SIZE)
+        ax.tick_params(labelsize=common.TICK_SIZE, length=2.5, pad=1.5)
         ax.grid(True, which="major", color="0.9", linewidth=0.6)
-        ax.set_title(
-            common.escape_text(str(layer_labels[r])), fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0
-        )
-        text = horizon_text(horizon_entries(horizons, epochs, r, most=4 if ncols == 1 else 3))
+        label = common.escape_text(str(layer_labels[r]))
+        ax.set_title(label, fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0, pad=3)
+        room = panel_w - common.text_width(label, common.PANEL_TITLE_SIZE) - 0.15
+        text = ""
+        for most in (4, 3, 2, 1):
+            text = horizon_text(horizon_entries(horizons, epochs, r, most=most))
+            if common.text_width(text, common.TICK_SIZE) <= room:
+                break
         if text:
-            ax.set_title(common.escape_text(text), fontsize=common.TICK_SIZE, loc="right", y=1.0, color="0.3")
+            ax.set_title(common.escape_text(text), fontsize=common.TICK_SIZE, loc="right", y=1.0, pad=3,
+                         color="0.25")
         if r % ncols == 0:
-            ax.set_ylabel("||dL/dh_t||", fontsize=common.LABEL_SIZE)
+            ax.set_ylabel("||dL/dh_t||", fontsize=common.LABEL_SIZE, labelpad=2)
         if r >= rows - ncols:
             ax.set_xlabel("steps before each sequence's end" if alignment == "end" else "time step",
-                          fontsize=common.LABEL_SIZE)
-    height = fig.get_size_inches()[1]
-    cax = fig.add_axes((1 - 0.8 / 8.0, 0.55 / height, 0.15 / 8.0, 1 - (0.55 + top) / height))
+                          fontsize=common.LABEL_SIZE, labelpad=2)
+        else:
+            ax.tick_params(axis="x", labelbottom=False)
+    width, height = fig.get_size_inches()
+    cax = fig.add_axes(((width - common.COLORBAR_MARGIN + 0.12) / width, bottom / height, 0.11 / width,
+                        1 - (bottom + top) / height))
     colorbar = fig.colorbar(mappable, cax=cax)
-    colorbar.set_label("epoch", fontsize=common.LABEL_SIZE)
-    colorbar.ax.yaxis.set_major_locator(MaxNLocator(6, integer=True))
-    colorbar.ax.tick_params(labelsize=common.TICK_SIZE)
+    colorbar.set_label("epoch", fontsize=common.LABEL_SIZE, labelpad=2)
+    colorbar.ax.yaxis.set_major_locator(MaxNLocator(5, integer=True))
+    colorbar.ax.tick_params(labelsize=common.TICK_SIZE, length=2.5, pad=1.5)
     if any_zero:
-        fig.text(0.01, 0.01, f"{NEAR_ZERO_LABEL} drawn at {floor:.0e}", fontsize=common.TICK_SIZE, color="0.3")
-    fig.suptitle(full_title, fontsize=common.TITLE_SIZE)
+        fig.text(0.04 / width, 0.04 / height, f"{NEAR_ZERO_LABEL} drawn at {floor:.0e}", fontsize=common.TICK_SIZE,
+                 color="0.3", va="bottom")
+    common.card_title(fig, full_title)
     return fig
+
+
+@functools.cache
+def epoch_colormap() -> Colormap:
+    """The colours of the epochs of a ``grad_decay`` picture: from a light orange (the first) through red
+    to a dark violet (the latest, darkest), each still clear on white."""
+    return LinearSegmentedColormap.from_list("rnnviz_epochs", matplotlib.colormaps["inferno_r"](np.linspace(0.2, 0.9, 64)))
 
 
 def horizon_entries(horizons: Mapping[int, Sequence[float | None]] | None, epochs: Sequence[int], row: int,

@@ -15,6 +15,8 @@ from lightning_rnnviz.render._lazy import torch
 if TYPE_CHECKING:
     from lightning_rnnviz.probe.records import RNNRecord
 
+TOKEN_CHARS = 10  # most characters of a token label on the time axis
+
 
 def reduce_hidden(
     record: RNNRecord,
@@ -109,7 +111,8 @@ def draw_hidden(payload: dict[str, Any], *, step: int | None = None, title: str 
         validation: the picture shows the validation sample (``validation at train step <n>``).
     """
     heading = title or f"{payload['name']}: hidden state h_t, sequence {payload['sample']}"
-    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], validation=validation)
+    full_title = common.compose_title(heading, payload, step, payload["nonfinite"], width=1000,
+                                      validation=validation)
     values = payload["values"]
     rows, units, columns = values.shape
     if columns == 0 or units == 0:
@@ -117,18 +120,23 @@ def draw_hidden(payload: dict[str, Any], *, step: int | None = None, title: str 
 
     nrows, ncols = payload["num_layers"], payload["num_directions"]
     tokens = payload["labels"]
-    bottom = 0.4 + max(common.label_extent(tokens), 0.15)
-    top = common.top_margin(full_title)
-    fig = common.new_figure(8.0, 0.9 + bottom + top + 1.75 * nrows)
-    grid = common.panel_grid(fig, nrows, ncols, right=1.0, top=top, bottom=bottom, hspace=0.45, wspace=0.75)
+    selected = payload["hidden_out"] > units
+    note = f"top {units} of {payload['hidden_out']} units by variance" if selected else ""
+    left, wspace = 0.62, 0.42
+    panel_w = (common.FIGURE_WIDTH - left - common.COLORBAR_MARGIN - wspace * (ncols - 1)) / ncols
+    # a rotated token label at 9 pt needs about 1/6 inch
+    shown = common.tick_positions(columns, max(3, int(panel_w * 6)))
+    bottom = 0.34 + (common.label_extent([tokens[t] for t in shown], limit=TOKEN_CHARS) if tokens else 0.18)
+    top = common.top_margin(full_title, 0.22) + (0.2 if note else 0.0)
+    panel_h = 1.15 if nrows > 1 else 1.6
+    fig = common.new_figure(common.FIGURE_WIDTH, top + bottom + panel_h * nrows + 0.32 * (nrows - 1))
+    grid = common.panel_grid(fig, nrows, ncols, left=left, right=common.COLORBAR_MARGIN, top=top, bottom=bottom,
+                             hspace=0.32, wspace=wspace)
     width = payload["bin"]
     extent = (-0.5, columns * width - 0.5, units - 0.5, -0.5)
     cmap = common.colormap(common.DIVERGING_CMAP)
     limit = payload["limit"]
-    selected = payload["hidden_out"] > units
     interpolation = common.interpolation_for(values.shape, fig, grid[0, 0])
-    # rotated labels at 6 pt need about 1/7 inch each
-    most_tokens = max(4, int(grid[0, 0].get_position(fig).width * fig.get_size_inches()[0] * 7))
     image = None
     for index in range(rows):
         layer, direction = divmod(index, ncols)
@@ -144,28 +152,26 @@ def draw_hidden(payload: dict[str, Any], *, step: int | None = None, title: str 
         )
         for start in payload.get("call_starts", ()):
             ax.axvline(start - 0.5, color="black", linewidth=1.5, linestyle="--")  # the next call begins
-        ax.set_title(payload["row_labels"][index], fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0)
-        if selected:
-            ax.set_title(
-                f"top {units} of {payload['hidden_out']} units by variance",
-                fontsize=common.TICK_SIZE,
-                loc="right",
-                y=1.0,
-            )
-        ticks = common.tick_positions(units, 5)
+        ax.set_title(payload["row_labels"][index], fontsize=common.PANEL_TITLE_SIZE, loc="left", y=1.0, pad=3)
+        ticks = common.tick_positions(units, 4)
         ax.set_yticks(ticks, [str(u) for u in payload["units"][index][ticks]])
-        ax.tick_params(labelsize=common.TICK_SIZE)
+        ax.tick_params(labelsize=common.TICK_SIZE, length=2.5, pad=1.5)
         if direction == 0:
-            ax.set_ylabel("unit", fontsize=common.LABEL_SIZE)
+            ax.set_ylabel("unit", fontsize=common.LABEL_SIZE, labelpad=2)
         if tokens:
-            shown = common.tick_positions(columns, most_tokens)
-            ax.set_xticks(shown, [common.short_label(tokens[t]) for t in shown] if layer == nrows - 1 else [])
-            ax.tick_params(axis="x", labelrotation=90, labelsize=common.TICK_SIZE - 1)
+            ax.set_xticks(shown, [common.short_label(tokens[t], TOKEN_CHARS) for t in shown]
+                          if layer == nrows - 1 else [])
+            ax.tick_params(axis="x", labelrotation=90)
         else:
-            ax.xaxis.set_major_locator(MaxNLocator(5, integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(4 if ncols > 1 else 6, integer=True))
+            if layer != nrows - 1:
+                ax.tick_params(axis="x", labelbottom=False)
         if layer == nrows - 1:
             label = "time step" if width == 1 else f"time (bins of {width} steps)"
-            ax.set_xlabel(label, fontsize=common.LABEL_SIZE)
+            ax.set_xlabel(label, fontsize=common.LABEL_SIZE, labelpad=2)
+    if note:
+        fig.text(0.5, 1 - (top - 0.22) / fig.get_size_inches()[1], note, ha="center", va="bottom",
+                 fontsize=common.TICK_SIZE, color="0.3")
 
     label = "h_t" + (" (tanh range)" if payload["bounded"] else "")
     return common.finish_heatmap(fig, image, label, bottom, top, payload["nonfinite"], full_title)

@@ -55,8 +55,14 @@ def test_draw_gates_every_row_and_legend(rnn_record, image_ok):
     titles = [ax.get_title(loc="left") for ax in fig.axes]
     for label in ("layer 0 forward", "layer 0 reverse", "layer 1 forward", "layer 1 reverse"):
         assert label in titles
-    legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend_texts == ["input", "forget", "cell (tanh)", "output"]
+    # the names beside each row's bars, in the curves' colours, are the legend
+    bars = fig.axes[1::2]
+    assert len(bars) == 4 and not fig.legends
+    for ax in bars:
+        names = ax.get_yticklabels()
+        assert [t.get_text() for t in names] == ["input", "forget", "cell (tanh)", "output"]
+        curves = fig.axes[fig.axes.index(ax) - 1].get_lines()
+        assert [t.get_color() for t in names] == [line.get_color() for line in curves]
     image_ok(figure_to_rgb(fig))
     assert len(figure_to_png(fig)) < 150_000
 
@@ -68,7 +74,7 @@ def test_units_subsampled_and_time_binned(rnn_record):
     assert payload["low"].shape == (1, 3, 100) and payload["units_shown"] == 100
     fig = draw_gates(payload)
     all_text = [t.get_text() for t in fig.findobj(Text)]
-    assert "saturation, 100 of 300 units" in all_text and "time (bins of 6 steps)" in all_text
+    assert "% of 100 of 300 units" in all_text and "time (bins of 6 steps)" in all_text
 
 
 def test_nan_gates_are_named(rnn_record, image_ok):

@@ -20,6 +20,12 @@ from tests.render.conftest import make_attention, make_rnn
 KINDS = ("hidden", "gates", "grad_norm", "attention")
 
 
+def _flat(title: str) -> str:
+    """A title (without notes) as one line: a painter breaks a long one where its pieces meet ("  ·  "),
+    to keep its type readable at TensorBoard's card width."""
+    return title.replace("\n", "  ·  ")
+
+
 def _self_attention() -> AttentionRecord:
     # an encoder's self-attention over a padded batch: as many queries as keys, a key_padding_mask
     record = make_attention(batch=2, heads=2, queries=8, keys=8, key_lengths=[8, 6])
@@ -68,7 +74,7 @@ def written(monkeypatch):
 def test_titles_give_the_train_step_and_say_validation(written, renderer, kind):
     draw(Job(kind, _payload(kind), f"rnnviz/{kind}/m", 120, renderer))
     draw(Job(kind, _payload(kind), f"rnnviz/val/{kind}/m", 120, renderer))
-    train, validation = (title.split("\n")[0] for title in written["title"])
+    train, validation = (_flat(title) for title in written["title"])
     assert train.endswith("  ·  train step 120"), train
     assert validation.endswith("  ·  validation at train step 120"), validation
 
@@ -95,7 +101,7 @@ def test_the_batch_row_is_a_sequence_in_every_title(written, renderer, kind):
     else:
         payload = {**payload, "values": payload["values"][..., :0]}
     draw(Job(kind, payload, f"rnnviz/{kind}/m", 5, renderer))
-    heading = written["title"][0].split("  ·  ")[0]
+    heading = _flat(written["title"][0]).split("  ·  ")[0]
     assert heading.endswith(", sequence 1"), heading
     assert not any("sample" in title for title in written["title"])
 
@@ -103,14 +109,14 @@ def test_the_batch_row_is_a_sequence_in_every_title(written, renderer, kind):
 @pytest.mark.parametrize("renderer", ["fast", "matplotlib"])
 def test_self_attention_axes_are_query_and_key_of_one_sequence(written, renderer):
     draw(Job("attention", _payload("attention", _self_attention()), "rnnviz/attention/m", 5, renderer))
-    assert written["title"][0].startswith("encoder.self_attn: self-attention, sequence 1  ·  ")
+    assert _flat(written["title"][0]).startswith("encoder.self_attn: self-attention, sequence 1  ·  ")
     assert {text for text in written["axes"] if "step" in text} == {"query step", "key step"}
 
 
 @pytest.mark.parametrize("renderer", ["fast", "matplotlib"])
 def test_cross_attention_axes_name_the_output_and_the_input(written, renderer):
     draw(Job("attention", _payload("attention"), "rnnviz/attention/m", 5, renderer))
-    assert written["title"][0].startswith("decoder.attn: attention, sequence 1  ·  ")
+    assert _flat(written["title"][0]).startswith("decoder.attn: attention, sequence 1  ·  ")
     assert {text for text in written["axes"] if "step" in text} == {"query (output) step", "key (input) step"}
 
 
@@ -121,9 +127,9 @@ def test_gradient_titles_say_time_step_beside_the_train_step(written, renderer):
     history = {0: record.grad_norm.numpy(), 1: record.grad_norm.numpy()}
     draw(Job("grad_decay", {"history": history, "name": "rnn", "layer_labels": ["layer 0"]}, "rnnviz/grad_decay/m",
              9, renderer))
-    assert [t.split("  ·  ")[0] for t in written["title"]] == [
+    assert [_flat(t).split("  ·  ")[0] for t in written["title"]] == [
         "encoder.rnn: gradient norm per time step", "rnn: gradient norm per time step, by epoch"]
-    assert all(t.split("\n")[0].endswith("  ·  train step 9") for t in written["title"])
+    assert all(_flat(t).endswith("  ·  train step 9") for t in written["title"])
 
 
 class _Pictures:
@@ -160,7 +166,7 @@ def test_recorded_self_and_cross_attention_of_equal_lengths_get_their_own_axes(w
         recording, pictures, step=3)
     for tag in ("rnnviz/attention/self_attn", "rnnviz/attention/cross"):
         draw(Job("attention", pictures.payloads[tag], tag, 3, renderer))
-    assert [t.split("  ·  ")[0] for t in written["title"]] == ["self_attn: self-attention, sequence 0",
+    assert [_flat(t).split("  ·  ")[0] for t in written["title"]] == ["self_attn: self-attention, sequence 0",
                                                                 "cross: attention, sequence 0"]
     axes = [text for text in written["axes"] if "step" in text]
     assert set(axes[:2]) == {"query step", "key step"}
