@@ -3,18 +3,21 @@ histograms.
 
 :class:`Reporter` is the Lightning-free core of the callbacks. It turns one :class:`~lightning_rnnviz.Recording`
 into calls on an *output* (:meth:`picture`, :meth:`scalars`, :meth:`histogram`; see :class:`Output`), keeps
-the per-epoch gradient curves behind the ``grad_decay`` picture, and guards every piece of work so that an
-error in a figure never reaches training. The callbacks only decide when to record and which loggers the
-output writes to.
+the per-epoch gradient curves behind the ``grad_decay`` picture, and runs each module's part of a recording
+as a route of named stages (:class:`Stage`: its pictures, statistics, histograms, gradient curve and the
+findings' statistics) through a :class:`Guard`, so that an error in a figure never reaches training: a failed
+stage is warned once, counted, and skips that module's remaining stages for the recording. The callbacks
+only decide when to record and which loggers the output writes to.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -73,9 +76,20 @@ class Output(Protocol):
     def document(self, name: str, data: Mapping[str, Any], step: int) -> None: ...
 
 
+class Stage(NamedTuple):
+    """One named step of a module's route through a recording: ``work(*args)``. ``what`` names it where a
+    failure is warned and counted (``error_counts``), e.g. ``"hidden statistics of 'lstm'"``."""
+
+    what: str
+    work: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+
+
 class Guard:
-    """Runs one piece of a callback's work; an error is warned once per kind of work, counted in
-    ``counts`` and never reaches training. ``strict`` re-raises it instead (for tests).
+    """Runs a callback's work by name: one step (:meth:`run`) or a module's stages in a recording
+    (:meth:`stages`, where a failed stage skips the module's later ones). An error is warned once per name,
+    counted in ``counts`` under that name and never reaches training; ``strict`` re-raises it instead (for
+    tests).
 
     Args:
         owner: the name warnings start with, e.g. ``"RNNViz"``.
@@ -96,14 +110,32 @@ class Guard:
         self.warned: set[str] = set()
         self.locate: Callable[[str | None], Location | None] | None = None
 
-    def __call__(self, what: str, fn: Callable[[], Any]) -> Any:
+    def run(self, what: str, work: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``work(*args, **kwargs)``, named ``what`` ("flush", "draw hidden of 'lstm'"): its value, or ``None``
+        when it failed (warned once per ``what`` and counted; raised with ``strict``)."""
+        return self._attempt(what, work, args, kwargs)[1]
+
+    __call__ = run  # the sinks' fan-out takes any ``guard(what, fn)``
+
+    def stages(self, route: Iterable[Stage]) -> bool:
+        """Run a module's stages in order until one fails: that one is warned (once per :attr:`Stage.what`)
+        and counted, and the module's remaining stages are skipped for this recording (``strict`` raises).
+        Whether every stage ran."""
+        for stage in route:
+            ran, _ = self._attempt(stage.what, stage.work, stage.args, {})
+            if not ran:
+                return False  # the later stages would work on what this one failed on
+        return True
+
+    def _attempt(self, what: str, work: Callable[..., Any], args: tuple[Any, ...],
+                 kwargs: Mapping[str, Any]) -> tuple[bool, Any]:
         try:
-            return fn()
+            return True, work(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - the run must not die for a picture
             if self.strict:
                 raise
             self.problem(what, error)
-            return None
+            return False, None
 
     def problem(self, what: str, error: BaseException | str) -> None:
         """Count a failure of ``what``; the first one is warned."""
@@ -206,17 +238,24 @@ class Reporter:
         """
         mine = {n: r for n, r in recording.items() if n in self.names}
         self._recordings += 1
-        self.guard("draw the chosen `sample`", lambda: self._check_sample(mine))
+        self.guard.run("draw the chosen `sample`", self._check_sample, mine)
         labels: dict[str, Axes] = {}
         if tokens is not None:
-            labels = self.guard("use the `labels` tokens",
-                                lambda: token_axes(tokens(), mine, self.sample, recording)) or {}
+            labels = self.guard.run("use the `labels` tokens", self._token_axes, tokens, mine, recording) or {}
         self._warn_nonfinite(mine, step)
         for name, record in mine.items():
+            part = _Part(name, record, out, step, prefix)
             if isinstance(record, RNNRecord):
-                self._report_rnn(name, record, out, step, prefix, training, labels.get(name))
+                self._warn_approximate(name, record)
+                self.layer_labels[name] = [record.layer_label(i) for i in range(record.hidden.shape[0])]
+                self.guard.stages(self._rnn_route(part, record, training, labels.get(name)))
             elif isinstance(record, AttentionRecord) and "attention" in self.quantities:
-                self._report_attention(name, record, out, step, prefix, training, labels.get(name))
+                self._warn_approximate(name, record)
+                self.guard.stages(self._attention_route(part, record, training, labels.get(name)))
+
+    def _token_axes(self, tokens: Callable[[], Any], records: Mapping[str, Any],
+                    recording: Recording) -> dict[str, Axes]:
+        return token_axes(tokens(), records, self.sample, recording)
 
     def _warn_nonfinite(self, records: Mapping[str, Any], step: int) -> None:
         """One warning per run when a recording holds NaN/Inf (the figures mark them at every step)."""
@@ -242,36 +281,6 @@ class Reporter:
                     f"drawn instead. Pick `sample` below {batch}."
                 )
 
-    def _picture(self, out: Output, quantity: str, name: str, step: int, prefix: str,
-                 reduce: Callable[[], Any]) -> None:
-        """Reduce on this thread (milliseconds); the output draws and writes it."""
-        tag = f"{prefix}/{quantity}/{safe_name(name)}"
-
-        def work() -> None:
-            payload = reduce()
-            if payload is not None:
-                out.picture(Job(quantity, payload, tag, step, self.renderer))
-
-        self.guard(f"draw {quantity} of {name!r}", work)
-
-    def _stats(self, out: Output, quantity: str, name: str, step: int, record: RNNRecord | AttentionRecord,
-               compute: Callable[[], Mapping[str, float]]) -> None:
-        """Statistics of one quantity, every one kept for the findings and ``summary.json``; written are those
-        :attr:`scalars` chooses (with ``"all"``, ``exact`` too: 1, or 0 for an approximate record)."""
-        base = f"rnnviz/{quantity}/{safe_name(name)}"
-        every = self.scalars == "all"
-
-        def work() -> None:
-            stats = {k: float(v) for k, v in compute().items()}
-            self._collect(name, record).add(self._recordings, stats)
-            values = {f"{base}/{k}": v for k, v in stats.items() if every or default_scalar(quantity, k)}
-            if every:
-                values[f"{base}/exact"] = float(bool(record.exact))
-            if values:
-                out.scalars(values, step)
-
-        self.guard(f"{quantity} statistics of {name!r}", work)
-
     def _collect(self, name: str, record: RNNRecord | AttentionRecord) -> _Collected:
         collected = self._epoch.get(name)
         if collected is None:
@@ -291,52 +300,97 @@ class Reporter:
                             f"{note} Its figures and summary.json say so (and with `scalars=\"all\"` its statistics carry "
                             "`exact` = 0; this warning is shown once per module).", module=name)
 
-    def _histogram(self, out: Output, tag: str, step: int, values: Callable[[], torch.Tensor]) -> None:
-        """Buckets of ``values()``, counted only when some logger keeps histograms (``out`` calls it)."""
-        if self.histograms:
-            self.guard(f"histogram {tag!r}", lambda: out.histogram(tag, lambda: histogram_buckets(values()), step))
-
-    def _report_rnn(self, name: str, record: RNNRecord, out: Output, step: int, prefix: str, training: bool,
-                    tokens: Axes | None) -> None:
+    # --- a module's route through one recording: its stages, in order ------------------------------------
+    def _rnn_route(self, part: _Part, record: RNNRecord, training: bool, tokens: Axes | None) -> list[Stage]:
+        """An LSTM/GRU/RNN record's stages: per quantity its picture, statistics (training batches) and
+        histograms, then this epoch's gradient curve and the findings' statistics."""
         sample = min(self.sample, record.batch - 1)
-        safe = safe_name(name)
-        self._warn_approximate(name, record)
-        self.layer_labels[name] = [record.layer_label(i) for i in range(record.hidden.shape[0])]
+        gradients = training and record.hidden_grad is not None
+        where = f"{part.prefix}/{{}}/{safe_name(part.name)}"
+        route: list[Stage] = []
         if "hidden" in self.quantities:
             labels = tokens.time if tokens else None
-            self._picture(out, "hidden", name, step, prefix,
-                          lambda: render.reduce_hidden(record, sample, self.top_k, self.max_time, labels))
+            route.append(self._picture(part, "hidden", render.reduce_hidden, record, sample, self.top_k,
+                                       self.max_time, labels))
             if training:
-                self._stats(out, "hidden", name, step, record, lambda: render.hidden_stats(record))
-            self._histogram(out, f"{prefix}/hidden_dist/{safe}", step, lambda: valid_values(record, record.hidden))
+                route.append(self._statistics(part, "hidden", render.hidden_stats))
+            route += self._histogram(part, where.format("hidden_dist"), record.hidden)
         if "gates" in self.quantities and record.gates:
-            self._picture(out, "gates", name, step, prefix, lambda: render.reduce_gates(record, self.max_time))
+            route.append(self._picture(part, "gates", render.reduce_gates, record, self.max_time))
             if training:
-                self._stats(out, "gates", name, step, record, lambda: render.gate_stats(record))
+                route.append(self._statistics(part, "gates", render.gate_stats))
             for gate, values in record.gates.items():
-                self._histogram(out, f"{prefix}/gates_dist/{safe}/{gate}", step,
-                                lambda v=values: valid_values(record, v))
-        if training and "grad_norm" in self.quantities and record.hidden_grad is not None:
-            self._picture(out, "grad_norm", name, step, prefix, lambda: render.reduce_grad_norm(record))
-            self._stats(out, "grad_norm", name, step, record, lambda: render.grad_stats(record))
-        if training and "grad_decay" in self.quantities and record.hidden_grad is not None:
-            self.guard(f"collect the gradient curve of {name!r}", lambda: self._accumulate_decay(name, record))
+                route += self._histogram(part, f"{where.format('gates_dist')}/{gate}", values)
+        if gradients and "grad_norm" in self.quantities:
+            route.append(self._picture(part, "grad_norm", render.reduce_grad_norm, record))
+            route.append(self._statistics(part, "grad_norm", render.grad_stats))
+        if gradients and "grad_decay" in self.quantities:
+            route.append(Stage(f"collect the gradient curve of {part.name!r}", self._accumulate_decay,
+                               (part.name, record)))
         if training:
-            self.guard(f"collect the findings' statistics of {name!r}", lambda: self._collect(name, record).rnn(self._recordings, record))
+            route.append(self._findings_statistics(part))
+        return route
 
-    def _report_attention(self, name: str, record: AttentionRecord, out: Output, step: int, prefix: str,
-                          training: bool, tokens: Axes | None) -> None:
+    def _attention_route(self, part: _Part, record: AttentionRecord, training: bool,
+                         tokens: Axes | None) -> list[Stage]:
+        """An attention record's stages: its picture, then (training batches) its statistics and the
+        findings' statistics."""
         sample = min(self.sample, record.attention.shape[0] - 1)
-        self._warn_approximate(name, record)
         query_labels, key_labels = (tokens.query, tokens.key) if tokens else (None, None)
         # what the labels took it for, else what the call showed (self-attention crops padded queries too)
         self_attention = tokens.self_attention if tokens else record.query_is_key
-        self._picture(out, "attention", name, step, prefix, lambda: render.reduce_attention(
-            record, sample, self.max_heads, query_labels, key_labels, self.max_time, self_attention))
+        route = [self._picture(part, "attention", render.reduce_attention, record, sample, self.max_heads,
+                               query_labels, key_labels, self.max_time, self_attention)]
         if training:
-            self._stats(out, "attention", name, step, record, lambda: render.attention_stats(record))
-            self.guard(f"collect the findings' statistics of {name!r}",
-                       lambda: self._collect(name, record).attention(self._recordings, record))
+            route += [self._statistics(part, "attention", render.attention_stats), self._findings_statistics(part)]
+        return route
+
+    # the stages' names (the keys of `error_counts`) and their work
+    def _picture(self, part: _Part, quantity: str, reduce: Callable[..., Any], *args: Any) -> Stage:
+        """Reduce ``quantity`` on this thread (milliseconds), ``reduce(*args)``; the output draws and writes it."""
+        return Stage(f"draw {quantity} of {part.name!r}", self._reduce_picture, (part, quantity, reduce, *args))
+
+    def _statistics(self, part: _Part, quantity: str, compute: Callable[[Any], Mapping[str, float]]) -> Stage:
+        return Stage(f"{quantity} statistics of {part.name!r}", self._write_statistics, (part, quantity, compute))
+
+    def _histogram(self, part: _Part, tag: str, values: torch.Tensor) -> list[Stage]:
+        """Buckets of the valid ``values``, counted only when some logger keeps histograms (``out`` asks)."""
+        return [Stage(f"histogram {tag!r}", self._write_histogram, (part, tag, values))] if self.histograms else []
+
+    def _findings_statistics(self, part: _Part) -> Stage:
+        return Stage(f"collect the findings' statistics of {part.name!r}", self._collect_statistics, (part,))
+
+    def _reduce_picture(self, part: _Part, quantity: str, reduce: Callable[..., Any], *args: Any) -> None:
+        self._send_picture(part.out, quantity, reduce(*args), f"{part.prefix}/{quantity}/{safe_name(part.name)}",
+                           part.step)
+
+    def _send_picture(self, out: Output, quantity: str, payload: Any, tag: str, step: int) -> None:
+        if payload is not None:
+            out.picture(Job(quantity, payload, tag, step, self.renderer))
+
+    def _write_statistics(self, part: _Part, quantity: str, compute: Callable[[Any], Mapping[str, float]]) -> None:
+        """Statistics of one quantity, ``compute(record)``, every one kept for the findings and ``summary.json``;
+        written are those :attr:`scalars` chooses (with ``"all"``, ``exact`` too: 1, or 0 for an approximate
+        record)."""
+        base = f"rnnviz/{quantity}/{safe_name(part.name)}"
+        every = self.scalars == "all"
+        stats = {k: float(v) for k, v in compute(part.record).items()}
+        self._collect(part.name, part.record).add(self._recordings, stats)
+        values = {f"{base}/{k}": v for k, v in stats.items() if every or default_scalar(quantity, k)}
+        if every:
+            values[f"{base}/exact"] = float(bool(part.record.exact))
+        if values:
+            part.out.scalars(values, part.step)
+
+    def _write_histogram(self, part: _Part, tag: str, values: torch.Tensor) -> None:
+        part.out.histogram(tag, functools.partial(_buckets, part.record, values), part.step)
+
+    def _collect_statistics(self, part: _Part) -> None:
+        collected = self._collect(part.name, part.record)
+        if isinstance(part.record, RNNRecord):
+            collected.rnn(self._recordings, part.record)
+        else:
+            collected.attention(self._recordings, part.record)
 
     # --- epochs ------------------------------------------------------------------------------------
     def _accumulate_decay(self, name: str, record: RNNRecord) -> None:
@@ -376,7 +430,7 @@ class Reporter:
         collected, self._epoch = self._epoch, {}
         lines: list[str] = []
         if collected:
-            lines = self.guard("check the findings", lambda: self._summarise(epoch, step, collected, out)) or []
+            lines = self.guard.run("check the findings", self._summarise, epoch, step, collected, out) or []
         drawn = False
         for name, history in self.decay_history.items():
             if name not in self.names or name not in decayed or "grad_decay" not in self.quantities:
@@ -389,7 +443,8 @@ class Reporter:
             payload = {"history": {e: h.numpy() for e, h in history.items()}, "name": name, "layer_labels": labels,
                        "horizons": horizons, "exact": not notes, "notes": notes,
                        "alignment": self.alignment.get(name, "start")}
-            self._picture(out, "grad_decay", name, step, "rnnviz", lambda p=payload: p)
+            self.guard.run(f"draw grad_decay of {name!r}", self._send_picture, out, "grad_decay", payload,
+                           f"rnnviz/grad_decay/{safe_name(name)}", step)
             drawn = True
         return drawn, lines
 
@@ -477,6 +532,17 @@ class Reporter:
         self.summary = {m: {**entry, "epochs": {int(e): v for e, v in entry["epochs"].items()}}
                         for m, entry in state.get("summary", {}).items()}
         self.notes = {m: list(n) for m, n in state.get("notes", {}).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """One module's record in one recording, and where what it shows goes (what its stages share)."""
+
+    name: str
+    record: RNNRecord | AttentionRecord
+    out: Output
+    step: int
+    prefix: str
 
 
 class _Collected:
@@ -659,6 +725,11 @@ def valid_values(record: RNNRecord, values: torch.Tensor) -> torch.Tensor:
     if record.all_valid:
         return values.reshape(-1)  # no padding: a view, no copy
     return values[:, record.valid_mask()].flatten()
+
+
+def _buckets(record: RNNRecord, values: torch.Tensor) -> dict[str, Any] | None:
+    """:func:`histogram_buckets` of the valid steps of ``values``, a field of ``record``."""
+    return histogram_buckets(valid_values(record, values))
 
 
 def histogram_buckets(values: torch.Tensor, bins: int = 64) -> dict[str, Any] | None:

@@ -670,8 +670,10 @@ def test_error_in_our_render_code_is_warned_once_and_counted(tmp_path, monkeypat
     assert len(messages) == 1 and "render boom" in messages[0] and "'rnn'" in messages[0], messages
     assert [n for what, n in cb.error_counts.items() if "hidden" in what] == [3]
     steps = _image_steps(_events(trainer.logger.log_dir))
-    assert "rnnviz/hidden/rnn" not in steps
-    assert steps["rnnviz/grad_norm/rnn"] == [0, 1, 2]  # everything else still drawn
+    # the failed stage skips the module's later stages in each recording (a record our code could not
+    # reduce once is not read on); the other modules go on
+    assert not [tag for tag in steps if tag.endswith("/rnn")], steps
+    assert steps["rnnviz/attention/attn"] == [0, 1, 2]
 
 
 def test_error_in_our_render_code_propagates_with_strict(tmp_path, monkeypatch):
