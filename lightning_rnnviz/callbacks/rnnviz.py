@@ -486,7 +486,7 @@ class RNNViz(*CALLBACK_BASES):
         if self.placement == "thread":
             fanout = recorder.fanout
             recorder.worker = Worker(keep_recordings=fanout.keeper is not None and fanout.keeper.full,
-                                     beside=lambda d: self._write_beside(recorder, d),
+                                     beside=functools.partial(self._write_beside, recorder),
                                      wants_histograms=fanout.wants_histograms)
         if any(logger_kind(lg) == "tensorboard" for lg in trainer.loggers):
             info(trainer, "lightning_rnnviz: TensorBoard keeps 10 images per tag by default; to see every recorded "
@@ -503,7 +503,11 @@ class RNNViz(*CALLBACK_BASES):
                              "(TensorBoardLogger, CSVLogger, WandbLogger); no records are kept in this run.")
             return None
         return RecordKeeper(folder, full=self.save_records == "full", max_mb=self.save_records_max_mb,
-                            warn=lambda message: self._guard.once(message, f"{type(self).__name__}: {message}"))
+                            warn=self._warn_once)
+
+    def _warn_once(self, message: str) -> None:
+        """Warn ``message``, after our name, once per run (the records keeper's notes)."""
+        self._guard.once(message, f"{type(self).__name__}: {message}")
 
     def _placement(self, trainer: Any) -> str:
         """Where a recording is finished: as asked, or (``background=None``, the fast renderer) on a worker
@@ -656,10 +660,10 @@ class RNNViz(*CALLBACK_BASES):
             # so that the user's scalars show live with the pictures of their step (not while the recording
             # worker writes: then at the next batch).
             free = recorder.worker is not None
-            flushed = self._guard("flush", lambda: recorder.fanout.flush(only_if_free=free))
+            flushed = self._guard.run("flush", recorder.fanout.flush, only_if_free=free)
             recorder.flush_next = flushed is False
         wanting = [m for m in recorder.members if m._wants(trainer, batch_idx)]
-        self._guard("record", lambda: recorder.begin(self._batch_key(trainer), pl_module, wanting))
+        self._guard.run("record", recorder.begin, self._batch_key(trainer), pl_module, wanting)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         recorder = self._recorder if self.enabled else None
@@ -699,26 +703,26 @@ class RNNViz(*CALLBACK_BASES):
         recorder.amp_scale = None
         if recording is None or self not in wanting:
             if self is recorder.members[-1] and recorder.fanout.renderer.has_results:
-                self._guard("write pictures", recorder.fanout.drain)  # from the drawing process
+                self._guard.run("write pictures", recorder.fanout.drain)  # from the drawing process
             return
         started = time.perf_counter()
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         self._emit(recording, batch, step, prefix="rnnviz", training=True)
-        self._guard("write pictures", recorder.fanout.wait)  # encoded and written before training goes on
+        self._guard.run("write pictures", recorder.fanout.wait)  # encoded and written before training goes on
         recorder.spent_s += time.perf_counter() - started
         if self is wanting[-1]:  # the last monitor of this batch reports what the batch cost and flushes
             self._report_render_errors(recorder.fanout.renderer)
             render_s, write_s = recorder.drawing_since_begin()
             if _overhead_wanted(recorder):
-                self._guard("overhead statistics", lambda: recorder.fanout.scalars({
+                self._guard.run("overhead statistics", recorder.fanout.scalars, {
                     "rnnviz/overhead/train_thread_ms": 1e3 * recorder.spent_s,
                     "rnnviz/overhead/replay_ms": 1e3 * recorder.replay_s,
                     "rnnviz/overhead/render_ms": 1e3 * render_s,
                     "rnnviz/overhead/write_ms": 1e3 * write_s,
                     "rnnviz/overhead/dropped_figures": float(recorder.fanout.renderer.dropped),
                     "rnnviz/overhead/every_n_steps": float(self.cadence or 0),
-                }, step))
-            self._guard("flush", recorder.fanout.flush)
+                }, step)
+            self._guard.run("flush", recorder.fanout.flush)
             recorder.flush_next = True
             recorder.release()  # every monitor has it: its tensors (device memory on a GPU) go now
             self._spend(trainer, recorder.spent_s, recording=True)
@@ -735,16 +739,15 @@ class RNNViz(*CALLBACK_BASES):
             self._deliver(self._recorder, worker, trainer)
         with one_thread():
             drawn, lines = self._reporter.end_epoch(trainer.current_epoch, step, fanout)
-        self._guard("write pictures", fanout.wait)
+        self._guard.run("write pictures", fanout.wait)
         for line in lines:  # a finding that appeared or cleared
             info(trainer, line)
         if drawn:
             spent_ms = 1e3 * (time.perf_counter() - started)
             if self.scalars == "all":
-                self._guard("overhead statistics",
-                            lambda: fanout.scalars({"rnnviz/overhead/epoch_end_ms": spent_ms}, step))
+                self._guard.run("overhead statistics", fanout.scalars, {"rnnviz/overhead/epoch_end_ms": spent_ms}, step)
             self._spend(trainer, spent_ms / 1e3, recording=False)
-        self._guard("flush", lambda: fanout.flush(only_if_written=True))
+        self._guard.run("flush", fanout.flush, only_if_written=True)
 
     # --- validation --------------------------------------------------------------------------------
     def _wants_val(self, trainer: Any, batch_idx: int, dataloader_idx: int) -> bool:
@@ -761,7 +764,7 @@ class RNNViz(*CALLBACK_BASES):
             return
         recorder = shared_recorder(trainer)
         wanting = [m for m in recorder.members if m._wants_val(trainer, batch_idx, dataloader_idx)]
-        self._guard("record", lambda: recorder.begin(self._val_key(trainer), pl_module, wanting))
+        self._guard.run("record", recorder.begin, self._val_key(trainer), pl_module, wanting)
 
     def on_validation_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0,
@@ -778,7 +781,7 @@ class RNNViz(*CALLBACK_BASES):
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             self._emit(recording, batch, step, prefix="rnnviz/val", training=False)
             if self is wanting[-1]:
-                self._guard("flush", recorder.fanout.flush)
+                self._guard.run("flush", recorder.fanout.flush)
 
     # --- what a recording becomes ------------------------------------------------------------------
     def _write_layout(self, recorder: Any) -> None:
@@ -792,7 +795,7 @@ class RNNViz(*CALLBACK_BASES):
             for category, group in scalar_layout(member._kinds, member.quantities, member.scalars,
                                                  member._bidirectional).items():
                 charts.setdefault(category, {}).update(group)
-        self._guard("write the chart layout", lambda: recorder.fanout.layout(charts))
+        self._guard.run("write the chart layout", recorder.fanout.layout, charts)
 
     def _hand_off(self, recorder: Any, key: Any, grad_scale: float | None, batch: Any, step: int, prefix: str,
                   training: bool) -> None:
@@ -801,7 +804,7 @@ class RNNViz(*CALLBACK_BASES):
         def reports(wanting: list[RNNViz]) -> list[Report]:
             return [member._report_for(batch, step, prefix, training) for member in wanting]
 
-        if self._guard("record", lambda: recorder.hand_off(key, grad_scale, reports, step, prefix)):
+        if self._guard.run("record", recorder.hand_off, key, grad_scale, reports, step, prefix):
             self._write_layout(recorder)
 
     def _report_for(self, batch: Any, step: int, prefix: str, training: bool) -> Report:
@@ -844,19 +847,19 @@ class RNNViz(*CALLBACK_BASES):
                 write_s = time.perf_counter() - started
                 waited_s, recorder.reported_wait_s = worker.waited_s - recorder.reported_wait_s, worker.waited_s
                 if _overhead_wanted(recorder):
-                    self._guard("overhead statistics", lambda d=delivery, w=write_s, v=waited_s: fanout.scalars({
-                        "rnnviz/overhead/train_thread_ms": 1e3 * (d.thread_s + w + v),
-                        "rnnviz/overhead/offthread_ms": 1e3 * d.worker_s,
-                        "rnnviz/overhead/replay_ms": 1e3 * d.replay_s,
-                        "rnnviz/overhead/render_ms": 1e3 * d.draw_s,
-                        "rnnviz/overhead/write_ms": 1e3 * w,
-                        "rnnviz/overhead/wait_ms": 1e3 * v,
+                    self._guard.run("overhead statistics", fanout.scalars, {
+                        "rnnviz/overhead/train_thread_ms": 1e3 * (delivery.thread_s + write_s + waited_s),
+                        "rnnviz/overhead/offthread_ms": 1e3 * delivery.worker_s,
+                        "rnnviz/overhead/replay_ms": 1e3 * delivery.replay_s,
+                        "rnnviz/overhead/render_ms": 1e3 * delivery.draw_s,
+                        "rnnviz/overhead/write_ms": 1e3 * write_s,
+                        "rnnviz/overhead/wait_ms": 1e3 * waited_s,
                         "rnnviz/overhead/dropped_figures": 0.0,
                         "rnnviz/overhead/every_n_steps": float(self.cadence or 0),
-                    }, d.step))
+                    }, delivery.step)
                 if trainer is not None:
                     self._spend(trainer, delivery.thread_s + write_s + waited_s, recording=True)
-            self._guard("flush", fanout.flush)
+            self._guard.run("flush", fanout.flush)
             recorder.flush_next = True
 
     def _write_beside(self, recorder: Any, delivery: Delivery) -> None:
@@ -871,12 +874,12 @@ class RNNViz(*CALLBACK_BASES):
             names = set().union(*(m._reporter.names for m in recorder.members))
             mine = {n: r for n, r in recording.items() if n in names}
             with fanout.lock:
-                self._guard("keep the records", lambda: keeper.full_records(mine, delivery.step, delivery.prefix))
+                self._guard.run("keep the records", keeper.full_records, mine, delivery.step, delivery.prefix)
 
     def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
         recorder = self._recorder
         self._write_layout(recorder)
-        tokens = (lambda: self.labels(batch)) if self.labels is not None else None
+        tokens = functools.partial(self.labels, batch) if self.labels is not None else None
         with one_thread():
             self._reporter.report(recording, recorder.fanout, step, prefix=prefix, training=training, tokens=tokens)
         keeper = recorder.fanout.keeper
@@ -884,7 +887,7 @@ class RNNViz(*CALLBACK_BASES):
             # every monitor's modules: the others report this recording after this one
             names = set().union(*(m._reporter.names for m in recorder.members))
             mine = {n: r for n, r in recording.items() if n in names}
-            self._guard("keep the records", lambda: keeper.full_records(mine, step, prefix))
+            self._guard.run("keep the records", keeper.full_records, mine, step, prefix)
 
 
 def _overhead_wanted(recorder: Any) -> bool:
