@@ -497,7 +497,7 @@ class Reporter:
         return max(epochs) if epochs else None
 
     def summary_document(self) -> dict[str, Any]:
-        """What ``summary.json`` holds (see the README's Diagnosis section)."""
+        """What ``summary.json`` holds (see docs/diagnosis.md)."""
         return {
             "format": "lightning_rnnviz.summary",
             "version": 1,
