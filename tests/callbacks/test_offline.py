@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from lightning_rnnviz import RNNViz, RNNVizWarning, load_records
 from lightning_rnnviz.render.jobs import draw
-from tests.helpers.models import TinySeqModel, loader
+from tests.helpers.models import OneRNNModel, TinySeqModel, loader
 from tests.helpers.namespace import TensorBoardLogger, pl
 
 pytestmark = pytest.mark.filterwarnings(
@@ -73,28 +72,6 @@ def test_full_records_and_their_bound(tmp_path, background):
 
 
 # --- the command line on three real runs ---------------------------------------------------------
-class _Adding(pl.LightningModule):
-    """A recurrent module and a head; many-to-one on random data, as the vanishing-gradients example."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.rnn = getattr(nn, kind)(3, 8, batch_first=True)
-        self.head = nn.Linear(8, 1)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1]).squeeze(-1)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
@@ -106,7 +83,7 @@ def three_runs(tmp_path_factory) -> Path:
                              enable_checkpointing=False)
         x = torch.randn(16, 20, 3, generator=torch.Generator().manual_seed(1))
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :, 0].mean(1)), batch_size=8)
-        trainer.fit(_Adding(kind), data)
+        trainer.fit(OneRNNModel(kind), data)
     return root
 
 

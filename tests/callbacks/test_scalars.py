@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_rnnviz import AttentionMonitor, GradientNormMonitor, HiddenStateMonitor, RNNViz
 from lightning_rnnviz.render.report import default_scalar, scalar_layout
 from tests.helpers.events import RunEvents
+from tests.helpers.models import OneRNNModel
 from tests.helpers.namespace import CSVLogger, TensorBoardLogger, pl
 
 pytestmark = pytest.mark.filterwarnings(
@@ -25,32 +25,32 @@ pytestmark = pytest.mark.filterwarnings(
 
 # What a one-layer LSTM writes by default: the gradient's norms and horizon, mean |h|, each gate's mean.
 DEFAULT_TAGS = [
-    "rnnviz/gates/lstm/cell_mean",
-    "rnnviz/gates/lstm/forget_mean",
-    "rnnviz/gates/lstm/input_mean",
-    "rnnviz/gates/lstm/output_mean",
-    "rnnviz/grad_norm/lstm/first_norm",
-    "rnnviz/grad_norm/lstm/horizon",
-    "rnnviz/grad_norm/lstm/last_norm",
-    "rnnviz/grad_norm/lstm/log10_ratio",
-    "rnnviz/hidden/lstm/mean_abs",
+    "rnnviz/gates/rnn/cell_mean",
+    "rnnviz/gates/rnn/forget_mean",
+    "rnnviz/gates/rnn/input_mean",
+    "rnnviz/gates/rnn/output_mean",
+    "rnnviz/grad_norm/rnn/first_norm",
+    "rnnviz/grad_norm/rnn/horizon",
+    "rnnviz/grad_norm/rnn/last_norm",
+    "rnnviz/grad_norm/rnn/log10_ratio",
+    "rnnviz/hidden/rnn/mean_abs",
 ]
 # What `scalars="all"` adds (the recording on the training thread: `background=False`).
 OTHER_TAGS = [
-    "rnnviz/gates/lstm/cell_saturated_high",
-    "rnnviz/gates/lstm/cell_saturated_low",
-    "rnnviz/gates/lstm/exact",
-    "rnnviz/gates/lstm/forget_saturated_high",
-    "rnnviz/gates/lstm/forget_saturated_low",
-    "rnnviz/gates/lstm/input_saturated_high",
-    "rnnviz/gates/lstm/input_saturated_low",
-    "rnnviz/gates/lstm/output_saturated_high",
-    "rnnviz/gates/lstm/output_saturated_low",
-    "rnnviz/grad_norm/lstm/decay_per_step",
-    "rnnviz/grad_norm/lstm/exact",
-    "rnnviz/hidden/lstm/exact",
-    "rnnviz/hidden/lstm/saturated",
-    "rnnviz/hidden/lstm/step_change",
+    "rnnviz/gates/rnn/cell_saturated_high",
+    "rnnviz/gates/rnn/cell_saturated_low",
+    "rnnviz/gates/rnn/exact",
+    "rnnviz/gates/rnn/forget_saturated_high",
+    "rnnviz/gates/rnn/forget_saturated_low",
+    "rnnviz/gates/rnn/input_saturated_high",
+    "rnnviz/gates/rnn/input_saturated_low",
+    "rnnviz/gates/rnn/output_saturated_high",
+    "rnnviz/gates/rnn/output_saturated_low",
+    "rnnviz/grad_norm/rnn/decay_per_step",
+    "rnnviz/grad_norm/rnn/exact",
+    "rnnviz/hidden/rnn/exact",
+    "rnnviz/hidden/rnn/saturated",
+    "rnnviz/hidden/rnn/step_change",
     "rnnviz/overhead/dropped_figures",
     "rnnviz/overhead/epoch_end_ms",
     "rnnviz/overhead/every_n_steps",
@@ -62,35 +62,14 @@ OTHER_TAGS = [
 RECORDED = [0, 2, 5]  # 4 batches an epoch, 2 epochs, log_every_n_steps=3, and the very first batch
 
 
-class OneLSTM(pl.LightningModule):
-    """One ``nn.LSTM`` layer and a linear head: the model of a user's first run."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(3, 8, batch_first=True)
-        self.head = nn.Linear(8, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(x)[0][:, -1])
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
 def _fit(tmp_path: Path, **callback) -> tuple[pl.Trainer, RNNViz]:
     torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(32, 6, 3), torch.randn(32, 1))
+    data = torch.utils.data.TensorDataset(torch.randn(32, 6, 3), torch.randn(32))
     cb = RNNViz(strict=True, **callback)
     trainer = pl.Trainer(max_epochs=2, log_every_n_steps=3, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, callbacks=[cb],
                          logger=[TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")])
-    trainer.fit(OneLSTM(), torch.utils.data.DataLoader(data, batch_size=8))
+    trainer.fit(OneRNNModel("LSTM", lr=0.05), torch.utils.data.DataLoader(data, batch_size=8))
     return trainer, cb
 
 
@@ -116,7 +95,7 @@ def test_a_one_lstm_run_writes_the_default_scalars_and_nothing_else(tmp_path):
         assert [e.step for e in events.Scalars(tag)] == RECORDED, tag
     # Every statistic is still computed: findings and summary.json have what they read.
     summary = json.loads((Path(trainer.loggers[0].log_dir) / "rnnviz" / "summary.json").read_text())
-    epoch = summary["modules"]["lstm"]["epochs"]["1"]
+    epoch = summary["modules"]["rnn"]["epochs"]["1"]
     assert {"horizon", "decay_per_step", "log10_ratio", "gate_means", "grad_norm", "exact"} <= set(epoch)
     assert epoch["exact"] is True and len(epoch["decay_per_step"]) == 1
     assert set(epoch["gate_means"]) == {"input", "forget", "cell", "output"}
@@ -128,7 +107,7 @@ def test_scalars_all_writes_every_other_statistic_the_exact_flags_and_the_overhe
     assert tags == sorted(DEFAULT_TAGS + OTHER_TAGS)
     assert sorted(columns) == sorted(DEFAULT_TAGS + OTHER_TAGS + ["epoch", "step", "train_loss"])
     assert [e.step for e in events.Scalars("rnnviz/overhead/train_thread_ms")] == RECORDED
-    assert [e.value for e in events.Scalars("rnnviz/grad_norm/lstm/exact")] == [1.0] * 3
+    assert [e.value for e in events.Scalars("rnnviz/grad_norm/rnn/exact")] == [1.0] * 3
 
 
 def test_the_default_set_per_statistic():
@@ -151,13 +130,13 @@ def _matched(charts: dict, tags: list[str]) -> dict[str, list[str]]:
 def test_the_custom_scalars_layout_follows_the_choice():
     """Default charts for the default tags only, each with a line; with "all" every written tag is on a
     chart; titles say what their lines are."""
-    kinds = {"lstm": "LSTM"}
+    kinds = {"rnn": "LSTM"}
     default = scalar_layout(kinds)
     matched = _matched(default, DEFAULT_TAGS + OTHER_TAGS)
     assert all(lines and set(lines) <= set(DEFAULT_TAGS) for lines in matched.values()), matched
     assert set().union(*matched.values()) == set(DEFAULT_TAGS)
-    assert sorted(default) == ["rnnviz: every module", "rnnviz: lstm"]
-    assert sorted(default["rnnviz: lstm"]) == [
+    assert sorted(default) == ["rnnviz: every module", "rnnviz: rnn"]
+    assert sorted(default["rnnviz: rnn"]) == [
         "gates: mean activation, one line per gate and layer",
         "gradient: horizon (steps back to 1 % of the peak norm), one line per layer",
         "gradient: log10(first / last norm), one line per layer",
@@ -168,7 +147,7 @@ def test_the_custom_scalars_layout_follows_the_choice():
     matched = _matched(every, DEFAULT_TAGS + OTHER_TAGS)
     assert all(matched.values()), matched
     assert set().union(*matched.values()) == set(DEFAULT_TAGS + OTHER_TAGS)
-    assert set(default["rnnviz: lstm"]) < set(every["rnnviz: lstm"]) and "rnnviz: overhead" in every
+    assert set(default["rnnviz: rnn"]) < set(every["rnnviz: rnn"]) and "rnnviz: overhead" in every
     # a bidirectional module's lines are per layer and direction; attention's per head
     both = scalar_layout({"enc": "GRU", "attn": "attention"}, bidirectional=["enc"])
     assert "gradient: log10(first / last norm), one line per layer and direction" in both["rnnviz: enc"]
