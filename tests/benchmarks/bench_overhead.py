@@ -60,6 +60,7 @@ last step's to the end of training), so it holds every hook, epoch end and flush
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import os
@@ -161,8 +162,10 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
     first = {0} if VARIANTS[variant].get("log_first_step", True) else set()
     recorded = first | {s for s in range(cfg["steps"]) if (s + 1) % log_every == 0}
     timer = _StepTimer(device)
-    # the timer first, RNNViz last; scalars="all" writes the `rnnviz/overhead/*` scalars read below
-    callbacks = [timer] + ([RNNViz(**{"scalars": "all", **VARIANTS[variant]})] if with_callback else [])
+    # the timer first, RNNViz last; scalars="all" writes the `rnnviz/overhead/*` scalars read below (a tree
+    # from before that option, compared with --against, writes them anyway)
+    every = {"scalars": "all"} if "scalars" in inspect.signature(RNNViz).parameters else {}
+    callbacks = [timer] + ([RNNViz(**{**every, **VARIANTS[variant]})] if with_callback else [])
     # RUSAGE_CHILDREN would count any child; the drawing process reports its own peak.
     logger = TensorBoardLogger(out_dir, name=workload)
     trainer = pl.Trainer(
