@@ -12,11 +12,11 @@ from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer
 from lightning_rnnviz.sinks.base import Histogram, Sink
 from lightning_rnnviz.sinks.records import RecordKeeper
 
-Guard = Callable[[str, Callable[[], Any]], Any]
+Guard = Callable[..., Any]  # guard(what, work, *args): runs work(*args) as the step named `what`
 
 
-def _unguarded(what: str, fn: Callable[[], Any]) -> Any:
-    return fn()
+def _unguarded(what: str, work: Callable[..., Any], *args: Any) -> Any:
+    return work(*args)
 
 
 class Fanout:
@@ -30,7 +30,8 @@ class Fanout:
     Args:
         sinks: one per logger.
         renderer: draws the jobs (on this thread or in a child process).
-        guard: ``guard(what, fn)`` runs each write, so that an error is warned and counted, not raised.
+        guard: ``guard(what, work, *args)`` runs each write, ``work(*args)``, as a step named ``what``, so
+            that an error is warned and counted, not raised (:meth:`~lightning_rnnviz.render.report.Guard.run`).
     """
 
     def __init__(self, sinks: Sequence[Sink], renderer: InlineRenderer | BackgroundRenderer,
@@ -48,12 +49,13 @@ class Fanout:
     def wants_histograms(self) -> bool:
         return any(sink.wants_histograms for sink in self.sinks)
 
-    def _each(self, what: str, call: Callable[[Sink], Any], sinks: Sequence[Sink] | None = None) -> None:
+    def _each(self, what: str, method: str, *args: Any, sinks: Sequence[Sink] | None = None) -> None:
+        """``sink.<method>(*args)`` on every sink (or on ``sinks``), each as a step ``"<what> to <sink>"``."""
         with self.lock:
             self._unflushed = True
             started = time.perf_counter()
             for sink in self.sinks if sinks is None else sinks:
-                self.guard(f"{what} to {sink.name}", lambda s=sink: call(s))
+                self.guard(f"{what} to {sink.name}", getattr(sink, method), *args)
             self.write_s += time.perf_counter() - started
 
     def deliver(self, items: Sequence[tuple[str, tuple]], beside_training: bool) -> None:
@@ -71,30 +73,29 @@ class Fanout:
                     job, picture = args
                     self.written.add((job.tag, job.step))
                     if keeper is not None:
-                        self.guard("keep the records", lambda j=job: keeper.job(j))
-                    self._each(f"write {job.tag!r}", lambda s, j=job, p=picture: s.image(j.tag, p, j.step), sinks)
+                        self.guard("keep the records", keeper.job, job)
+                    self._each(f"write {job.tag!r}", "image", job.tag, picture, job.step, sinks=sinks)
                 elif kind == "scalars":
                     values, step = args
-                    self._each("write scalars", lambda s, v=values, n=step: s.scalars(v, n), sinks)
+                    self._each("write scalars", "scalars", values, step, sinks=sinks)
                     if keeper is not None:
-                        self.guard("keep the records", lambda v=values, n=step: keeper.scalars(v, n))
+                        self.guard("keep the records", keeper.scalars, values, step)
                 elif kind == "histogram":
                     tag, counted, step = args
                     histogram = Histogram.from_buckets(counted)
                     takers = [sink for sink in sinks if sink.wants_histograms]
                     if histogram is not None and takers:
-                        self._each(f"write {tag!r}", lambda s, t=tag, h=histogram, n=step: s.histogram(t, h, n),
-                                   takers)
+                        self._each(f"write {tag!r}", "histogram", tag, histogram, step, sinks=takers)
                 elif kind == "text":
                     tag, markdown, step = args
                     self.written.add((tag, step))
-                    self._each(f"write {tag!r}", lambda s, t=tag, m=markdown, n=step: s.text(t, m, n), sinks)
+                    self._each(f"write {tag!r}", "text", tag, markdown, step, sinks=sinks)
                 elif kind == "document":
                     name, data, step = args
                     self.written.add((name, step))
-                    self._each(f"write {name!r}", lambda s, n=name, d=data: s.document(n, d), sinks)
+                    self._each(f"write {name!r}", "document", name, data, sinks=sinks)
             if beside_training:
-                self._each("flush", lambda s: s.flush(), sinks)
+                self._each("flush", "flush", sinks=sinks)
 
     def picture(self, job: Job) -> None:
         """Have ``job`` drawn, unless its tag was drawn for this step already."""
@@ -102,7 +103,7 @@ class Fanout:
             if not self._first(job.tag, job.step):
                 return
             if self.keeper is not None:
-                self.guard("keep the records", lambda: self.keeper.job(job))
+                self.guard("keep the records", self.keeper.job, job)
         self.renderer.submit(job)
         if self.renderer.has_results:
             self.drain()
@@ -116,14 +117,14 @@ class Fanout:
     def drain(self) -> None:
         """Write every picture the renderer has drawn so far."""
         for tag, step, picture in self.renderer.take():
-            self._each(f"write {tag!r}", lambda s, t=tag, p=picture, n=step: s.image(t, p, n))
+            self._each(f"write {tag!r}", "image", tag, picture, step)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if values:
             with self.lock:
-                self._each("write scalars", lambda s: s.scalars(values, step))
+                self._each("write scalars", "scalars", values, step)
                 if self.keeper is not None:
-                    self.guard("keep the records", lambda: self.keeper.scalars(values, step))
+                    self.guard("keep the records", self.keeper.scalars, values, step)
 
     def histogram(self, tag: str, buckets: Callable[[], Mapping[str, Any] | None], step: int) -> None:
         """Write ``buckets()`` everywhere (the fields of :class:`Histogram`, counted where the record lives,
@@ -134,19 +135,19 @@ class Fanout:
         histogram = Histogram.from_buckets(buckets())
         if histogram is None:
             return  # nothing finite to show
-        self._each(f"write {tag!r}", lambda s: s.histogram(tag, histogram, step), takers)
+        self._each(f"write {tag!r}", "histogram", tag, histogram, step, sinks=takers)
 
     def text(self, tag: str, markdown: str, step: int) -> None:
         """Write a text everywhere, once per ``(tag, step)`` (the first monitor's, as for pictures)."""
         with self.lock:
             if self._first(tag, step):
-                self._each(f"write {tag!r}", lambda s: s.text(tag, markdown, step))
+                self._each(f"write {tag!r}", "text", tag, markdown, step)
 
     def document(self, name: str, data: Mapping[str, Any], step: int) -> None:
         """Store a JSON document with the run (each sink where it can), once per ``(name, step)``."""
         with self.lock:
             if self._first(name, step):
-                self._each(f"write {name!r}", lambda s: s.document(name, data))
+                self._each(f"write {name!r}", "document", name, data)
 
     def _first(self, key: str, step: int) -> bool:
         with self.lock:
@@ -156,7 +157,7 @@ class Fanout:
             return True
 
     def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
-        self._each("write the chart layout", lambda s: s.layout(charts))
+        self._each("write the chart layout", "layout", charts)
 
     def flush(self, only_if_written: bool = False, only_if_free: bool = False) -> bool:
         """Write what the renderer has drawn and flush every sink (the user's logger's writer too, where a
@@ -170,7 +171,7 @@ class Fanout:
         try:
             if only_if_written and not self._unflushed:
                 return True
-            self._each("flush", lambda s: s.flush())
+            self._each("flush", "flush")
             self._unflushed = False
             if self.keeper is not None:
                 self.guard("keep the records", self.keeper.flush)
@@ -180,8 +181,8 @@ class Fanout:
 
     def close(self, timeout: float = 60.0) -> None:
         """Let the renderer finish, write what it drew, then flush and close every sink."""
-        self.guard("stop the drawing process", lambda: self.renderer.close(timeout))
+        self.guard("stop the drawing process", self.renderer.close, timeout)
         self.flush()
         if self.keeper is not None:
             self.guard("keep the records", self.keeper.close)
-        self._each("close", lambda s: s.close())
+        self._each("close", "close")

@@ -121,9 +121,9 @@ def test_fanout_draws_once_writes_everywhere_and_isolates_a_failing_sink(tmp_pat
 
     problems = []
 
-    def guard(what, fn):
+    def guard(what, work, *args):
         try:
-            return fn()
+            return work(*args)
         except Exception as error:  # noqa: BLE001
             problems.append((what, str(error)))
 
