@@ -41,6 +41,17 @@ def gate_bounds(gate: str) -> tuple[float, float]:
     return SATURATION_MARGIN, 1.0 - SATURATION_MARGIN
 
 
+SATURATED_MOST = 0.5  # a unit counts as closed (open) when its gate is left- (right-) saturated on more valid steps
+
+
+def saturation_shares(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The share of units that are *closed* (left-saturated on most valid steps, ``low > 0.5``) and *open*
+    (right-saturated on most, ``high > 0.5``), along the last axis of the per-unit fractions ``low`` and
+    ``high`` (:func:`reduce_gates`); a unit is never both."""
+    count = max(low.shape[-1], 1)
+    return (low > SATURATED_MOST).sum(-1) / count, (high > SATURATED_MOST).sum(-1) / count
+
+
 def reduce_gates(record: RNNRecord, max_time: int = 256, max_units: int = 512) -> dict[str, Any] | None:
     """Cut what :func:`draw_gates` needs out of ``record``, over the whole batch and its valid steps.
 
@@ -136,9 +147,7 @@ def draw_gates(payload: dict[str, Any], *, step: int | None = None, title: str |
     y_range = (-1.08, 1.08) if has_tanh else (-0.04, 1.04)
     shown = payload["units_shown"]
     units = f"{shown} units" if shown == payload["hidden_size"] else f"{shown} of {payload['hidden_size']} units"
-    with np.errstate(invalid="ignore"):
-        closed = (payload["low"] > 0.5).mean(-1) * 100  # (rows, gates): percent of the units shown
-        opened = (payload["high"] > 0.5).mean(-1) * 100
+    closed, opened = (100 * share for share in saturation_shares(payload["low"], payload["high"]))  # (rows, gates)
     for r in range(rows):
         curves = fig.add_subplot(grid[r, 0])
         bars = fig.add_subplot(grid[r, 1])

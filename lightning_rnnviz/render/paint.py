@@ -26,7 +26,7 @@ import numpy as np
 from lightning_rnnviz.render import canvas as cv
 from lightning_rnnviz.render import common
 from lightning_rnnviz.render.attention import attention_heading, axis_titles
-from lightning_rnnviz.render.gates import TANH_GATES
+from lightning_rnnviz.render.gates import TANH_GATES, saturation_shares
 from lightning_rnnviz.render.gradients import (
     LANE_PX,
     NEAR_ZERO_LABEL,
@@ -219,17 +219,6 @@ def gate_colour(gate: str, index: int) -> tuple[int, int, int]:
 def _tint(colour: tuple[int, int, int], amount: float) -> tuple[int, int, int]:
     """``colour`` mixed with white (``amount`` 0: the colour, 1: white)."""
     return tuple(round(c + (255 - c) * amount) for c in colour)
-
-
-SATURATED_MOST = 0.5  # a unit counts as closed (open) when its gate is left- (right-) saturated on more valid steps
-
-
-def saturation_shares(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The share of units that are *closed* (left-saturated on most valid steps, ``low > 0.5``) and *open*
-    (right-saturated on most, ``high > 0.5``), along the last axis of the per-unit fractions ``low`` and
-    ``high`` (:func:`~lightning_rnnviz.render.reduce_gates`); a unit is never both."""
-    count = max(low.shape[-1], 1)
-    return (low > SATURATED_MOST).sum(-1) / count, (high > SATURATED_MOST).sum(-1) / count
 
 
 def _percent(share: float) -> str:
