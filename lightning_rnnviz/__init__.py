@@ -18,7 +18,7 @@ _NAMES = {
     "GradientNormMonitor": "lightning_rnnviz.callbacks",
     "HiddenStateMonitor": "lightning_rnnviz.callbacks",
     "RNNViz": "lightning_rnnviz.callbacks",
-    "load_records": "lightning_rnnviz.sinks.records",
+    "load_records": "lightning_rnnviz.pipeline.records",
 }
 
 __all__ = sorted(_NAMES)

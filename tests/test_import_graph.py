@@ -1,5 +1,6 @@
 """The package's import graph, every import read (inside functions and under ``TYPE_CHECKING`` too): no
-circle, and imports only go down the layers probe -> render -> sinks -> pipeline -> callbacks."""
+circle, and imports only go down the layers names -> probe -> render -> sinks -> pipeline -> callbacks; the
+stages' packages stay apart: sinks speak logger APIs only and know neither a record nor a picture's drawing."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_rnnviz"
 # lower first; a module may import its own layer and those below. The package root (lazy names) and
 # `__main__` stand above everything and are not imported by anything of ours but the command line's.
-LAYERS = ["probe", "render", "sinks", "pipeline", "cli", "callbacks"]
+LAYERS = ["names", "probe", "render", "sinks", "pipeline", "cli", "callbacks"]
+# what each stage package may import of ours besides itself (the pipeline and the callbacks join them)
+STAGE_IMPORTS = {"names": set(), "probe": set(), "render": {"probe", "names"}, "sinks": {"names"}}
 
 
 def _modules() -> dict[str, Path]:
@@ -77,3 +80,18 @@ def test_the_import_graph_has_no_circle():
         if node not in state:
             visit(node, [node])
     assert circles == []
+
+
+def test_the_stage_packages_import_only_what_their_stage_needs():
+    """The probe knows torch, render reads records, sinks take encoded pictures and numbers: none of them
+    hands work to another (that is the pipeline's), and a sink never imports the drawing or a record."""
+    strays = []
+    for a, targets in _edges(_modules()).items():
+        layer = a.split(".")[1] if "." in a else None
+        if layer not in STAGE_IMPORTS:
+            continue
+        for b in targets:
+            other = b.split(".")[1] if "." in b else None
+            if other != layer and other not in STAGE_IMPORTS[layer]:
+                strays.append((a, b))
+    assert strays == []

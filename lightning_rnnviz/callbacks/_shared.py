@@ -16,9 +16,9 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from lightning_rnnviz.pipeline import Report, Worker, hand_off
+from lightning_rnnviz.pipeline.fanout import Fanout
+from lightning_rnnviz.pipeline.worker import Report, Worker, hand_off
 from lightning_rnnviz.probe import Capture, Probe, Recording
-from lightning_rnnviz.sinks import Fanout
 
 
 class Member(Protocol):

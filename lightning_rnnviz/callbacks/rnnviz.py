@@ -23,7 +23,10 @@ from lightning_rnnviz.callbacks._copies import Results, SharedResult, check_save
 from lightning_rnnviz.callbacks._lightning import CALLBACK_BASES, info
 from lightning_rnnviz.callbacks._loggers import SUPPORTED, logger_kind, sink_for
 from lightning_rnnviz.callbacks._shared import shared_recorder
-from lightning_rnnviz.pipeline import Delivery, Report, Worker, give_warnings, one_thread
+from lightning_rnnviz.pipeline.drawing import BackgroundRenderer, InlineRenderer, spare_cores
+from lightning_rnnviz.pipeline.fanout import Fanout
+from lightning_rnnviz.pipeline.records import RecordKeeper
+from lightning_rnnviz.pipeline.worker import Delivery, Report, Worker, give_warnings, one_thread
 from lightning_rnnviz.probe import Recording, RNNVizWarning
 from lightning_rnnviz.probe.held import locator
 from lightning_rnnviz.probe.probe import Extractor
@@ -31,9 +34,6 @@ from lightning_rnnviz.probe.targets import ATTENTION_TYPES, is_supported, resolv
 from lightning_rnnviz.render.findings import Finding
 from lightning_rnnviz.render.jobs import RENDERERS
 from lightning_rnnviz.render.report import QUANTITIES, SCALARS, Guard, Reporter, scalar_layout
-from lightning_rnnviz.sinks import Fanout
-from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer, spare_cores
-from lightning_rnnviz.sinks.records import RecordKeeper
 
 
 def _is_attention(name: str, module: torch.nn.Module, extractors: set[str]) -> bool:

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 
 import lightning_rnnviz.render as render
+from lightning_rnnviz.names import safe_name
 from lightning_rnnviz.probe.held import Location, Where
 from lightning_rnnviz.probe.held import warn as held_warn
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
 from lightning_rnnviz.render import findings as findings_
 from lightning_rnnviz.render.jobs import Job
 from lightning_rnnviz.render.labels import Axes, token_axes
-from lightning_rnnviz.render.names import safe_name
 
 QUANTITIES = ("hidden", "gates", "grad_norm", "grad_decay", "attention")
 SCALARS = ("default", "all")  # which statistics are written as scalars (every one is computed either way)

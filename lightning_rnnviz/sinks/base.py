@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_rnnviz.render.names import safe_name
+from lightning_rnnviz.names import safe_name
 
 __all__ = ["Histogram", "Picture", "Sink", "safe_name"]
 

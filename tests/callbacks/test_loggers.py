@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import lightning_rnnviz.sinks.background as background
+import lightning_rnnviz.pipeline.drawing as background
 from lightning_rnnviz import RNNViz, RNNVizWarning
 from tests.helpers.events import RunEvents
 from tests.helpers.logger_readers import read_mlflow, read_wandb_offline

@@ -378,7 +378,7 @@ def test_intra_op_threads_are_restored_after_every_recording(tmp_path):
 def test_the_callback_never_calls_torch_set_num_threads(tmp_path, monkeypatch):
     """`torch.set_num_threads`, even with the count unchanged, left every later training step slower (4-7 %
     on fast-step) and marks the count as the user's: the callback must not call it, not even to restore."""
-    from lightning_rnnviz import pipeline
+    from lightning_rnnviz.pipeline import worker as pipeline
 
     calls = []
     real = torch.set_num_threads
@@ -406,7 +406,7 @@ def test_the_callback_never_calls_torch_set_num_threads(tmp_path, monkeypatch):
 
 
 def test_one_thread_restores_the_count_exactly_also_on_error():
-    from lightning_rnnviz import pipeline as _shared
+    from lightning_rnnviz.pipeline import worker as _shared
 
     if _shared._openmp() is None:
         pytest.skip("torch does not run on an OpenMP runtime found here")
@@ -424,7 +424,7 @@ def test_one_thread_restores_the_count_exactly_also_on_error():
 
 
 def test_one_thread_changes_nothing_without_an_openmp_runtime(monkeypatch):
-    from lightning_rnnviz import pipeline as _shared
+    from lightning_rnnviz.pipeline import worker as _shared
 
     monkeypatch.setattr(_shared, "_openmp", lambda: None)
     before = torch.get_num_threads()
@@ -481,7 +481,7 @@ def test_the_automatic_placement_follows_the_cores_to_spare(tmp_path, monkeypatc
 def test_spare_cores_count_what_the_training_occupies(monkeypatch):
     """On an accelerator the training thread (torch's intra-op pool sleeps there), on the CPU its intra-op
     threads; the data loader's workers one each."""
-    from lightning_rnnviz.sinks import background
+    from lightning_rnnviz.pipeline import drawing as background
 
     monkeypatch.setattr(background, "usable_cpus", lambda: 16)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
@@ -524,7 +524,7 @@ def test_an_approximate_record_says_so_everywhere(tmp_path, monkeypatch, scalars
     from lightning_rnnviz.render.offline import read_summary, summary_text
 
     payloads = []
-    import lightning_rnnviz.sinks.fanout as fanout
+    import lightning_rnnviz.pipeline.fanout as fanout
 
     original = fanout.Fanout.picture
     monkeypatch.setattr(fanout.Fanout, "picture", lambda self, job: payloads.append(job) or original(self, job))

@@ -12,8 +12,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_rnnviz.sinks import Fanout, FileSink, Histogram, Picture, TensorBoardSink, run_dir, safe_name
-from lightning_rnnviz.sinks.background import InlineRenderer
+from lightning_rnnviz.sinks import FileSink, Histogram, Picture, TensorBoardSink, run_dir, safe_name
 from lightning_rnnviz.sinks.events import EventFile, histogram_summary, image_summary
 from lightning_rnnviz.sinks.png import encode_png
 from tests.helpers.events import tag_kinds
@@ -80,67 +79,6 @@ def test_tensorboard_sink_round_trip(tmp_path):
         ("rnnviz", "custom_scalars__config__"): {"custom_scalars"},
     }
     sink.close()
-
-
-def test_histograms_can_be_switched_off(tmp_path):
-    calls = []
-    sink = TensorBoardSink(tmp_path, histograms=False)
-    fanout = Fanout([sink], InlineRenderer())
-    assert not fanout.wants_histograms
-    fanout.histogram("rnnviz/hidden_dist/m", lambda: calls.append(1) or vars(Histogram.from_values(np.ones(3))), 0)
-    fanout.close()
-    assert calls == []  # nothing is bucketed when no sink keeps histograms
-
-
-def test_an_epoch_without_anything_written_flushes_nothing(tmp_path):
-    """At an epoch end without a recording nothing is flushed (a logger's writer waits for its queue on
-    each flush); after any write, and when asked plainly, every sink is."""
-
-    class Counting(FileSink):
-        flushes = 0
-
-        def flush(self):
-            Counting.flushes += 1
-
-    fanout = Fanout([Counting(tmp_path)], InlineRenderer())
-    fanout.flush(only_if_written=True)
-    assert Counting.flushes == 0
-    fanout.scalars({"rnnviz/hidden/m/mean_abs": 0.5}, 3)
-    fanout.flush(only_if_written=True)
-    fanout.flush(only_if_written=True)
-    assert Counting.flushes == 1
-    fanout.flush()  # the user's scalars, after a recording step: always
-    assert Counting.flushes == 2
-    fanout.close()
-
-
-def test_fanout_draws_once_writes_everywhere_and_isolates_a_failing_sink(tmp_path):
-    class Broken(FileSink):
-        def image(self, tag, picture, step):
-            raise OSError("disk full")
-
-    problems = []
-
-    def guard(what, work, *args):
-        try:
-            return work(*args)
-        except Exception as error:  # noqa: BLE001
-            problems.append((what, str(error)))
-
-    renderer = InlineRenderer()
-    sinks = [FileSink(tmp_path / "a"), Broken(tmp_path / "b", name="Broken"), FileSink(tmp_path / "c")]
-    fanout = Fanout(sinks, renderer, guard)
-    from lightning_rnnviz.render.jobs import Job
-
-    job = Job("grad_decay", {"history": {0: np.logspace(-3, 0, 10)[None]}, "name": "rnn", "layer_labels": ["layer 0"]},
-              "rnnviz/grad_decay/rnn", 4)
-    fanout.picture(job)
-    fanout.picture(job)  # the same tag and step again (another monitor): not drawn twice
-    fanout.close()
-    assert (tmp_path / "a" / "grad_decay" / "rnn" / "step_4.png").exists()
-    assert (tmp_path / "c" / "grad_decay" / "rnn" / "step_4.png").exists()
-    assert problems == [("write 'rnnviz/grad_decay/rnn' to Broken", "disk full")]
-    assert renderer.render_s > 0 and renderer.take() == []
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 3), (7, 13, 3), (450, 800, 3)])

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lightning_rnnviz.pipeline.drawing import BackgroundRenderer, InlineRenderer, serve
 from lightning_rnnviz.render.jobs import Job
-from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer, serve
 
 
 def _job(step: int = 0) -> Job:
@@ -119,7 +119,7 @@ def test_inline_renderer_encodes_on_a_helper_in_order_and_reports_its_errors(mon
     back in the order submitted, an encoding error is reported (not raised), and `close` stops the helper."""
     import threading
 
-    from lightning_rnnviz.sinks import background
+    from lightning_rnnviz.pipeline import drawing as background
     from lightning_rnnviz.sinks.base import Picture
 
     drawn_on, encoded_on = [], []

@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from lightning_rnnviz.pipeline.drawing import BackgroundRenderer, InlineRenderer
+from lightning_rnnviz.pipeline.records import RecordKeeper
 from lightning_rnnviz.render.jobs import Job
-from lightning_rnnviz.sinks.background import BackgroundRenderer, InlineRenderer
 from lightning_rnnviz.sinks.base import Histogram, Sink
-from lightning_rnnviz.sinks.records import RecordKeeper
 
 Guard = Callable[..., Any]  # guard(what, work, *args): runs work(*args) as the step named `what`
 
@@ -60,7 +60,7 @@ class Fanout:
 
     def deliver(self, items: Sequence[tuple[str, tuple]], beside_training: bool) -> None:
         """Write what the recording worker made of a recording (see
-        :class:`~lightning_rnnviz.pipeline.Delivery`): ``beside_training``, from the worker, to the sinks
+        :class:`~lightning_rnnviz.pipeline.worker.Delivery`): ``beside_training``, from the worker, to the sinks
         that may be written there (and to the records keeper); else, on the training thread, to the others.
         """
         sinks = [sink for sink in self.sinks if sink.beside_training == beside_training]

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from lightning_rnnviz import render
+from lightning_rnnviz.pipeline import records as records_module
+from lightning_rnnviz.pipeline.records import RecordKeeper, RecordsError, StepRecords, load_records
 from lightning_rnnviz.probe.records import Recording
 from lightning_rnnviz.render.jobs import Job, draw
-from lightning_rnnviz.sinks import records as records_module
-from lightning_rnnviz.sinks.records import RecordKeeper, RecordsError, StepRecords, load_records
 from tests.render.conftest import make_attention, make_rnn
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_rnnviz import RNNViz, RNNVizWarning
-from lightning_rnnviz.pipeline import Delivery, Worker, hand_off
+from lightning_rnnviz.pipeline.worker import Delivery, Worker, hand_off
 from lightning_rnnviz.probe import Probe
 from lightning_rnnviz.probe import replay as replay_module
 from tests.helpers.events import RunEvents
@@ -277,7 +277,7 @@ def test_on_cuda_the_worker_runs_on_its_own_stream_after_the_hand_off(monkeypatc
     """No GPU here: the CUDA calls are stand-ins that say what was asked of them. The worker makes a stream
     on the device the model ran on (not its own thread's current device), orders it after the hand-off's
     event, marks every handed tensor used there, and finishes the recording inside it."""
-    from lightning_rnnviz import pipeline
+    from lightning_rnnviz.pipeline import worker as pipeline
     from lightning_rnnviz.probe import Recording
 
     log: list = []
@@ -329,7 +329,7 @@ def test_on_cuda_the_worker_runs_on_its_own_stream_after_the_hand_off(monkeypatc
 
 
 def test_on_cuda_the_hand_off_records_an_event_on_the_models_stream(monkeypatch):
-    from lightning_rnnviz import pipeline
+    from lightning_rnnviz.pipeline import worker as pipeline
 
     recorded = []
 

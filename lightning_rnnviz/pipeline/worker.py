@@ -192,7 +192,7 @@ class Worker:
             room beyond that.
         keep_recordings: keep each finished recording on its delivery (for ``save_records="full"``).
         beside: called on the worker with each finished delivery, to write it where that may be done
-            beside training (see :meth:`~lightning_rnnviz.sinks.Fanout.deliver`).
+            beside training (see :meth:`~lightning_rnnviz.pipeline.fanout.Fanout.deliver`).
         wants_histograms: whether some sink keeps histograms (else they are not counted).
     """
 

@@ -1,5 +1,5 @@
 """Where pictures are drawn: on the training thread or in a low-priority child process (the recording
-worker of :mod:`lightning_rnnviz.pipeline` draws its own).
+worker of :mod:`lightning_rnnviz.pipeline.worker` draws its own).
 
 Either way a :class:`~lightning_rnnviz.render.jobs.Job` (a small, already-reduced payload) becomes a PNG-encoded
 :class:`~lightning_rnnviz.sinks.base.Picture`, which the caller takes back with ``take()`` and writes to every
@@ -185,7 +185,7 @@ class BackgroundRenderer(_Returned):
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "lightning_rnnviz.sinks.background"],
+            [sys.executable, "-m", "lightning_rnnviz.pipeline.drawing"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
