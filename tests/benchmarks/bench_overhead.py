@@ -269,7 +269,10 @@ class _StepTimer:
 
 def _peak_rss_kb() -> int:
     """Peak RSS of this process (``VmHWM``: ``ru_maxrss`` would count the parent's at fork time)."""
-    from lightning_rnnviz.pipeline.drawing import _peak_rss_kb as peak
+    try:
+        from lightning_rnnviz.pipeline.drawing import _peak_rss_kb as peak
+    except ImportError:  # a tree from before the pipeline package (--against)
+        from lightning_rnnviz.sinks.background import _peak_rss_kb as peak
 
     return peak() or 0
 
