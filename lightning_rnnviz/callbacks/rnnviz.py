@@ -22,11 +22,10 @@ import torch
 from lightning_rnnviz.callbacks._copies import Results, SharedResult, check_saveable
 from lightning_rnnviz.callbacks._lightning import CALLBACK_BASES, info
 from lightning_rnnviz.callbacks._loggers import SUPPORTED, logger_kind, sink_for
-from lightning_rnnviz.callbacks._shared import shared_recorder
-from lightning_rnnviz.pipeline.drawing import BackgroundRenderer, InlineRenderer, spare_cores
-from lightning_rnnviz.pipeline.fanout import Fanout
+from lightning_rnnviz.pipeline.drawing import spare_cores
+from lightning_rnnviz.pipeline.recorder import Recorder, recorder_of
 from lightning_rnnviz.pipeline.records import RecordKeeper
-from lightning_rnnviz.pipeline.worker import Delivery, Report, Worker, give_warnings, one_thread
+from lightning_rnnviz.pipeline.worker import Delivery, Report, one_thread
 from lightning_rnnviz.probe import Recording, RNNVizWarning
 from lightning_rnnviz.probe.held import locator
 from lightning_rnnviz.probe.probe import Extractor
@@ -329,6 +328,11 @@ class RNNViz(*CALLBACK_BASES):
         return cached[1]
 
     @property
+    def watched(self) -> set[str]:
+        """The modules whose records this monitor reports (set at fit start)."""
+        return self._reporter.names
+
+    @property
     def findings(self) -> list[Finding]:
         """Every finding so far, epoch by epoch (see :mod:`lightning_rnnviz.render.findings`); saved with the
         callback, so a resumed run keeps them."""
@@ -441,15 +445,14 @@ class RNNViz(*CALLBACK_BASES):
         self._kinds = {n: "attention" if _is_attention(n, m, set(extractors)) else type(m).__name__
                        for n, m in names.items()}
         self._bidirectional = {n for n, m in names.items() if getattr(m, "bidirectional", False) is True}
-        recorder = shared_recorder(trainer)
+        recorder = recorder_of(trainer)
         if recorder.fanout is None and not self._open_output(trainer, recorder):
             return
         self.enabled = True
         self._recorder = recorder
-        recorder.members = [m for m in recorder.members if m is not self] + [self]
-        recorder.probe = None  # rebuilt for the current members
+        recorder.join(self)
 
-    def _open_output(self, trainer: Any, recorder: Any) -> bool:
+    def _open_output(self, trainer: Any, recorder: Recorder) -> bool:
         """One fan-out over every logger of ``trainer``, shared by the monitors on it."""
         if trainer.fast_dev_run:
             self._disable(
@@ -480,14 +483,7 @@ class RNNViz(*CALLBACK_BASES):
                               f"{_logger_hint(trainer.lightning_module)} It does nothing in this run.")
             return False
         self.placement = self._placement(trainer)
-        # with a worker, the epoch ends' pictures are still drawn here (the training thread waits for them)
-        renderer = {"process": BackgroundRenderer, "thread": InlineRenderer, "inline": InlineRenderer}[self.placement]()
-        recorder.fanout = Fanout(sinks, renderer, self._guard, self._keeper(sinks))
-        if self.placement == "thread":
-            fanout = recorder.fanout
-            recorder.worker = Worker(keep_recordings=fanout.keeper is not None and fanout.keeper.full,
-                                     beside=functools.partial(self._write_beside, recorder),
-                                     wants_histograms=fanout.wants_histograms)
+        recorder.open(sinks, self.placement, self._guard, self._keeper(sinks))
         if any(logger_kind(lg) == "tensorboard" for lg in trainer.loggers):
             info(trainer, "lightning_rnnviz: TensorBoard keeps 10 images per tag by default; to see every recorded "
                  "step run `tensorboard --logdir <dir> --samples_per_plugin images=1000`.")
@@ -543,23 +539,8 @@ class RNNViz(*CALLBACK_BASES):
             self.fit_overhead_ms["end"] = self.fit_overhead_ms.get("end", 0.0) + 1e3 * (time.perf_counter() - started)
 
     def _stop(self, trainer: Any) -> None:
-        recorder = shared_recorder(trainer)
-        recorder.abort()
-        was_member = self in recorder.members
-        if was_member and recorder.worker is not None:
-            # the recordings handed over are finished while every monitor they are for is still a member
-            recorder.worker.wait(timeout=60.0)
-        recorder.members = [m for m in recorder.members if m is not self]
-        recorder.probe = None
-        fanout = recorder.fanout
-        if was_member and not recorder.members and fanout is not None:
-            worker, recorder.worker = recorder.worker, None
-            if worker is not None:  # finished above: the last recordings are written, not lost
-                worker.close()
-                self._deliver(recorder, worker)
-            recorder.fanout, recorder.layout_written, recorder.clock = None, False, None
-            # Let the drawing process finish what it was handed, write it, then close every sink.
-            fanout.close()
+        fanout = recorder_of(trainer).leave(self, self.strict, self.cadence)
+        if fanout is not None:  # the last monitor: the output is closed
             self._report_render_errors(fanout.renderer)
             if fanout.renderer.dropped:
                 self._guard.warn(
@@ -594,13 +575,11 @@ class RNNViz(*CALLBACK_BASES):
         """Account for what a recording (or an epoch end) cost the training thread, and space recordings out
         when the budget asks for it."""
         recorder = self._recorder
-        if recording:
-            recorder.costs.append(seconds)
-        recorder.spent_total_s += seconds
+        recorder.spend(seconds, recording)
         for member in recorder.members:
             member._follow_budget(trainer, recorder)
 
-    def _follow_budget(self, trainer: Any, recorder: Any) -> None:
+    def _follow_budget(self, trainer: Any, recorder: Recorder) -> None:
         """``stride``: the fewest ``every_n_steps`` per recording that keep the callback's share of the wall
         time within ``budget``. With ``c`` the training-thread cost of a recording (the median of the last
         five, the first left out: it sets things up) and ``s`` the training's own time per step so far,
@@ -625,12 +604,11 @@ class RNNViz(*CALLBACK_BASES):
         if not self.enabled:
             return
         recorder = self._recorder
-        if recorder.clock is None:  # the first monitor: the budget's clock starts with training
-            recorder.clock, recorder.costs, recorder.spent_total_s = time.perf_counter(), [], 0.0
+        if recorder.start_clock():  # the first monitor: the budget's clock starts with training
             self._recheck_placement(trainer, recorder)
         self.stride, self.cadence = 1, self.every_n_steps or trainer.log_every_n_steps
 
-    def _recheck_placement(self, trainer: Any, recorder: Any) -> None:
+    def _recheck_placement(self, trainer: Any, recorder: Recorder) -> None:
         """Once the training's data loaders exist (not yet at fit start): an automatic choice of the worker
         is taken back when their worker processes leave no core free of the training."""
         if self.background is not None or recorder.worker is None:
@@ -642,8 +620,7 @@ class RNNViz(*CALLBACK_BASES):
         device = getattr(trainer.strategy, "root_device", None)
         if workers and spare_cores(accelerator=device is not None and device.type != "cpu",
                                    loader_workers=workers) < 1:
-            worker, recorder.worker = recorder.worker, None
-            worker.close()
+            recorder.drop_worker()
             for member in recorder.members:
                 member.placement = "inline"
 
@@ -654,7 +631,7 @@ class RNNViz(*CALLBACK_BASES):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self.enabled:
             return
-        recorder = shared_recorder(trainer)
+        recorder = recorder_of(trainer)
         if recorder.flush_next and self is recorder.members[0]:
             # Lightning writes a step's `self.log` scalars after the callbacks' batch end: flush them now,
             # so that the user's scalars show live with the pictures of their step (not while the recording
@@ -680,7 +657,7 @@ class RNNViz(*CALLBACK_BASES):
 
     def _grad_scale(self, trainer: Any) -> float | None:
         """What the loss behind the recorded gradients was multiplied by, relative to the batch's loss."""
-        recorder = shared_recorder(trainer)
+        recorder = recorder_of(trainer)
         scale = recorder.amp_scale or 1.0
         if trainer.lightning_module.automatic_optimization:
             scale /= trainer.accumulate_grad_batches
@@ -689,7 +666,7 @@ class RNNViz(*CALLBACK_BASES):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.enabled:
             return
-        recorder = shared_recorder(trainer)
+        recorder = recorder_of(trainer)
         if recorder.worker is not None:
             if recorder.is_open:  # the first monitor to get here hands the recording over
                 step = trainer.fit_loop.epoch_loop._batches_that_stepped
@@ -697,7 +674,7 @@ class RNNViz(*CALLBACK_BASES):
                 self._hand_off(recorder, self._batch_key(trainer), scale, batch, step, "rnnviz", True)
                 recorder.amp_scale = None
             if self is recorder.members[-1]:
-                self._deliver(recorder, recorder.worker, trainer)
+                self._deliver(trainer, recorder)
             return
         recording, wanting = recorder.end(self._batch_key(trainer), self._grad_scale(trainer))
         recorder.amp_scale = None
@@ -712,20 +689,7 @@ class RNNViz(*CALLBACK_BASES):
         recorder.spent_s += time.perf_counter() - started
         if self is wanting[-1]:  # the last monitor of this batch reports what the batch cost and flushes
             self._report_render_errors(recorder.fanout.renderer)
-            render_s, write_s = recorder.drawing_since_begin()
-            if _overhead_wanted(recorder):
-                self._guard.run("overhead statistics", recorder.fanout.scalars, {
-                    "rnnviz/overhead/train_thread_ms": 1e3 * recorder.spent_s,
-                    "rnnviz/overhead/replay_ms": 1e3 * recorder.replay_s,
-                    "rnnviz/overhead/render_ms": 1e3 * render_s,
-                    "rnnviz/overhead/write_ms": 1e3 * write_s,
-                    "rnnviz/overhead/dropped_figures": float(recorder.fanout.renderer.dropped),
-                    "rnnviz/overhead/every_n_steps": float(self.cadence or 0),
-                }, step)
-            self._guard.run("flush", recorder.fanout.flush)
-            recorder.flush_next = True
-            recorder.release()  # every monitor has it: its tensors (device memory on a GPU) go now
-            self._spend(trainer, recorder.spent_s, recording=True)
+            self._spend(trainer, recorder.finish_inline(step, self.cadence), recording=True)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.enabled:
@@ -736,7 +700,7 @@ class RNNViz(*CALLBACK_BASES):
         worker = self._recorder.worker
         if worker is not None:  # the epoch's statistics are complete once its recordings are finished
             worker.wait()
-            self._deliver(self._recorder, worker, trainer)
+            self._deliver(trainer, self._recorder)
         with one_thread():
             drawn, lines = self._reporter.end_epoch(trainer.current_epoch, step, fanout)
         self._guard.run("write pictures", fanout.wait)
@@ -762,7 +726,7 @@ class RNNViz(*CALLBACK_BASES):
     ) -> None:
         if not self._wants_val(trainer, batch_idx, dataloader_idx):
             return
-        recorder = shared_recorder(trainer)
+        recorder = recorder_of(trainer)
         wanting = [m for m in recorder.members if m._wants_val(trainer, batch_idx, dataloader_idx)]
         self._guard.run("record", recorder.begin, self._val_key(trainer), pl_module, wanting)
 
@@ -771,7 +735,7 @@ class RNNViz(*CALLBACK_BASES):
     ) -> None:
         if not self._wants_val(trainer, batch_idx, dataloader_idx):
             return
-        recorder = shared_recorder(trainer)
+        recorder = recorder_of(trainer)
         if recorder.worker is not None:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             self._hand_off(recorder, self._val_key(trainer), None, batch, step, "rnnviz/val", False)
@@ -784,20 +748,7 @@ class RNNViz(*CALLBACK_BASES):
                 self._guard.run("flush", recorder.fanout.flush)
 
     # --- what a recording becomes ------------------------------------------------------------------
-    def _write_layout(self, recorder: Any) -> None:
-        """The Custom Scalars layout of every monitor on this Trainer, once, at the first recording (by
-        then every monitor has started)."""
-        if recorder.layout_written:
-            return
-        recorder.layout_written = True
-        charts: dict[str, dict[str, list[str]]] = {}
-        for member in recorder.members:
-            for category, group in scalar_layout(member._kinds, member.quantities, member.scalars,
-                                                 member._bidirectional).items():
-                charts.setdefault(category, {}).update(group)
-        self._guard.run("write the chart layout", recorder.fanout.layout, charts)
-
-    def _hand_off(self, recorder: Any, key: Any, grad_scale: float | None, batch: Any, step: int, prefix: str,
+    def _hand_off(self, recorder: Recorder, key: Any, grad_scale: float | None, batch: Any, step: int, prefix: str,
                   training: bool) -> None:
         """The worker's route, at the end of a recorded batch: the first monitor to get there hands the
         capture over with every wanting monitor's report (the others find it gone)."""
@@ -805,7 +756,7 @@ class RNNViz(*CALLBACK_BASES):
             return [member._report_for(batch, step, prefix, training) for member in wanting]
 
         if self._guard.run("record", recorder.hand_off, key, grad_scale, reports, step, prefix):
-            self._write_layout(recorder)
+            recorder.write_layout(functools.partial(_charts, recorder.members))
 
     def _report_for(self, batch: Any, step: int, prefix: str, training: bool) -> Report:
         """This monitor's part of a recording, for the worker: ``labels(batch)`` is called here, on the
@@ -830,70 +781,29 @@ class RNNViz(*CALLBACK_BASES):
 
         return report
 
-    def _deliver(self, recorder: Any, worker: Worker, trainer: Any = None) -> None:
-        """Write what the worker has finished to every logger, here on the training thread: its held
-        warnings given, an error raised with ``strict`` (else warned once and counted), then pictures,
-        statistics and histograms, and what the recording cost."""
-        for delivery in worker.ready():
-            started = time.perf_counter()
-            give_warnings(delivery)
-            if delivery.error is not None:
-                if self.strict:
-                    raise delivery.error
-                self._guard.problem("record", delivery.error)
-            fanout = recorder.fanout
-            fanout.deliver(delivery.items, beside_training=False)  # the worker wrote the others' already
-            if delivery.prefix == "rnnviz":
-                write_s = time.perf_counter() - started
-                waited_s, recorder.reported_wait_s = worker.waited_s - recorder.reported_wait_s, worker.waited_s
-                if _overhead_wanted(recorder):
-                    self._guard.run("overhead statistics", fanout.scalars, {
-                        "rnnviz/overhead/train_thread_ms": 1e3 * (delivery.thread_s + write_s + waited_s),
-                        "rnnviz/overhead/offthread_ms": 1e3 * delivery.worker_s,
-                        "rnnviz/overhead/replay_ms": 1e3 * delivery.replay_s,
-                        "rnnviz/overhead/render_ms": 1e3 * delivery.draw_s,
-                        "rnnviz/overhead/write_ms": 1e3 * write_s,
-                        "rnnviz/overhead/wait_ms": 1e3 * waited_s,
-                        "rnnviz/overhead/dropped_figures": 0.0,
-                        "rnnviz/overhead/every_n_steps": float(self.cadence or 0),
-                    }, delivery.step)
-                if trainer is not None:
-                    self._spend(trainer, delivery.thread_s + write_s + waited_s, recording=True)
-            self._guard.run("flush", fanout.flush)
-            recorder.flush_next = True
-
-    def _write_beside(self, recorder: Any, delivery: Delivery) -> None:
-        """On the worker, once a recording is finished: write it where that may be done beside training
-        (our TensorBoard file, the records keeper, ``save_records="full"``'s tensors included, in the order
-        the training thread's route writes them)."""
-        fanout = recorder.fanout
-        fanout.deliver(delivery.items, beside_training=True)
-        keeper, recording = fanout.keeper, delivery.recording
-        delivery.recording = None
-        if recording is not None and keeper is not None and keeper.full:
-            names = set().union(*(m._reporter.names for m in recorder.members))
-            mine = {n: r for n, r in recording.items() if n in names}
-            with fanout.lock:
-                self._guard.run("keep the records", keeper.full_records, mine, delivery.step, delivery.prefix)
+    def _deliver(self, trainer: Any, recorder: Recorder) -> None:
+        """Write what the worker has finished (see :meth:`Recorder.deliver`) and count what it cost."""
+        for seconds in recorder.deliver(recorder.worker, self.strict, self.cadence):
+            self._spend(trainer, seconds, recording=True)
 
     def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
         recorder = self._recorder
-        self._write_layout(recorder)
+        recorder.write_layout(functools.partial(_charts, recorder.members))
         tokens = functools.partial(self.labels, batch) if self.labels is not None else None
         with one_thread():
             self._reporter.report(recording, recorder.fanout, step, prefix=prefix, training=training, tokens=tokens)
-        keeper = recorder.fanout.keeper
-        if keeper is not None and keeper.full and self is recorder.members[0]:
-            # every monitor's modules: the others report this recording after this one
-            names = set().union(*(m._reporter.names for m in recorder.members))
-            mine = {n: r for n, r in recording.items() if n in names}
-            self._guard.run("keep the records", keeper.full_records, mine, step, prefix)
+        if self is recorder.members[0]:  # every monitor's modules, kept once
+            recorder.keep_full(recording, step, prefix)
 
 
-def _overhead_wanted(recorder: Any) -> bool:
-    """Whether the ``rnnviz/overhead/*`` scalars of a recording are written: some monitor on the Trainer
-    has ``scalars="all"``."""
-    return any(member.scalars == "all" for member in recorder.members)
+def _charts(members: Sequence[RNNViz]) -> dict[str, dict[str, list[str]]]:
+    """The Custom Scalars layout of every monitor on a Trainer."""
+    charts: dict[str, dict[str, list[str]]] = {}
+    for member in members:
+        for category, group in scalar_layout(member._kinds, member.quantities, member.scalars,
+                                             member._bidirectional).items():
+            charts.setdefault(category, {}).update(group)
+    return charts
 
 
 @functools.cache

@@ -14,6 +14,10 @@
 - **deliver**: :class:`fanout.Fanout` writes each result to every logger's sink (:mod:`lightning_rnnviz.sinks`,
   one adapter per logger API) and to the records kept on disk (:mod:`records`).
 
+One :class:`recorder.Recorder` per Trainer owns a recording from the first hook to the last write: the
+probe's block, the output, the worker and what it all cost the training thread. The Lightning callbacks
+(:mod:`lightning_rnnviz.callbacks`) only decide when to record, and which loggers to write to.
+
 The modules import the stages' packages (probe, render, sinks), never the other way round; this package's
 ``__init__`` imports nothing, so that a drawing process started with ``python -m
 lightning_rnnviz.pipeline.drawing`` loads neither torch nor Lightning.
