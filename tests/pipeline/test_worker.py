@@ -168,7 +168,7 @@ def test_strict_re_raises_a_workers_error_on_the_training_thread(tmp_path, monke
     def broken(*args, **kwargs):
         raise RuntimeError("replay broke")
 
-    monkeypatch.setattr("lightning_rnnviz.probe.probe.replay_rnn", broken)
+    monkeypatch.setattr("lightning_rnnviz.probe.build.replay_rnn", broken)
     cb = RNNViz(every_n_steps=1, background="thread", validation=False, strict=True)
     with pytest.raises(RuntimeError, match="replay broke"):
         _fit(tmp_path, "w", TinySeqModel(), cb, loader(), max_epochs=1)
@@ -179,7 +179,7 @@ def test_without_strict_a_workers_error_is_warned_once_and_counted(tmp_path, mon
     def broken(*args, **kwargs):
         raise RuntimeError("replay broke")
 
-    monkeypatch.setattr("lightning_rnnviz.probe.probe.replay_rnn", broken)
+    monkeypatch.setattr("lightning_rnnviz.probe.build.replay_rnn", broken)
     cb = RNNViz(every_n_steps=1, background="thread", validation=False)
     with pytest.warns(RNNVizWarning, match="replay broke"):
         trainer = _fit(tmp_path, "w", TinySeqModel(), cb, loader(), max_epochs=1)

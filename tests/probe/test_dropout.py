@@ -325,7 +325,7 @@ def test_cuda_dropout_is_approximate_and_says_why():
 
 
 def test_every_approximation_note_is_a_sentence_that_fits_a_subtitle():
-    from lightning_rnnviz.probe.probe import _dropout_note
+    from lightning_rnnviz.probe.build import _dropout_note
 
     for reason in ("cuda", "differs", "in_place", "no_state"):
         _note_fits_a_subtitle(_dropout_note(0.25, reason))

@@ -251,11 +251,11 @@ def test_a_long_packed_sequence_on_the_cpu_is_not_walked(monkeypatch):
     """PyTorch runs a packed sequence on the CPU as steps, some 18 autograd nodes a step, layer and
     direction: past 2,048 such nodes the input gradient is not caught (no walk at all on the training
     thread), and the record rests on the forward's check."""
-    import lightning_rnnviz.probe.probe as probe_module
+    import lightning_rnnviz.probe.capture as capture_module
 
     walks = []
-    real = probe_module._edges_into
-    monkeypatch.setattr(probe_module, "_edges_into", lambda *a: walks.append(1) or real(*a))
+    real = capture_module._edges_into
+    monkeypatch.setattr(capture_module, "_edges_into", lambda *a: walks.append(1) or real(*a))
     torch.manual_seed(9)
     module = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
     for steps, walked in ((20, 1), (40, 0)):

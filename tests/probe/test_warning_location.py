@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_rnnviz.probe import Probe, RNNVizWarning, held
-from lightning_rnnviz.probe import probe as probe_module
+from lightning_rnnviz.probe import build as build_module
 
 
 class BahdanauAttention(nn.Module):
@@ -75,7 +75,7 @@ def test_a_capture_error_points_at_the_users_class(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("replay broke")
 
-    monkeypatch.setattr(probe_module, "replay_rnn", broken)
+    monkeypatch.setattr(build_module, "replay_rnn", broken)
     model = Model()
     with pytest.warns(RNNVizWarning, match="could not replay module 'encoder.rnn'") as caught, Probe(model).record():
         model.encoder.rnn(torch.randn(2, 5, 3))[0].sum().backward()
