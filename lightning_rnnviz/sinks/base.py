@@ -52,8 +52,9 @@ class Picture:
 
 @dataclass(frozen=True)
 class Histogram:
-    """Buckets of a set of finite values, computed once for every sink (TensorBoard's layout: each bucket
-    is bounded on the right by ``limits[i]``, the first starts at ``min``).
+    """Buckets of a set of finite values, counted once for every sink (by
+    :func:`lightning_rnnviz.render.report.histogram_buckets`, where the record lives), in TensorBoard's layout:
+    each bucket is bounded on the right by ``limits[i]``, the first starts at ``min``.
 
     Attributes:
         min, max, num, sum, sum_squares: of the values.
@@ -79,46 +80,6 @@ class Histogram:
         return cls(**{k: float(v) for k, v in fields.items()},
                    limits=np.asarray(buckets["limits"], dtype=np.float64),
                    counts=np.asarray(buckets["counts"], dtype=np.float64))
-
-    @classmethod
-    def from_values(cls, values: np.ndarray, bins: int = 64) -> Histogram | None:
-        """``bins`` equal buckets between the minimum and maximum of the finite ``values`` (the last bucket
-        includes the maximum); ``None`` when no value is finite.
-
-        Sums use numpy's pairwise reduction, not BLAS: a BLAS call here woke OpenBLAS's thread pool, whose
-        spinning threads then slowed the user's next training step (measured: +45 ms).
-
-        Example::
-
-            >>> h = Histogram.from_values(np.array([0.0, 1.0, np.nan, 1.0]), bins=2)
-            >>> h.num, h.counts.tolist(), h.limits.tolist()
-            (3.0, [1.0, 2.0], [0.5, 1.0])
-        """
-        values = np.asarray(values, dtype=np.float32).ravel()
-        finite = np.isfinite(values)
-        if not finite.all():
-            values = values[finite]
-        if not values.size:
-            return None
-        low, high = float(values.min()), float(values.max())
-        if high > low:
-            # Bucket index by one multiply and a count (half the time of np.histogram on millions of values);
-            # a value on an inner edge may land on either side of it, as float32 rounding has it.
-            index = ((values - np.float32(low)) * np.float32(bins / (high - low))).astype(np.int32)
-            np.minimum(index, bins - 1, out=index)
-            counts = np.bincount(index, minlength=bins)
-            limits = np.linspace(low, high, bins + 1)[1:]
-        else:
-            counts, limits = np.array([values.size]), np.array([high])
-        return cls(
-            min=low,
-            max=high,
-            num=float(values.size),
-            sum=float(np.sum(values, dtype=np.float64)),
-            sum_squares=float(np.einsum("i,i->", values, values, dtype=np.float64)),  # no BLAS, no float64 copy
-            limits=np.asarray(limits, dtype=np.float64),
-            counts=counts.astype(np.float64),
-        )
 
 
 def json_text(data: Mapping[str, Any]) -> str:

@@ -8,7 +8,8 @@ import numpy as np
 from lightning_rnnviz.pipeline.drawing import InlineRenderer
 from lightning_rnnviz.pipeline.fanout import Fanout
 from lightning_rnnviz.render.jobs import Job
-from lightning_rnnviz.sinks import FileSink, Histogram, TensorBoardSink
+from lightning_rnnviz.sinks import FileSink, TensorBoardSink
+from tests.helpers.histograms import numpy_histogram
 
 
 def test_histograms_can_be_switched_off(tmp_path):
@@ -16,7 +17,7 @@ def test_histograms_can_be_switched_off(tmp_path):
     sink = TensorBoardSink(tmp_path, histograms=False)
     fanout = Fanout([sink], InlineRenderer())
     assert not fanout.wants_histograms
-    fanout.histogram("rnnviz/hidden_dist/m", lambda: calls.append(1) or vars(Histogram.from_values(np.ones(3))), 0)
+    fanout.histogram("rnnviz/hidden_dist/m", lambda: calls.append(1) or vars(numpy_histogram(np.ones(3))), 0)
     fanout.close()
     assert calls == []  # nothing is bucketed when no sink keeps histograms
 

@@ -12,10 +12,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_rnnviz.sinks import FileSink, Histogram, Picture, TensorBoardSink, run_dir, safe_name
+from lightning_rnnviz.sinks import FileSink, Picture, TensorBoardSink, run_dir, safe_name
 from lightning_rnnviz.sinks.events import EventFile, histogram_summary, image_summary
 from lightning_rnnviz.sinks.png import encode_png
 from tests.helpers.events import tag_kinds
+from tests.helpers.histograms import numpy_histogram
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,7 @@ def test_tensorboard_sink_round_trip(tmp_path):
     sink = TensorBoardSink(run_dir(tmp_path), flush_also=lambda: flushed.append(1))
     sink.image("rnnviz/hidden/m", Picture.from_rgb(np.full((10, 12, 3), 128, np.uint8)), 3)
     sink.scalars({"rnnviz/hidden/m/mean_abs": 0.25}, 3)
-    sink.histogram("rnnviz/hidden_dist/m", Histogram.from_values(np.array([0.1, np.nan, 0.3, np.inf])), 3)
+    sink.histogram("rnnviz/hidden_dist/m", numpy_histogram(np.array([0.1, np.nan, 0.3, np.inf])), 3)
     sink.text("rnnviz/findings", "| a | b |\n|---|---|\n| 1 | 2 |", 3)
     sink.layout({"rnnviz: m": {"hidden": ["rnnviz/hidden/m/.*"]}})
     sink.flush()
@@ -100,7 +101,7 @@ def test_event_file_records_carry_tensorboards_own_crc(tmp_path):
 
     events = EventFile(tmp_path)
     events.add_summary(image_summary("rnnviz/hidden/m", Picture.from_rgb(np.zeros((3, 4, 3), np.uint8))), 5)
-    events.add_summary(histogram_summary("rnnviz/gates_dist/m/input", Histogram.from_values(np.linspace(0, 1, 101))), 5)
+    events.add_summary(histogram_summary("rnnviz/gates_dist/m/input", numpy_histogram(np.linspace(0, 1, 101))), 5)
     events.close()
     data = events.path.read_bytes()
     records = 0
@@ -116,12 +117,12 @@ def test_event_file_records_carry_tensorboards_own_crc(tmp_path):
 
 def test_histogram_summary_counts_every_value_once():
     values = np.concatenate([np.zeros(10), np.ones(5), np.linspace(0, 1, 85)]).astype(np.float32)
-    histogram = histogram_summary("t", Histogram.from_values(values, bins=10)).value[0].histo
+    histogram = histogram_summary("t", numpy_histogram(values, bins=10)).value[0].histo
     assert sum(histogram.bucket) == 100 and histogram.num == 100
     assert histogram.min == 0.0 and histogram.max == 1.0 and histogram.bucket_limit[-1] == 1.0
     assert histogram.sum == pytest.approx(float(values.astype(np.float64).sum()))
     assert histogram.sum_squares == pytest.approx(float((values.astype(np.float64) ** 2).sum()))
-    constant = histogram_summary("t", Histogram.from_values(np.full(7, 0.5))).value[0].histo
+    constant = histogram_summary("t", numpy_histogram(np.full(7, 0.5))).value[0].histo
     assert list(constant.bucket) == [7.0] and constant.min == constant.max == 0.5
 
 
