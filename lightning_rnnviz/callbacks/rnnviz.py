@@ -539,7 +539,8 @@ class RNNViz(*CALLBACK_BASES):
             self.fit_overhead_ms["end"] = self.fit_overhead_ms.get("end", 0.0) + 1e3 * (time.perf_counter() - started)
 
     def _stop(self, trainer: Any) -> None:
-        fanout = recorder_of(trainer).leave(self, self.strict, self.cadence)
+        recorder = recorder_of(trainer)
+        fanout = recorder.leave(self, self.strict, self.cadence)
         if fanout is not None:  # the last monitor: the output is closed
             self._report_render_errors(fanout.renderer)
             if fanout.renderer.dropped:
@@ -549,7 +550,7 @@ class RNNViz(*CALLBACK_BASES):
                     "draw on the training thread with `background=False`.",
                     stacklevel=3,
                 )
-            self.drawer_peak_rss_mb = fanout.renderer.peak_rss_mb
+            self.drawer_peak_rss_mb = fanout.renderer.peak_rss_mb or recorder.drawing_peak_rss_mb
         self.enabled = False
 
     def _report_render_errors(self, renderer: Any) -> None:

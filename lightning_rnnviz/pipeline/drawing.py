@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -166,6 +167,103 @@ def spare_cores(accelerator: bool = False, loader_workers: int = 0) -> int:
     return available - busy - loader_workers
 
 
+def _start_child() -> subprocess.Popen:
+    """A drawing process (:func:`serve`), fed and read through pipes."""
+    env = dict(os.environ)
+    # The child must find this package however the parent found it (editable install, sys.path).
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lightning_rnnviz.pipeline.drawing"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+
+
+class NotReady(Exception):
+    """The drawing process is still starting (importing what it draws with): draw this picture elsewhere."""
+
+
+class DrawingProcess:
+    """A drawing process for a caller that waits for each picture: the recording worker.
+
+    Painting is many small numpy calls in Python, which hold the GIL between them: drawn on a worker
+    thread, the pictures slowed the user's training thread by a quarter while they were drawn (fast-step
+    here, one intra-op thread: 31 -> 41 ms a step; 33.7 ms with the worker's replay and reductions alone,
+    32.7 ms with all of it in another process). In a process of its own the drawing holds no GIL of the
+    training's; the worker blocks on the pipe, which releases it. One job at a time: the reply is read
+    before the next job is sent, so neither side's pipe can fill while the other waits.
+
+    The child takes a second or so to start (an interpreter, numpy, Pillow, the painter); until it says it
+    is ready, :meth:`draw` raises :class:`NotReady` at once, for the caller to draw that picture itself
+    rather than wait. It raises :class:`RuntimeError` with the child's message when a job fails, and
+    :class:`BrokenPipeError` once the child is gone (``alive`` then says so), for the caller to draw on
+    its own thread from then on.
+    """
+
+    def __init__(self) -> None:
+        self._process = _start_child()
+        self._lock = threading.Lock()
+        self._ready = False
+        self.peak_rss_mb: float | None = None  # the child's, reported when it exits
+
+    @property
+    def ready(self) -> bool:
+        """Whether the child has started (never waits)."""
+        if not self._ready:
+            stdout = self._process.stdout
+            if select.select([stdout], [], [], 0)[0]:  # its first message, or the end of its output
+                message = _receive(stdout)
+                if message is None:
+                    raise BrokenPipeError("the drawing process stopped before it was ready")
+                self._ready = message[0] == "ready"
+        return self._ready
+
+    @property
+    def alive(self) -> bool:
+        return self._process.poll() is None
+
+    def draw(self, job: Job) -> Picture:
+        """``job`` drawn and PNG-encoded by the child."""
+        blob = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        with self._lock:
+            if not self.ready:
+                raise NotReady
+            try:
+                self._process.stdin.write(_HEADER.pack(len(blob)) + blob)
+                self._process.stdin.flush()
+            except (OSError, ValueError) as error:
+                raise BrokenPipeError(f"the drawing process is gone: {error}") from None
+            message = _receive(self._process.stdout)
+        if message is None:
+            raise BrokenPipeError("the drawing process is gone")
+        kind, body = message
+        if kind == "error":
+            raise RuntimeError(f"drawing process: {body}")
+        tag, step, png, width, height = body
+        return Picture(png, width, height)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the child (it has nothing pending: each job was waited for) and read its peak memory."""
+        with self._lock:
+            with contextlib.suppress(OSError, ValueError):
+                self._process.stdin.write(_HEADER.pack(0))
+                self._process.stdin.flush()
+            while (message := _receive(self._process.stdout)) is not None:
+                if message[0] == "peak_rss_kb":
+                    self.peak_rss_mb = message[1] / 1024
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            for stream in (self._process.stdin, self._process.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
 class BackgroundRenderer(_Returned):
     """Hands jobs to a drawing process and takes its pictures back; never blocks the caller.
 
@@ -180,17 +278,7 @@ class BackgroundRenderer(_Returned):
 
     def __init__(self, max_pending: int = 64) -> None:
         super().__init__()
-        env = dict(os.environ)
-        # The child must find this package however the parent found it (editable install, sys.path).
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "lightning_rnnviz.pipeline.drawing"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
+        self._process = _start_child()
         self._pending: collections.deque[bytes | None] = collections.deque()
         self._max_pending = max_pending
         self._wake = threading.Condition()
@@ -298,9 +386,9 @@ def _reply(stream: Any, kind: str, body: Any) -> None:
     stream.flush()
 
 
-def serve(stdin: Any = None, stdout: Any = None) -> None:
+def serve(stdin: Any = None, stdout: Any = None, announce: bool = False) -> None:
     """The drawing process: read jobs until an empty message or end of input, draw and encode each, and
-    send the picture (or the error) back."""
+    send the picture (or the error) back. ``announce``: first load the painter and say ``("ready", None)``."""
     from lightning_rnnviz.sinks.png import encode_png
 
     stdin = stdin or sys.stdin.buffer
@@ -309,6 +397,10 @@ def serve(stdin: Any = None, stdout: Any = None) -> None:
         # Below the training process, yet not starved: at nice 10 the child gets about a tenth of a
         # core the training wants, which keeps up with the default cadence.
         os.nice(10)
+    if announce:
+        import lightning_rnnviz.render.paint  # noqa: F401 - what the first picture would load
+
+        _reply(stdout, "ready", None)
     try:
         while (job := _receive(stdin)) is not None:
             try:
@@ -336,4 +428,5 @@ def _peak_rss_kb() -> int | None:
 
 
 if __name__ == "__main__":
-    serve()
+    serve(announce=True)
+    os._exit(0)  # all was written and flushed: no interpreter teardown for the parent to wait for

@@ -20,12 +20,14 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from lightning_rnnviz.pipeline.drawing import BackgroundRenderer, InlineRenderer
+from lightning_rnnviz.pipeline.drawing import BackgroundRenderer, DrawingProcess, InlineRenderer, NotReady
 from lightning_rnnviz.pipeline.fanout import Fanout
 from lightning_rnnviz.pipeline.records import RecordKeeper
-from lightning_rnnviz.pipeline.worker import Delivery, Report, Worker, give_warnings, hand_off
+from lightning_rnnviz.pipeline.worker import Delivery, Report, Worker, draw_here, give_warnings, hand_off
 from lightning_rnnviz.probe import Capture, Probe, Recording
+from lightning_rnnviz.render.jobs import Job
 from lightning_rnnviz.render.report import Guard
+from lightning_rnnviz.sinks import Picture
 
 RENDERERS_BY_PLACEMENT = {"process": BackgroundRenderer, "thread": InlineRenderer, "inline": InlineRenderer}
 
@@ -77,6 +79,8 @@ class Recorder:
         self.replay_s = 0.0
         self._drawn_before = (0.0, 0.0)
         self.guard: Guard | None = None  # the opening monitor's: warns and counts errors of shared writes
+        self.drawing: DrawingProcess | None = None  # draws the worker's pictures
+        self.drawing_peak_rss_mb: float | None = None  # the drawing process's, once closed
 
     # --- members and output ------------------------------------------------------------------------
     def join(self, member: Member) -> None:
@@ -88,17 +92,43 @@ class Recorder:
         """One output over ``sinks``, drawing where ``placement`` says (``"inline"``, ``"thread"``: the
         worker, ``"process"``: a drawing process); with the worker, the epoch ends' pictures are still
         drawn on the training thread."""
-        self.guard = guard
+        self.guard, self.drawing_peak_rss_mb = guard, None
         self.fanout = Fanout(sinks, RENDERERS_BY_PLACEMENT[placement](), guard, keeper)
         if placement == "thread":
+            try:
+                self.drawing = DrawingProcess()
+            except OSError as error:
+                guard.problem("start the drawing process", error)
             self.worker = Worker(keep_recordings=keeper is not None and keeper.full, beside=self.write_beside,
-                                 wants_histograms=self.fanout.wants_histograms)
+                                 wants_histograms=self.fanout.wants_histograms, drawer=self._draw)
+
+    def _draw(self, job: Job) -> Picture:
+        """On the worker: ``job`` drawn by the drawing process, or by the worker itself while that process
+        is starting and once it is gone (said once)."""
+        drawing = self.drawing
+        if drawing is not None:
+            try:
+                return drawing.draw(job)
+            except NotReady:
+                pass  # still starting: this one is drawn here
+            except BrokenPipeError as error:
+                self._close_drawing()
+                self.guard.once("drawing process", f"{self.guard.owner}: {error}; the recording worker draws the "
+                                "pictures itself from now on.")
+        return draw_here(job)
+
+    def _close_drawing(self) -> None:
+        drawing, self.drawing = self.drawing, None
+        if drawing is not None:
+            self.guard.run("stop the drawing process", drawing.close)
+            self.drawing_peak_rss_mb = drawing.peak_rss_mb
 
     def drop_worker(self) -> None:
         """Finish recordings on the training thread from now on (the worker's core turned out busy)."""
         worker, self.worker = self.worker, None
         if worker is not None:
             worker.close()
+        self._close_drawing()
 
     def leave(self, member: Member, strict: bool, cadence: int | None) -> Fanout | None:
         """``member`` stops recording: the recordings handed over for it are finished first. When it was
@@ -114,11 +144,14 @@ class Recorder:
         if not was_member or self.members or fanout is None:
             return None
         worker, self.worker = self.worker, None
-        if worker is not None:  # finished above: the last recordings are written, not lost
-            worker.close()
-            self.deliver(worker, strict, cadence)
-        self.fanout, self.layout_written, self.clock = None, False, None
-        fanout.close()  # the drawing process finishes what it was handed, then every sink is closed
+        try:
+            if worker is not None:  # finished above: the last recordings are written, not lost
+                worker.close()
+                self.deliver(worker, strict, cadence)  # with `strict`, a recording's error is raised here
+        finally:  # and everything is closed all the same
+            self._close_drawing()
+            self.fanout, self.layout_written, self.clock = None, False, None
+            fanout.close()  # the drawing process finishes what it was handed, then every sink is closed
         return fanout
 
     # --- what the recordings cost the training thread ----------------------------------------------

@@ -1,14 +1,17 @@
 """A recording's route when cores are spare: only the capture on the training thread, the rest beside it.
 
     training thread:  capture (hooks) -> hand-off (copies, dropout masks, an event)  ...  deliver
-    worker thread:                                  replay -> reduce -> draw -> encode
+    worker thread:                                  replay -> reduce -> (wait)
+    drawing process:                                                    draw -> encode
 
 The training thread keeps what must happen there: the hooks during the user's forward and backward, and
 at the end of the recorded step the hand-off (:meth:`~lightning_rnnviz.probe.Capture.hand_off`: copies of
 the tensors the capture only referenced, the dropout masks drawn from the generator states of the calls,
 the user's ``labels(batch)``) and, on CUDA, an event on its stream. The worker finishes the recording
-(the replay for the exact ``dL/dh_t``), reduces it to statistics, histograms and picture payloads, and
-draws and encodes every picture (numpy, Pillow and zlib release the GIL); on CUDA it works on a stream
+(the replay for the exact ``dL/dh_t``) and reduces it to statistics, histograms and picture payloads;
+each picture is drawn and encoded by a drawing process the worker waits for (painting holds the GIL,
+which the training thread needs: see :class:`~lightning_rnnviz.pipeline.drawing.DrawingProcess`), or by
+the worker itself where that process cannot run; on CUDA the worker works on a stream
 of its own that waits for that event, so nothing on the training thread waits for the device. What the
 worker made is a :class:`Delivery`: the worker writes it where that may be done beside training (our
 TensorBoard file, the records kept), and the training thread writes it to the other loggers at its next
@@ -133,6 +136,11 @@ class Handed:
     thread_s: float = 0.0
 
 
+def draw_here(job: Job) -> Picture:
+    """``job`` drawn and PNG-encoded on this thread."""
+    return Picture.from_rgb(draw(job))
+
+
 class Delivery:
     """What the worker made of one recording, for the training thread to write: it takes what a
     :class:`~lightning_rnnviz.render.report.Reporter` sends (pictures, which it draws and encodes at once,
@@ -149,8 +157,10 @@ class Delivery:
             replay's, drawing and encoding, and the worker's whole time on this recording.
     """
 
-    def __init__(self, step: int, prefix: str = "rnnviz", wants_histograms: bool = True) -> None:
+    def __init__(self, step: int, prefix: str = "rnnviz", wants_histograms: bool = True,
+                 drawer: Callable[[Job], Picture] | None = None) -> None:
         self.step, self.prefix = step, prefix
+        self.drawer = drawer or draw_here
         self.wants_histograms = wants_histograms
         self.items: list[tuple[str, tuple]] = []
         self.warnings: Held = []
@@ -164,7 +174,7 @@ class Delivery:
             return  # two monitors of one module: drawn once
         self._drawn.add((job.tag, job.step))
         started = time.perf_counter()
-        picture = Picture.from_rgb(draw(job))
+        picture = self.drawer(job)
         self.draw_s += time.perf_counter() - started
         self.items.append(("picture", (job, picture)))
 
@@ -194,11 +204,15 @@ class Worker:
         beside: called on the worker with each finished delivery, to write it where that may be done
             beside training (see :meth:`~lightning_rnnviz.pipeline.fanout.Fanout.deliver`).
         wants_histograms: whether some sink keeps histograms (else they are not counted).
+        drawer: draws and encodes a picture (by default on the worker itself, :func:`draw_here`; the
+            recorder gives it a drawing process's).
     """
 
     def __init__(self, max_pending: int = 1, keep_recordings: bool = False,
-                 beside: Callable[[Delivery], None] | None = None, wants_histograms: bool = True) -> None:
+                 beside: Callable[[Delivery], None] | None = None, wants_histograms: bool = True,
+                 drawer: Callable[[Job], Picture] | None = None) -> None:
         self._max_pending = max_pending
+        self._drawer = drawer
         self._histograms = wants_histograms
         self._keep = keep_recordings
         self._beside = beside
@@ -268,7 +282,7 @@ class Worker:
     def _finish(self, handed: Handed) -> Delivery:
         """The stages beside training: replay, then each monitor's reduction, drawing and encoding, and
         the writing that may be done beside training."""
-        delivery = Delivery(handed.step, handed.prefix, self._histograms)
+        delivery = Delivery(handed.step, handed.prefix, self._histograms, self._drawer)
         delivery.thread_s = handed.thread_s
         started = time.perf_counter()
         with held() as kept:

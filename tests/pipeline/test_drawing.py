@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lightning_rnnviz.pipeline.drawing import BackgroundRenderer, InlineRenderer, serve
+from lightning_rnnviz.pipeline.drawing import (
+    BackgroundRenderer,
+    DrawingProcess,
+    InlineRenderer,
+    NotReady,
+    serve,
+)
 from lightning_rnnviz.render.jobs import Job
 
 
@@ -150,3 +156,62 @@ def test_inline_renderer_encodes_on_a_helper_in_order_and_reports_its_errors(mon
     assert encoded_on and all(name.startswith("rnnviz-encode") for name in encoded_on)
     renderer.close()
     assert not any(t.name.startswith("rnnviz-encode") for t in threading.enumerate())
+
+
+def test_the_workers_drawing_process_draws_each_picture_as_the_worker_would():
+    """Byte for byte the PNG the worker's own drawing gives; an error is raised for that job only."""
+    from lightning_rnnviz.pipeline.worker import draw_here
+
+    drawing = DrawingProcess()
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until it has started, it says so at once
+            try:
+                drawing.draw(_job(0))
+                break
+            except NotReady:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        for step in (2, 5):
+            assert drawing.draw(_job(step)).png == draw_here(_job(step)).png
+        with pytest.raises(RuntimeError, match="drawing process: hidden rnnviz/hidden/rnn: "):
+            drawing.draw(Job("hidden", {"not": "a payload"}, "rnnviz/hidden/rnn", 0))
+        assert drawing.draw(_job(7)).png == draw_here(_job(7)).png  # the next job still runs
+    finally:
+        drawing.close()
+    assert not drawing.alive and drawing.peak_rss_mb > 0
+
+
+def test_once_the_drawing_process_is_gone_the_worker_draws_itself_and_says_so_once():
+    from lightning_rnnviz.pipeline.recorder import Recorder
+    from lightning_rnnviz.pipeline.worker import draw_here
+    from lightning_rnnviz.render.report import Guard
+
+    recorder = Recorder()
+    recorder.guard = Guard("RNNViz")
+    recorder.drawing = DrawingProcess()
+    recorder.drawing._process.kill()
+    recorder.drawing._process.wait()
+    with pytest.warns(UserWarning, match="the drawing process (is gone|stopped).*draws the pictures itself") as caught:
+        assert recorder._draw(_job(3)).png == draw_here(_job(3)).png
+        assert recorder._draw(_job(4)).png == draw_here(_job(4)).png
+    assert len(caught) == 1 and recorder.drawing is None
+
+
+def test_while_the_drawing_process_starts_the_worker_draws_itself_without_waiting():
+    from lightning_rnnviz.pipeline.recorder import Recorder
+    from lightning_rnnviz.pipeline.worker import draw_here
+    from lightning_rnnviz.render.report import Guard
+
+    recorder = Recorder()
+    recorder.guard = Guard("RNNViz")
+    recorder.drawing = DrawingProcess()
+    os.kill(recorder.drawing._process.pid, signal.SIGSTOP)  # a child that has not said it is ready
+    try:
+        started = time.perf_counter()
+        assert recorder._draw(_job(3)).png == draw_here(_job(3)).png
+        assert time.perf_counter() - started < 5 and recorder.drawing is not None and not recorder.drawing.ready
+    finally:
+        os.kill(recorder.drawing._process.pid, signal.SIGCONT)
+        recorder._close_drawing()
+    assert recorder.guard.warned == set()

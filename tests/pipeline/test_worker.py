@@ -368,3 +368,33 @@ def test_a_checkpoint_mid_epoch_reads_the_state_once_the_worker_is_done(tmp_path
     trainer.fit(TinySeqModel(), loader(), ckpt_path=last)
     assert {0, 2} <= set(again.decay_history["rnn"])  # the saved epoch and the new one
     torch.testing.assert_close(again.decay_history["rnn"][0], cb.decay_history["rnn"][0])
+
+
+def test_the_workers_pictures_are_drawn_in_the_drawing_process(tmp_path, monkeypatch):
+    """Painting holds the GIL, which the training thread needs: the worker hands each picture to a drawing
+    process and waits for it, drawing nothing itself once that process has started."""
+    import time
+
+    from lightning_rnnviz.pipeline import recorder as recorder_module
+    from lightning_rnnviz.pipeline import worker as worker_module
+    from lightning_rnnviz.pipeline.drawing import DrawingProcess
+
+    class Started(DrawingProcess):  # the fit starts once the process has (in a real run, it does not wait)
+        def __init__(self):
+            super().__init__()
+            deadline = time.monotonic() + 120
+            while not self.ready:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+    def not_here(job):
+        raise AssertionError(f"{job.tag} drawn on the worker thread")
+
+    monkeypatch.setattr(recorder_module, "DrawingProcess", Started)
+    monkeypatch.setattr(worker_module, "draw", not_here)
+    pl.seed_everything(3)
+    cb = RNNViz(every_n_steps=1, background="thread", strict=True)
+    trainer = _fit(tmp_path, "process", TinySeqModel(), cb, loader())
+    assert cb.placement == "thread" and cb.drawer_peak_rss_mb > 0
+    pictures = _everything(trainer)
+    assert [step for step, _ in pictures["rnnviz/hidden/rnn"]] == list(range(trainer.global_step))
