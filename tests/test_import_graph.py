@@ -95,3 +95,18 @@ def test_the_stage_packages_import_only_what_their_stage_needs():
             if other != layer and other not in STAGE_IMPORTS[layer]:
                 strays.append((a, b))
     assert strays == []
+
+
+def test_the_callbacks_set_no_field_of_the_recorder():
+    """One owner: the recorder changes its own state through its methods; a Lightning callback asks it to,
+    and never assigns to it (``recorder.x = ...``, ``self._recorder.x = ...``)."""
+    writes = []
+    for path in (PACKAGE / "callbacks").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+            for target in targets:
+                for item in target.elts if isinstance(target, ast.Tuple) else [target]:
+                    if isinstance(item, ast.Attribute) and "recorder" in ast.unparse(item.value):
+                        writes.append(f"{path.name}:{node.lineno}: {ast.unparse(item)}")
+    assert writes == []

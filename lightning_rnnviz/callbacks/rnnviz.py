@@ -290,6 +290,7 @@ class RNNViz(*CALLBACK_BASES):
         # Runtime state, created in `on_fit_start` (a pickle holds the constructor arguments only).
         self.enabled = False
         self._recorder: Any = None
+        self._amp_seen: float | None = None  # the AMP loss scale of the recorded batch's backward
         self._kinds: dict[str, str] = {}  # watched module -> "LSTM", "GRU", ..., or "attention"
         self._bidirectional: set[str] = set()  # watched modules with two directions
 
@@ -632,14 +633,10 @@ class RNNViz(*CALLBACK_BASES):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self.enabled:
             return
+        self._amp_seen = None
         recorder = recorder_of(trainer)
-        if recorder.flush_next and self is recorder.members[0]:
-            # Lightning writes a step's `self.log` scalars after the callbacks' batch end: flush them now,
-            # so that the user's scalars show live with the pictures of their step (not while the recording
-            # worker writes: then at the next batch).
-            free = recorder.worker is not None
-            flushed = self._guard.run("flush", recorder.fanout.flush, only_if_free=free)
-            recorder.flush_next = flushed is False
+        if self is recorder.members[0]:
+            recorder.flush_if_due()
         wanting = [m for m in recorder.members if m._wants(trainer, batch_idx)]
         self._guard.run("record", recorder.begin, self._batch_key(trainer), pl_module, wanting)
 
@@ -647,7 +644,7 @@ class RNNViz(*CALLBACK_BASES):
         recorder = self._recorder if self.enabled else None
         if recorder is not None and recorder.is_open:
             # The scale the loss was multiplied by for this backward (read before `scaler.update()`).
-            recorder.amp_scale = self._amp_scale(trainer)
+            self._amp_seen = self._amp_scale(trainer)
 
     @staticmethod
     def _amp_scale(trainer: Any) -> float | None:
@@ -658,8 +655,7 @@ class RNNViz(*CALLBACK_BASES):
 
     def _grad_scale(self, trainer: Any) -> float | None:
         """What the loss behind the recorded gradients was multiplied by, relative to the batch's loss."""
-        recorder = recorder_of(trainer)
-        scale = recorder.amp_scale or 1.0
+        scale, self._amp_seen = self._amp_seen or 1.0, None
         if trainer.lightning_module.automatic_optimization:
             scale /= trainer.accumulate_grad_batches
         return None if scale == 1.0 else scale
@@ -673,12 +669,10 @@ class RNNViz(*CALLBACK_BASES):
                 step = trainer.fit_loop.epoch_loop._batches_that_stepped
                 scale = self._grad_scale(trainer)
                 self._hand_off(recorder, self._batch_key(trainer), scale, batch, step, "rnnviz", True)
-                recorder.amp_scale = None
             if self is recorder.members[-1]:
                 self._deliver(trainer, recorder)
             return
         recording, wanting = recorder.end(self._batch_key(trainer), self._grad_scale(trainer))
-        recorder.amp_scale = None
         if recording is None or self not in wanting:
             if self is recorder.members[-1] and recorder.fanout.renderer.has_results:
                 self._guard.run("write pictures", recorder.fanout.drain)  # from the drawing process
@@ -687,7 +681,7 @@ class RNNViz(*CALLBACK_BASES):
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         self._emit(recording, batch, step, prefix="rnnviz", training=True)
         self._guard.run("write pictures", recorder.fanout.wait)  # encoded and written before training goes on
-        recorder.spent_s += time.perf_counter() - started
+        recorder.charge(time.perf_counter() - started)
         if self is wanting[-1]:  # the last monitor of this batch reports what the batch cost and flushes
             self._report_render_errors(recorder.fanout.renderer)
             self._spend(trainer, recorder.finish_inline(step, self.cadence), recording=True)

@@ -64,7 +64,6 @@ class Recorder:
         self._key: Any = None
         self._wanting: list[Member] = []
         self._result: Recording | None = None
-        self.amp_scale: float | None = None
         self.fanout: Fanout | None = None  # one output over every logger, one renderer, for every member
         self.worker: Worker | None = None  # finishes recordings beside training (placement "thread")
         self.reported_wait_s = 0.0  # the worker's `waited_s` as last reported
@@ -154,6 +153,14 @@ class Recorder:
             fanout.close()  # the drawing process finishes what it was handed, then every sink is closed
         return fanout
 
+    def flush_if_due(self) -> None:
+        """At a batch start, after a recorded step: flush every logger. Lightning writes a step's ``self.log``
+        scalars after the callbacks' batch end, so the user's scalars show live with the pictures of their
+        step; not while the worker writes (then at the next batch)."""
+        if self.flush_next and self.fanout is not None:
+            flushed = self.guard.run("flush", self.fanout.flush, only_if_free=self.worker is not None)
+            self.flush_next = flushed is False
+
     # --- what the recordings cost the training thread ----------------------------------------------
     def start_clock(self) -> bool:
         """Start the budget's clock with training, once; whether this call started it."""
@@ -161,6 +168,10 @@ class Recorder:
             return False
         self.clock, self.costs, self.spent_total_s = time.perf_counter(), [], 0.0
         return True
+
+    def charge(self, seconds: float) -> None:
+        """Count ``seconds`` of the training thread's work on the current batch's recording."""
+        self.spent_s += seconds
 
     def spend(self, seconds: float, recording: bool) -> None:
         """Count what a recording (or an epoch end) cost the training thread."""
