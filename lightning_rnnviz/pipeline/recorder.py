@@ -53,7 +53,7 @@ class Recorder:
     Its life: :meth:`open` (the first monitor, at fit start) and :meth:`join` (every monitor), then per
     recorded batch :meth:`begin` and either :meth:`hand_off` (worker) or :meth:`end` (this thread), the
     worker's results written by :meth:`deliver`; :meth:`leave` by every monitor, the last one closing the
-    output (:meth:`close`), with the last recordings written, not lost.
+    output, the worker and its drawing process, with the last recordings written, not lost.
     """
 
     def __init__(self) -> None:
