@@ -182,6 +182,21 @@ def _start_child() -> subprocess.Popen:
     )
 
 
+def _reap(process: subprocess.Popen, timeout: float) -> None:
+    """Wait for a drawing process to exit, at most ``timeout`` seconds, then kill it."""
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _close_pipes(process: subprocess.Popen) -> None:
+    for stream in (process.stdin, process.stdout):
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
 class NotReady(Exception):
     """The drawing process is still starting (importing what it draws with): draw this picture elsewhere."""
 
@@ -254,14 +269,8 @@ class DrawingProcess:
             while (message := _receive(self._process.stdout)) is not None:
                 if message[0] == "peak_rss_kb":
                     self.peak_rss_mb = message[1] / 1024
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            for stream in (self._process.stdin, self._process.stdout):
-                with contextlib.suppress(OSError):
-                    stream.close()
+            _reap(self._process, timeout)
+            _close_pipes(self._process)
 
 
 class BackgroundRenderer(_Returned):
@@ -340,15 +349,9 @@ class BackgroundRenderer(_Returned):
         self._closed = True
         self._send(None)
         self._writer.join(timeout)
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        _reap(self._process, timeout)
         self._reader.join(timeout)
-        for stream in (self._process.stdin, self._process.stdout):
-            with contextlib.suppress(OSError):
-                stream.close()
+        _close_pipes(self._process)
 
     @property
     def alive(self) -> bool:
