@@ -316,6 +316,7 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
         lengths = lengths.to(x.device, non_blocking=True)
         valid = (torch.arange(steps, device=x.device).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(-1)
     top_residual = None
+    wants_grads = any(g is not None for g in (grad_output, grad_h_n, grad_c_n))
     with torch.no_grad():
         layer_inputs, rows = [], []
         layer_in = x
@@ -343,7 +344,7 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
                 layer_in = layer_in * dropout_masks[layer]
 
         hidden_grad = cell_grad = input_grad = None
-        if any(g is not None for g in (grad_output, grad_h_n, grad_c_n)):
+        if wants_grads:
             if method == "loop":
                 hidden_grad, cell_grad, input_grad = _backward(rows, num_layers, num_dirs, x, lengths, valid,
                                                                grad_output, grad_h_n, grad_c_n, dropout_masks,
@@ -803,15 +804,15 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
                     grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
                     dropout_masks: list[Tensor] | None,
                     cpu_lengths: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
-    """What :func:`_backward` gives (``dL/dx`` always), with every step's gate pre-activation gradients from
-    the fused kernel.
+    """What :func:`_backward` gives (``dL/dx`` always), from one backward of the fused kernel per layer.
 
-    Layer by layer from the top, :func:`_layer_deltas` gives ``delta_t`` (``(T, B, G*H)`` per direction)
-    and the gradient reaching the layer's input, which (through the dropout mask the layer below's output
-    was multiplied by) is ``g_t``, the gradient reaching ``h_t`` from above, of the layer below. With
-    ``next`` the step processed after ``t`` (``t + 1`` forward, ``t - 1`` in reverse):
+    Layer by layer from the top, :func:`_layer_backward` gives, per direction, what each step's gate
+    pre-activations pass back to the state the step read (``W_hh^T delta_t``; the GRU's in two parts), and
+    the gradient reaching the layer's input, which (through the dropout mask the layer below's output was
+    multiplied by) is ``g_t``, the gradient reaching ``h_t`` from above, of the layer below.
+    With ``next`` the step processed after ``t`` (``t + 1`` forward, ``t - 1`` in reverse):
 
-    - RNN, LSTM: ``dL/dh_t = g_t + W_hh^T delta_next``, all steps in one matmul;
+    - RNN, LSTM: ``dL/dh_t = g_t + W_hh^T delta_next``, read off the kernel's gradient;
     - LSTM: ``dL/dc_t = (dL/dh_t W_hr if projected) * o_t * (1 - tanh^2 c_t) + f_next * dL/dc_next``;
     - GRU: ``dL/dh_t = g_t + W_hh^T [delta_r, delta_z, r * delta_n]_next + z_next * dL/dh_next``;
 
@@ -830,7 +831,7 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
     for layer in range(num_layers - 1, -1, -1):
         first = layer * num_dirs
         here = slice(first, first + num_dirs)
-        d_input, deltas = _layer_deltas(
+        d_input, back = _layer_backward(
             rows[first].mode, weights[layer], layer_inputs[layer], h0[here], None if c0 is None else c0[here],
             cpu_lengths, direct, None if grad_h_n is None else grad_h_n[here],
             None if grad_c_n is None else grad_c_n[here],
@@ -848,28 +849,34 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
             if grad_c_n is not None:
                 seed_c = torch.zeros_like(row.c)
                 seed_c[final, arange] += grad_c_n[index]
-            hidden_grad[index], cell_grad[index] = _grads_from_deltas(row, seed, seed_c, deltas[direction],
-                                                                      mask)
+            hidden_grad[index], cell_grad[index] = _grads_from_back(row, seed, seed_c, back[direction],
+                                                                    mask)
         # The layer read the dropped-out states of the layer below: its gradient passes the same mask.
         # (A copy either way: the views would keep this layer's whole gradient alive during the next.)
         if layer > 0:
             direct = d_input * dropout_masks[layer - 1] if dropout_masks is not None else d_input.contiguous()
         else:
             direct = d_input
-        del d_input, deltas
+        del d_input, back
     return _stacked(hidden_grad), (_stacked(cell_grad) if rows[0].mode == "LSTM" else None), direct
 
 
-def _layer_deltas(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
-                  cpu_lengths: Tensor | None, grad_out: Tensor | None, grad_h: Tensor | None,
-                  grad_c: Tensor | None) -> tuple[Tensor, list[Tensor]]:
-    """One layer's input gradient ``(T, B, I)`` and gate pre-activation gradients ``(T, B, G*H)`` per
-    direction, from the fused kernel's backward.
+def _layer_backward(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
+                    cpu_lengths: Tensor | None, grad_out: Tensor | None, grad_h: Tensor | None,
+                    grad_c: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    """One layer's input gradient ``(T, B, I)`` and, per direction, what each step's gate pre-activations
+    pass back to the state that step read, from the fused kernel's backward.
 
-    The layer gets an extra input ``z_t = 0`` of ``G*H`` features per direction, which the input weights
-    pass on unchanged (an identity block, zeros for the other direction's): the kernel computes the same
-    states, and the gradient with respect to ``z_t`` is that of every gate pre-activation at step ``t``
-    (for the GRU's candidate gate, of its whole argument ``W_in x + b_in + r * (W_hn h + b_hn)``).
+    The layer gets an extra input ``z_t = 0`` per direction whose input weights are the recurrent ones,
+    ``W_hh`` (zeros for the other direction's): the kernel computes the same states, and the gradient with
+    respect to ``z_t`` is ``W_hh^T delta_t``, ``delta_t`` the gate pre-activation gradients at step ``t``:
+    the part of ``dL/dh`` that the recurrence carries back, ``(T, B, P)``. The GRU's candidate gate reads
+    the state as ``r * (W_hn h + b_hn)`` on the recurrent side, while the input side's gradient is that of
+    the gate's whole argument, ``delta_n``; its extra input therefore has ``W_hr``, ``W_hz`` for the first
+    ``H`` features and an identity onto the candidate gate for the next ``H``, giving
+    ``[W_hr^T delta_r + W_hz^T delta_z, delta_n]``, ``(T, B, 2H)``. The extra input is as wide as the state
+    (twice for the GRU), not as all gates together (which the kernel's input matmuls would carry forward
+    and back: with an LSTM's ``4H``, 2-4 times the layer's own work).
 
     Args:
         grad_out: ``(T, B, D*P)`` gradient reaching the layer's output from above (zero at padded steps),
@@ -877,16 +884,16 @@ def _layer_deltas(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor,
         grad_h: ``(D, B, P)`` gradient of the layer's ``h_n``, or ``None``; ``grad_c``: of its ``c_n``.
     """
     num_dirs = len(weights)
-    width = weights[0].w_ih.shape[0]  # G*H
     steps, batch, features = x.shape
     # A graph of our own, also when the caller runs without autograd or in inference mode; it is freed
     # by the backward below and with the tensors of this frame.
     with torch.inference_mode(False), torch.enable_grad():
+        blocks = [_recurrent_block(mode, _own(w.w_hh)) for w in weights]
+        width = blocks[0].shape[1]
         ext = []
-        for direction, w in enumerate(weights):
-            through = w.w_ih.new_zeros(width, num_dirs * width)
-            through[:, direction * width : (direction + 1) * width] = torch.eye(
-                width, dtype=through.dtype, device=through.device)
+        for direction, (w, block) in enumerate(zip(weights, blocks)):
+            through = w.w_ih.new_zeros(block.shape[0], num_dirs * width)
+            through[:, direction * width : (direction + 1) * width] = block
             ext.append(LayerWeights(torch.cat([_own(w.w_ih), through], dim=1), _own(w.w_hh), _own(w.b_ih),
                                     _own(w.b_hh), _own(w.w_hr)))
         x_ext = torch.cat([_own(x), x.new_zeros(steps, batch, num_dirs * width)], dim=-1).requires_grad_()
@@ -912,6 +919,18 @@ def _layer_deltas(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor,
         _quiet_kernel_warnings()
         (d_ext,) = torch.autograd.grad(outputs, [x_ext], grads)
     return d_ext[..., :features], list(d_ext[..., features:].chunk(num_dirs, dim=-1))
+
+
+def _recurrent_block(mode: str, w_hh: Tensor) -> Tensor:
+    """The input weights of :func:`_layer_backward`'s extra input for one direction: ``W_hh`` ``(G*H, P)``; for
+    the GRU ``[[W_hr, 0], [W_hz, 0], [0, I]]`` ``(3H, 2H)``."""
+    if mode != "GRU":
+        return w_hh
+    size = w_hh.shape[1]
+    block = w_hh.new_zeros(3 * size, 2 * size)
+    block[: 2 * size, :size] = w_hh[: 2 * size]
+    block[2 * size :, size:] = torch.eye(size, dtype=w_hh.dtype, device=w_hh.device)
+    return block
 
 
 def _own(t: Tensor | None) -> Tensor | None:
@@ -974,28 +993,29 @@ def _scan(direct: Tensor, carry: Tensor, direction: int) -> Tensor:
     return linear_recurrence(direct, carry, later=direction == 0)
 
 
-def _grads_from_deltas(row: _Row, seed: Tensor, seed_c: Tensor | None, delta: Tensor,
+def _grads_from_back(row: _Row, seed: Tensor, seed_c: Tensor | None, back: Tensor,
                        mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Total ``dL/dh_t`` (and ``dL/dc_t``) of one layer and direction from its pre-activation gradients.
+    """Total ``dL/dh_t`` (and ``dL/dc_t``) of one layer and direction from what its steps pass back.
 
     Args:
         seed: ``(T, B, P)`` the gradient reaching ``h_t`` from above, ``h_n``'s at the last step.
         seed_c: ``(T, B, H)`` ``c_n``'s gradient at the last step, or ``None``.
-        delta: ``(T, B, G*H)`` every gate pre-activation gradient (zero at padded steps).
+        back: ``(T, B, P)`` ``W_hh^T delta_t`` (zero at padded steps); the GRU's ``(T, B, 2H)``
+            ``[W_hr^T delta_r + W_hz^T delta_z, delta_n]`` (see :func:`_layer_backward`).
         mask: ``(T, B, 1)`` 1 at valid steps, 0 past a sequence's end; ``None`` without padding.
     """
-    w_hh = row.w.w_hh
     if row.mode == "GRU":
-        d_r, d_z, d_n = delta.chunk(3, dim=-1)
-        d_hid = torch.cat([d_r, d_z, row.gates["reset"] * d_n], dim=-1)
-        direct = torch.matmul(_following(d_hid, row.direction), w_hh).add_(seed)
+        gates_part, d_n = back.chunk(2, dim=-1)
+        w_hn = row.w.w_hh.chunk(3)[2]
+        recurrent = torch.matmul(row.gates["reset"] * d_n, w_hn).add_(gates_part)
+        direct = _following(recurrent, row.direction).add_(seed)
         carry = _following(row.gates["update"], row.direction)
         if mask is not None:
             # zero where the step is padded, so nothing is carried across a sequence's end
             direct.mul_(mask)
             carry = carry * mask
         return _scan(direct, carry, row.direction), None
-    dh = torch.matmul(_following(delta, row.direction), w_hh).add_(seed)
+    dh = _following(back, row.direction).add_(seed)
     if mask is not None:
         dh.mul_(mask)
     if row.mode != "LSTM":

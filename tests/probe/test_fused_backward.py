@@ -441,7 +441,7 @@ def test_kernel_warnings_ignored_for_our_calls_only(message):
 
 
 def _flag_spy(monkeypatch, seen: list, fail: bool = False):
-    original = replay_module._layer_deltas
+    original = replay_module._layer_backward
 
     def spy(*args, **kwargs):
         seen.append(_flags())
@@ -449,7 +449,7 @@ def _flag_spy(monkeypatch, seen: list, fail: bool = False):
             raise RuntimeError("kernel failed")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(replay_module, "_layer_deltas", spy)
+    monkeypatch.setattr(replay_module, "_layer_backward", spy)
 
 
 @pytest.mark.parametrize("user", [(True, True), (True, False), (False, False)])
@@ -667,3 +667,28 @@ def test_fused_path_recurrences_grow_like_log2_t(monkeypatch, kind):
     # the operations (a step loop: 64 times)
     assert counts[512] - counts[64] == counts[64] - counts[8]
     assert counts[512] < 4 * counts[8]
+
+
+# the extra input's width per direction: the state's (projected: P = 3), the GRU's twice (H = 5)
+@pytest.mark.parametrize("kind, extra", [("LSTM", 5), ("LSTM_PROJ", 3), ("GRU", 10), ("RNN_TANH", 5),
+                                         ("RNN_RELU", 5)])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_fused_kernel_runs_on_an_extra_input_as_wide_as_the_state(monkeypatch, kind, extra, bidirectional):
+    """The kernel's backward gives what each step passes back through an extra input as wide as the state
+    (the GRU's twice: its candidate gate needs its own part), not one as wide as every gate together (4H
+    for an LSTM), whose input matmuls cost 2-4 times the layer's own work forward and back."""
+    widths: list[int] = []
+    real = replay_module._fused_call
+
+    def spy(mode, weights, x, *args, train=False, **kwargs):
+        if train:
+            widths.append(x.shape[-1])
+        return real(mode, weights, x, *args, train=train, **kwargs)
+
+    monkeypatch.setattr(replay_module, "_fused_call", spy)
+    cfg = RNNConfig(kind=kind, num_layers=2, bidirectional=bidirectional, packed=True)
+    replay_rnn(**_replay_args(cfg, "mixed"), method="fused")
+    dirs = 2 if bidirectional else 1
+    state = 3 if kind == "LSTM_PROJ" else 5
+    # layer 1 first (the backward runs from the top); it reads layer 0's states, layer 0 the module's input
+    assert widths == [dirs * state + dirs * extra, cfg.input_size + dirs * extra]
