@@ -22,3 +22,10 @@ def safe_name(name: str) -> str:
         return "root"
     parts = [_UNSAFE.sub("_", part) or "_" for part in name.split(".")]
     return ".".join(parts)
+
+
+# The explorer's data in TensorBoard: summaries of our own plugin (tab ``rnnviz``), one tag per source of a
+# probe set, ``rnnviz/probe_set/train`` and ``rnnviz/probe_set/val``; each value a blob of
+# :mod:`lightning_rnnviz.payload`'s format.
+PLUGIN_NAME = "rnnviz"
+PROBE_SET_TAG = "rnnviz/probe_set"

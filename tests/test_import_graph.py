@@ -10,9 +10,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_rnnviz"
 # lower first; a module may import its own layer and those below. The package root (lazy names) and
 # `__main__` stand above everything and are not imported by anything of ours but the command line's.
-LAYERS = ["names", "probe", "render", "sinks", "pipeline", "cli", "callbacks"]
+LAYERS = ["names", "payload", "probe", "render", "sinks", "pipeline", "explorer", "cli", "callbacks"]
 # what each stage package may import of ours besides itself (the pipeline and the callbacks join them)
-STAGE_IMPORTS = {"names": set(), "probe": set(), "render": {"probe", "names"}, "sinks": {"names"}}
+STAGE_IMPORTS = {"names": set(), "payload": set(), "probe": set(), "render": {"probe", "names", "payload"},
+                 "sinks": {"names"}}
 
 
 def _modules() -> dict[str, Path]:
