@@ -1,5 +1,5 @@
-"""``python -m lightning_rnnviz summary RUN`` and ``compare RUN [RUN ...] --out FILE``: runs read back from
-their ``summary.json`` (see :mod:`lightning_rnnviz.cli`)."""
+"""``python -m lightning_rnnviz summary RUN``, ``compare RUN [RUN ...] --out FILE`` (runs read back from
+their ``summary.json``) and ``explore RUN -o FILE.html`` (see :mod:`lightning_rnnviz.cli`)."""
 
 from lightning_rnnviz.cli import main
 

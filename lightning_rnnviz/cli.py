@@ -4,6 +4,8 @@ curves ``||dL/dh_t||`` of a recurrent module on one picture (of an attention mod
 ``focus`` per head) and prints their statistics side by side. ``RUN`` is a run folder (the logger's
 ``log_dir``, or its ``rnnviz/`` folder) or a ``summary.json``; for ``compare``, a folder that holds several
 runs stands for all of them. What it reads and draws is :mod:`lightning_rnnviz.render.offline`'s.
+``explore RUN -o FILE.html`` writes the explorer (TensorBoard's ``rnnviz`` tab) over every probe set in the
+event files under ``RUN`` as one self-contained HTML page (:mod:`lightning_rnnviz.explorer`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from lightning_rnnviz.explorer.reading import ProbeSetError, read_probe_sets
 from lightning_rnnviz.render.offline import (
     OUTPUT_FORMATS,
     SummaryError,
@@ -36,6 +39,7 @@ examples:
   {prog} compare lightning_logs/rnn/version_0 lightning_logs/gru/version_0 --out grads.png
   {prog} compare lightning_logs --epoch 0 --out grads.svg   (every run below lightning_logs)
   {prog} compare exp_a exp_b --module decoder.attn --out attn.png   (Trainer(default_root_dir="exp_a"), ...)
+  {prog} explore lightning_logs/lstm/version_0 -o explorer.html
 """
 
 
@@ -52,7 +56,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog,
         description="Read the summary.json that lightning_rnnviz's RNNViz callback writes beside a run: "
                     "print its statistics and findings, or compare several runs' gradient norms or "
-                    "attention.",
+                    "attention; or write the explorer over a run's probe sets as one HTML page.",
         epilog=_EXAMPLES.format(prog=prog or "lightning-rnnviz"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -84,6 +88,18 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                          help="only row I (layer*directions + direction), or head I of an attention module")
     compare.add_argument("--out", required=True, metavar="FILE",
                          help="the picture to write: .png (150 dpi), .svg or .pdf")
+    explore = commands.add_parser(
+        "explore", help="write the explorer over a run's probe sets as one self-contained HTML page",
+        description="Read every probe set (the explorer's data, which the RNNViz callback writes for "
+                    "TensorBoard's rnnviz tab) from the event files under RUN and write the explorer over "
+                    "them as one HTML page that opens without a server: for W&B (wandb.Html), MLflow "
+                    "artifacts or sharing. It holds every recorded step, so it can be large.",
+    )
+    explore.add_argument("run", metavar="RUN",
+                         help="a log folder: the logger's log_dir, or any folder above it (every run below "
+                              "it is read; each folder with event files is one run, as in TensorBoard)")
+    explore.add_argument("-o", "--out", required=True, metavar="FILE", help="the HTML page to write")
+    explore.add_argument("--title", metavar="TEXT", help="the page's title (default: rnnviz explorer: RUN)")
     return parser
 
 
@@ -93,9 +109,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     try:
         if args.command == "summary":
             sys.stdout.write(summary_text(read_summary(args.run), args.module))
+        elif args.command == "explore":
+            _explore(args, sys.stdout.write)
         else:
             _compare(args, sys.stdout.write)
-    except SummaryError as error:
+    except (SummaryError, ProbeSetError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -112,6 +130,23 @@ def _compare(args: argparse.Namespace, write: Callable[[str], Any]) -> None:
     save_figure(fig, out)
     write(compare_table(runs, args.row))
     write(f"wrote {out}\n")
+
+
+def _explore(args: argparse.Namespace, write: Callable[[str], Any]) -> None:
+    runs_json, blobs = read_probe_sets(args.run)
+    if not blobs:
+        raise ProbeSetError(
+            f"no probe sets of lightning_rnnviz under {args.run!r}: the RNNViz callback writes them to "
+            f"TensorBoard's event files (tags rnnviz/probe_set/train and /val) at its recordings, unless "
+            f"probe_set= turns them off")
+    from lightning_rnnviz.explorer.export import page
+
+    out = Path(args.out)
+    title = args.title or f"rnnviz explorer: {args.run}"
+    out.write_text(page(runs_json, blobs, title=title), encoding="utf-8")
+    steps = sum(len(tag["steps"]) for run in runs_json["runs"] for tag in run["tags"].values())
+    size = sum(len(blob) for blob in blobs.values())
+    write(f"wrote {out}: {steps} probe sets of {len(runs_json['runs'])} run(s), {size} bytes of data\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

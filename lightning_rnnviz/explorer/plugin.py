@@ -117,6 +117,20 @@ class RnnvizPlugin(base_plugin.TBPlugin):
             run_tag_filter=None if runs is None else provider.RunTagFilter(runs=runs, tags=tags),
         )
 
+    def _list(self, environ, run: str):
+        """``{run: {tag: metadata}}`` of our plugin in ``run`` (empty when it holds none)."""
+        if self._provider is None:
+            return {}
+        from tensorboard import plugin_util
+        from tensorboard.data import provider
+
+        return self._provider.list_blob_sequences(
+            plugin_util.context(environ),
+            experiment_id=plugin_util.experiment_id(environ),
+            plugin_name=PLUGIN_NAME,
+            run_tag_filter=provider.RunTagFilter(runs=[run]),
+        )
+
     def _size(self, environ, run: str, tag: str, datum) -> int:
         key = (run, tag, int(datum.step), float(datum.wall_time))
         if key not in self._sizes:
@@ -162,9 +176,9 @@ class RnnvizPlugin(base_plugin.TBPlugin):
                 raise _BadRequest(400, f"step must be an integer, got {text!r}")
             step = int(text)
             found = self._read(request.environ, runs=[run], tags=[tag])
-            if run not in found:
-                raise _BadRequest(404, f"no probe sets in run {run!r}")
-            if tag not in found[run]:
+            if tag not in found.get(run, {}):
+                if run not in self._list(request.environ, run):
+                    raise _BadRequest(404, f"no probe sets in run {run!r}")
                 raise _BadRequest(404, f"no probe sets of tag {tag!r} in run {run!r}")
             data = [d for d in found[run][tag] if d.step == step and d.values]
             if not data:
