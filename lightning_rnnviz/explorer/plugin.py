@@ -156,7 +156,7 @@ class RnnvizPlugin(base_plugin.TBPlugin):
             if tags:
                 runs.append({"run": run, "tags": tags})
         for key in set(self._sizes) - seen:  # data TensorBoard no longer keeps
-            del self._sizes[key]
+            self._sizes.pop(key, None)  # another request may have dropped it meanwhile
         return {"runs": runs}
 
     @_application
