@@ -232,7 +232,7 @@ export function mount(element, source) {
     options(ui.module, h.modules.map((m, i) => [i, `${m.name || '(model)'} (${m.kind})`]), ui.module.value);
     const m = h.modules[Number(ui.module.value)];
     if (m && m.type === 'rnn') {
-      options(ui.layer, m.layers.map((l, i) => [i, l.label || `layer ${l.layer}${l.direction ? ' reverse' : ''}`]),
+      options(ui.layer, m.layers.map((l, i) => [i, l.label || m.name || 'the only layer']),
         ui.layer.value);
       const l = m.layers[Number(ui.layer.value)];
       options(ui.quantity, [['hidden', 'hidden state h_t'], ...Object.keys(l.gates).map((g) => [g, `${g} gate`])],
@@ -277,12 +277,6 @@ export function mount(element, source) {
       items.push(...h.notes);
       for (const m of h.modules) {
         if (!m.exact) items.push(`${m.name || '(model)'}: not exact (the replay could not reproduce training bit for bit)`);
-        for (const l of m.layers || []) {
-          if (l.units.length < l.units_total) {
-            items.push(`${m.name || '(model)'} ${l.label}: ${l.units.length} of ${l.units_total} units shown ` +
-              '(the largest variance over the probe set)');
-          }
-        }
       }
       ui.status.textContent = `${h.source} recording at step ${h.step}: ${h.rows.length} sequences of up to ${h.steps} steps.`;
     }
@@ -329,8 +323,8 @@ export function mount(element, source) {
     const order = unitOrder(v);
     let max = 0;
     for (const x of v.values) max = Math.max(max, Math.abs(x));
-    const cw = clamp(Math.floor(1000 / Math.max(T, 1)), 2, 26);
-    const ch = clamp(Math.floor(520 / Math.max(v.U, 1)), 2, 16);
+    const cw = clamp(Math.floor(1000 / Math.max(T, 1)), 2, 32);
+    const ch = clamp(Math.floor(520 / Math.max(v.U, 1)), 2, 20);
     const left = 56, top = 8, bottom = 70;
     const c = ui.canvas;
     c.width = left + cw * T + 8;
@@ -379,9 +373,11 @@ export function mount(element, source) {
     const lg = legend.getContext('2d');
     for (let x = 0; x < 200; x++) { lg.fillStyle = diverging((x / 199 * 2 - 1) * max, max); lg.fillRect(x, 0, 1, 12); }
     ui.legend.replaceChildren(el('span', {text: short(-max)}), legend, el('span', {text: `${short(max)}   (0: white)`}));
-    const title = `${v.m.name || '(model)'} ${v.l.label} · ${v.q === 'hidden' ? 'h_t' : `${v.q} gate`} · sequence #${v.k}` +
+    const title = `${[v.m.name || '(model)', v.l.label].filter(Boolean).join(' ')} · ${v.q === 'hidden' ? 'h_t' : `${v.q} gate`} · sequence #${v.k}` +
       ` · ${v.U} units x ${T} steps`;
-    ui.heat.replaceChildren(el('div', {class: 'help', text: title}), c, ui.legend);
+    const absent = Object.keys(v.l.gates).length ? [] : [message(`${v.m.kind}: no gates to show (a vanilla RNN has none); ` +
+      'the heatmap shows h_t.')];
+    ui.heat.replaceChildren(el('div', {class: 'help', text: title}), ...absent, c, ui.legend);
   }
 
   function cellAt(event) {
@@ -470,7 +466,8 @@ export function mount(element, source) {
     }
     picked.sort((a, b) => v.units[a] - v.units[b]);
     st.units = picked.map((u) => v.units[u]);
-    ui.selectInfo.replaceChildren(`Steps ${sel.start}-${sel.end} of sequence #${v.k} `, tokenContext(v, v.k, sel.start, sel.end, 0),
+    const range = sel.start === sel.end ? `Step ${sel.start}` : `Steps ${sel.start}-${sel.end}`;
+    ui.selectInfo.replaceChildren(`${range} of sequence #${v.k} `, tokenContext(v, v.k, sel.start, sel.end, 0),
       `: ${picked.length} unit${picked.length === 1 ? '' : 's'} above ${thr} at every step` +
       (sel.start > 0 ? ` and at or below it at step ${sel.start - 1}.` : ' (the range starts the sequence).'));
     ui.selected.replaceChildren(...picked.map((u) => el('li', {'data-unit': String(v.units[u]),
@@ -492,12 +489,12 @@ export function mount(element, source) {
     }
     found.sort((a, b) => a.gap - b.gap || b.score - a.score || a.k - b.k || a.start - b.start);
     ui.matches.dataset.count = String(found.length);
-    ui.matchInfo.textContent = `${found.length} place${found.length === 1 ? '' : 's'} in the probe set where all ` +
-      `${picked.length} selected units are above ${thr} together (maximal runs of steps), closest in length to the ` +
+    ui.matchInfo.textContent = `${found.length} place${found.length === 1 ? '' : 's'} in the probe set where ` +
+      `${picked.length === 1 ? 'the selected unit is' : `${picked.length} selected units are`} above ${thr} together (maximal runs of steps), closest in length to the ` +
       'selection first, then by their mean value. Click one to show it.';
     ui.matches.replaceChildren(...found.slice(0, 200).map((f) => {
       const li = el('li', {'data-sequence': String(f.k), 'data-start': String(f.start), 'data-end': String(f.end),
-        'data-score': exact(f.score)}, `#${f.k} steps ${f.start}-${f.end} (mean ${short(f.score)}): `,
+        'data-score': exact(f.score)}, `#${f.k} ${f.start === f.end ? `step ${f.start}` : `steps ${f.start}-${f.end}`} (mean ${short(f.score)}): `,
       tokenContext(v, f.k, f.start, f.end));
       li.addEventListener('click', () => { ui.sequence.value = String(f.k); draw(); });
       return li;
@@ -551,11 +548,16 @@ export function mount(element, source) {
       'data-sequences': String(K)});
     root.append(svg('rect', {x: '0', y: '0', width: String(W), height: String(H), fill: '#fff'}));
     for (let e = e0; e <= e1; e++) {
-      root.append(svg('line', {x1: String(L), x2: String(W - R), y1: String(y(10 ** e)), y2: String(y(10 ** e)), stroke: '#ddd'}));
-      const label = svg('text', {x: String(L - 6), y: String(y(10 ** e) + 4), 'text-anchor': 'end', 'font-size': '11',
-        class: 'rnnviz-tick'});
-      label.textContent = `1e${e}`;
-      root.append(label);
+      for (let m = 1; m < (e < e1 ? 10 : 2); m++) {  // a line at each 1..9 x 10^e; labels at 1 (and 2, 5 when few decades)
+        const at = y(m * 10 ** e);
+        root.append(svg('line', {x1: String(L), x2: String(W - R), y1: String(at), y2: String(at), stroke: m === 1 ? '#ccc' : '#eee'}));
+        if (m === 1 || (e1 - e0 <= 2 && (m === 2 || m === 5))) {
+          const label = svg('text', {x: String(L - 6), y: String(at + 4), 'text-anchor': 'end', 'font-size': '11',
+            class: m === 1 ? 'rnnviz-tick' : 'rnnviz-minor'});
+          label.textContent = m === 1 ? `1e${e}` : `${m}e${e}`;
+          root.append(label);
+        }
+      }
     }
     const tstep = Math.max(1, Math.ceil(T / 15));
     for (let t = 0; t < T; t += tstep) {
@@ -590,6 +592,7 @@ export function mount(element, source) {
       cursor.setAttribute('x2', String(x(t)));
       cursor.setAttribute('visibility', 'visible');
       readout.dataset.step = String(t);
+      readout.dataset.values = JSON.stringify(Array.from({length: K}, (_, k) => (t < lengths[k] ? values[k * T + t] : null)));
       readout.textContent = `step ${t}: ` + Array.from({length: K}, (_, k) => t < lengths[k]
         ? `#${k} ${short(values[k * T + t])}` : `#${k} -`).join('   ');
     });
@@ -608,8 +611,8 @@ export function mount(element, source) {
     const mods = h.modules.filter((m) => m.type === 'attention');
     if (!mods.length) { ui.attention.replaceChildren(message('No attention module in this probe set.')); return; }
     const k = Number(ui.sequence.value);
-    const parts = [el('p', {class: 'help', text: `Sequence #${k}: per head, queries (rows) x keys (columns), darker is ` +
-      'more weight. Hover a query to highlight its keys.'})];
+    const parts = [el('p', {class: 'help', text: `Sequence #${k}: per head, queries (rows) x keys (columns), white is 0, ` +
+      'the darkest blue the head\'s largest weight in this sequence. Hover a query (a row) to highlight its keys.'})];
     for (const m of mods) {
       const [K, H, Tq, Tk] = m.weights.shape;
       const w = st.data.array(m.weights);
@@ -621,10 +624,13 @@ export function mount(element, source) {
       const pad = 56;
       for (let head = 0; head < H; head++) {
         const canvas = el('canvas', {'data-head': String(head), 'data-module': m.name, 'data-queries': String(nq),
-          'data-keys': String(nk), width: String(pad + c * nk + 4), height: String(pad + c * nq + 4)});
+          'data-keys': String(nk), width: String(pad + c * nk + 4), height: String(pad + c * nq + 20)});
         canvas.style.width = `${canvas.width}px`;
         canvas.style.height = `${canvas.height}px`;
         const cell = (q, key) => w[((k * H + head) * Tq + q) * Tk + key];
+        let top = 0;  // the colour scale: 0 to the head's largest weight in this sequence
+        for (let q = 0; q < nq; q++) for (let key = 0; key < nk; key++) top = Math.max(top, cell(q, key));
+        const rowMax = (q) => Math.max(...Array.from({length: nk}, (_, key) => cell(q, key)));
         const paint = (hover) => {
           const g = canvas.getContext('2d');
           g.fillStyle = '#fff';
@@ -633,7 +639,7 @@ export function mount(element, source) {
             for (let key = 0; key < nk; key++) {
               const a = cell(q, key);
               const dim = hover !== null && q !== hover;
-              const level = Math.round(255 - 225 * Math.sqrt(clamp(a, 0, 1)));
+              const level = Math.round(255 - 225 * (top > 0 ? clamp(a / top, 0, 1) : 0));
               g.fillStyle = dim ? `rgb(${level},${level},${level})` : `rgb(${level},${level},255)`;
               if (dim) g.globalAlpha = 0.35;
               g.fillRect(pad + key * c, pad + q * c, c, c);
@@ -651,14 +657,25 @@ export function mount(element, source) {
             g.translate(pad + key * c + c / 2, pad - 3);
             g.rotate(-Math.PI / 3);
             g.textAlign = 'left';
-            g.fillStyle = hover !== null && cell(hover, key) >= 0.1 ? '#c00' : '#333';
+            const strong = hover !== null && cell(hover, key) >= 0.5 * rowMax(hover);
+            g.fillStyle = strong ? '#c00' : '#333';
+            g.font = strong ? 'bold 11px sans-serif' : '10px sans-serif';
             g.fillText(label(key, false).slice(0, 8), 0, 0);
             g.restore();
           }
-          if (hover !== null) { g.strokeStyle = '#c00'; g.strokeRect(pad, pad + hover * c, nk * c, c); }
+          if (hover !== null) {
+            g.strokeStyle = '#c00';
+            g.strokeRect(pad, pad + hover * c, nk * c, c);
+            g.fillStyle = '#c00';  // each key's weight for the hovered query, as a bar under the grid
+            for (let key = 0; key < nk; key++) {
+              const bar = 14 * cell(hover, key) / (rowMax(hover) || 1);
+              g.fillRect(pad + key * c + 1, pad + nq * c + 2, c - 2, bar);
+            }
+          }
           g.fillStyle = '#000';
           g.textAlign = 'left';
           g.fillText(`head ${head}`, 2, 8);
+          g.fillText(`darkest ${short(top)}`, 2, 20);
         };
         paint(null);
         canvas.addEventListener('mousemove', (event) => {
@@ -667,15 +684,16 @@ export function mount(element, source) {
           if (q < 0 || q >= nq) { paint(null); return; }
           paint(q);
           canvas.dataset.query = String(q);
-          const top = Array.from({length: nk}, (_, key) => key).sort((a, b) => cell(q, b) - cell(q, a)).slice(0, 5);
+          const best = Array.from({length: nk}, (_, key) => key).sort((a, b) => cell(q, b) - cell(q, a)).slice(0, 5);
           readout.textContent = `${m.name} head ${head}, query ${q} ${JSON.stringify(label(q, true))}: ` +
-            top.map((key) => `${JSON.stringify(label(key, false))} ${short(cell(q, key))}`).join(', ');
+            best.map((key) => `${JSON.stringify(label(key, false))} ${short(cell(q, key))}`).join(', ');
         });
         canvas.addEventListener('mouseleave', () => { paint(null); delete canvas.dataset.query; });
         heads.append(canvas);
       }
       parts.push(el('div', {class: 'help', text: `${m.name || '(model)'} (${m.kind}), ${H} heads` +
-        (m.exact ? '' : ', not exact')}), heads, readout);
+        (m.exact ? '' : ', not exact') + (m.tokens_are_steps ? '' : '; queries and keys are not the sequence\'s steps')}),
+      heads, readout);
     }
     ui.attention.replaceChildren(...parts);
   }
