@@ -106,20 +106,21 @@ def lstm_blob(rec, tokens: list[list[str]], step: int, source: str, notes: tuple
 
 # ------------------------------------------------------------------------------------------ planted
 PLANTED_UNIT = 9  # fires (0.9) on the token "X" and nowhere else
+PARTNER = 11  # fires (0.85) on "X" and on "W": on together with PLANTED_UNIT only on "X"
 DISTRACTOR = 5  # fires (0.8) at the step before each "X" and on it, and on "Y Y" in sequence 2
 ALWAYS_ON = 13  # 0.7 everywhere: on in any range, but also just before it
 PLANTED_UNITS = [2, 5, 7, 9, 11, 13]  # of 16
 PLANTED_TOKENS = [
     "a b c d X e f g h i j X k l m n".split(),
-    "p q r s t u v X w x y z a b".split() + ["<pad>", "<pad>"],
-    "b c d e f Y Y g h i j k l m n o".split(),
+    "p q W s t u v X w x y z a b".split() + ["<pad>", "<pad>"],
+    "b c d e f Y Y g h i W k l m n o".split(),
 ]
 PLANTED_LENGTHS = [16, 14, 16]
 
 
 def planted_blob(seed: int = 1) -> tuple[bytes, dict]:
-    """A vanilla RNN's probe set (no gates, no gradients) with the planted units; and what a select on
-    the first "X" must find: ``{"x_steps": [(k, t)], "distractor_runs": [(k, start, end)]}``."""
+    """A vanilla RNN's probe set (no gates, no gradients) with the planted units; and what select and
+    match must find: ``{"x_steps": [(k, t)], "distractor_runs": [(k, start, end)]}``."""
     rng = np.random.default_rng(seed)
     K, T, U = len(PLANTED_TOKENS), 16, len(PLANTED_UNITS)
     hidden = rng.uniform(-0.3, 0.3, size=(K, T, U)).astype(np.float32)
@@ -130,9 +131,12 @@ def planted_blob(seed: int = 1) -> tuple[bytes, dict]:
         for t, tok in enumerate(toks[:PLANTED_LENGTHS[k]]):
             if tok == "X":
                 hidden[k, t, col[PLANTED_UNIT]] = 0.9
+                hidden[k, t, col[PARTNER]] = 0.85
                 hidden[k, t - 1 : t + 1, col[DISTRACTOR]] = 0.8
                 x_steps.append((k, t))
                 distractor_runs.append((k, t - 1, t))
+            if tok == "W":
+                hidden[k, t, col[PARTNER]] = 0.85
         if k == 2:
             hidden[k, 5:7, col[DISTRACTOR]] = 0.8
             distractor_runs.append((k, 5, 6))

@@ -15,6 +15,7 @@ from lightning_rnnviz.explorer.export import page
 from tests.explorer.probe_sets import (
     ALWAYS_ON,
     DISTRACTOR,
+    PARTNER,
     PLANTED_LENGTHS,
     PLANTED_UNIT,
     PLANTED_UNITS,
@@ -147,6 +148,14 @@ def test_heatmap_cells_and_hover_show_the_probe_record(explorer, tmp_path):
         assert float(tip["value"]) == float(hidden[1, 2, t, unit])  # exactly the stored float32
     screenshot(driver, tmp_path / "hidden.png")
 
+    # a gate instead of h_t: the record's gate activation
+    assert driver.execute_script("return Array.from(document.querySelectorAll('#rnnviz-quantity option'))"
+                                 ".map(o => o.value);") == ["hidden", "input", "forget", "cell", "output"]
+    choose(driver, "rnnviz-quantity", "forget")
+    tip = hover(driver, 3, 8)
+    assert float(tip["value"]) == float(rec["lstm"].gates["forget"][1, 2, 8, 3])
+    choose(driver, "rnnviz-quantity", "hidden")
+
     # sorted by variance over the probe set's steps: the order Python computes
     choose(driver, "rnnviz-sort", "variance")
     order = json.loads(driver.execute_script("return document.getElementById('rnnviz-heatmap').dataset.order;"))
@@ -178,10 +187,10 @@ def test_select_and_match_the_planted_unit(explorer, tmp_path):
     (k0, x0) = truth["x_steps"][0]
     assert k0 == 0
     drag(driver, PLANTED_UNITS.index(PLANTED_UNIT), x0, x0)  # the planted token "X" alone
-    assert selected_units(driver) == [PLANTED_UNIT]  # not the distractor, nor the unit always on
-    found = matches(driver)
+    assert selected_units(driver) == [PLANTED_UNIT, PARTNER]  # not the distractor, nor the unit always on
+    found = matches(driver)  # where both are on together: every "X", never "W" (the partner alone)
     assert sorted((k, s, e) for k, s, e, _ in found) == sorted((k, t, t) for k, t in truth["x_steps"])
-    assert all(abs(score - 0.9) < 1e-6 for *_, score in found)
+    assert all(abs(score - np.float32(0.875)) < 1e-6 for *_, score in found)
     show(driver, "rnnviz-hidden-view", tmp_path / "select_match.png")
 
     # the step before X and X: the distractor (on there, off before); matched wherever it fires
@@ -190,6 +199,8 @@ def test_select_and_match_the_planted_unit(explorer, tmp_path):
     found = matches(driver)
     assert sorted((k, s, e) for k, s, e, _ in found) == sorted(truth["distractor_runs"])
     assert all(e < PLANTED_LENGTHS[k] for k, _, e, _ in found)
+    # ranked as documented: closest in length to the selection (2 steps), then the larger mean value
+    assert found == sorted(found, key=lambda m: (abs(m[2] - m[1] + 1 - 2), -m[3], m[0], m[1]))
 
     # a threshold above every value: nothing is on
     choose(driver, "rnnviz-threshold", "0.95")
