@@ -123,7 +123,8 @@ def matches(driver):
 def show(driver, element_id, path):
     driver.execute_script("document.getElementById(arguments[0]).scrollIntoView({block: 'start'});", element_id)
     time.sleep(0.1)
-    assert screenshot(driver, path) == WINDOW or True
+    width, height = screenshot(driver, path)
+    assert width >= 1000 and height >= 700, (width, height)
 
 
 # -------------------------------------------------------------------------------------------- tests
@@ -240,6 +241,7 @@ def test_gradients_one_path_per_sequence_on_a_log_axis(explorer, tmp_path):
     view = driver.find_element("id", "rnnviz-gradient-view").text
     assert "Validation has no gradients" in view and "step 10" in view
     assert len(driver.find_elements("css selector", "svg#rnnviz-gradients path[data-sequence]")) == norms.shape[1]
+    show(driver, "rnnviz-gradient-view", tmp_path / "gradients_validation.png")
 
 
 def test_attention_heads_and_hovering_a_query(explorer, tmp_path):

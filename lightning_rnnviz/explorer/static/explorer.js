@@ -632,6 +632,7 @@ export function mount(element, source) {
         for (let q = 0; q < nq; q++) for (let key = 0; key < nk; key++) top = Math.max(top, cell(q, key));
         const rowMax = (q) => Math.max(...Array.from({length: nk}, (_, key) => cell(q, key)));
         const paint = (hover) => {
+          const hoverMax = hover === null ? 0 : rowMax(hover);
           const g = canvas.getContext('2d');
           g.fillStyle = '#fff';
           g.fillRect(0, 0, canvas.width, canvas.height);
@@ -657,7 +658,7 @@ export function mount(element, source) {
             g.translate(pad + key * c + c / 2, pad - 3);
             g.rotate(-Math.PI / 3);
             g.textAlign = 'left';
-            const strong = hover !== null && cell(hover, key) >= 0.5 * rowMax(hover);
+            const strong = hover !== null && cell(hover, key) >= 0.5 * hoverMax;
             g.fillStyle = strong ? '#c00' : '#333';
             g.font = strong ? 'bold 11px sans-serif' : '10px sans-serif';
             g.fillText(label(key, false).slice(0, 8), 0, 0);
@@ -668,7 +669,7 @@ export function mount(element, source) {
             g.strokeRect(pad, pad + hover * c, nk * c, c);
             g.fillStyle = '#c00';  // each key's weight for the hovered query, as a bar under the grid
             for (let key = 0; key < nk; key++) {
-              const bar = 14 * cell(hover, key) / (rowMax(hover) || 1);
+              const bar = 14 * cell(hover, key) / (hoverMax || 1);
               g.fillRect(pad + key * c + 1, pad + nq * c + 2, c - 2, bar);
             }
           }
