@@ -192,7 +192,18 @@ def test_select_and_match_the_planted_unit(explorer, tmp_path):
     found = matches(driver)  # where both are on together: every "X", never "W" (the partner alone)
     assert sorted((k, s, e) for k, s, e, _ in found) == sorted((k, t, t) for k, t in truth["x_steps"])
     assert all(abs(score - np.float32(0.875)) < 1e-6 for *_, score in found)
+    choose(driver, "rnnviz-sort", "activity")  # the mean over the selected step: 0.9, 0.85, 0.8, 0.7, then noise
+    order = json.loads(driver.execute_script("return document.getElementById('rnnviz-heatmap').dataset.order;"))
+    assert order[:4] == [PLANTED_UNIT, PARTNER, DISTRACTOR, ALWAYS_ON]
+    choose(driver, "rnnviz-sort", "index")
     show(driver, "rnnviz-hidden-view", tmp_path / "select_match.png")
+    # a match in another sequence, clicked: that sequence is shown, the selection and its matches stay
+    driver.find_element("css selector", "#rnnviz-matches li[data-sequence='1']").click()
+    time.sleep(0.2)
+    assert driver.find_element("id", "rnnviz-sequence").get_attribute("value") == "1"
+    assert selected_units(driver) == [PLANTED_UNIT, PARTNER] and len(matches(driver)) == len(found)
+    show(driver, "rnnviz-hidden-view", tmp_path / "match_clicked.png")
+    choose(driver, "rnnviz-sequence", 0)
 
     # the step before X and X: the distractor (on there, off before); matched wherever it fires
     drag(driver, 0, x0 - 1, x0)

@@ -164,7 +164,8 @@ export function mount(element, source) {
     el('h2', {text: 'Gradients ||dL/dh_t||'}), ui.grad,
     el('h2', {text: 'Attention'}), ui.attention, ui.tip));
 
-  const st = {follow: true, runs: [], cache: new Map(), data: null, grads: null, selection: null, units: [], runsText: ''};
+  const st = {follow: true, runs: [], cache: new Map(), data: null, grads: null, selection: null, focus: null, units: [],
+    runsText: ''};
 
   const fail = (where, err) => { ui.status.textContent = `${where}: ${err && err.message ? err.message : err}`; };
 
@@ -263,8 +264,8 @@ export function mount(element, source) {
   // ---------------------------------------------------------------------------------------- drawing
   function draw() {
     drawNotes();
-    drawHeatmap();
     drawSelection();
+    drawHeatmap();
     drawGradients();
     drawAttention();
     document.body.dataset.rnnvizReady = '1';
@@ -296,11 +297,12 @@ export function mount(element, source) {
         }
         score[u] = n ? s2 / n - (s / n) ** 2 : 0;
       }
-    } else {  // activity: mean value over the selected range (the whole sequence without a selection)
-      const sel = st.selection && st.selection.k === v.k ? st.selection : {start: 0, end: v.h.lengths[v.k] - 1};
+    } else {  // activity: mean value over the selected range (the shown sequence without a selection)
+      const valid = st.selection && st.selection.k < v.K && st.selection.end < v.h.lengths[st.selection.k];
+      const sel = valid ? st.selection : {k: v.k, start: 0, end: v.h.lengths[v.k] - 1};
       for (let u = 0; u < v.U; u++) {
         let s = 0;
-        for (let t = sel.start; t <= sel.end; t++) s += at(v, v.k, t, u);
+        for (let t = sel.start; t <= sel.end; t++) s += at(v, sel.k, t, u);
         score[u] = s / (sel.end - sel.start + 1);
       }
     }
@@ -361,14 +363,20 @@ export function mount(element, source) {
       g.restore();
     }
     g.restore();
-    const sel = st.selection;
-    if (sel && sel.k === v.k) {
+    const sel = st.selection, focus = st.focus;
+    g.lineWidth = 2;
+    if (sel && sel.k === v.k) {  // the selected range: black; a match clicked in the list: orange, dashed
       g.strokeStyle = '#000';
-      g.lineWidth = 2;
       g.strokeRect(left + sel.start * cw, top, (sel.end - sel.start + 1) * cw, v.U * ch);
-      g.fillStyle = '#f0a000';
-      for (let r = 0; r < v.U; r++) if (st.units.includes(v.units[order[r]])) g.fillRect(left - 9, top + r * ch, 7, ch);
     }
+    if (focus && focus.k === v.k) {
+      g.strokeStyle = '#f08000';
+      g.setLineDash([5, 3]);
+      g.strokeRect(left + focus.start * cw, top, (focus.end - focus.start + 1) * cw, v.U * ch);
+      g.setLineDash([]);
+    }
+    g.fillStyle = '#f0a000';  // the selected units, marked left of their rows
+    for (let r = 0; r < v.U; r++) if (st.units.includes(v.units[order[r]])) g.fillRect(left - 9, top + r * ch, 7, ch);
     const legend = el('canvas', {width: '200', height: '12'});
     const lg = legend.getContext('2d');
     for (let x = 0; x < 200; x++) { lg.fillStyle = diverging((x / 199 * 2 - 1) * max, max); lg.fillRect(x, 0, 1, 12); }
@@ -411,9 +419,11 @@ export function mount(element, source) {
   });
   window.addEventListener('mouseup', () => {
     if (!drag || !geom) return;
+    st.focus = null;
     st.selection = {k: geom.v.k, start: Math.min(drag.start, drag.end), end: Math.max(drag.start, drag.end)};
     drag = null;
-    drawSelection();  // redraws the heatmap with the selection
+    drawSelection();
+    drawHeatmap();
   });
 
   function showDrag() {
@@ -451,7 +461,7 @@ export function mount(element, source) {
     ui.selected.replaceChildren();
     ui.matches.replaceChildren();
     ui.matches.dataset.count = '0';
-    if (!v || !sel || sel.k !== v.k || sel.end >= v.h.lengths[v.k] || !Number.isFinite(thr)) {
+    if (!v || !sel || sel.k >= v.K || sel.end >= v.h.lengths[sel.k] || !Number.isFinite(thr)) {
       ui.selectInfo.textContent = v ? 'Drag over a range of steps in the heatmap: the units on (above the threshold) ' +
         'at every step of the range and off (at or below it) at the step before are selected.' : '';
       ui.matchInfo.textContent = '';
@@ -460,19 +470,18 @@ export function mount(element, source) {
     const picked = [];
     for (let u = 0; u < v.U; u++) {
       let on = true;
-      for (let t = sel.start; t <= sel.end && on; t++) on = at(v, v.k, t, u) > thr;
-      if (on && sel.start > 0) on = at(v, v.k, sel.start - 1, u) <= thr;
+      for (let t = sel.start; t <= sel.end && on; t++) on = at(v, sel.k, t, u) > thr;
+      if (on && sel.start > 0) on = at(v, sel.k, sel.start - 1, u) <= thr;
       if (on) picked.push(u);
     }
     picked.sort((a, b) => v.units[a] - v.units[b]);
     st.units = picked.map((u) => v.units[u]);
     const range = sel.start === sel.end ? `Step ${sel.start}` : `Steps ${sel.start}-${sel.end}`;
-    ui.selectInfo.replaceChildren(`${range} of sequence #${v.k} `, tokenContext(v, v.k, sel.start, sel.end, 0),
+    ui.selectInfo.replaceChildren(`${range} of sequence #${sel.k} `, tokenContext(v, sel.k, sel.start, sel.end, 0),
       `: ${picked.length} unit${picked.length === 1 ? '' : 's'} above ${thr} at every step` +
       (sel.start > 0 ? ` and at or below it at step ${sel.start - 1}.` : ' (the range starts the sequence).'));
     ui.selected.replaceChildren(...picked.map((u) => el('li', {'data-unit': String(v.units[u]),
-      text: `unit ${v.units[u]}  (mean ${short(mean(v, v.k, sel.start, sel.end, [u]))})`})));
-    drawHeatmap();
+      text: `unit ${v.units[u]}  (mean ${short(mean(v, sel.k, sel.start, sel.end, [u]))})`})));
     if (!picked.length) { ui.matchInfo.textContent = 'No unit set to match.'; return; }
     const want = sel.end - sel.start + 1;
     const found = [];
@@ -492,11 +501,12 @@ export function mount(element, source) {
     ui.matchInfo.textContent = `${found.length} place${found.length === 1 ? '' : 's'} in the probe set where ` +
       `${picked.length === 1 ? 'the selected unit is' : `${picked.length} selected units are`} above ${thr} together (maximal runs of steps), closest in length to the ` +
       'selection first, then by their mean value. Click one to show it.';
+    if (found.length > 200) ui.matchInfo.textContent += ` The first 200 of ${found.length} are listed.`;
     ui.matches.replaceChildren(...found.slice(0, 200).map((f) => {
       const li = el('li', {'data-sequence': String(f.k), 'data-start': String(f.start), 'data-end': String(f.end),
         'data-score': exact(f.score)}, `#${f.k} ${f.start === f.end ? `step ${f.start}` : `steps ${f.start}-${f.end}`} (mean ${short(f.score)}): `,
       tokenContext(v, f.k, f.start, f.end));
-      li.addEventListener('click', () => { ui.sequence.value = String(f.k); draw(); });
+      li.addEventListener('click', () => { st.focus = f; ui.sequence.value = String(f.k); draw(); });
       return li;
     }));
   }
@@ -701,15 +711,15 @@ export function mount(element, source) {
 
   // --------------------------------------------------------------------------------------- controls
   const run = (fn) => () => Promise.resolve().then(fn).catch((err) => fail('could not load the probe set', err));
-  ui.run.addEventListener('change', run(() => { fillRunTag(); return load(); }));
-  ui.tag.addEventListener('change', run(() => { st.follow = true; fillRunTag(); st.selection = null; return load(); }));
+  ui.run.addEventListener('change', run(() => { st.follow = true; st.selection = st.focus = null; fillRunTag(); return load(); }));
+  ui.tag.addEventListener('change', run(() => { st.follow = true; fillRunTag(); st.selection = st.focus = null; return load(); }));
   ui.step.addEventListener('input', run(() => { st.follow = ui.step.value === ui.step.max; return load(); }));
-  ui.module.addEventListener('change', run(() => { st.selection = null; ui.layer.value = '0'; fillModule(); draw(); }));
-  ui.layer.addEventListener('change', run(() => { st.selection = null; fillModule(); draw(); }));
+  ui.module.addEventListener('change', run(() => { st.selection = st.focus = null; ui.layer.value = '0'; fillModule(); draw(); }));
+  ui.layer.addEventListener('change', run(() => { st.selection = st.focus = null; fillModule(); draw(); }));
   ui.quantity.addEventListener('change', run(draw));
   ui.sequence.addEventListener('change', run(draw));
   ui.sort.addEventListener('change', run(drawHeatmap));
-  ui.threshold.addEventListener('input', run(() => { drawSelection(); }));
+  ui.threshold.addEventListener('input', run(() => { drawSelection(); drawHeatmap(); }));
   const refresh = run(async () => { if (await loadRuns()) { fillRunTag(); await load(); } });
   ui.reload.addEventListener('click', refresh);
 
