@@ -109,11 +109,29 @@ function options(select, items, value) {  // items: [[value, label]]
 
 function message(text) { return el('p', {class: 'msg', text}); }
 
-function diverging(v, max) {  // blue (negative) - white (0) - red (positive)
+function diverging(v, max) {  // [r, g, b]: blue (negative) - white (0) - red (positive)
   const x = Math.max(-1, Math.min(1, max > 0 ? v / max : 0));
   const a = Math.abs(x);
-  const [r, g, b] = x >= 0 ? [255, 255 - 200 * a, 255 - 215 * a] : [255 - 215 * a, 255 - 170 * a, 255];
-  return `rgb(${r | 0},${g | 0},${b | 0})`;
+  return x >= 0 ? [255, 255 - 200 * a, 255 - 215 * a] : [255 - 215 * a, 255 - 170 * a, 255];
+}
+
+// A grid of rows x cols cells of cw x ch pixels at (x0, y0), one putImageData (fillRect per cell is slow).
+function blit(g, x0, y0, rows, cols, cw, ch, colour) {
+  if (!rows || !cols) return;
+  const width = cols * cw;
+  const image = g.createImageData(width, rows * ch);
+  const d = image.data;
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < cols; c++) {
+      const [R, G, B] = colour(r, c);
+      for (let y = r * ch; y < (r + 1) * ch; y++) {
+        for (let i = (y * width + c * cw) * 4, x = 0; x < cw; x++, i += 4) {
+          d[i] = R; d[i + 1] = G; d[i + 2] = B; d[i + 3] = 255;
+        }
+      }
+    }
+  }
+  g.putImageData(image, x0, y0);
 }
 
 function exact(v) { return String(v); }  // a float32 widened to a double: String() writes it exactly
@@ -325,7 +343,7 @@ export function mount(element, source) {
     const order = unitOrder(v);
     let max = 0;
     for (const x of v.values) max = Math.max(max, Math.abs(x));
-    const cw = clamp(Math.floor(1000 / Math.max(T, 1)), 2, 32);
+    const cw = clamp(Math.floor(880 / Math.max(T, 1)), 2, 32);
     const ch = clamp(Math.floor(520 / Math.max(v.U, 1)), 2, 20);
     const left = 56, top = 8, bottom = 70;
     const c = ui.canvas;
@@ -339,12 +357,7 @@ export function mount(element, source) {
     const g = c.getContext('2d');
     g.fillStyle = '#fff';
     g.fillRect(0, 0, c.width, c.height);
-    for (let r = 0; r < v.U; r++) {
-      for (let t = 0; t < T; t++) {
-        g.fillStyle = diverging(at(v, v.k, t, order[r]), max);
-        g.fillRect(left + t * cw, top + r * ch, cw, ch);
-      }
-    }
+    blit(g, left, top, v.U, T, cw, ch, (r, t) => diverging(at(v, v.k, t, order[r]), max));
     g.fillStyle = '#333';
     g.font = '11px sans-serif';
     g.textAlign = 'right';
@@ -379,7 +392,7 @@ export function mount(element, source) {
     for (let r = 0; r < v.U; r++) if (st.units.includes(v.units[order[r]])) g.fillRect(left - 9, top + r * ch, 7, ch);
     const legend = el('canvas', {width: '200', height: '12'});
     const lg = legend.getContext('2d');
-    for (let x = 0; x < 200; x++) { lg.fillStyle = diverging((x / 199 * 2 - 1) * max, max); lg.fillRect(x, 0, 1, 12); }
+    blit(lg, 0, 0, 1, 200, 1, 12, (r, x) => diverging((x / 199 * 2 - 1) * max, max));
     ui.legend.replaceChildren(el('span', {text: short(-max)}), legend, el('span', {text: `${short(max)}   (0: white)`}));
     const title = `${[v.m.name || '(model)', v.l.label].filter(Boolean).join(' ')} · ${v.q === 'hidden' ? 'h_t' : `${v.q} gate`} · sequence #${v.k}` +
       ` · ${v.U} units x ${T} steps`;
@@ -630,7 +643,7 @@ export function mount(element, source) {
       const label = (t, isQuery) => (m.tokens_are_steps ? tokenOf(h, k, t) : '') || `${isQuery ? 'q' : 'k'}${t}`;
       const readout = el('div', {class: 'help', text: ' '});
       const heads = el('div', {class: 'heads'});
-      const c = Math.max(4, Math.min(18, Math.floor(260 / Math.max(nq, nk, 1))));
+      const c = clamp(Math.floor(300 / Math.max(nq, nk, 1)), 1, 18);
       const pad = 56;
       for (let head = 0; head < H; head++) {
         const canvas = el('canvas', {'data-head': String(head), 'data-module': m.name, 'data-queries': String(nq),
@@ -646,17 +659,11 @@ export function mount(element, source) {
           const g = canvas.getContext('2d');
           g.fillStyle = '#fff';
           g.fillRect(0, 0, canvas.width, canvas.height);
-          for (let q = 0; q < nq; q++) {
-            for (let key = 0; key < nk; key++) {
-              const a = cell(q, key);
-              const dim = hover !== null && q !== hover;
-              const level = Math.round(255 - 225 * (top > 0 ? clamp(a / top, 0, 1) : 0));
-              g.fillStyle = dim ? `rgb(${level},${level},${level})` : `rgb(${level},${level},255)`;
-              if (dim) g.globalAlpha = 0.35;
-              g.fillRect(pad + key * c, pad + q * c, c, c);
-              g.globalAlpha = 1;
-            }
-          }
+          blit(g, pad, pad, nq, nk, c, c, (q, key) => {  // white to blue; other queries grey and faint on hover
+            const level = 225 * (top > 0 ? clamp(cell(q, key) / top, 0, 1) : 0);
+            if (hover === null || q === hover) return [255 - level, 255 - level, 255];
+            return [255 - 0.35 * level, 255 - 0.35 * level, 255 - 0.35 * level];
+          });
           g.font = '10px sans-serif';
           g.fillStyle = '#333';
           g.textAlign = 'right';
