@@ -112,6 +112,8 @@ class RNNViz(*CALLBACK_BASES):
     ``rnnviz/attention/<m>/<stat>``       ``entropy_norm/head<h>``; *all*: ``entropy/head<h>``,
                                           ``focus/head<h>``
     ``rnnviz/val/<quantity>/<m>``         validation images (hidden, gates, attention) of the fixed sample
+    ``rnnviz/probe_set/train``, ``/val``  TensorBoard only: the explorer's data of each training and
+                                          validation recording, a probe set (see ``probe_set``)
     ====================================  ====================================================================
 
     Statistics of multi-layer or bidirectional modules carry a suffix such as ``/layer1_reverse``. Every
@@ -181,6 +183,19 @@ class RNNViz(*CALLBACK_BASES):
             ``last_norm``, ``horizon``, ``log10_ratio``; the hidden state's ``mean_abs``; each gate's
             ``<gate>_mean``; attention's ``entropy_norm`` per head), nine for a one-layer LSTM; ``"all"``
             also the others of the table above, the ``exact`` flags and ``rnnviz/overhead/*``.
+        probe_set: the explorer's data: every recording (training and validation) writes, to TensorBoard,
+            one probe set of these rows of the recorded batch: every layer's hidden states (at most 256 units
+            per layer and direction, those of the largest variance), gate activations, ``||dL/dh_t||`` and
+            its horizon (training only: validation has no gradients), attention weights per head and the
+            tokens, at most 2 MiB (sequences are dropped from the end to fit; the probe set's notes say
+            so). An int ``K``: the first ``K`` rows, at most ``max_samples`` (the probe set's notes say
+            when it capped them); a sequence of row indices, each below ``max_samples``; ``None``: none.
+            Validation records the first validation batch, so the rows are the same sequences at every
+            validation. Tokens, written to the logs with the data: a ``labels`` that accepts
+            ``(batch, row)`` (e.g. ``def labels(batch, row=0)``) is called once per probe row (and
+            ``labels(batch)`` still draws the pictures' ``sample``; a ``labels`` that needs the row gets
+            ``labels(batch, sample)`` there); a ``labels(batch)`` gives the tokens of the ``sample`` row only,
+            the other rows have none.
 
     Raises:
         ValueError: an argument is out of range (the message names it and the fix).
@@ -217,6 +232,7 @@ class RNNViz(*CALLBACK_BASES):
         strict: bool = False,
         budget: float | None = None,
         scalars: Literal["default", "all"] = "default",
+        probe_set: int | Sequence[int] | None = 8,
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
                                           or every_n_steps <= 0):
@@ -262,6 +278,8 @@ class RNNViz(*CALLBACK_BASES):
                              f"the callback's overhead), got {scalars!r}.")
         if labels is not None and not callable(labels):
             raise ValueError(f"`labels` must be a function `batch -> list[str]`, got {type(labels).__name__}.")
+        probe_set, probe_rows, probe_notes = _probe_rows(probe_set, max_samples)
+        self.probe_set = probe_set
         self.every_n_steps = every_n_steps
         self.modules = list(modules) if modules is not None else None
         self.attention = dict(attention) if attention else None
@@ -286,7 +304,7 @@ class RNNViz(*CALLBACK_BASES):
         self._guard = Guard(type(self).__name__, strict, RNNVizWarning)
         self._reporter = Reporter(self.quantities, (), self._guard, sample=sample, top_k=top_k,
                                   max_heads=max_heads, max_time=max_time, renderer=renderer, histograms=histograms,
-                                  scalars=scalars)
+                                  scalars=scalars, probe_rows=probe_rows, probe_notes=probe_notes)
         # Runtime state, created in `on_fit_start` (a pickle holds the constructor arguments only).
         self.enabled = False
         self._recorder: Any = None
@@ -757,24 +775,33 @@ class RNNViz(*CALLBACK_BASES):
         """This monitor's part of a recording, for the worker: ``labels(batch)`` is called here, on the
         training thread (the user's function, and a batch that training may reuse), its error kept for the
         report to warn about as it would on this thread."""
-        tokens = None
+        tokens = probe_tokens = None
         if self.labels is not None:
-            try:
-                value = self.labels(batch)
-            except Exception as error:  # noqa: BLE001 - reported by the reporter's guard, as inline
-                failed = error
-
-                def tokens() -> Any:
-                    raise failed
-            else:
-                def tokens() -> Any:
-                    return value
+            tokens = _called_now(self._sample_tokens, batch)
+            if self._reporter.probe_rows is not None:
+                probe_tokens = _called_now(self._probe_tokens, batch)
         reporter = self._reporter
 
         def report(recording: Recording, out: Delivery) -> None:
-            reporter.report(recording, out, step, prefix=prefix, training=training, tokens=tokens)
+            reporter.report(recording, out, step, prefix=prefix, training=training, tokens=tokens,
+                            probe_tokens=probe_tokens)
 
         return report
+
+    def _sample_tokens(self, batch: Any) -> Any:
+        """What ``labels`` gives for the pictures' ``sample``: ``labels(batch)``, or ``labels(batch, sample)``
+        for a ``labels`` that needs the row."""
+        takes_batch, _ = _label_forms(self.labels)
+        return self.labels(batch) if takes_batch else self.labels(batch, self.sample)
+
+    def _probe_tokens(self, batch: Any) -> dict[int, Any]:
+        """``{row: labels' tokens}`` for the probe set's rows: each row's, from a ``labels`` that accepts
+        ``(batch, row)``; else only the ``sample`` row's, from ``labels(batch)``."""
+        rows = self._reporter.probe_rows or []
+        _, takes_row = _label_forms(self.labels)
+        if takes_row:
+            return {row: self.labels(batch, row) for row in rows}
+        return {self.sample: self.labels(batch)} if self.sample in rows else {}
 
     def _deliver(self, trainer: Any, recorder: Recorder) -> None:
         """Write what the worker has finished (see :meth:`Recorder.deliver`) and count what it cost."""
@@ -784,11 +811,80 @@ class RNNViz(*CALLBACK_BASES):
     def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
         recorder = self._recorder
         recorder.write_layout(functools.partial(_charts, recorder.members))
-        tokens = functools.partial(self.labels, batch) if self.labels is not None else None
+        tokens = probe_tokens = None
+        if self.labels is not None:
+            tokens = functools.partial(self._sample_tokens, batch)
+            if self._reporter.probe_rows is not None:
+                probe_tokens = functools.partial(self._probe_tokens, batch)
         with one_thread():
-            self._reporter.report(recording, recorder.fanout, step, prefix=prefix, training=training, tokens=tokens)
+            self._reporter.report(recording, recorder.fanout, step, prefix=prefix, training=training, tokens=tokens,
+                                  probe_tokens=probe_tokens)
         if self is recorder.members[0]:  # every monitor's modules, kept once
             recorder.keep_full(recording, step, prefix)
+
+
+def _called_now(work: Callable[[Any], Any], batch: Any) -> Callable[[], Any]:
+    """``work(batch)`` called now (on the training thread: the user's function, and a batch that training
+    may reuse), as a function that gives its value later, or raises its error there (where the reporter's
+    guard warns about it as it would on this thread)."""
+    try:
+        value = work(batch)
+    except Exception as error:  # noqa: BLE001 - reported by the reporter's guard, as inline
+        failed = error
+
+        def later() -> Any:
+            raise failed
+    else:
+        def later() -> Any:
+            return value
+    return later
+
+
+def _label_forms(labels: Callable[..., Any]) -> tuple[bool, bool]:
+    """Whether ``labels`` can be called as ``labels(batch)`` and as ``labels(batch, row)`` (a function whose
+    signature cannot be read is taken for ``labels(batch)``)."""
+    try:
+        signature = inspect.signature(labels)
+    except (TypeError, ValueError):
+        return True, False
+    forms = []
+    for args in ((None,), (None, 0)):
+        try:
+            signature.bind(*args)
+        except TypeError:
+            forms.append(False)
+        else:
+            forms.append(True)
+    return (forms[0] or not forms[1]), forms[1]
+
+
+def _probe_rows(probe_set: Any, max_samples: int | None) -> tuple[Any, list[int] | None, list[str]]:
+    """``probe_set`` as kept (an int, a list or ``None``), the rows it chooses and the probe set's notes."""
+    if probe_set is None:
+        return None, None, []
+    if isinstance(probe_set, int) and not isinstance(probe_set, bool):
+        if probe_set <= 0:
+            raise ValueError(f"`probe_set` must be a positive number of sequences, a list of row indices or None "
+                             f"(no probe set), got {probe_set!r}.")
+        if max_samples is not None and probe_set > max_samples:
+            return probe_set, list(range(max_samples)), [
+                f"probe_set={probe_set} asks for {probe_set} sequences; max_samples={max_samples} records "
+                f"{max_samples}: raise max_samples for more"]
+        return probe_set, list(range(probe_set)), []
+    if isinstance(probe_set, Sequence) and not isinstance(probe_set, (str, bytes)):
+        rows = list(probe_set)
+        if not rows or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in rows):
+            raise ValueError(f"`probe_set` as a sequence must hold non-negative row indices of the recorded batch, "
+                             f"at least one, got {probe_set!r}.")
+        if len(set(rows)) < len(rows):
+            raise ValueError(f"`probe_set` names a row twice: {probe_set!r}.")
+        past = [r for r in rows if max_samples is not None and r >= max_samples]
+        if past:
+            raise ValueError(f"`probe_set` rows {past} are not among the `max_samples={max_samples}` recorded "
+                             f"sequences; raise `max_samples` above {max(past)} or pick rows below {max_samples}.")
+        return rows, rows, []
+    raise ValueError(f"`probe_set` must be a positive int (the first rows), a list of row indices or None (no probe "
+                     f"set), got {probe_set!r}.")
 
 
 def _charts(members: Sequence[RNNViz]) -> dict[str, dict[str, list[str]]]:

@@ -20,7 +20,7 @@ def _unguarded(what: str, work: Callable[..., Any], *args: Any) -> Any:
 
 
 class Fanout:
-    """Sends each picture, scalar, histogram and text to every sink; a failing sink never stops the others.
+    """Sends each picture, scalar, histogram, text and probe set to every sink; a failing sink never stops the others.
 
     Pictures go to the renderer first (drawn and encoded once); :meth:`drain` writes what it has drawn to
     every sink. A picture is drawn at most once per ``(tag, step)``, however many monitors ask for it.
@@ -94,6 +94,10 @@ class Fanout:
                     name, data, step = args
                     self.written.add((name, step))
                     self._each(f"write {name!r}", "document", name, data, sinks=sinks)
+                elif kind == "probe_set":
+                    tag, blob, step = args
+                    self.written.add((tag, step))
+                    self._each(f"write {tag!r}", "probe_set", tag, blob, step, sinks=sinks)
             if beside_training:
                 self._each("flush", "flush", sinks=sinks)
 
@@ -148,6 +152,13 @@ class Fanout:
         with self.lock:
             if self._first(name, step):
                 self._each(f"write {name!r}", "document", name, data)
+
+    def probe_set(self, tag: str, blob: bytes, step: int) -> None:
+        """Write a probe set (the explorer's data, a blob of :mod:`lightning_rnnviz.payload`'s format) where a
+        sink keeps it, once per ``(tag, step)`` (the first monitor's)."""
+        with self.lock:
+            if self._first(tag, step):
+                self._each(f"write {tag!r}", "probe_set", tag, blob, step)
 
     def _first(self, key: str, step: int) -> bool:
         with self.lock:

@@ -144,12 +144,13 @@ def draw_here(job: Job) -> Picture:
 class Delivery:
     """What the worker made of one recording, for the training thread to write: it takes what a
     :class:`~lightning_rnnviz.render.report.Reporter` sends (pictures, which it draws and encodes at once,
-    scalars, histograms, which it counts at once, texts, documents) and keeps it, in order.
+    scalars, histograms, which it counts at once, texts, documents, probe sets) and keeps it, in order.
 
     Attributes:
         step, prefix: the recording's step and prefix (see :class:`Handed`).
         items: ``(kind, args)`` in the order they came: ``("picture", (job, picture))``, ``("scalars",
-            (values, step))``, ``("histogram", (tag, buckets, step))``, ``("text", ...)``, ``("document", ...)``.
+            (values, step))``, ``("histogram", (tag, buckets, step))``, ``("text", ...)``, ``("document", ...)``,
+            ``("probe_set", (tag, blob, step))``.
         warnings: the warnings the work gave, held for the training thread.
         error: an error that stopped the work (with ``strict``, re-raised by the training thread).
         recording: the finished recording, where the caller asked to keep it (``save_records="full"``).
@@ -191,6 +192,12 @@ class Delivery:
 
     def document(self, name: str, data: Mapping[str, Any], step: int) -> None:
         self.items.append(("document", (name, data, step)))
+
+    def probe_set(self, tag: str, blob: bytes, step: int) -> None:
+        if (tag, step) in self._drawn:
+            return  # two monitors: the first one's
+        self._drawn.add((tag, step))
+        self.items.append(("probe_set", (tag, blob, step)))
 
 
 # --- the worker -----------------------------------------------------------------------------------------

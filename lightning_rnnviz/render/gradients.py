@@ -262,16 +262,33 @@ def grad_horizon(record: RNNRecord, fraction: float = HORIZON_FRACTION) -> torch
         >>> grad_horizon(rec).tolist()  # (3 + 3) / 2
         [3.0]
     """
+    counts = sequence_horizons(record, fraction)
+    if counts is None:
+        return None
+    out = torch.full((counts.shape[0],), float("nan"), dtype=torch.float64)
+    for r, row in enumerate(counts):
+        usable = row.isfinite()
+        if bool(usable.any()):
+            out[r] = row[usable].mean()
+    return out
+
+
+def sequence_horizons(record: RNNRecord, fraction: float = HORIZON_FRACTION) -> torch.Tensor | None:
+    """``(layers*directions, batch)`` float64: each sequence's count of :func:`grad_horizon` (the steps back
+    from the last one its direction processes over which ``||dL/dh_t||`` stays at or above ``fraction`` of
+    the sequence's peak; the sequence's length where it never falls below), NaN for a sequence left out
+    (no positive finite peak, NaN/Inf, no valid step); ``None`` without gradient. The first step below is
+    ``length - 1 - count`` for a forward row, ``count`` for a reverse one."""
     norms = sequence_grad_norms(record)
     if norms is None:
         return None
     rows, batch, steps = norms.shape
-    lengths = record.lengths.to(torch.int64)
+    lengths = record.lengths.cpu().to(torch.int64)
     t = torch.arange(steps)
     valid = t.unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
     forward = (lengths.unsqueeze(1) - 1 - t.unsqueeze(0)).double()  # distance back from the last step
     reverse = t.unsqueeze(0).expand(batch, steps).double()
-    out = torch.full((rows,), float("nan"), dtype=torch.float64)
+    out = torch.full((rows, batch), float("nan"), dtype=torch.float64)
     for r in range(rows):
         distance = reverse if r % record.num_directions == 1 else forward
         n = norms[r]
@@ -280,8 +297,7 @@ def grad_horizon(record: RNNRecord, fraction: float = HORIZON_FRACTION) -> torch
         below = valid & (n < fraction * (1 - 1e-6) * peak.unsqueeze(-1))  # 1e-6: float32's 0.01 is not below 1 %
         count = torch.where(below, distance, lengths.unsqueeze(1).double()).amin(-1)
         usable = finite & (peak > 0) & (lengths > 0)
-        if bool(usable.any()):
-            out[r] = count[usable].mean()
+        out[r] = torch.where(usable, count, float("nan"))
     return out
 
 

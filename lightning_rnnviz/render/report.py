@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 import lightning_rnnviz.render as render
-from lightning_rnnviz.names import safe_name
+from lightning_rnnviz.names import PROBE_SET_TAG, safe_name
 from lightning_rnnviz.probe.held import Location, Where
 from lightning_rnnviz.probe.held import warn as held_warn
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
+from lightning_rnnviz.render import explore
 from lightning_rnnviz.render import findings as findings_
 from lightning_rnnviz.render.jobs import Job
 from lightning_rnnviz.render.labels import Axes, token_axes
@@ -74,6 +75,8 @@ class Output(Protocol):
     def text(self, tag: str, markdown: str, step: int) -> None: ...
 
     def document(self, name: str, data: Mapping[str, Any], step: int) -> None: ...
+
+    def probe_set(self, tag: str, blob: bytes, step: int) -> None: ...
 
 
 class Stage(NamedTuple):
@@ -178,6 +181,11 @@ class Reporter:
         histograms: produce activation histograms.
         scalars: ``"default"`` writes the statistics of :func:`default_scalar`, ``"all"`` every one and the
             ``exact`` flags; the findings and ``summary.json`` use every statistic either way.
+        probe_rows: the rows of the recorded batch whose probe set (the explorer's data,
+            :func:`~lightning_rnnviz.render.explore.probe_set`) each recording writes; ``None``: none.
+        probe_bytes: the bound on one probe set's size.
+        probe_notes: what every probe set's ``notes`` say besides its own (e.g. that ``max_samples`` capped
+            the rows).
     """
 
     def __init__(
@@ -193,8 +201,14 @@ class Reporter:
         renderer: str = "fast",
         histograms: bool = True,
         scalars: str = "default",
+        probe_rows: Sequence[int] | None = None,
+        probe_bytes: int = explore.MAX_BYTES,
+        probe_notes: Sequence[str] = (),
     ) -> None:
         self.quantities = tuple(quantities)
+        self.probe_rows = None if probe_rows is None else [int(r) for r in probe_rows]
+        self.probe_bytes = probe_bytes
+        self.probe_notes = list(probe_notes)
         self.scalars = scalars
         self.names = set(names)
         self.guard = guard
@@ -224,6 +238,7 @@ class Reporter:
         prefix: str = "rnnviz",
         training: bool = True,
         tokens: Callable[[], Any] | None = None,
+        probe_tokens: Callable[[], Mapping[int, Any]] | None = None,
     ) -> None:
         """Everything one recording shows, sent to ``out``.
 
@@ -235,6 +250,8 @@ class Reporter:
             training: whether the batch was a training batch (statistics and gradients only then).
             tokens: ``labels(batch)``, called at most once, for the time axes
                 (:func:`~lightning_rnnviz.render.labels.token_axes` puts them on each module's axes).
+            probe_tokens: ``{row: what labels returned for that row}`` for the probe set's rows that have
+                tokens (called at most once, only when :attr:`probe_rows` asks for a probe set).
         """
         mine = {n: r for n, r in recording.items() if n in self.names}
         self._recordings += 1
@@ -252,6 +269,24 @@ class Reporter:
             elif isinstance(record, AttentionRecord) and "attention" in self.quantities:
                 self._warn_approximate(name, record)
                 self.guard.stages(self._attention_route(part, record, training, labels.get(name)))
+        if self.probe_rows is not None and mine:
+            self.guard.stages([Stage("write the probe set", self._write_probe_set, (mine, recording, out, step,
+                                                                                     training, probe_tokens))])
+
+    def _write_probe_set(self, records: Mapping[str, Any], recording: Recording, out: Output, step: int,
+                         training: bool, probe_tokens: Callable[[], Mapping[int, Any]] | None) -> None:
+        """The explorer's data of this recording: the probe set of :attr:`probe_rows`, under
+        ``rnnviz/probe_set/train`` or ``rnnviz/probe_set/val``."""
+        rows = self.probe_rows
+        tokens = None
+        if probe_tokens is not None:
+            given = self.guard.run("use the `labels` tokens for the probe set", probe_tokens) or {}
+            tokens = [self.guard.run("use the `labels` tokens for the probe set", _sequence_tokens, given[row],
+                                     records, row, recording) if given.get(row) is not None else None
+                      for row in rows]
+        blob = explore.probe_set(records, rows, step, "training" if training else "validation", tokens,
+                                 max_bytes=self.probe_bytes, notes=self.probe_notes)
+        out.probe_set(f"{PROBE_SET_TAG}/{'train' if training else 'val'}", blob, step)
 
     def _token_axes(self, tokens: Callable[[], Any], records: Mapping[str, Any],
                     recording: Recording) -> dict[str, Axes]:
@@ -810,3 +845,19 @@ def _pad_to(t: torch.Tensor, rows: int, steps: int) -> torch.Tensor:
     if t.numel():
         out[:, : t.shape[-1]] = t
     return out
+
+
+def _sequence_tokens(value: Any, records: Mapping[str, Any], row: int, recording: Recording) -> list[str] | None:
+    """The tokens of batch row ``row`` on the probe set's time axis, from what ``labels`` returned for it: those
+    of the first recurrent module's time axis (:func:`~lightning_rnnviz.render.labels.token_axes` decides),
+    else those of the first self-attention's keys; ``None`` when none fits."""
+    if row >= min(r.batch if isinstance(r, RNNRecord) else r.attention.shape[0] for r in records.values()):
+        return None  # not recorded: the probe set leaves the row out
+    axes = token_axes(value, records, row, recording) or {}
+    for name, record in records.items():
+        if isinstance(record, RNNRecord) and name in axes and axes[name].time is not None:
+            return list(axes[name].time)
+    for name, record in records.items():
+        if isinstance(record, AttentionRecord) and name in axes and axes[name].self_attention and axes[name].key:
+            return list(axes[name].key)
+    return None

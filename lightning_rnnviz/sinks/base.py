@@ -127,6 +127,11 @@ class Sink:
     def text(self, tag: str, markdown: str, step: int) -> None:
         """Write a short markdown text (e.g. a table of findings)."""
 
+    def probe_set(self, tag: str, blob: bytes, step: int) -> None:
+        """Write a probe set, the explorer's data for one recording (a blob of :mod:`lightning_rnnviz.payload`'s
+        format), under ``tag`` (``rnnviz/probe_set/train`` or ``rnnviz/probe_set/val``); only TensorBoard keeps
+        it, the other sinks ignore it."""
+
     def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
         """Group scalars into charts, ``{category: {chart title: [tag regex, ...]}}``, where the logger can."""
 

@@ -1,5 +1,5 @@
-"""TensorBoard records without torch, TensorFlow or Lightning: image, scalar, histogram, text and Custom
-Scalars summaries, and an event file of our own with a fast CRC."""
+"""TensorBoard records without torch, TensorFlow or Lightning: image, scalar, histogram, text, Custom
+Scalars and probe-set summaries, and an event file of our own with a fast CRC."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from typing import Any
 import google_crc32c
 from tensorboard.compat.proto import types_pb2
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+from tensorboard.compat.proto.summary_pb2 import DataClass, HistogramProto, Summary, SummaryMetadata
 from tensorboard.compat.proto.tensor_pb2 import TensorProto
 from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 
+from lightning_rnnviz.names import PLUGIN_NAME
 from lightning_rnnviz.sinks.base import Histogram, Picture
 
 
@@ -58,6 +59,19 @@ def text_summary(tag: str, markdown: str) -> Any:
 
     return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(tag, ""),
                                         tensor=_string_tensor(markdown.encode()))])
+
+
+def blob_summary(tag: str, blob: bytes) -> Any:
+    """A TensorBoard ``Summary`` holding ``blob`` (a probe set) under ``tag`` for our plugin (``rnnviz``): a
+    string tensor of shape ``[1]`` of data class ``BLOB_SEQUENCE``. The explicit data class lets the Rust data
+    server keep it (it drops data of a plugin it does not know without one); either loader's data provider
+    serves it as a blob sequence."""
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME,
+                                                                      content=b'{"version": 1}'),
+                               data_class=DataClass.DATA_CLASS_BLOB_SEQUENCE)
+    shape = TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)])
+    tensor = TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=shape, string_val=[bytes(blob)])
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
 
 
 def layout_summary(charts: Mapping[str, Mapping[str, list[str]]]) -> Any:

@@ -1,4 +1,5 @@
-"""TensorBoard: pictures, scalars, histograms, text and a Custom Scalars layout in a run of our own."""
+"""TensorBoard: pictures, scalars, histograms, text, a Custom Scalars layout and the explorer's probe sets in a
+run of our own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from lightning_rnnviz.sinks.base import Histogram, Picture, Sink
 from lightning_rnnviz.sinks.events import (
     EventFile,
+    blob_summary,
     histogram_summary,
     image_summary,
     layout_summary,
@@ -93,6 +95,9 @@ class TensorBoardSink(Sink):
 
     def text(self, tag: str, markdown: str, step: int) -> None:
         self._summary(text_summary(tag, markdown), step)
+
+    def probe_set(self, tag: str, blob: bytes, step: int) -> None:
+        self._summary(blob_summary(tag, blob), step)
 
     def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
         if charts:
