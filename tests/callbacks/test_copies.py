@@ -60,7 +60,7 @@ def test_a_pickle_holds_the_constructor_arguments_and_loads_with_only_the_class_
                      "max_time": 256, "histograms": True, "renderer": "matplotlib", "background": True,
                      "validation": True, "log_first_step": True, "call": None, "save_records": False,
                      "save_records_max_mb": 256, "strict": False, "budget": 0.05,
-                     "scalars": "default"}
+                     "scalars": "default", "probe_set": 8}
     blob = _saved([cb])
     # the class and the user's own functions: nothing of ours beside the class
     assert _globals(blob) == {RNNVIZ, f"{__name__}.token_labels", f"{__name__}.first_output"}

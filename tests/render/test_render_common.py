@@ -190,7 +190,8 @@ def test_render_imports_only_allowed_modules(path):
             ok = (
                 top in ALLOWED_THIRD_PARTY
                 or top in sys.stdlib_module_names
-                or module in ("lightning_rnnviz.probe.records", "lightning_rnnviz.probe.held", "lightning_rnnviz.names")
+                or module in ("lightning_rnnviz.probe.records", "lightning_rnnviz.probe.held", "lightning_rnnviz.names",
+                              "lightning_rnnviz.payload")
                 or module.startswith("lightning_rnnviz.render")
             )
             assert ok, f"{path.name} imports {module}"
