@@ -779,7 +779,7 @@ class RNNViz(*CALLBACK_BASES):
         if self.labels is not None:
             tokens = _called_now(self._sample_tokens, batch)
             if self._reporter.probe_rows is not None:
-                probe_tokens = _called_now(self._probe_tokens, batch)
+                probe_tokens = _called_now(functools.partial(self._probe_tokens, sample=tokens), batch)
         reporter = self._reporter
 
         def report(recording: Recording, out: Delivery) -> None:
@@ -794,14 +794,15 @@ class RNNViz(*CALLBACK_BASES):
         takes_batch, _ = _label_forms(self.labels)
         return self.labels(batch) if takes_batch else self.labels(batch, self.sample)
 
-    def _probe_tokens(self, batch: Any) -> dict[int, Any]:
+    def _probe_tokens(self, batch: Any, sample: Callable[[], Any]) -> dict[int, Any]:
         """``{row: labels' tokens}`` for the probe set's rows: each row's, from a ``labels`` that accepts
-        ``(batch, row)``; else only the ``sample`` row's, from ``labels(batch)``."""
+        ``(batch, row)``; else only the ``sample`` row's, ``sample()`` (the pictures' ``labels(batch)``, not
+        called again)."""
         rows = self._reporter.probe_rows or []
         _, takes_row = _label_forms(self.labels)
         if takes_row:
             return {row: self.labels(batch, row) for row in rows}
-        return {self.sample: self.labels(batch)} if self.sample in rows else {}
+        return {self.sample: sample()} if self.sample in rows else {}
 
     def _deliver(self, trainer: Any, recorder: Recorder) -> None:
         """Write what the worker has finished (see :meth:`Recorder.deliver`) and count what it cost."""
@@ -813,9 +814,9 @@ class RNNViz(*CALLBACK_BASES):
         recorder.write_layout(functools.partial(_charts, recorder.members))
         tokens = probe_tokens = None
         if self.labels is not None:
-            tokens = functools.partial(self._sample_tokens, batch)
+            tokens = _once(functools.partial(self._sample_tokens, batch))
             if self._reporter.probe_rows is not None:
-                probe_tokens = functools.partial(self._probe_tokens, batch)
+                probe_tokens = functools.partial(self._probe_tokens, batch, sample=tokens)
         with one_thread():
             self._reporter.report(recording, recorder.fanout, step, prefix=prefix, training=training, tokens=tokens,
                                   probe_tokens=probe_tokens)
@@ -838,6 +839,24 @@ def _called_now(work: Callable[[Any], Any], batch: Any) -> Callable[[], Any]:
         def later() -> Any:
             return value
     return later
+
+
+def _once(work: Callable[[], Any]) -> Callable[[], Any]:
+    """``work`` called at most once: later calls give its value, or raise its error, again."""
+    done: list[tuple[bool, Any]] = []
+
+    def once() -> Any:
+        if not done:
+            try:
+                done.append((True, work()))
+            except Exception as error:  # noqa: BLE001 - raised again to every caller
+                done.append((False, error))
+        ok, value = done[0]
+        if not ok:
+            raise value
+        return value
+
+    return once
 
 
 def _label_forms(labels: Callable[..., Any]) -> tuple[bool, bool]:
