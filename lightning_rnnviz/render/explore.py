@@ -115,24 +115,36 @@ def probe_set(
     padded = None if tokens is None or all(t is None for t in tokens) else [
         None if t is None else [str(x) for x in t][:steps] + [""] * max(0, steps - len(t)) for t in tokens]
 
-    def assemble(k: int, extra: list[str]) -> bytes:
+    def assemble(k: int, cap: int | None) -> bytes:
+        extra = []
+        if k < len(rows):
+            extra.append(f"{k} of the {len(rows)} sequences (rows {', '.join(map(str, rows[:k]))}): all "
+                         f"{len(rows)} would exceed the bound of {max_bytes} bytes")
+        if cap is not None:
+            extra.append(f"one sequence with every unit kept would exceed the bound of {max_bytes} bytes: at most "
+                         f"{cap} units per layer and direction, those of the largest variance, listed in \"units\"")
         packer = Packer()
         header = {
             "step": int(step), "source": source, "rows": rows[:k], "lengths": [int(n) for n in lengths[:k]],
             "steps": int(steps), "tokens": None if padded is None else padded[:k], "notes": notes + extra,
-            "modules": [m.header(packer, k) for m in modules],
+            "modules": [m.header(packer, k, cap) for m in modules],
         }
         return packer.finish(header)
 
-    k = len(rows)
-    blob = assemble(k, [])
+    # the bound: sequences dropped from the end; where one alone does not fit, fewer units (the quietest first)
+    k, cap = len(rows), None
+    widest = max((m.widest for m in modules), default=0)
+    blob = assemble(k, cap)
     while len(blob) > max_bytes:
-        if k == 1:
-            raise ValueError(f"one sequence of the probe set takes {len(blob)} bytes, more than the bound of "
-                             f"{max_bytes} bytes; no probe set is written for step {step}")
-        k = max(1, min(k - 1, k * max_bytes // len(blob)))
-        blob = assemble(k, [f"{k} of the {len(rows)} sequences (rows {', '.join(map(str, rows[:k]))}): "
-                            f"all {len(rows)} would exceed the bound of {max_bytes} bytes"])
+        if k > 1:
+            k = max(1, min(k - 1, k * max_bytes // len(blob)))
+        else:
+            current = widest if cap is None else cap
+            if current <= 1:
+                raise ValueError(f"one sequence of the probe set takes {len(blob)} bytes with one unit per layer, "
+                                 f"more than the bound of {max_bytes} bytes; no probe set is written for step {step}")
+            cap = max(1, min(current - 1, current * max_bytes // len(blob)))
+        blob = assemble(k, cap)
     return blob
 
 
@@ -149,15 +161,33 @@ def _batch(record: RNNRecord | AttentionRecord) -> int:
 
 
 class _Module:
-    """One module's part of the header: fields, and arrays (first axis: the sequences) to cut to ``k``."""
+    """One module's part of the header: its fields, arrays (first axis: the sequences) to cut to the first
+    ``k`` sequences, lists (one entry a sequence) likewise, and unit groups: the units an array's last axis
+    holds (``units``, ascending), listed at ``paths``, with ``rank`` their positions by decreasing variance,
+    so that the ``cap`` of the largest variance can be kept."""
 
-    def __init__(self, fields: dict[str, Any], arrays: dict[tuple, np.ndarray], lists: dict[tuple, list]) -> None:
-        self.fields, self.arrays, self.lists = fields, arrays, lists
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+        self.arrays: dict[tuple, tuple[np.ndarray, Any]] = {}  # path -> (array, its unit group or None)
+        self.lists: dict[tuple, list] = {}
+        self.groups: dict[Any, tuple[list[tuple], list[int], list[int]]] = {}  # key -> (paths, units, rank)
 
-    def header(self, packer: Packer, k: int) -> dict[str, Any]:
+    @property
+    def widest(self) -> int:
+        return max((len(units) for _, units, _ in self.groups.values()), default=0)
+
+    def header(self, packer: Packer, k: int, cap: int | None = None) -> dict[str, Any]:
         out = _copy(self.fields)
-        for path, array in self.arrays.items():
-            _put(out, path, packer.add(array[:k]))
+        positions: dict[Any, np.ndarray | None] = {}
+        for key, (paths, units, rank) in self.groups.items():
+            chosen = None if cap is None or cap >= len(units) else np.sort(np.asarray(rank[:cap]))
+            positions[key] = chosen
+            for path in paths:
+                _put(out, path, list(units) if chosen is None else [units[p] for p in chosen])
+        for path, (array, group) in self.arrays.items():
+            chosen = positions.get(group)
+            part = array[:k] if chosen is None else array[:k][..., chosen]
+            _put(out, path, packer.add(part))
         for path, values in self.lists.items():
             _put(out, path, values[:k])
         return out
@@ -187,18 +217,23 @@ def _host(values: torch.Tensor, steps: int) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _largest_variance(values: torch.Tensor, mask: torch.Tensor, most: int) -> torch.Tensor:
-    """Ascending indices of the ``most`` units of ``values`` ``(K, T, U)`` with the largest variance over
-    the valid steps ``mask`` ``(K, T)`` (a unit with NaN/Inf counts as the largest); all when ``U <= most``."""
-    units = values.shape[-1]
-    if units <= most:
-        return torch.arange(units)
+def _variance(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(U,)`` each unit's variance over the valid steps ``mask`` ``(K, T)`` of ``values`` ``(K, T, U)``,
+    where they live."""
     weight = mask.to(values.dtype).unsqueeze(-1)
     count = weight.sum().clamp(min=1)
     mean = (values * weight).sum((0, 1)) / count
-    variance = ((values - mean).square() * weight).sum((0, 1)) / count
-    variance = torch.nan_to_num(variance, nan=float("inf"))
-    return variance.topk(most).indices.sort().values.cpu()
+    return ((values - mean).square() * weight).sum((0, 1)) / count
+
+
+def _largest(variance: torch.Tensor, most: int) -> tuple[torch.Tensor, list[int]]:
+    """The ``most`` units of the largest ``variance`` (a unit with NaN/Inf counts as the largest), ascending
+    (on the host), and their positions in that list by decreasing variance."""
+    variance = torch.nan_to_num(variance.float(), nan=float("inf"))
+    order = variance.argsort(descending=True, stable=True)[:most].cpu()
+    units = order.sort().values
+    rank = torch.searchsorted(units, order).tolist()
+    return units, rank
 
 
 def _rnn(name: str, record: RNNRecord, rows: list[int], steps: int, max_units: int, notes: list[str],
@@ -216,14 +251,14 @@ def _rnn(name: str, record: RNNRecord, rows: list[int], steps: int, max_units: i
         if training:
             notes.append(f"no gradients for {name!r}: no backward reached it in this recording")
     layers: list[dict[str, Any]] = []
-    arrays: dict[tuple, np.ndarray] = {}
-    lists: dict[tuple, list] = {}
+    module = _Module({"type": "rnn", "name": name, "kind": record.kind, "exact": bool(record.exact),
+                      "layers": layers})
     bounded: list[str] = []
     single = record.hidden.shape[0] == 1
     for i in range(record.hidden.shape[0]):
         layer, direction = divmod(i, record.num_directions)
         hidden = record.hidden[i].index_select(0, index)  # (K, T, U)
-        units = _largest_variance(hidden, mask, max_units)
+        units, rank = _largest(_variance(hidden, mask), max_units)
         total = int(hidden.shape[-1])
         if len(units) < total:
             bounded.append(record.layer_label(i))
@@ -233,46 +268,34 @@ def _rnn(name: str, record: RNNRecord, rows: list[int], steps: int, max_units: i
             "gates": {}, "grad_norm": None, "horizon": None,
         }
         where = ("layers", len(layers))
-        arrays[(*where, "hidden")] = _host(torch.where(keep, hidden[..., units.to(device)], 0.0), steps)
+        module.groups[(*where, "units")] = ([(*where, "units")], units.tolist(), rank)
+        module.arrays[(*where, "hidden")] = (_host(torch.where(keep, hidden[..., units.to(device)], 0.0), steps),
+                                             (*where, "units"))
         if record.gates:
             gates = {g: v[i].index_select(0, index) for g, v in record.gates.items()}
+            group = (*where, "units")
+            module.groups[group][0].append((*where, "gate_units"))
             gate_units = units
             if next(iter(gates.values())).shape[-1] != total:  # a projected LSTM: gates of hidden_size
-                size = next(iter(gates.values())).shape[-1]
-                gate_units = _gate_units(gates, mask, max_units, size)
-                entry["gate_units"] = gate_units.tolist()
+                gate_units, gate_rank = _largest(sum(_variance(v, mask) for v in gates.values()), max_units)
+                group = (*where, "gate_units")
+                module.groups[(*where, "units")][0].pop()
+                module.groups[group] = ([group], gate_units.tolist(), gate_rank)
             for gate, values in gates.items():
                 entry["gates"][gate] = None
-                arrays[(*where, "gates", gate)] = _host(torch.where(keep, values[..., gate_units.to(device)], 0.0),
-                                                        steps)
+                module.arrays[(*where, "gates", gate)] = (
+                    _host(torch.where(keep, values[..., gate_units.to(device)], 0.0), steps), group)
         if norms is not None:
             norm = norms[i][rows] * mask.cpu()  # (K, T), zero at padding
-            arrays[(*where, "grad_norm")] = _host(norm, steps)
-            lists[(*where, "horizon")] = _horizon_steps(horizons[i][rows], lengths, direction == 1)
+            module.arrays[(*where, "grad_norm")] = (_host(norm, steps), None)
+            module.lists[(*where, "horizon")] = _horizon_steps(horizons[i][rows], lengths, direction == 1)
         layers.append(entry)
     if bounded:
         total = record.hidden.shape[-1]
         notes.append(f"{name!r} hidden: the {max_units} of {total} units with the largest variance over the probe "
                      f"set's valid steps, per layer and direction ({', '.join(bounded)}), listed in \"units\"")
-    fields = {"type": "rnn", "name": name, "kind": record.kind, "exact": bool(record.exact), "layers": layers}
-    module = _Module(fields, arrays, lists)
     module.lists[("lengths",)] = [int(n) for n in lengths.tolist()]
     return module
-
-
-def _gate_units(gates: Mapping[str, torch.Tensor], mask: torch.Tensor, most: int, size: int) -> torch.Tensor:
-    """A projected LSTM's gate units (``hidden_size`` of them): the ``most`` of the largest summed variance
-    over its gates."""
-    if size <= most:
-        return torch.arange(size)
-    weight = mask.to(torch.float32).unsqueeze(-1)
-    count = weight.sum().clamp(min=1)
-    total = 0
-    for values in gates.values():
-        mean = (values * weight).sum((0, 1)) / count
-        total = total + ((values - mean).square() * weight).sum((0, 1)) / count
-    total = torch.nan_to_num(total, nan=float("inf"))
-    return total.topk(most).indices.sort().values.cpu()
 
 
 def _horizon_steps(counts: torch.Tensor, lengths: torch.Tensor, reverse: bool) -> list[int | None]:
@@ -304,5 +327,7 @@ def _attention(name: str, record: AttentionRecord, rows: list[int], steps: int) 
     fields = {"type": "attention", "name": name, "kind": record.kind, "exact": bool(record.exact),
               "heads": int(weights.shape[1]), "weights": None,
               "tokens_are_steps": bool(self_attention and queries == steps)}
-    arrays = {("weights",): np.ascontiguousarray(weights.detach().float().cpu().numpy())}
-    return _Module(fields, arrays, {("query_lengths",): query_list, ("key_lengths",): key_list})
+    module = _Module(fields)
+    module.arrays[("weights",)] = (np.ascontiguousarray(weights.detach().float().cpu().numpy()), None)
+    module.lists.update({("query_lengths",): query_list, ("key_lengths",): key_list})
+    return module

@@ -214,3 +214,50 @@ def test_records_on_a_device_give_the_same_blob_and_only_it_crosses():
     assert device.transfers <= len(blob) + norms, (device.transfers, len(blob), norms)
     record_bytes = sum(t.numel() * 4 for t in [gru.hidden, gru.hidden_grad, *gru.gates.values()])
     assert device.transfers < record_bytes
+
+
+def _top(values: np.ndarray, mask: np.ndarray, most: int) -> list[int]:
+    """The ``most`` units of the largest variance over the valid steps, ascending (numpy, for reference)."""
+    valid = values[mask]  # (steps, units)
+    return sorted(np.argsort(-valid.var(0), kind="stable")[:most].tolist())
+
+
+def test_where_one_sequence_does_not_fit_fewer_units_are_kept():
+    record = _lstm_record(hidden=64, layers=1, batch=2, steps=50)
+    one = len(probe_set({"lstm": record}, [0], step=0, source="training"))
+    bound = one // 2
+    blob = probe_set({"lstm": record}, [0, 1], step=0, source="training", max_bytes=bound)
+    header, array = unpack(blob)
+    layer = _layer(header)
+    assert len(blob) <= bound and header["rows"] == [0]
+    cap = len(layer["units"])
+    assert 1 <= cap < 64 and layer["gate_units"] == layer["units"]
+    # the variance over the probe set asked for (both sequences), as the units were chosen before the bound
+    both = record.hidden[0, :2].numpy()
+    assert layer["units"] == _top(both, np.ones((2, 50), bool), cap)
+    np.testing.assert_array_equal(array(layer["hidden"]), record.hidden[0, :1][..., layer["units"]].numpy())
+    np.testing.assert_array_equal(array(layer["gates"]["forget"]),
+                                  record.gates["forget"][0, :1][..., layer["units"]].numpy())
+    assert array(layer["grad_norm"]).shape == (1, 50)
+    assert any(f"at most {cap} units per layer" in n for n in header["notes"])
+    assert any("1 of the 2 sequences" in n for n in header["notes"])
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_a_projected_lstm_chooses_its_gate_units_apart():
+    torch.manual_seed(4)
+    lstm = nn.LSTM(3, 6, proj_size=4, batch_first=True)
+    with Probe(lstm, strict=True).record() as recording:
+        lstm(torch.randn(3, 5, 3))[0].sum().backward()
+    record = recording[""]
+    header, array = unpack(probe_set({"lstm": record}, [0, 2], step=0, source="training"))
+    layer = _layer(header)
+    assert (layer["units"], layer["units_total"], layer["gate_units"]) == ([0, 1, 2, 3], 4, list(range(6)))
+    header, array = unpack(probe_set({"lstm": record}, [0, 2], step=0, source="training", max_units=3))
+    layer = _layer(header)
+    mask = np.ones((2, 5), bool)
+    assert layer["units"] == _top(record.hidden[0, [0, 2]].numpy(), mask, 3)
+    gates = sum(record.gates[g][0, [0, 2]].numpy()[mask].var(0) for g in record.gates)
+    assert layer["gate_units"] == sorted(np.argsort(-gates, kind="stable")[:3].tolist())
+    np.testing.assert_array_equal(array(layer["gates"]["cell"]),
+                                  record.gates["cell"][0, [0, 2]][..., layer["gate_units"]].numpy())
