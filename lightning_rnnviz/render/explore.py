@@ -132,8 +132,9 @@ def probe_set(
         return packer.finish(header)
 
     # the bound: sequences dropped from the end; where one alone does not fit, fewer units (the quietest first)
-    k, cap = len(rows), None
     widest = max((m.widest for m in modules), default=0)
+    per_sequence = sum(array[:1].nbytes for m in modules for array, _ in m.arrays.values())
+    k, cap = max(1, min(len(rows), max_bytes // max(per_sequence, 1))), None  # the arrays alone fit
     blob = assemble(k, cap)
     while len(blob) > max_bytes:
         if k > 1:
@@ -269,8 +270,8 @@ def _rnn(name: str, record: RNNRecord, rows: list[int], steps: int, max_units: i
         }
         where = ("layers", len(layers))
         module.groups[(*where, "units")] = ([(*where, "units")], units.tolist(), rank)
-        module.arrays[(*where, "hidden")] = (_host(torch.where(keep, hidden[..., units.to(device)], 0.0), steps),
-                                             (*where, "units"))
+        chosen = torch.where(keep, hidden.index_select(-1, units.to(device)), 0.0)
+        module.arrays[(*where, "hidden")] = (_host(chosen, steps), (*where, "units"))
         if record.gates:
             gates = {g: v[i].index_select(0, index) for g, v in record.gates.items()}
             group = (*where, "units")
@@ -284,7 +285,7 @@ def _rnn(name: str, record: RNNRecord, rows: list[int], steps: int, max_units: i
             for gate, values in gates.items():
                 entry["gates"][gate] = None
                 module.arrays[(*where, "gates", gate)] = (
-                    _host(torch.where(keep, values[..., gate_units.to(device)], 0.0), steps), group)
+                    _host(torch.where(keep, values.index_select(-1, gate_units.to(device)), 0.0), steps), group)
         if norms is not None:
             norm = norms[i][rows] * mask.cpu()  # (K, T), zero at padding
             module.arrays[(*where, "grad_norm")] = (_host(norm, steps), None)
