@@ -146,7 +146,8 @@ class RNNViz(*CALLBACK_BASES):
             axis and both axes of its self-attention, cross-attention's queries the output's and keys the
             input's; :mod:`lightning_rnnviz.render.labels` tells how each role is recognised). Add
             ``"modules": {name: "input" | "output" | [tokens] | None | {"query": ..., "key": ...}}`` to
-            choose a module's tokens where the guess is wrong.
+            choose a module's tokens where the guess is wrong. A ``labels`` that also accepts a row,
+            ``fn(batch, row)``, gives the probe set every sequence's tokens (see ``probe_set``).
         sample: which sequence of the batch the figures draw.
         max_samples: how many sequences of the batch are recorded and replayed (cost control); the
             statistics average over them. ``None`` records the whole batch.
