@@ -278,9 +278,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         viz = RNNViz(
             # output = (context, weights), weights (batch, T_in), one call per decoding step
             attention={"decoder.attn": lambda module, args, output: output[1]},
-            labels=lambda batch: {  # the drawn source string and the string the decoder must write
-                "input": [alphabet[i] for i in batch[0][0].tolist()],
-                "output": [alphabet[i] for i in batch[1][0].tolist()],
+            # a row's source string and the string the decoder must write: the drawn row's (row 0) for the
+            # pictures, and every row of the explorer's probe set
+            labels=lambda batch, row=0: {
+                "input": [alphabet[i] for i in batch[0][row].tolist()],
+                "output": [alphabet[i] for i in batch[1][row].tolist()],
             },
         )
         logger = TensorBoardLogger(opts.save_dir, name="seq2seq_attention")

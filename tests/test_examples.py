@@ -81,3 +81,20 @@ def test_seq2seq_attention_fast(tmp_path):
     assert any(t.startswith("rnnviz/attention/") and t != "rnnviz/attention/decoder.attn" for t in every)
     assert any(t.startswith("rnnviz/val/attention/") for t in every)
     assert 0.0 <= results["greedy_token_acc"] <= 1.0
+    # the explorer's probe set: every sequence's tokens, the input's on the encoder, the output's (the reversed
+    # string) on the decoder's steps and the cross-attention's queries, the input's on its keys
+    from lightning_rnnviz.explorer.reading import read_probe_sets
+    from lightning_rnnviz.payload import unpack
+
+    _, blobs = read_probe_sets(tmp_path)
+    last = max((key for key in blobs if key[1] == "rnnviz/probe_set/val"), key=lambda key: key[2])
+    header, _ = unpack(blobs[last])
+    modules = {m["name"]: m for m in header["modules"]}
+    assert len(header["tokens"]) == len(header["rows"]) == 8 and all(header["tokens"])
+    for k, source in enumerate(header["tokens"]):
+        target = modules["decoder.cell"]["tokens"][k]
+        assert target == source[::-1] and target != source
+        assert modules["decoder.attn"]["query_tokens"][k] == target
+        assert modules["decoder.attn"]["key_tokens"][k] == source
+    assert modules["decoder.attn"]["tokens_are_steps"] is False
+    assert modules["encoder.self_attn"]["tokens_are_steps"] is True

@@ -7,8 +7,9 @@
 - **hand-off** (training thread): :func:`worker.hand_off` makes the capture its own (copies, dropout masks,
   on CUDA an event), and :class:`worker.Worker` takes it.
 - **replay** (worker): :meth:`lightning_rnnviz.probe.Capture.finish`, the exact ``dL/dh_t`` and gates.
-- **reduce** (worker): :class:`lightning_rnnviz.render.report.Reporter`, statistics, histograms, findings
-  and each picture's payload (a :class:`lightning_rnnviz.render.jobs.Job`).
+- **reduce** (worker): :class:`lightning_rnnviz.render.report.Reporter`, statistics, histograms, findings,
+  each picture's payload (a :class:`lightning_rnnviz.render.jobs.Job`) and the explorer's probe set (one
+  blob, :mod:`lightning_rnnviz.render.explore`; TensorBoard serves it to :mod:`lightning_rnnviz.explorer`).
 - **draw, encode**: :func:`lightning_rnnviz.render.jobs.draw` and the PNG encoder; on the worker, or where
   no core is spare on the training thread or in a drawing process (:mod:`drawing`).
 - **deliver**: :class:`fanout.Fanout` writes each result to every logger's sink (:mod:`lightning_rnnviz.sinks`,

@@ -48,6 +48,7 @@ def probe_set(
     max_bytes: int = MAX_BYTES,
     max_units: int = MAX_UNITS,
     notes: Sequence[str] = (),
+    module_tokens: Mapping[str, Mapping[str, Sequence[Sequence[str] | None]]] | None = None,
 ) -> bytes:
     """One recording's probe set as a blob of at most ``max_bytes`` bytes.
 
@@ -62,6 +63,10 @@ def probe_set(
         max_bytes: the bound on the blob's size.
         max_units: the most hidden units kept per layer and direction.
         notes: what the header's ``notes`` say first (the caller's caveats).
+        module_tokens: per module name, the tokens of each of its axes per row of ``rows`` (``"time"`` for a
+            recurrent module, ``"query"`` and ``"key"`` for an attention module), where they are not the
+            sequence's: written as the module's ``tokens``, ``query_tokens`` and ``key_tokens`` (an
+            encoder-decoder's decoder and cross-attention; the explorer prefers them to ``tokens``).
 
     Raises:
         ValueError: a wrong argument, no record, no row recorded, or a single sequence that does not fit
@@ -109,6 +114,9 @@ def probe_set(
             modules.append(_rnn(name, record, rows, steps, max_units, notes, source == "training"))
         else:
             modules.append(_attention(name, record, rows, steps))
+        for axis, values in (module_tokens or {}).get(name, {}).items():
+            field = {"time": "tokens", "query": "query_tokens", "key": "key_tokens"}[axis]
+            modules[-1].lists[(field,)] = [None if values[i] is None else [str(x) for x in values[i]] for i in kept]
         if not record.exact:
             notes.append(f"{name!r} is approximate: {' '.join(record.notes) or 'the replay was not exact'}")
 
@@ -327,7 +335,9 @@ def _attention(name: str, record: AttentionRecord, rows: list[int], steps: int) 
     query_list = [min(n, queries) for n in key_list] if self_attention else [queries] * len(rows)
     fields = {"type": "attention", "name": name, "kind": record.kind, "exact": bool(record.exact),
               "heads": int(weights.shape[1]), "weights": None,
-              "tokens_are_steps": bool(self_attention and queries == steps)}
+              # only where the record knows its query was its key: a square map of an extractor may be a
+              # cross-attention (a decoder's steps over the encoder's)
+              "tokens_are_steps": bool(record.query_is_key is True and queries == steps)}
     module = _Module(fields)
     module.arrays[("weights",)] = (np.ascontiguousarray(weights.detach().float().cpu().numpy()), None)
     module.lists.update({("query_lengths",): query_list, ("key_lengths",): key_list})

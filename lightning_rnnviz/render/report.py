@@ -278,14 +278,15 @@ class Reporter:
         """The explorer's data of this recording: the probe set of :attr:`probe_rows`, under
         ``rnnviz/probe_set/train`` or ``rnnviz/probe_set/val``."""
         rows = self.probe_rows
-        tokens = None
+        tokens = module_tokens = None
         if probe_tokens is not None:
             given = self.guard.run("use the `labels` tokens for the probe set", probe_tokens) or {}
-            tokens = [self.guard.run("use the `labels` tokens for the probe set", _sequence_tokens, given[row],
-                                     records, row, recording) if given.get(row) is not None else None
-                      for row in rows]
+            axes = [self.guard.run("use the `labels` tokens for the probe set", _row_axes, given[row], records,
+                                   row, recording) if given.get(row) is not None else None for row in rows]
+            tokens = [_sequence_tokens(a, records) for a in axes]
+            module_tokens = _module_tokens(axes, records)
         blob = explore.probe_set(records, rows, step, "training" if training else "validation", tokens,
-                                 max_bytes=self.probe_bytes, notes=self.probe_notes)
+                                 max_bytes=self.probe_bytes, notes=self.probe_notes, module_tokens=module_tokens)
         out.probe_set(f"{PROBE_SET_TAG}/{'train' if training else 'val'}", blob, step)
 
     def _token_axes(self, tokens: Callable[[], Any], records: Mapping[str, Any],
@@ -847,13 +848,19 @@ def _pad_to(t: torch.Tensor, rows: int, steps: int) -> torch.Tensor:
     return out
 
 
-def _sequence_tokens(value: Any, records: Mapping[str, Any], row: int, recording: Recording) -> list[str] | None:
-    """The tokens of batch row ``row`` on the probe set's time axis, from what ``labels`` returned for it: those
-    of the first recurrent module's time axis (:func:`~lightning_rnnviz.render.labels.token_axes` decides),
-    else those of the first self-attention's keys; ``None`` when none fits."""
+def _row_axes(value: Any, records: Mapping[str, Any], row: int, recording: Recording) -> dict[str, Axes] | None:
+    """The tokens of batch row ``row`` per module, from what ``labels`` returned for it, by the pictures' rules
+    (:func:`~lightning_rnnviz.render.labels.token_axes`); ``None`` for a row the recording does not hold."""
     if row >= min(r.batch if isinstance(r, RNNRecord) else r.attention.shape[0] for r in records.values()):
         return None  # not recorded: the probe set leaves the row out
-    axes = token_axes(value, records, row, recording) or {}
+    return token_axes(value, records, row, recording) or {}
+
+
+def _sequence_tokens(axes: Mapping[str, Axes] | None, records: Mapping[str, Any]) -> list[str] | None:
+    """A row's tokens on the probe set's time axis: those of the first recurrent module's time axis, else
+    those of the first self-attention's keys; ``None`` when none fits."""
+    if not axes:
+        return None
     for name, record in records.items():
         if isinstance(record, RNNRecord) and name in axes and axes[name].time is not None:
             return list(axes[name].time)
@@ -861,3 +868,19 @@ def _sequence_tokens(value: Any, records: Mapping[str, Any], row: int, recording
         if isinstance(record, AttentionRecord) and name in axes and axes[name].self_attention and axes[name].key:
             return list(axes[name].key)
     return None
+
+
+def _module_tokens(axes: Sequence[Mapping[str, Axes] | None], records: Mapping[str, Any]
+                   ) -> dict[str, dict[str, list[list[str] | None]]]:
+    """Per module, each axis's tokens per row (``time`` for a recurrent module, ``query`` and ``key`` for an
+    attention module), where any row has some: an encoder-decoder's decoder runs over the output tokens, a
+    cross-attention's queries are output steps and its keys input steps, as in the pictures."""
+    out: dict[str, dict[str, list[list[str] | None]]] = {}
+    for name, record in records.items():
+        fields = ("time",) if isinstance(record, RNNRecord) else ("query", "key")
+        for field in fields:
+            values = [None if not a or name not in a or getattr(a[name], field) is None
+                      else list(getattr(a[name], field)) for a in axes]
+            if any(v is not None for v in values):
+                out.setdefault(name, {})[field] = values
+    return out

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lightning_rnnviz import Probe, RNNViz
+from lightning_rnnviz.explorer.reading import read_probe_sets
 from lightning_rnnviz.sinks import run_dir
 from tests.explorer.test_views import choose, hover, open_page, wait
 from tests.helpers.browser import chromium, require_chromium, screenshot
@@ -76,6 +77,16 @@ def test_the_tensorboard_tab_shows_a_real_fits_probe_set(fit, tmp_path, loader):
     with TensorBoardServer(fit["logdir"], loader=loader) as board:
         wait_until(lambda: board.plugins_listing()["rnnviz"]["enabled"], timeout=60, until=bool,
                    what="the rnnviz tab enabled")
+        # every recorded step of both tags, with the size written (the event file, read without TensorBoard)
+        written, blobs = read_probe_sets(fit["logdir"])
+        run = written["runs"][0]["run"]
+        assert set(written["runs"][0]["tags"]) == {"rnnviz/probe_set/train", VAL}
+        assert len(written["runs"][0]["tags"][VAL]["steps"]) == 2
+        served = wait_until(lambda: board.get_json("/data/plugin/rnnviz/runs"), timeout=60,
+                            until=lambda got: got == written, what="every probe set in /runs")
+        for (name, tag, step), blob in blobs.items():
+            assert board.get("/data/plugin/rnnviz/probe_set", {"run": name, "tag": tag, "step": step})[0] == blob
+        assert served["runs"][0]["run"] == run
         with chromium(paths, window_size=(1600, 1200)) as driver:
             driver.get(f"{board.url}/#rnnviz")
             frame = wait_until(lambda: driver.find_elements("css selector", "iframe"), timeout=30, until=bool,

@@ -137,9 +137,20 @@ function blit(g, x0, y0, rows, cols, cw, ch, colour) {
 function exact(v) { return String(v); }  // a float32 widened to a double: String() writes it exactly
 function short(v) { return Number(v).toPrecision(6); }
 
-function tokenOf(header, k, t) {
-  const tokens = header.tokens && header.tokens[k];
-  return tokens ? String(tokens[t]) : '';
+// The token of step t of sequence k: the module's own (`tokens`: a decoder runs over the output's) where the
+// probe set gives them, else the sequence's.
+function tokenOf(header, k, t, module) {
+  const own = module && module.tokens;
+  const tokens = own ? own[k] : header.tokens && header.tokens[k];
+  return tokens && tokens[t] !== undefined ? String(tokens[t]) : '';
+}
+
+// An attention map's axis label: the module's query or key tokens where the probe set gives them (a
+// cross-attention's queries are output steps, its keys input steps), else the sequence's for self-attention.
+function axisToken(header, m, k, t, isQuery) {
+  const own = m[isQuery ? 'query_tokens' : 'key_tokens'];
+  if (own) return own[k] && own[k][t] !== undefined ? String(own[k][t]) : '';
+  return m.tokens_are_steps ? tokenOf(header, k, t) : '';
 }
 
 function clamp(x, lo, hi) { return Math.max(lo, Math.min(hi, x)); }
@@ -330,6 +341,7 @@ export function mount(element, source) {
   let geom = null;  // where the heatmap's cells are, for hover and drag
 
   function drawHeatmap() {
+    hideTip();  // a redraw moves the cells: the tip would describe one no longer under the pointer
     const v = layerView();
     if (!v) {
       const m = st.data && st.data.header.modules[Number(ui.module.value)];
@@ -368,7 +380,7 @@ export function mount(element, source) {
     g.textAlign = 'right';
     const tevery = Math.ceil(13 / cw);
     for (let t = 0; t < T; t += tevery) {
-      const label = tokenOf(v.h, v.k, t) || String(t);
+      const label = tokenOf(v.h, v.k, t, v.m) || String(t);
       g.save();
       g.translate(left + t * cw + cw / 2, top + v.U * ch + 6);
       g.rotate(-Math.PI / 3);
@@ -417,7 +429,7 @@ export function mount(element, source) {
     const v = geom.v;
     const u = geom.order[cell.r];
     const value = at(v, v.k, cell.t, u);
-    const token = tokenOf(v.h, v.k, cell.t);
+    const token = tokenOf(v.h, v.k, cell.t, v.m);
     Object.assign(ui.tip.dataset, {unit: String(v.units[u]), step: String(cell.t), token, value: exact(value)});
     ui.tip.textContent = `unit ${v.units[u]}\nstep ${cell.t}${token ? `  token ${JSON.stringify(token)}` : ''}\n` +
       `value ${short(value)}`;
@@ -459,7 +471,7 @@ export function mount(element, source) {
     const a = Math.max(0, start - pad), b = Math.min(v.h.lengths[k] - 1, end + pad);
     if (a > 0) span.append('… ');
     for (let t = a; t <= b; t++) {
-      const word = tokenOf(v.h, k, t) || String(t);
+      const word = tokenOf(v.h, k, t, v.m) || String(t);
       span.append(t >= start && t <= end ? el('span', {class: 'hit', text: word}) : word, t < b ? ' ' : '');
     }
     if (b < v.h.lengths[k] - 1) span.append(' …');
@@ -640,7 +652,7 @@ export function mount(element, source) {
       const [K, H, Tq, Tk] = m.weights.shape;
       const w = st.data.array(m.weights);
       const nq = m.query_lengths[k], nk = m.key_lengths[k];
-      const label = (t, isQuery) => (m.tokens_are_steps ? tokenOf(h, k, t) : '') || `${isQuery ? 'q' : 'k'}${t}`;
+      const label = (t, isQuery) => axisToken(h, m, k, t, isQuery) || `${isQuery ? 'q' : 'k'}${t}`;
       const readout = el('div', {class: 'help', text: ' '});
       const heads = el('div', {class: 'heads'});
       const c = clamp(Math.floor(300 / Math.max(nq, nk, 1)), 1, 18);
