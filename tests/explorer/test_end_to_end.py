@@ -20,6 +20,7 @@ from tests.explorer.test_views import choose, hover, open_page, wait
 from tests.helpers.browser import chromium, require_chromium, screenshot
 from tests.helpers.models import TinySeqModel
 from tests.helpers.namespace import TensorBoardLogger, pl
+from tests.helpers.probe_sets import write_probe_sets
 from tests.helpers.tensorboard_server import TensorBoardServer, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(
@@ -95,6 +96,20 @@ def test_the_tensorboard_tab_shows_a_real_fits_probe_set(fit, tmp_path, loader):
             wait(driver, "return document.body.dataset.rnnvizReady === '1'", "the explorer's first probe set",
                  timeout=30)
             _check_hover(driver, fit, tmp_path, f"tab_{loader}")
+            # a run that starts writing while the tab is open: TensorBoard's reload button reaches the iframe
+            # (named to sort after the fit's run, which the tab shows first, also in the other loader's test)
+            runs = "return Array.from(document.getElementById('rnnviz-run').options).map(o => o.value)"
+            before = driver.execute_script(runs)
+            assert before[0] == run
+            write_probe_sets(fit["logdir"] / f"zz_later_{loader}", {".": {"train": [1, 2]}})
+            wait_until(lambda: board.get_json("/data/plugin/rnnviz/runs")["runs"], timeout=60,
+                       until=lambda got: len(got) == len(before) + 1, what="the new run served")
+            driver.switch_to.default_content()
+            driver.find_element("css selector", "button.reload-button").click()
+            driver.switch_to.frame(frame)
+            # (within 8 s: the tab itself reads the runs again only every 30 s)
+            wait(driver, f"{runs.replace('return ', 'return (')}).includes('zz_later_{loader}')",
+                 "the new run in the tab after TensorBoard's reload", timeout=8)
 
 
 def test_the_explore_command_writes_a_page_that_shows_the_same(fit, tmp_path):

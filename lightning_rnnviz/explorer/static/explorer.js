@@ -748,5 +748,6 @@ export function mount(element, source) {
     await load();
   });
   const timer = setInterval(() => { if (element.isConnected) refresh(); else clearInterval(timer); }, 30000);
-  return ready();
+  // resolves once the first probe set is drawn; `refresh()` reads the runs again and shows what is new
+  return Object.assign(ready(), {refresh});
 }

@@ -50,11 +50,8 @@ function onTensorBoardReload(callback) {
 export function render() {
   document.body.style.margin = '0';
   const done = mount(document.body, fetchSource());
-  // The explorer reloads the runs list itself every 30 s and on its reload button; TensorBoard's reload
-  // presses that button too, so a running training's new steps appear when TensorBoard says it has them.
-  onTensorBoardReload(() => {
-    const button = document.getElementById('rnnviz-reload');
-    if (button) button.click();
-  });
+  // The explorer reads the runs again every 30 s and on its reload button; it does so on TensorBoard's
+  // reloads too, so a running training's new steps appear when TensorBoard says it has them.
+  onTensorBoardReload(done.refresh);
   return done;
 }
