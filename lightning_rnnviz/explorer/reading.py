@@ -16,10 +16,10 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
 from tensorboard.compat.proto.event_pb2 import Event
 
 from lightning_rnnviz.names import PLUGIN_NAME
+from lightning_rnnviz.sinks.events import masked_crc
 
 Blobs = dict[tuple[str, str, int], bytes]
 
@@ -77,11 +77,6 @@ def _runs(root: Path) -> list[tuple[Path, list[str]]]:
     return found
 
 
-def _masked_crc(data: bytes) -> int:
-    crc = google_crc32c.value(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
 def _events(path: Path):
     """The events of one TFRecord file; reading stops at a record cut short or a broken CRC."""
     with open(path, "rb") as file:
@@ -89,11 +84,10 @@ def _events(path: Path):
             header = file.read(12)
             if len(header) < 12:
                 return
-            (length,), (crc,) = struct.unpack("<Q", header[:8]), struct.unpack("<I", header[8:])
-            if crc != _masked_crc(header[:8]):
+            if header[8:] != masked_crc(header[:8]):
                 return
+            (length,) = struct.unpack("<Q", header[:8])
             data = file.read(length)
-            footer = file.read(4)
-            if len(data) < length or len(footer) < 4 or struct.unpack("<I", footer)[0] != _masked_crc(data):
+            if len(data) < length or file.read(4) != masked_crc(data):
                 return
             yield Event.FromString(data)

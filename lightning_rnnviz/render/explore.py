@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -186,7 +187,7 @@ class _Module:
         return max((len(units) for _, units, _ in self.groups.values()), default=0)
 
     def header(self, packer: Packer, k: int, cap: int | None = None) -> dict[str, Any]:
-        out = _copy(self.fields)
+        out = copy.deepcopy(self.fields)
         positions: dict[Any, np.ndarray | None] = {}
         for key, (paths, units, rank) in self.groups.items():
             chosen = None if cap is None or cap >= len(units) else np.sort(np.asarray(rank[:cap]))
@@ -200,14 +201,6 @@ class _Module:
         for path, values in self.lists.items():
             _put(out, path, values[:k])
         return out
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
 
 
 def _put(tree: Any, path: tuple, value: Any) -> None:

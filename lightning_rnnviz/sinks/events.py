@@ -90,7 +90,7 @@ def layout_summary(charts: Mapping[str, Mapping[str, list[str]]]) -> Any:
                                         tensor=_string_tensor(layout.SerializeToString()))])
 
 
-def _masked_crc(data: bytes) -> bytes:
+def masked_crc(data: bytes) -> bytes:
     """The masked CRC32C of TFRecord framing (google-crc32c's C code: 1000x TensorBoard's pure Python)."""
     crc = google_crc32c.value(data)
     return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
@@ -126,7 +126,7 @@ class EventFile:
     def _write(self, event: Any) -> None:
         data = event.SerializeToString()
         header = struct.pack("<Q", len(data))
-        self._file.write(header + _masked_crc(header) + data + _masked_crc(data))
+        self._file.write(header + masked_crc(header) + data + masked_crc(data))
 
     def add_summary(self, summary: Any, step: int) -> None:
         self._write(Event(summary=summary, step=int(step), wall_time=time.time()))

@@ -7,8 +7,8 @@ import pytest
 from lightning_rnnviz.explorer.reading import ProbeSetError, read_probe_sets, runs_json
 from lightning_rnnviz.names import PROBE_SET_TAG
 from lightning_rnnviz.payload import unpack
-from lightning_rnnviz.sinks.events import EventFile, scalars_summary, text_summary
-from tests.helpers.probe_sets import probe_set_blob, probe_set_summary, write_probe_sets
+from lightning_rnnviz.sinks.events import EventFile, blob_summary, scalars_summary, text_summary
+from tests.helpers.probe_sets import probe_set_blob, write_probe_sets
 
 TRAIN, VAL = f"{PROBE_SET_TAG}/train", f"{PROBE_SET_TAG}/val"
 
@@ -44,8 +44,8 @@ def test_the_last_write_of_a_step_wins(tmp_path):
     _, blobs = read_probe_sets(tmp_path)
     assert blobs["r", VAL, 4] == later["r", VAL, 4] != probe_set_blob(4, "val", seed=0)
     events = EventFile(tmp_path / "s")  # twice in one file
-    events.add_summary(probe_set_summary(VAL, b"first"), 3)
-    events.add_summary(probe_set_summary(VAL, b"second"), 3)
+    events.add_summary(blob_summary(VAL, b"first"), 3)
+    events.add_summary(blob_summary(VAL, b"second"), 3)
     events.close()
     assert read_probe_sets(tmp_path)[1]["s", VAL, 3] == b"second"
 
@@ -54,7 +54,7 @@ def test_other_summaries_are_left_alone(tmp_path):
     events = EventFile(tmp_path / "run")
     events.add_summary(scalars_summary({"loss": 0.5}), 1)
     events.add_summary(text_summary("notes", "hello"), 1)
-    events.add_summary(probe_set_summary(TRAIN, b"blob"), 1)
+    events.add_summary(blob_summary(TRAIN, b"blob"), 1)
     events.close()
     assert read_probe_sets(tmp_path) == ({"runs": [{"run": "run", "tags": {TRAIN: {"steps": [1], "sizes": [4]}}}]},
                                          {("run", TRAIN, 1): b"blob"})

@@ -1,10 +1,10 @@
 """Event files holding probe sets exactly as the explorer's contract writes them, without a training run.
 
 ``write_probe_sets(logdir, {"run_a": {"train": [0, 5], "val": [4]}})`` writes, in ``logdir/run_a``, one summary
-per step under ``rnnviz/probe_set/train`` or ``rnnviz/probe_set/val``: metadata of plugin ``rnnviz`` (content
-``{"version": 1}``, data class blob sequence) and a ``DT_STRING`` tensor of shape ``[1]`` holding a small
-valid blob (:func:`probe_set_blob`, one LSTM layer over two sequences). It returns every blob by ``(run, tag,
-step)``, as TensorBoard should serve them.
+per step under ``rnnviz/probe_set/train`` or ``rnnviz/probe_set/val``, the summary the TensorBoard sink writes
+(:func:`lightning_rnnviz.sinks.events.blob_summary`), holding a small valid blob (:func:`probe_set_blob`, one
+LSTM layer over two sequences). It returns every blob by ``(run, tag, step)``, as TensorBoard should serve
+them.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
-from tensorboard.compat.proto import summary_pb2, types_pb2
-from tensorboard.compat.proto.tensor_pb2 import TensorProto
-from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
 
-from lightning_rnnviz.names import PLUGIN_NAME, PROBE_SET_TAG
+from lightning_rnnviz.names import PROBE_SET_TAG
 from lightning_rnnviz.payload import Packer
-from lightning_rnnviz.sinks.events import EventFile
+from lightning_rnnviz.sinks.events import EventFile, blob_summary
 
 SOURCES = {"train": "training", "val": "validation"}
 
@@ -49,17 +46,6 @@ def probe_set_blob(step: int, source: str = "train", *, units: int = 3, steps: i
     return packer.finish(header)
 
 
-def probe_set_summary(tag: str, blob: bytes) -> summary_pb2.Summary:
-    """The summary of one probe set under ``tag``, as the contract says it is written."""
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=b'{"version": 1}'),
-        data_class=summary_pb2.DATA_CLASS_BLOB_SEQUENCE,
-    )
-    tensor = TensorProto(dtype=types_pb2.DT_STRING, string_val=[blob],
-                         tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]))
-    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
-
-
 def write_probe_sets(logdir: str | Path, runs: Mapping[str, Mapping[str, Iterable[int]]], *, seed: int = 0,
                      blob=probe_set_blob) -> dict[tuple[str, str, int], bytes]:
     """Write ``{run: {"train" | "val": [step, ...]}}`` under ``logdir`` (run ``"."`` is ``logdir`` itself)
@@ -72,7 +58,7 @@ def write_probe_sets(logdir: str | Path, runs: Mapping[str, Mapping[str, Iterabl
                 tag = f"{PROBE_SET_TAG}/{source}"
                 for step in steps:
                     data = blob(step, source, seed=seed)
-                    events.add_summary(probe_set_summary(tag, data), step)
+                    events.add_summary(blob_summary(tag, data), step)
                     written[(run, tag, int(step))] = data
         finally:
             events.close()
