@@ -561,6 +561,8 @@ class RNNViz(*CALLBACK_BASES):
     def _stop(self, trainer: Any) -> None:
         recorder = recorder_of(trainer)
         fanout = recorder.leave(self, self.strict, self.cadence)
+        for line in recorder.take_lines():  # the last epoch ends' findings, finished by the worker
+            info(trainer, line)
         if fanout is not None:  # the last monitor: the output is closed
             self._report_render_errors(fanout.renderer)
             if fanout.renderer.dropped:
@@ -708,13 +710,19 @@ class RNNViz(*CALLBACK_BASES):
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.enabled:
             return
-        fanout = self._recorder.fanout
+        recorder = self._recorder
+        fanout = recorder.fanout
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if recorder.worker is not None:
+            # the worker closes the epoch after its recordings (its statistics are complete then): the
+            # training thread neither waits for them nor draws; what it writes and says comes back with
+            # the next delivery (at the latest, at fit end)
+            close = functools.partial(self._reporter.end_epoch, trainer.current_epoch, step)
+            self._guard.run("record", recorder.end_epoch, close, step)
+            if self is recorder.members[-1]:
+                self._deliver(trainer, recorder)
+            return
         started = time.perf_counter()
-        worker = self._recorder.worker
-        if worker is not None:  # the epoch's statistics are complete once its recordings are finished
-            worker.wait()
-            self._deliver(trainer, self._recorder)
         with one_thread():
             drawn, lines = self._reporter.end_epoch(trainer.current_epoch, step, fanout)
         self._guard.run("write pictures", fanout.wait)
@@ -807,8 +815,10 @@ class RNNViz(*CALLBACK_BASES):
 
     def _deliver(self, trainer: Any, recorder: Recorder) -> None:
         """Write what the worker has finished (see :meth:`Recorder.deliver`) and count what it cost."""
-        for seconds in recorder.deliver(recorder.worker, self.strict, self.cadence):
-            self._spend(trainer, seconds, recording=True)
+        for seconds, recording in recorder.deliver(recorder.worker, self.strict, self.cadence):
+            self._spend(trainer, seconds, recording=recording)
+        for line in recorder.take_lines():  # a finding that appeared or cleared, from an epoch end
+            info(trainer, line)
 
     def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
         recorder = self._recorder

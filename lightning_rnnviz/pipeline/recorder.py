@@ -23,7 +23,15 @@ from torch import nn
 from lightning_rnnviz.pipeline.drawing import BackgroundRenderer, DrawingProcess, InlineRenderer, NotReady
 from lightning_rnnviz.pipeline.fanout import Fanout
 from lightning_rnnviz.pipeline.records import RecordKeeper
-from lightning_rnnviz.pipeline.worker import Delivery, Report, Worker, draw_here, give_warnings, hand_off
+from lightning_rnnviz.pipeline.worker import (
+    Delivery,
+    EpochEnd,
+    Report,
+    Worker,
+    draw_here,
+    give_warnings,
+    hand_off,
+)
 from lightning_rnnviz.probe import Capture, Probe, Recording
 from lightning_rnnviz.render.jobs import Job
 from lightning_rnnviz.render.report import Guard
@@ -80,6 +88,7 @@ class Recorder:
         self.guard: Guard | None = None  # the opening monitor's: warns and counts errors of shared writes
         self.drawing: DrawingProcess | None = None  # draws the worker's pictures
         self.drawing_peak_rss_mb: float | None = None  # the drawing process's, once closed
+        self.lines: list[str] = []  # console lines of the epoch ends the worker finished, for the callback to say
 
     # --- members and output ------------------------------------------------------------------------
     def join(self, member: Member) -> None:
@@ -137,17 +146,19 @@ class Recorder:
         was_member = member in self.members
         if was_member and self.worker is not None:
             self.worker.wait(timeout=60.0)
-        self.members = [m for m in self.members if m is not member]
+        remaining = [m for m in self.members if m is not member]
         self.probe = None
         fanout = self.fanout
-        if not was_member or self.members or fanout is None:
+        if not was_member or remaining or fanout is None:
+            self.members = remaining
             return None
         worker, self.worker = self.worker, None
         try:
-            if worker is not None:  # finished above: the last recordings are written, not lost
-                worker.close()
+            if worker is not None:  # finished above: the last recordings are written, not lost, with the
+                worker.close()  # leaving member's settings (its `scalars`) still in force
                 self.deliver(worker, strict, cadence)  # with `strict`, a recording's error is raised here
         finally:  # and everything is closed all the same
+            self.members = remaining
             self._close_drawing()
             self.fanout, self.layout_written, self.clock = None, False, None
             fanout.close()  # the drawing process finishes what it was handed, then every sink is closed
@@ -268,6 +279,16 @@ class Recorder:
         self.worker.submit(handed)
         return True
 
+    def end_epoch(self, close: Callable[[Delivery], tuple[bool, list[str]]], step: int) -> None:
+        """The worker's route at a training epoch's end: ``close`` (a monitor's epoch end) runs on the worker
+        after the epoch's recordings; what it writes comes back with them (:meth:`deliver`)."""
+        self.worker.submit(EpochEnd(close, step))
+
+    def take_lines(self) -> list[str]:
+        """The console lines delivered since the last call (findings that appeared or cleared)."""
+        lines, self.lines = self.lines, []
+        return lines
+
     def release(self) -> None:
         """Let go of the batch's recording once every monitor has reported it: its records are the size of
         the model's activations, and on a GPU they are in device memory."""
@@ -310,11 +331,12 @@ class Recorder:
         if recording is not None:
             self.keep_full(recording, delivery.step, delivery.prefix)
 
-    def deliver(self, worker: Worker, strict: bool, cadence: int | None) -> list[float]:
+    def deliver(self, worker: Worker, strict: bool, cadence: int | None) -> list[tuple[float, bool]]:
         """Write what ``worker`` has finished to every logger, here on the training thread: its held
         warnings given, an error raised with ``strict`` (else warned once and counted), then pictures,
-        statistics and histograms, and what each recording cost. Returns the training-thread seconds of
-        each training recording written (the budget's)."""
+        statistics and histograms, and what each recording cost; an epoch end's console lines are kept for
+        :meth:`take_lines`. Returns ``(training-thread seconds, whether a recording)`` of each training
+        recording and each epoch end that drew (the budget's)."""
         spent = []
         for delivery in worker.ready():
             started = time.perf_counter()
@@ -325,8 +347,17 @@ class Recorder:
                 self.guard.problem("record", delivery.error)
             fanout = self.fanout
             fanout.deliver(delivery.items, beside_training=False)  # the worker wrote the others' already
-            if delivery.prefix == "rnnviz":
-                write_s = time.perf_counter() - started
+            self.lines += delivery.lines
+            write_s = time.perf_counter() - started
+            if delivery.epoch_end:
+                if delivery.drawn:
+                    if self.overhead_wanted:
+                        self.guard.run("overhead statistics", fanout.scalars, {
+                            "rnnviz/overhead/epoch_end_ms": 1e3 * (delivery.thread_s + write_s),
+                            "rnnviz/overhead/epoch_end_offthread_ms": 1e3 * delivery.worker_s,
+                        }, delivery.step)
+                    spent.append((delivery.thread_s + write_s, False))
+            elif delivery.prefix == "rnnviz":
                 waited_s, self.reported_wait_s = worker.waited_s - self.reported_wait_s, worker.waited_s
                 if self.overhead_wanted:
                     self.guard.run("overhead statistics", fanout.scalars, {
@@ -339,9 +370,10 @@ class Recorder:
                         "rnnviz/overhead/dropped_figures": 0.0,
                         "rnnviz/overhead/every_n_steps": float(cadence or 0),
                     }, delivery.step)
-                spent.append(delivery.thread_s + write_s + waited_s)
-            self.guard.run("flush", fanout.flush)
-            self.flush_next = True
+                spent.append((delivery.thread_s + write_s + waited_s, True))
+            if delivery.items or not delivery.epoch_end:
+                self.guard.run("flush", fanout.flush)
+                self.flush_next = True
         return spent
 
     def finish_inline(self, step: int, cadence: int | None) -> float:

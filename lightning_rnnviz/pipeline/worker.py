@@ -21,7 +21,9 @@ The worker touches nothing the training thread sees: no warning filter (its warn
 by the training thread, :mod:`lightning_rnnviz.probe.held`), no random generator (the masks were drawn
 at the hand-off), no TF32 or other backend flag; its intra-op thread count is its own
 (:func:`one_thread`). At most ``max_pending`` recordings wait beside the one it works on; the hand-off of
-another waits for room, so that every recording is written.
+another waits for room, so that every recording is written. A training epoch's end (:class:`EpochEnd`:
+findings, summary, ``grad_decay``) is queued behind the epoch's recordings and finished here too, so the
+training thread neither waits for them nor draws at the epoch's end.
 """
 
 from __future__ import annotations
@@ -136,6 +138,21 @@ class Handed:
     thread_s: float = 0.0
 
 
+@dataclass
+class EpochEnd:
+    """A training epoch's end, handed to the worker after the epoch's recordings, so that the training
+    thread neither waits for them nor draws the epoch's pictures.
+
+    Attributes:
+        close: writes the epoch's pictures, findings and summary to the delivery it is given; returns whether
+            it drew anything and the console lines to say (:meth:`~lightning_rnnviz.render.report.Reporter.end_epoch`).
+        step: the step everything is logged at.
+    """
+
+    close: Callable[[Delivery], tuple[bool, list[str]]]
+    step: int
+
+
 def draw_here(job: Job) -> Picture:
     """``job`` drawn and PNG-encoded on this thread."""
     return Picture.from_rgb(draw(job))
@@ -154,12 +171,14 @@ class Delivery:
         warnings: the warnings the work gave, held for the training thread.
         error: an error that stopped the work (with ``strict``, re-raised by the training thread).
         recording: the finished recording, where the caller asked to keep it (``save_records="full"``).
+        epoch_end: whether this is an epoch's end (:class:`EpochEnd`), not a recording; ``drawn`` whether it
+            drew anything, ``lines`` the console lines it has to say (findings that appeared or cleared).
         thread_s, replay_s, draw_s, worker_s: the training thread's seconds before the hand-off, the
             replay's, drawing and encoding, and the worker's whole time on this recording.
     """
 
     def __init__(self, step: int, prefix: str = "rnnviz", wants_histograms: bool = True,
-                 drawer: Callable[[Job], Picture] | None = None) -> None:
+                 drawer: Callable[[Job], Picture] | None = None, written: set[tuple[str, int]] | None = None) -> None:
         self.step, self.prefix = step, prefix
         self.drawer = drawer or draw_here
         self.wants_histograms = wants_histograms
@@ -167,13 +186,16 @@ class Delivery:
         self.warnings: Held = []
         self.error: BaseException | None = None
         self.recording: Recording | None = None
+        self.epoch_end = self.drawn = False
+        self.lines: list[str] = []
         self.thread_s = self.replay_s = self.draw_s = self.worker_s = 0.0
-        self._drawn: set[tuple[str, int]] = set()
+        # (tag, step) of the pictures, texts, documents and probe sets taken: the first monitor's is kept (an
+        # epoch's ends, one per monitor, share one set)
+        self._drawn: set[tuple[str, int]] = set() if written is None else written
 
     def picture(self, job: Job) -> None:
-        if (job.tag, job.step) in self._drawn:
+        if not self._first(job.tag, job.step):
             return  # two monitors of one module: drawn once
-        self._drawn.add((job.tag, job.step))
         started = time.perf_counter()
         picture = self.drawer(job)
         self.draw_s += time.perf_counter() - started
@@ -188,25 +210,32 @@ class Delivery:
             self.items.append(("histogram", (tag, counted, step)))
 
     def text(self, tag: str, markdown: str, step: int) -> None:
-        self.items.append(("text", (tag, markdown, step)))
+        if self._first(tag, step):
+            self.items.append(("text", (tag, markdown, step)))
 
     def document(self, name: str, data: Mapping[str, Any], step: int) -> None:
-        self.items.append(("document", (name, data, step)))
+        if self._first(name, step):
+            self.items.append(("document", (name, data, step)))
 
     def probe_set(self, tag: str, blob: bytes, step: int) -> None:
+        if self._first(tag, step):
+            self.items.append(("probe_set", (tag, blob, step)))
+
+    def _first(self, tag: str, step: int) -> bool:
+        """Whether ``tag`` is new at ``step`` (two monitors: the first one's is kept, as the fan-out does)."""
         if (tag, step) in self._drawn:
-            return  # two monitors: the first one's
+            return False
         self._drawn.add((tag, step))
-        self.items.append(("probe_set", (tag, blob, step)))
+        return True
 
 
 # --- the worker -----------------------------------------------------------------------------------------
 class Worker:
-    """One thread that finishes recordings handed to it, in order, beside training.
+    """One thread that finishes recordings and epoch ends handed to it, in order, beside training.
 
     Args:
         max_pending: recordings that may wait beside the one being worked on; :meth:`submit` waits for
-            room beyond that.
+            room beyond that (an epoch's end never waits: it holds no tensors).
         keep_recordings: keep each finished recording on its delivery (for ``save_records="full"``).
         beside: called on the worker with each finished delivery, to write it where that may be done
             beside training (see :meth:`~lightning_rnnviz.pipeline.fanout.Fanout.deliver`).
@@ -223,12 +252,14 @@ class Worker:
         self._histograms = wants_histograms
         self._keep = keep_recordings
         self._beside = beside
-        self._queue: collections.deque[Handed | None] = collections.deque()
+        self._queue: collections.deque[Handed | EpochEnd | None] = collections.deque()
         self._done: collections.deque[Delivery] = collections.deque()
         self._busy = 0  # handed and not yet delivered to `_done`
+        self._recordings = 0  # of those, recordings (what `max_pending` bounds)
         self._lock = threading.Condition()
         self._closed = False
         self._stream: Any = None
+        self._ended: tuple[int, set[tuple[str, int]]] = (-1, set())  # what the ends of the last epoch took
         self.waited_s = 0.0  # training-thread time spent in `submit` waiting for room (`wait` is the caller's)
         self._thread = threading.Thread(target=self._loop, name="rnnviz-worker", daemon=True)
         self._thread.start()
@@ -237,15 +268,18 @@ class Worker:
     def idle(self) -> bool:
         return self._busy == 0
 
-    def submit(self, handed: Handed) -> None:
-        """Hand a recording over; waits only while ``max_pending`` recordings are waiting already."""
+    def submit(self, handed: Handed | EpochEnd) -> None:
+        """Hand a recording or an epoch's end over; a recording waits only while ``max_pending`` recordings
+        are waiting already."""
         if self._closed:
             raise RuntimeError("the recording worker is closed")
         started = time.perf_counter()
+        recording = isinstance(handed, Handed)
         with self._lock:
-            while self._busy > self._max_pending:
+            while recording and self._recordings > self._max_pending:
                 self._lock.wait()
             self._busy += 1
+            self._recordings += recording
             self._queue.append(handed)
             self._lock.notify_all()
         self.waited_s += time.perf_counter() - started
@@ -279,11 +313,13 @@ class Worker:
                 handed = self._queue.popleft()
             if handed is None:
                 return
-            delivery = self._finish(handed)
+            recording = isinstance(handed, Handed)
+            delivery = self._finish(handed) if recording else self._close_epoch(handed)
             del handed  # what the capture held (device memory on a GPU) goes now, not at the next recording
             with self._lock:
                 self._done.append(delivery)
                 self._busy -= 1
+                self._recordings -= recording
                 self._lock.notify_all()
 
     def _finish(self, handed: Handed) -> Delivery:
@@ -302,6 +338,26 @@ class Worker:
                     if self._keep:
                         delivery.recording = recording
                 del recording  # on a GPU, device memory: gone before the next recording is finished
+                if self._beside is not None:
+                    self._beside(delivery)
+            except Exception as error:  # noqa: BLE001 - given to the training thread, which decides
+                delivery.error = error
+        delivery.warnings = kept
+        delivery.worker_s = time.perf_counter() - started
+        return delivery
+
+    def _close_epoch(self, end: EpochEnd) -> Delivery:
+        """An epoch's end, after the epoch's recordings: its pictures (drawn like a recording's), findings
+        and summary, and the writing that may be done beside training."""
+        if self._ended[0] != end.step:  # the first monitor's end of this epoch
+            self._ended = (end.step, set())
+        delivery = Delivery(end.step, "rnnviz", self._histograms, self._drawer, written=self._ended[1])
+        delivery.epoch_end = True
+        started = time.perf_counter()
+        with held() as kept:
+            try:
+                with one_thread():
+                    delivery.drawn, delivery.lines = end.close(delivery)
                 if self._beside is not None:
                     self._beside(delivery)
             except Exception as error:  # noqa: BLE001 - given to the training thread, which decides

@@ -44,8 +44,10 @@ last step's to the end of training), so it holds every hook, epoch end and flush
 - ``thread ms/run``: the callback's training-thread total for the whole run: recordings, epoch ends, fit start
   and fit end.
 - ``loop ms/rec``: per recording step r, the loop time above the run's median step over steps r..r+5, with the
-  callback minus without on the same steps; median over the recordings (the first left out: one-off set-up),
-  then over the pairs. What a recording costs the loop, whoever spends it.
+  callback minus without on the same steps; median over the recordings (the first left out: one-off set-up;
+  so is a recording whose steps reach the run's last one, whose loop time runs into the fit end, which
+  ``fit ms`` and ``thread ms/run`` report), then over the pairs. What a recording costs the loop, whoever
+  spends it.
 - ``other steps``: median loop time of every step outside those windows, with / without, as a ratio and in ms:
   a uniform slowdown, which ``loop ms/rec`` subtracts with the median, shows here.
 - ``faults M``: minor page faults of the training process (millions), with / without. Both sides run with
@@ -231,7 +233,9 @@ def outside_figures(with_cb: dict, without: dict) -> tuple[float, float, float]:
         base = statistics.median(run["loop_ms"])
         return sum(run["loop_ms"][s] - base for s in range(first, min(first + AFTER + 1, n)))
 
-    per_rec = [above_median(with_cb, r) - above_median(without, r) for r in recs[1:] if r < n]  # first: set-up
+    # the first recording is left out (one-off set-up), and so is one whose window reaches the last step: that
+    # step's loop time runs into the fit end (the last recordings drained, every writer closed: `fit ms`)
+    per_rec = [above_median(with_cb, r) - above_median(without, r) for r in recs[1:] if r + AFTER < n - 1]
     near = {s for r in recs for s in range(r, r + AFTER + 1)}
     other = [s for s in range(n) if s not in near]
     nan = float("nan")
@@ -608,8 +612,8 @@ def main(argv: list[str] | None = None) -> None:
           "time per recording and off-thread ms/rec its time off that thread (n/a: it logs none), medians over the "
           "recordings after the first; thread ms/run = its training-thread total, recordings, epoch ends, fit start "
           f"and end; loop ms/rec = per recording, the loop time above the run's median over the recorded step and the "
-          f"{AFTER} after it, with minus without on the same steps, median over recordings after the first, then "
-          "over the pairs; other steps = median loop time of all other steps, with / without, ratio and ms)")
+          f"{AFTER} after it, with minus without on the same steps, median over recordings after the first (and "
+          "before the fit end's steps), then over the pairs; other steps = median loop time of all other steps, with / without, ratio and ms)")
     if not args.workload or "cpu-lstm" in args.workload:
         print(f"\nDIY (LSTMCell unrolled, retain_grad every step) throughput / fused LSTM: "
               f"{diy_ratio(args.device):.2f}x")

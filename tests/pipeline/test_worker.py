@@ -27,7 +27,8 @@ pytestmark = pytest.mark.filterwarnings(
 def _fit(tmp_path, name, model, callback, data, **kwargs):
     logger = TensorBoardLogger(tmp_path, name=name)
     settings = dict(max_epochs=2, log_every_n_steps=2, enable_progress_bar=False, enable_model_summary=False,
-                    enable_checkpointing=False, logger=logger, callbacks=[callback] if callback else [],
+                    enable_checkpointing=False, logger=logger,
+                    callbacks=list(callback) if isinstance(callback, list) else [callback] if callback else [],
                     num_sanity_val_steps=0)
     trainer = pl.Trainer(**{**settings, **kwargs})
     trainer.fit(model, data, data if hasattr(model, "validation_step") else None)
@@ -67,9 +68,9 @@ def test_the_worker_writes_what_the_training_thread_writes(tmp_path, case):
         runs[background] = _everything(trainer)
         weights[background] = {n: p.detach().clone() for n, p in model.named_parameters()}
     inline, worker = runs[False], runs["thread"]
-    assert set(inline) - {"rnnviz/overhead/offthread_ms", "rnnviz/overhead/wait_ms"} == set(worker) - {
-        "rnnviz/overhead/offthread_ms", "rnnviz/overhead/wait_ms"}
-    assert "rnnviz/overhead/offthread_ms" in worker
+    off_thread = {"rnnviz/overhead/offthread_ms", "rnnviz/overhead/wait_ms", "rnnviz/overhead/epoch_end_offthread_ms"}
+    assert set(inline) - off_thread == set(worker) - off_thread
+    assert {"rnnviz/overhead/offthread_ms", "rnnviz/overhead/epoch_end_offthread_ms"} <= set(worker)
     for tag in inline:
         assert worker[tag] == inline[tag], tag
     for name in weights[False]:
@@ -219,6 +220,51 @@ def test_the_worker_finishes_in_order_and_waits_for_room():
     assert [d.step for d in deliveries] == [0, 1, 2]
     assert [d.items for d in deliveries] == [[("scalars", ({"x": float(s)}, s))] for s in range(3)]
     assert all(d.error is None and d.replay_s > 0 for d in deliveries)
+
+
+class _OpensTheGate(pl.Callback):
+    """Placed after RNNViz: at each epoch end opens the gate the worker's recordings wait at."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        self.gate = gate
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.gate.set()
+
+
+def test_an_epoch_end_waits_neither_for_the_worker_nor_draws_on_the_training_thread(tmp_path, monkeypatch):
+    """The epoch's end (its grad_decay picture, findings and summary) is the worker's, after the epoch's
+    recordings: the training thread goes on while the last recording is still being finished. Here the
+    worker's recordings wait at a gate that only a callback after RNNViz's epoch end opens: had the epoch
+    end waited for the worker, the gate would have timed out. What the epoch end writes and says still
+    comes, once: its lines in the log, one grad_decay per epoch."""
+    from lightning_rnnviz.render.report import Reporter
+
+    gate, opened, drew_on = threading.Event(), [], set()
+    real_report, real_end = Reporter.report, Reporter.end_epoch
+
+    def report(self, *args, **kwargs):
+        opened.append(gate.wait(10))
+        return real_report(self, *args, **kwargs)
+
+    def end_epoch(self, epoch, *args, **kwargs):
+        drew_on.add(threading.current_thread().name)
+        drawn, lines = real_end(self, epoch, *args, **kwargs)
+        return drawn, [*lines, f"epoch {epoch} ended"]  # a line as a finding's would be said
+
+    monkeypatch.setattr(Reporter, "report", report)
+    monkeypatch.setattr(Reporter, "end_epoch", end_epoch)
+    cb = RNNViz(every_n_steps=2, background="thread", validation=False, log_first_step=False)
+    said = []
+    monkeypatch.setattr("lightning_rnnviz.callbacks.rnnviz.info", lambda trainer, line: said.append(line))
+    trainer = _fit(tmp_path, "w", TinySeqModel(), [cb, _OpensTheGate(gate)], loader(), max_epochs=2)
+    assert cb.placement == "thread"
+    assert opened and all(opened), opened
+    assert drew_on == {"rnnviz-worker"}
+    events = RunEvents(trainer.logger.log_dir)
+    assert [e.step for e in events.Images("rnnviz/grad_decay/rnn")] == [4, 8]
+    assert sorted(cb.decay_history["rnn"]) == [0, 1]
+    assert [line for line in said if line.endswith("ended")] == ["epoch 0 ended", "epoch 1 ended"]
 
 
 def test_a_hand_off_copies_what_the_capture_only_referenced():
