@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -700,7 +700,7 @@ class RNNViz(*CALLBACK_BASES):
             return
         started = time.perf_counter()
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        self._emit(recording, batch, step, prefix="rnnviz", training=True)
+        self._emit(recording, batch, step, prefix="rnnviz", training=True, wanting=wanting)
         self._guard.run("write pictures", recorder.fanout.wait)  # encoded and written before training goes on
         recorder.charge(time.perf_counter() - started)
         if self is wanting[-1]:  # the last monitor of this batch reports what the batch cost and flushes
@@ -765,7 +765,7 @@ class RNNViz(*CALLBACK_BASES):
         recording, wanting = recorder.end(self._val_key(trainer), None)
         if recording is not None and self in wanting:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
-            self._emit(recording, batch, step, prefix="rnnviz/val", training=False)
+            self._emit(recording, batch, step, prefix="rnnviz/val", training=False, wanting=wanting)
             if self is wanting[-1]:
                 self._guard.run("flush", recorder.fanout.flush)
 
@@ -775,12 +775,14 @@ class RNNViz(*CALLBACK_BASES):
         """The worker's route, at the end of a recorded batch: the first monitor to get there hands the
         capture over with every wanting monitor's report (the others find it gone)."""
         def reports(wanting: list[RNNViz]) -> list[Report]:
-            return [member._report_for(batch, step, prefix, training) for member in wanting]
+            shown = _probe_modules(wanting)
+            return [member._report_for(batch, step, prefix, training, shown.get(id(member), ()))
+                    for member in wanting]
 
         if self._guard.run("record", recorder.hand_off, key, grad_scale, reports, step, prefix):
             recorder.write_layout(functools.partial(_charts, recorder.members))
 
-    def _report_for(self, batch: Any, step: int, prefix: str, training: bool) -> Report:
+    def _report_for(self, batch: Any, step: int, prefix: str, training: bool, probe_modules: Collection[str]) -> Report:
         """This monitor's part of a recording, for the worker: ``labels(batch)`` is called here, on the
         training thread (the user's function, and a batch that training may reuse), its error kept for the
         report to warn about as it would on this thread."""
@@ -793,7 +795,7 @@ class RNNViz(*CALLBACK_BASES):
 
         def report(recording: Recording, out: Delivery) -> None:
             reporter.report(recording, out, step, prefix=prefix, training=training, tokens=tokens,
-                            probe_tokens=probe_tokens)
+                            probe_tokens=probe_tokens, probe_modules=probe_modules)
 
         return report
 
@@ -820,7 +822,8 @@ class RNNViz(*CALLBACK_BASES):
         for line in recorder.take_lines():  # a finding that appeared or cleared, from an epoch end
             info(trainer, line)
 
-    def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool) -> None:
+    def _emit(self, recording: Recording, batch: Any, step: int, prefix: str, training: bool,
+              wanting: list[RNNViz]) -> None:
         recorder = self._recorder
         recorder.write_layout(functools.partial(_charts, recorder.members))
         tokens = probe_tokens = None
@@ -830,9 +833,18 @@ class RNNViz(*CALLBACK_BASES):
                 probe_tokens = functools.partial(self._probe_tokens, batch, sample=tokens)
         with one_thread():
             self._reporter.report(recording, recorder.fanout, step, prefix=prefix, training=training, tokens=tokens,
-                                  probe_tokens=probe_tokens)
+                                  probe_tokens=probe_tokens,
+                                  probe_modules=_probe_modules(wanting).get(id(self), ()))
         if self is recorder.members[0]:  # every monitor's modules, kept once
             recorder.keep_full(recording, step, prefix)
+
+
+def _probe_modules(wanting: Sequence[RNNViz]) -> dict[int, set[str]]:
+    """Who writes a recording's probe set, by ``id``, and of which modules: the first monitor that asks for
+    one, with the modules of every monitor that asks (one probe set per recording, its rows and tokens that
+    monitor's); the others write none."""
+    asking = [member for member in wanting if member._reporter.probe_rows is not None]
+    return {id(asking[0]): set().union(*(member.watched for member in asking))} if asking else {}
 
 
 def _called_now(work: Callable[[Any], Any], batch: Any) -> Callable[[], Any]:

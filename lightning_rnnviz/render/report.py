@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -239,6 +239,7 @@ class Reporter:
         training: bool = True,
         tokens: Callable[[], Any] | None = None,
         probe_tokens: Callable[[], Mapping[int, Any]] | None = None,
+        probe_modules: Collection[str] | None = None,
     ) -> None:
         """Everything one recording shows, sent to ``out``.
 
@@ -252,6 +253,8 @@ class Reporter:
                 (:func:`~lightning_rnnviz.render.labels.token_axes` puts them on each module's axes).
             probe_tokens: ``{row: what labels returned for that row}`` for the probe set's rows that have
                 tokens (called at most once, only when :attr:`probe_rows` asks for a probe set).
+            probe_modules: the modules the probe set shows (several monitors of one recording write one
+                probe set, of all their modules); ``None``: this reporter's own; empty: none.
         """
         mine = {n: r for n, r in recording.items() if n in self.names}
         self._recordings += 1
@@ -269,8 +272,9 @@ class Reporter:
             elif isinstance(record, AttentionRecord) and "attention" in self.quantities:
                 self._warn_approximate(name, record)
                 self.guard.stages(self._attention_route(part, record, training, labels.get(name)))
-        if self.probe_rows is not None and mine:
-            self.guard.stages([Stage("write the probe set", self._write_probe_set, (mine, recording, out, step,
+        shown = mine if probe_modules is None else {n: r for n, r in recording.items() if n in probe_modules}
+        if self.probe_rows is not None and shown:
+            self.guard.stages([Stage("write the probe set", self._write_probe_set, (shown, recording, out, step,
                                                                                      training, probe_tokens))])
 
     def _write_probe_set(self, records: Mapping[str, Any], recording: Recording, out: Output, step: int,

@@ -21,6 +21,7 @@ from tests.helpers.namespace import CSVLogger, TensorBoardLogger, pl
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*", "ignore:.*LeafSpec.*", "ignore:.*log_every_n_steps.*",
+    "ignore:.*no `val_dataloader`.*",
 )
 TRAIN, VAL = "rnnviz/probe_set/train", "rnnviz/probe_set/val"
 STEPS = 6
@@ -131,3 +132,27 @@ def test_probe_set_is_capped_by_max_samples_and_kept_by_pickles_and_copies():
     assert cb.__getstate__()["probe_set"] == [1, 3]
     for twin in (pickle.loads(pickle.dumps(cb)), copy.deepcopy(cb), copy.copy(cb)):
         assert twin.probe_set == [1, 3] and twin._reporter.probe_rows == [1, 3]
+
+
+@pytest.mark.parametrize("background", [False, "thread"])
+def test_several_monitors_write_one_probe_set_of_all_their_modules(tmp_path, background):
+    """A monitor of the LSTM and one of the attention share each recording: its one probe set shows both
+    modules (the first monitor's rows and tokens), not only the first monitor's module."""
+    from lightning_rnnviz import AttentionMonitor, HiddenStateMonitor
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(24, STEPS, 3), torch.randn(24))
+    monitors = [HiddenStateMonitor(modules=["rnn"], background=background, strict=True, labels=row_labels),
+                AttentionMonitor(modules=["attn"], background=background, strict=True, probe_set=[0, 1])]
+    trainer = pl.Trainer(max_epochs=1, log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, num_sanity_val_steps=0, callbacks=monitors,
+                         logger=TensorBoardLogger(tmp_path, name="tb"))
+    trainer.fit(TinySeqModel(), torch.utils.data.DataLoader(data, batch_size=8))
+    sets = _read(trainer).Tensors(TRAIN)
+    assert [e.step for e in sets] == [0, 1, 2]
+    for event in sets:
+        header, _ = unpack(event.tensor_proto.string_val[0])
+        assert [m["name"] for m in header["modules"]] == ["rnn", "attn"]
+        assert header["rows"] == list(range(8)) and header["tokens"] == [row_labels(None, r) for r in range(8)]
+    for monitor in monitors:
+        assert not monitor.error_counts
