@@ -15,6 +15,7 @@ def mha_forward(
     key_padding_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
+    params: dict[str, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One ``nn.MultiheadAttention`` call recomputed off the forward path: its output and per-head weights.
 
@@ -28,12 +29,19 @@ def mha_forward(
         query, key, value: the call's inputs, in the module's layout (``batch_first`` or not), batched
             or unbatched.
         key_padding_mask, attn_mask, is_causal: as passed to the call.
+        params: the module's parameters by name (``named_parameters()``) as they were at the call, in place
+            of its current ones (a recording finished after the optimizer step).
 
     Returns:
         The attention output in the module's layout, and ``(batch, heads, T_query, T_key)`` weights,
         batch-first; unbatched input gives ``batch == 1``.
     """
     batched = query.dim() == 3
+    given = params or {}
+
+    def param(name: str) -> Tensor | None:
+        return given[name] if name in given else getattr(mha, name)
+
     # Under autocast the call may have seen bf16/fp16 activations; recompute in the weights' dtype.
     dtype = mha.out_proj.weight.dtype
     query, key, value = (t.to(dtype) for t in (query, key, value))
@@ -51,22 +59,22 @@ def mha_forward(
             value,
             mha.embed_dim,
             mha.num_heads,
-            mha.in_proj_weight,
-            mha.in_proj_bias,
-            mha.bias_k,
-            mha.bias_v,
+            param("in_proj_weight"),
+            param("in_proj_bias"),
+            param("bias_k"),
+            param("bias_v"),
             mha.add_zero_attn,
             0.0,
-            mha.out_proj.weight,
-            mha.out_proj.bias,
+            given.get("out_proj.weight", mha.out_proj.weight),
+            given.get("out_proj.bias", mha.out_proj.bias),
             training=False,
             key_padding_mask=key_padding_mask,
             need_weights=True,
             attn_mask=attn_mask,
             use_separate_proj_weight=separate,
-            q_proj_weight=mha.q_proj_weight if separate else None,
-            k_proj_weight=mha.k_proj_weight if separate else None,
-            v_proj_weight=mha.v_proj_weight if separate else None,
+            q_proj_weight=param("q_proj_weight") if separate else None,
+            k_proj_weight=param("k_proj_weight") if separate else None,
+            v_proj_weight=param("v_proj_weight") if separate else None,
             average_attn_weights=False,
             is_causal=is_causal,
         )
@@ -83,10 +91,11 @@ def mha_weights(
     key_padding_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
+    params: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """``(batch, heads, T_query, T_key)`` weights of one call, per head and without dropout; see
     :func:`mha_forward`."""
-    return mha_forward(mha, query, key, value, key_padding_mask, attn_mask, is_causal)[1]
+    return mha_forward(mha, query, key, value, key_padding_mask, attn_mask, is_causal, params)[1]
 
 
 def key_lengths_from_mask(key_padding_mask: Tensor | None, batched: bool) -> Tensor | None:

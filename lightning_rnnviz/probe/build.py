@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from lightning_rnnviz.probe.attention import allowed_key_counts, key_lengths_from_mask, mha_weights
 from lightning_rnnviz.probe.capture import _Call, _same_values, _Session, _version, _Watch
 from lightning_rnnviz.probe.records import AttentionRecord, Recording, RNNRecord
 from lightning_rnnviz.probe.replay import (
@@ -262,6 +263,8 @@ class _Builder:
             counts = None if bool((counts == weights.shape[-1]).all()) else counts
             return AttentionRecord(watch.name, "custom", weights, key_counts=counts)
         call = watch.calls[-1]
+        if "mha" in call.data:
+            _recompute_mha(call.data)
         weights = self._placed(call.data["attention"].float())
         counts = call.data["key_counts"]  # on the CPU, from the masks
         kind = call.data.get("kind", "MultiheadAttention")
@@ -596,3 +599,18 @@ class _Builder:
             lengths=torch.full((hidden.shape[1],), hidden.shape[2], dtype=torch.long),
             grad_enabled=any(c.data["grad_enabled"] for c in calls),
         )
+
+
+def _recompute_mha(data: dict[str, Any]) -> None:
+    """An ``nn.MultiheadAttention`` call's per-head weights and key counts, recomputed from the copies its
+    capture took (:meth:`~lightning_rnnviz.probe.capture._Session._mha_inputs`), here where the recording is
+    finished: on the recording worker where there is one, not on the training thread."""
+    module, (q, k, v, kpm, mask), is_causal, params = data.pop("mha")
+    batched = q.dim() == 3
+    with torch.autocast(q.device.type, enabled=False):
+        weights = mha_weights(module, q, k, v, kpm, mask, is_causal, params)
+    if kpm is not None and not batched:
+        kpm = kpm.unsqueeze(0)
+    extra = int(module.bias_k is not None) + int(module.add_zero_attn)
+    data.update(attention=weights, key_counts=allowed_key_counts(weights.shape, kpm, mask, is_causal, extra),
+                key_lengths=key_lengths_from_mask(None if extra else kpm, batched=True))

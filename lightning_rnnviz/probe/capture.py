@@ -27,7 +27,6 @@ from lightning_rnnviz.probe.attention import (
     blocked_key_counts,
     encoder_layer_step,
     key_lengths_from_mask,
-    mha_weights,
 )
 from lightning_rnnviz.probe.known import KnownAttention, head_count, known_attention
 from lightning_rnnviz.probe.replay import draw_dropout_masks
@@ -523,7 +522,11 @@ class _Session:
                          key_counts=key_counts, query_is_key=query_is_key)
         watch.calls.append(call)
 
-    def _mha_recompute(self, module: nn.MultiheadAttention, q, k, v, kpm, mask, is_causal, watch: _Watch):
+    def _mha_inputs(self, module: nn.MultiheadAttention, q, k, v, kpm, mask, is_causal, watch: _Watch) -> None:
+        """What the call's weights are recomputed from when the recording is finished (off the training
+        thread, where there is a worker): copies of the recorded rows of its inputs and masks, and of the
+        module's parameters (the optimizer step changes them before then). Only copies here, no
+        recomputation and nothing that waits for the device."""
         query_is_key = q is k
         batched = q.dim() == 3
         if batched and self.max_samples is not None:
@@ -532,13 +535,22 @@ class _Session:
             kpm = None if kpm is None else self._sliced(kpm, 0)
             if mask is not None and mask.dim() == 3:
                 mask = mask[: q.shape[dim] * module.num_heads]
-        with torch.autocast(q.device.type, enabled=False):
-            weights = mha_weights(module, q, k, v, kpm, mask, is_causal)
-        if kpm is not None and not batched:
-            kpm = kpm.unsqueeze(0)
-        extra = int(module.bias_k is not None) + int(module.add_zero_attn)
-        counts = allowed_key_counts(weights.shape, kpm, mask, is_causal, extra)
-        self._store_attention(watch, weights, None if extra else kpm, counts, query_is_key)
+        copies: dict[int, Tensor] = {}  # one copy of a tensor given twice (self-attention's query and key)
+
+        def copied(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            if id(t) not in copies:
+                copies[id(t)] = t.detach().clone()
+            return copies[id(t)]
+
+        call = _Call(in_backward=False)
+        call.data.update(
+            mha=(module, tuple(copied(t) for t in (q, k, v, kpm, mask)), is_causal,
+                 {n: p.detach().clone() for n, p in module.named_parameters()}),
+            query_is_key=query_is_key,
+        )
+        watch.calls.append(call)
 
     def _mha_hook(self, watch: _Watch) -> Callable:
         def hook(module: nn.MultiheadAttention, args: tuple, kwargs: dict, output: Any) -> None:
@@ -550,7 +562,7 @@ class _Session:
                 kpm = _arg(args, kwargs, 3, "key_padding_mask")
                 mask = _arg(args, kwargs, 5, "attn_mask")
                 is_causal = bool(_arg(args, kwargs, 7, "is_causal", False))
-                self._mha_recompute(module, q, k, v, kpm, mask, is_causal, watch)
+                self._mha_inputs(module, q, k, v, kpm, mask, is_causal, watch)
 
             self._guarded(watch, "capture", capture)
 
@@ -669,6 +681,9 @@ class _Session:
                     self._guarded(watch, "capture", lambda d=data, m=watch.module: self._draw_masks(m, d))
                 held += call.grads.values()
                 held += data.get("weights", {}).values()
+                if "mha" in data:  # copies already (taken at the call)
+                    _, inputs, _, params = data["mha"]
+                    held += [t for t in inputs if t is not None] + list(params.values())
         return held
 
     @staticmethod

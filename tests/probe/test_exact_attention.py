@@ -600,3 +600,33 @@ def test_custom_attention_matches_pattern():
     assert set(rec) == {"first.attn", "second.attn"}
     assert rec["first.attn"].attention.shape[2] == 2
     assert rec["second.attn"].attention.shape[2] == 3
+
+
+def test_mha_weights_are_recomputed_when_the_recording_is_finished_from_copies_taken_at_the_call(monkeypatch):
+    """The capture only copies the call's inputs and the module's parameters; the per-head weights are
+    recomputed in ``finish`` (on the recording worker where there is one), once per module however often it
+    was called, and equal the reference of the call as it was: the optimizer step and an in-place change of
+    the input between the call and the finish change nothing."""
+    import lightning_rnnviz.probe.build as build
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(3, 5, 8)
+    want = reference_mha(mha, x, x, x)
+    recomputed = []
+    real = build.mha_weights
+    monkeypatch.setattr(build, "mha_weights", lambda *a, **k: recomputed.append(1) or real(*a, **k))
+    with Probe(mha, strict=True).capture() as captured:
+        mha(x * 2, x * 2, x * 2)  # an earlier call of the module: not the one shown
+        out, _ = mha(x, x, x, need_weights=False)
+        out.sum().backward()
+    assert recomputed == []  # nothing recomputed during the user's forward and backward
+    captured.hand_off()
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.add_(1.0)  # the optimizer step
+        x.mul_(-3.0)  # the input changed in place
+    recording = captured.finish(None)
+    assert recomputed == [1]
+    _close(recording[""].attention, want)
+    assert recording[""].query_is_key is True
