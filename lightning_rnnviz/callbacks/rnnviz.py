@@ -328,7 +328,7 @@ class RNNViz(*CALLBACK_BASES):
     @property
     def decay_history(self) -> dict[str, dict[int, torch.Tensor]]:
         """``{module: {epoch: (layers*directions, time) mean gradient norm per step}}``, saved with the callback."""
-        return self._reporter.decay_history
+        return self._settled().decay_history
 
     @property
     def error_counts(self) -> Counter[str]:
@@ -356,15 +356,19 @@ class RNNViz(*CALLBACK_BASES):
     def findings(self) -> list[Finding]:
         """Every finding so far, epoch by epoch (see :mod:`lightning_rnnviz.render.findings`); saved with the
         callback, so a resumed run keeps them."""
-        return self._reporter.findings
+        return self._settled().findings
 
-    def state_dict(self) -> dict[str, Any]:
+    def _settled(self) -> Reporter:
+        """The reporter, once the recording worker has finished what it was handed (the latest recordings
+        and epoch ends): read during a fit (a checkpoint, another callback's epoch end), the state the
+        worker adds to is read complete."""
         recorder = self._recorder
         if recorder is not None and recorder.worker is not None:
-            # a checkpoint in the middle of an epoch (`every_n_train_steps`): the state the worker is
-            # adding to is read once it is done
             recorder.worker.wait()
-        return self._reporter.state_dict()
+        return self._reporter
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._settled().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._reporter.load_state_dict(state_dict)

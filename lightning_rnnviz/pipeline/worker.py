@@ -292,7 +292,10 @@ class Worker:
         return items
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until every recording handed over is finished; whether it is."""
+        """Wait until every recording handed over is finished; whether it is (on the worker's own thread,
+        whether it is already: that thread cannot wait for itself)."""
+        if threading.current_thread() is self._thread:
+            return self._busy == 0
         with self._lock:
             return self._lock.wait_for(lambda: self._busy == 0, timeout)
 

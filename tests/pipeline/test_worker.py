@@ -232,12 +232,23 @@ class _OpensTheGate(pl.Callback):
         self.gate.set()
 
 
+class _ReadsTheHistory(pl.Callback):
+    """Placed after RNNViz: reads its `decay_history` at each epoch end, as a user's callback would."""
+
+    def __init__(self, monitor: RNNViz) -> None:
+        self.monitor, self.seen = monitor, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append(sorted(self.monitor.decay_history.get("rnn", {})))
+
+
 def test_an_epoch_end_waits_neither_for_the_worker_nor_draws_on_the_training_thread(tmp_path, monkeypatch):
     """The epoch's end (its grad_decay picture, findings and summary) is the worker's, after the epoch's
     recordings: the training thread goes on while the last recording is still being finished. Here the
     worker's recordings wait at a gate that only a callback after RNNViz's epoch end opens: had the epoch
     end waited for the worker, the gate would have timed out. What the epoch end writes and says still
-    comes, once: its lines in the log, one grad_decay per epoch."""
+    comes, once: its lines in the log, one grad_decay per epoch; and a callback that reads the monitor's
+    `decay_history` at the epoch end (after the gate opened) reads it complete."""
     from lightning_rnnviz.render.report import Reporter
 
     gate, opened, drew_on = threading.Event(), [], set()
@@ -257,7 +268,8 @@ def test_an_epoch_end_waits_neither_for_the_worker_nor_draws_on_the_training_thr
     cb = RNNViz(every_n_steps=2, background="thread", validation=False, log_first_step=False)
     said = []
     monkeypatch.setattr("lightning_rnnviz.callbacks.rnnviz.info", lambda trainer, line: said.append(line))
-    trainer = _fit(tmp_path, "w", TinySeqModel(), [cb, _OpensTheGate(gate)], loader(), max_epochs=2)
+    reader = _ReadsTheHistory(cb)
+    trainer = _fit(tmp_path, "w", TinySeqModel(), [cb, _OpensTheGate(gate), reader], loader(), max_epochs=2)
     assert cb.placement == "thread"
     assert opened and all(opened), opened
     assert drew_on == {"rnnviz-worker"}
@@ -265,6 +277,7 @@ def test_an_epoch_end_waits_neither_for_the_worker_nor_draws_on_the_training_thr
     assert [e.step for e in events.Images("rnnviz/grad_decay/rnn")] == [4, 8]
     assert sorted(cb.decay_history["rnn"]) == [0, 1]
     assert [line for line in said if line.endswith("ended")] == ["epoch 0 ended", "epoch 1 ended"]
+    assert reader.seen == [[0], [0, 1]]  # read from the training thread: complete, the worker waited for
 
 
 def test_a_hand_off_copies_what_the_capture_only_referenced():
