@@ -544,6 +544,8 @@ class _Session:
                 copies[id(t)] = t.detach().clone()
             return copies[id(t)]
 
+        if watch.calls:  # only the last call is shown: an earlier call's copies go now
+            watch.calls[-1].data.pop("mha", None)
         call = _Call(in_backward=False)
         call.data.update(
             mha=(module, tuple(copied(t) for t in (q, k, v, kpm, mask)), is_causal,
