@@ -84,10 +84,50 @@ def lstm_gates(x: Tensor, h_prev: Tensor, w: LayerWeights) -> dict[str, Tensor]:
     Returns:
         ``input, forget, cell, output`` gates, each ``(..., H)``; ``cell`` is the tanh candidate.
     """
-    pre = F.linear(x, w.w_ih, w.b_ih) + F.linear(h_prev, w.w_hh, w.b_hh)
-    i, f, g, o = pre.chunk(4, dim=-1)
-    values = (torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o))
-    return dict(zip(LSTM_GATES, values))
+    gates = _gate_preactivations(x, h_prev, w, 4)
+    gates[:2].sigmoid_()
+    gates[2].tanh_()
+    gates[3].sigmoid_()
+    return dict(zip(LSTM_GATES, gates.unbind(0)))
+
+
+# Below this many pre-activations (a step or a few of them) the gates come from one product per weight matrix.
+_SMALL_GATES = 1 << 16
+
+
+def _gate_preactivations(x: Tensor, h_prev: Tensor, w: LayerWeights, count: int,
+                         recurrent: int | None = None) -> Tensor:
+    """``W_ih x + b_ih + W_hh h_prev + b_hh`` as ``(count, ..., H)``: each gate's pre-activations in a block of
+    its own, in one buffer; the recurrent part only in the first ``recurrent`` gates (all by default).
+
+    Each gate contiguous, so the activations run in place on whole blocks: on the CPU an activation of a
+    strided slice of the ``(..., count*H)`` product is several times slower than of a contiguous block, and
+    every large temporary costs page faults there (the CPU allocator hands large blocks back to the system).
+    """
+    lead, size = x.shape[:-1], w.w_hh.shape[0] // count
+    recurrent = count if recurrent is None else recurrent
+    x2, h2 = x.reshape(-1, x.shape[-1]), h_prev.reshape(-1, h_prev.shape[-1])
+    if x2.shape[0] * count * size <= _SMALL_GATES:
+        # one step's worth: fewer operations matter more than the layout
+        pre = F.linear(x2, w.w_ih, w.b_ih)
+        b_hh = None if w.b_hh is None else w.b_hh[: recurrent * size]
+        pre[:, : recurrent * size] += F.linear(h2, w.w_hh[: recurrent * size], b_hh)
+        return pre.unflatten(-1, (count, size)).movedim(-2, 0).contiguous().unflatten(1, lead)
+    out = x.new_empty(count, x2.shape[0], size)
+    w_ih, w_hh = w.w_ih.unflatten(0, (count, size)), w.w_hh.unflatten(0, (count, size))
+    b_ih = None if w.b_ih is None else w.b_ih.unflatten(0, (count, size))
+    b_hh = None if w.b_hh is None else w.b_hh.unflatten(0, (count, size))
+    for k in range(count):
+        if b_ih is None:
+            torch.mm(x2, w_ih[k].t(), out=out[k])
+        else:
+            torch.addmm(b_ih[k], x2, w_ih[k].t(), out=out[k])
+        if k >= recurrent:
+            continue
+        out[k].addmm_(h2, w_hh[k].t())
+        if b_hh is not None:
+            out[k].add_(b_hh[k])
+    return out.unflatten(1, lead)
 
 
 def gru_gates(x: Tensor, h_prev: Tensor, w: LayerWeights) -> dict[str, Tensor]:
@@ -101,13 +141,12 @@ def gru_gates(x: Tensor, h_prev: Tensor, w: LayerWeights) -> dict[str, Tensor]:
     Returns:
         ``reset, update, new`` gates, each ``(..., H)``.
     """
-    gi = F.linear(x, w.w_ih, w.b_ih)
-    gh = F.linear(h_prev, w.w_hh, w.b_hh)
-    i_r, i_z, i_n = gi.chunk(3, dim=-1)
-    h_r, h_z, h_n = gh.chunk(3, dim=-1)
-    r = torch.sigmoid(i_r + h_r)
-    z = torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
+    gates = _gate_preactivations(x, h_prev, w, 3, recurrent=2)
+    r, z, n = gates.unbind(0)
+    gates[:2].sigmoid_()
+    size = n.shape[-1]
+    h_n = F.linear(h_prev, w.w_hh[2 * size :], None if w.b_hh is None else w.b_hh[2 * size :])
+    n.addcmul_(r, h_n).tanh_()
     return dict(zip(GRU_GATES, (r, z, n)))
 
 
@@ -631,21 +670,42 @@ class _Row:
             f = self.gates["forget"]
             c_prev = _previous(c_all, c0, direction, valid)
             tanh_c = torch.tanh(c_all)
-            # d(pre-activation) / dc for the input, forget and candidate gates, stacked (T, B, 3, H).
-            self.dc_factor = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], dim=2)
-            self.do_factor = tanh_c * o * (1 - o)
-            self.dh_to_dc = o * (1 - tanh_c * tanh_c)
+            # d(pre-activation) / dc for the input, forget and candidate gates, stacked (T, B, 3, H):
+            # g i (1 - i), c_prev f (1 - f), i (1 - g^2), written into place (large temporaries are slow
+            # on the CPU) in the order of operations of those expressions.
+            self.dc_factor = i.new_empty(*i.shape[:-1], 3, i.shape[-1])
+            d_input, d_forget, d_cell = self.dc_factor.unbind(-2)
+            rest = torch.neg(i).add_(1)
+            torch.mul(g, i, out=d_input).mul_(rest)
+            torch.neg(f, out=rest).add_(1)
+            torch.mul(c_prev, f, out=d_forget).mul_(rest)
+            torch.mul(g, g, out=rest).neg_().add_(1)
+            torch.mul(i, rest, out=d_cell)
+            del c_prev
+            torch.neg(o, out=rest).add_(1)
+            self.do_factor = torch.mul(tanh_c, o).mul_(rest)  # tanh(c) o (1 - o)
+            torch.mul(tanh_c, tanh_c, out=rest).neg_().add_(1)
+            self.dh_to_dc = torch.mul(o, rest)  # o (1 - tanh^2 c)
             self.forget = f
         elif not factors:
             return
         elif mode == "GRU":
             r, z, n = (self.gates[k] for k in GRU_GATES)
             gh_n = F.linear(h_prev, w.w_hh.chunk(3)[2], None if w.b_hh is None else w.b_hh.chunk(3)[2])
-            dn = (1 - z) * (1 - n * n)
-            dr = dn * gh_n * r * (1 - r)
-            dz = (h_prev - n) * z * (1 - z)
-            self.gi_factor = torch.stack([dr, dz, dn], dim=2)  # (T, B, 3, H)
-            self.gh_factor = torch.stack([dr, dz, dn * r], dim=2)
+            # (T, B, 3, H) each: [dr, dz, dn] and [dr, dz, dn * r] with dn = (1 - z)(1 - n^2),
+            # dr = dn W_hn-part r (1 - r), dz = (h_prev - n) z (1 - z); written into place, in the order of
+            # operations of those expressions.
+            self.gi_factor = z.new_empty(*z.shape[:-1], 3, z.shape[-1])
+            dr, dz, dn = self.gi_factor.unbind(-2)
+            rest, scratch = torch.neg(z).add_(1), torch.mul(n, n)
+            torch.mul(rest, scratch.neg_().add_(1), out=dn)
+            torch.mul(dn, gh_n, out=dr).mul_(r).mul_(torch.neg(r, out=scratch).add_(1))
+            del gh_n
+            torch.sub(h_prev, n, out=dz).mul_(z).mul_(rest)
+            del rest, scratch
+            self.gh_factor = torch.empty_like(self.gi_factor)
+            self.gh_factor[..., :2, :] = self.gi_factor[..., :2, :]
+            torch.mul(dn, r, out=self.gh_factor[..., 2, :])
             self.keep = z
         elif mode == "RNN_TANH":
             self.pre_factor = 1 - h * h
@@ -1021,8 +1081,10 @@ def _grads_from_back(row: _Row, seed: Tensor, seed_c: Tensor | None, back: Tenso
     if row.mode != "LSTM":
         return dh, None
     dh_cell = dh @ row.w.w_hr if row.w.w_hr is not None else dh
-    tanh_c = torch.tanh(row.c)
-    direct = dh_cell * row.gates["output"] * (1 - tanh_c * tanh_c)
+    rest = torch.tanh(row.c)
+    rest = rest.mul_(rest).neg_().add_(1)
+    direct = torch.mul(dh_cell, row.gates["output"]).mul_(rest)  # dh o (1 - tanh^2 c)
+    del rest
     if seed_c is not None:
         direct.add_(seed_c)
     carry = _following(row.gates["forget"], row.direction)
