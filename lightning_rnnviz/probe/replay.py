@@ -179,13 +179,16 @@ def replay_rnn(
     """Replay a fused RNN layer by layer and, given upstream gradients, compute the total ``dL/dh_t``.
 
     Each layer's states come from the fused kernel run on that layer alone (so nothing is slower than
-    the module's own forward); gates are recomputed from ``(x_t, h_{t-1})`` in one vectorised pass. The
-    total gradients come from back-propagation through time, by ``method``:
+    the module's own forward; with ``method="fused"`` and gradients asked for, from the pass whose
+    backward gives them, see :class:`_Extended`); gates are recomputed from ``(x_t, h_{t-1})`` in one
+    vectorised pass. The total gradients come from back-propagation through time, by ``method``:
 
     - ``"loop"``: written out per step (one matmul and a few elementwise operations a step, no autograd
       graph);
-    - ``"fused"``: each layer runs once more through the fused kernel, on an autograd graph of our own,
-      whose backward gives every step's gate pre-activation gradients (see :func:`_backward_fused`);
+    - ``"fused"``: each layer runs through the fused kernel with an extra input, on an autograd graph of
+      our own, whose backward gives every step's gate pre-activation gradients (see
+      :func:`_backward_fused`; the forward of that pass gives the states of a layer whose states are not
+      given, equal to the plain kernel's to rounding);
       ``dL/dh_t`` is then one matmul over all steps, the LSTM's ``dL/dc_t`` and the GRU's ``dL/dh_t``
       one elementwise operation a step. TF32 is off for cuDNN and CUDA matmuls meanwhile (the user's
       settings come back afterwards), so the result is that of the module's dtype;
@@ -356,6 +359,7 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
         valid = (torch.arange(steps, device=x.device).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(-1)
     top_residual = None
     wants_grads = any(g is not None for g in (grad_output, grad_h_n, grad_c_n))
+    extended: list[_Extended | None] = [None] * num_layers
     with torch.no_grad():
         layer_inputs, rows = [], []
         layer_in = x
@@ -366,6 +370,11 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
                 h_layer = list(top_states.chunk(num_dirs, dim=-1))
             elif layer_states is not None and layer < num_layers - 1:
                 h_layer = list(layer_states[layer].chunk(num_dirs, dim=-1))
+            elif method == "fused" and wants_grads:
+                # the pass whose backward gives this layer's gradients computes its states too
+                extended[layer] = _Extended(mode, weights[layer], layer_in, h0[first : first + num_dirs],
+                                            None if c0 is None else c0[first : first + num_dirs], cpu_lengths)
+                h_layer = extended[layer].states
             else:
                 h_layer = _layer_forward(mode, weights[layer], layer_in, h0[first : first + num_dirs],
                                          None if c0 is None else c0[first : first + num_dirs], lengths,
@@ -391,7 +400,7 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
             else:
                 hidden_grad, cell_grad, input_grad = _backward_fused(
                     rows, weights, layer_inputs, h0, c0, lengths, valid, grad_output, grad_h_n, grad_c_n,
-                    dropout_masks, cpu_lengths)
+                    dropout_masks, cpu_lengths, extended)
             input_grad = input_grad if want_input_grad else None
 
         hidden = _stacked([r.h for r in rows])
@@ -862,8 +871,8 @@ def _backward_lstm_row(row: _Row, seed: Tensor, seed_c: Tensor, mask: Tensor | N
 def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_inputs: list[Tensor],
                     h0: Tensor, c0: Tensor | None, lengths: Tensor | None, valid: Tensor | None,
                     grad_output: Tensor | None, grad_h_n: Tensor | None, grad_c_n: Tensor | None,
-                    dropout_masks: list[Tensor] | None,
-                    cpu_lengths: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor]:
+                    dropout_masks: list[Tensor] | None, cpu_lengths: Tensor | None,
+                    extended: list[_Extended | None] | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
     """What :func:`_backward` gives (``dL/dx`` always), from one backward of the fused kernel per layer.
 
     Layer by layer from the top, :func:`_layer_backward` gives, per direction, what each step's gate
@@ -877,7 +886,8 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
     - GRU: ``dL/dh_t = g_t + W_hh^T [delta_r, delta_z, r * delta_n]_next + z_next * dL/dh_next``;
 
     with the ``h_n``/``c_n`` gradients added at each sequence's last processed step. The recurrences are
-    scans of ``ceil(log2 T)`` vectorised levels (:func:`linear_recurrence`).
+    scans of ``ceil(log2 T)`` vectorised levels (:func:`linear_recurrence`). ``extended[layer]``: that
+    layer's pass already run forward (when it also gave the layer's states), else ``None``.
     """
     x = layer_inputs[0]
     steps, batch = x.shape[:2]
@@ -894,8 +904,10 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
         d_input, back = _layer_backward(
             rows[first].mode, weights[layer], layer_inputs[layer], h0[here], None if c0 is None else c0[here],
             cpu_lengths, direct, None if grad_h_n is None else grad_h_n[here],
-            None if grad_c_n is None else grad_c_n[here],
+            None if grad_c_n is None else grad_c_n[here], None if extended is None else extended[layer],
         )
+        if extended is not None:
+            extended[layer] = None  # its graph is let go as soon as its backward ran
         for direction in range(num_dirs):
             index = first + direction
             row = rows[index]
@@ -923,9 +935,24 @@ def _backward_fused(rows: list[_Row], weights: list[list[LayerWeights]], layer_i
 
 def _layer_backward(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
                     cpu_lengths: Tensor | None, grad_out: Tensor | None, grad_h: Tensor | None,
-                    grad_c: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+                    grad_c: Tensor | None, extended: _Extended | None = None) -> tuple[Tensor, list[Tensor]]:
     """One layer's input gradient ``(T, B, I)`` and, per direction, what each step's gate pre-activations
-    pass back to the state that step read, from the fused kernel's backward.
+    pass back to the state that step read, from the fused kernel's backward (:class:`_Extended`; its
+    forward run here unless given as ``extended``).
+
+    Args:
+        grad_out: ``(T, B, D*P)`` gradient reaching the layer's output from above (zero at padded steps),
+            or ``None``.
+        grad_h: ``(D, B, P)`` gradient of the layer's ``h_n``, or ``None``; ``grad_c``: of its ``c_n``.
+    """
+    if extended is None:
+        extended = _Extended(mode, weights, x, h0, c0, cpu_lengths)
+    return extended.backward(grad_out, grad_h, grad_c)
+
+
+class _Extended:
+    """One layer (all directions) run forward through the fused kernel on an autograd graph of our own,
+    with an extra input whose gradient is what each step passes back to the state it read.
 
     The layer gets an extra input ``z_t = 0`` per direction whose input weights are the recurrent ones,
     ``W_hh`` (zeros for the other direction's): the kernel computes the same states, and the gradient with
@@ -938,47 +965,63 @@ def _layer_backward(mode: str, weights: list[LayerWeights], x: Tensor, h0: Tenso
     (twice for the GRU), not as all gates together (which the kernel's input matmuls would carry forward
     and back: with an LSTM's ``4H``, 2-4 times the layer's own work).
 
-    Args:
-        grad_out: ``(T, B, D*P)`` gradient reaching the layer's output from above (zero at padded steps),
-            or ``None``.
-        grad_h: ``(D, B, P)`` gradient of the layer's ``h_n``, or ``None``; ``grad_c``: of its ``c_n``.
+    The forward is the layer's forward too: :attr:`states` are the layer's states per direction, ``(T, B,
+    P)`` each (zero at padded steps), so a layer whose states are not known needs no other forward.
     """
-    num_dirs = len(weights)
-    steps, batch, features = x.shape
-    # A graph of our own, also when the caller runs without autograd or in inference mode; it is freed
-    # by the backward below and with the tensors of this frame.
-    with torch.inference_mode(False), torch.enable_grad():
-        blocks = [_recurrent_block(mode, _own(w.w_hh)) for w in weights]
-        width = blocks[0].shape[1]
-        ext = []
-        for direction, (w, block) in enumerate(zip(weights, blocks)):
-            through = w.w_ih.new_zeros(block.shape[0], num_dirs * width)
-            through[:, direction * width : (direction + 1) * width] = block
-            ext.append(LayerWeights(torch.cat([_own(w.w_ih), through], dim=1), _own(w.w_hh), _own(w.b_ih),
-                                    _own(w.b_hh), _own(w.w_hr)))
-        x_ext = torch.cat([_own(x), x.new_zeros(steps, batch, num_dirs * width)], dim=-1).requires_grad_()
-        h, c = _own(h0), _own(c0)
-        if cpu_lengths is None:
-            result = _fused_call(mode, ext, x_ext, h, c, None, train=True)
-            g_out = _own(grad_out)
-        else:
-            packed = pack_padded_sequence(x_ext, cpu_lengths, enforce_sorted=False)
-            order = packed.sorted_indices
-            # the kernel's h_n and c_n come in the packing order
-            result = _fused_call(mode, ext, packed.data, h[:, order], None if c is None else c[:, order],
-                                 packed.batch_sizes, train=True)
-            g_out = (None if grad_out is None
-                     else pack_padded_sequence(_own(grad_out), cpu_lengths, enforce_sorted=False).data)
-            grad_h = None if grad_h is None else grad_h[:, order]
-            grad_c = None if grad_c is None else grad_c[:, order]
-        outputs, grads = [], []
-        for value, grad in zip(result, (g_out, grad_h, grad_c)):
-            if grad is not None:
-                outputs.append(value)
-                grads.append(_own(grad))
-        _quiet_kernel_warnings()
-        (d_ext,) = torch.autograd.grad(outputs, [x_ext], grads)
-    return d_ext[..., :features], list(d_ext[..., features:].chunk(num_dirs, dim=-1))
+
+    def __init__(self, mode: str, weights: list[LayerWeights], x: Tensor, h0: Tensor, c0: Tensor | None,
+                 cpu_lengths: Tensor | None) -> None:
+        num_dirs = len(weights)
+        steps, batch, self.features = x.shape
+        self.cpu_lengths, self.num_dirs = cpu_lengths, num_dirs
+        # A graph of our own, also when the caller runs without autograd or in inference mode; it is freed
+        # by the backward below (or with this object).
+        with torch.inference_mode(False), torch.enable_grad():
+            blocks = [_recurrent_block(mode, _own(w.w_hh)) for w in weights]
+            width = blocks[0].shape[1]
+            ext = []
+            for direction, (w, block) in enumerate(zip(weights, blocks)):
+                through = w.w_ih.new_zeros(block.shape[0], num_dirs * width)
+                through[:, direction * width : (direction + 1) * width] = block
+                ext.append(LayerWeights(torch.cat([_own(w.w_ih), through], dim=1), _own(w.w_hh), _own(w.b_ih),
+                                        _own(w.b_hh), _own(w.w_hr)))
+            self.x_ext = torch.cat([_own(x), x.new_zeros(steps, batch, num_dirs * width)],
+                                   dim=-1).requires_grad_()
+            h, c = _own(h0), _own(c0)
+            if cpu_lengths is None:
+                self.result = _fused_call(mode, ext, self.x_ext, h, c, None, train=True)
+                out = self.result[0].detach()
+            else:
+                packed = pack_padded_sequence(self.x_ext, cpu_lengths, enforce_sorted=False)
+                self.order = packed.sorted_indices
+                # the kernel's h_n and c_n come in the packing order
+                self.result = _fused_call(mode, ext, packed.data, h[:, self.order],
+                                          None if c is None else c[:, self.order], packed.batch_sizes,
+                                          train=True)
+                out, _ = pad_packed_sequence(packed._replace(data=self.result[0].detach()), total_length=steps)
+        self.states = list(out.chunk(num_dirs, dim=-1))
+
+    def backward(self, grad_out: Tensor | None, grad_h: Tensor | None,
+                 grad_c: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        """See :func:`_layer_backward`; the graph is freed afterwards."""
+        with torch.inference_mode(False), torch.enable_grad():
+            if self.cpu_lengths is None:
+                g_out = _own(grad_out)
+            else:
+                g_out = (None if grad_out is None
+                         else pack_padded_sequence(_own(grad_out), self.cpu_lengths, enforce_sorted=False).data)
+                grad_h = None if grad_h is None else grad_h[:, self.order]
+                grad_c = None if grad_c is None else grad_c[:, self.order]
+            outputs, grads = [], []
+            for value, grad in zip(self.result, (g_out, grad_h, grad_c)):
+                if grad is not None:
+                    outputs.append(value)
+                    grads.append(_own(grad))
+            _quiet_kernel_warnings()
+            (d_ext,) = torch.autograd.grad(outputs, [self.x_ext], grads)
+        del self.result, self.x_ext
+        features = self.features
+        return d_ext[..., :features], list(d_ext[..., features:].chunk(self.num_dirs, dim=-1))
 
 
 def _recurrent_block(mode: str, w_hh: Tensor) -> Tensor:
