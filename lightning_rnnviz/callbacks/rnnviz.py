@@ -359,12 +359,13 @@ class RNNViz(*CALLBACK_BASES):
         return self._settled().findings
 
     def _settled(self) -> Reporter:
-        """The reporter, once the recording worker has finished what it was handed (the latest recordings
-        and epoch ends): read during a fit (a checkpoint, another callback's epoch end), the state the
-        worker adds to is read complete."""
+        """The reporter, once the recording worker has finished the recordings it was handed and closed the
+        epochs (their curves, findings and summary; not waiting for the epoch's ``grad_decay`` picture):
+        read during a fit (a checkpoint, another callback's epoch end), the state the worker adds to is
+        read complete."""
         recorder = self._recorder
         if recorder is not None and recorder.worker is not None:
-            recorder.worker.wait()
+            recorder.worker.wait_settled()
         return self._reporter
 
     def state_dict(self) -> dict[str, Any]:
@@ -721,8 +722,9 @@ class RNNViz(*CALLBACK_BASES):
             # the worker closes the epoch after its recordings (its statistics are complete then): the
             # training thread neither waits for them nor draws; what it writes and says comes back with
             # the next delivery (at the latest, at fit end)
-            close = functools.partial(self._reporter.end_epoch, trainer.current_epoch, step)
-            self._guard.run("record", recorder.end_epoch, close, step)
+            close = functools.partial(self._reporter.close_epoch, trainer.current_epoch, step)
+            draw = functools.partial(self._reporter.draw_epoch, step)
+            self._guard.run("record", recorder.end_epoch, close, draw, step)
             if self is recorder.members[-1]:
                 self._deliver(trainer, recorder)
             return

@@ -279,10 +279,12 @@ class Recorder:
         self.worker.submit(handed)
         return True
 
-    def end_epoch(self, close: Callable[[Delivery], tuple[bool, list[str]]], step: int) -> None:
-        """The worker's route at a training epoch's end: ``close`` (a monitor's epoch end) runs on the worker
-        after the epoch's recordings; what it writes comes back with them (:meth:`deliver`)."""
-        self.worker.submit(EpochEnd(close, step))
+    def end_epoch(self, close: Callable[[Delivery], list[str]], draw: Callable[[Delivery], bool],
+                  step: int) -> None:
+        """The worker's route at a training epoch's end: ``close`` and then ``draw`` (a monitor's epoch end,
+        see :class:`EpochEnd`) run on the worker after the epoch's recordings; what they write comes back
+        with them (:meth:`deliver`)."""
+        self.worker.submit(EpochEnd(close, draw, step))
 
     def take_lines(self) -> list[str]:
         """The console lines delivered since the last call (findings that appeared or cleared)."""

@@ -23,7 +23,9 @@ at the hand-off), no TF32 or other backend flag; its intra-op thread count is it
 (:func:`one_thread`). At most ``max_pending`` recordings wait beside the one it works on; the hand-off of
 another waits for room, so that every recording is written. A training epoch's end (:class:`EpochEnd`:
 findings, summary, ``grad_decay``) is queued behind the epoch's recordings and finished here too, so the
-training thread neither waits for them nor draws at the epoch's end.
+training thread neither waits for them nor draws at the epoch's end. A reader of the state that recordings
+and epoch ends add to (a checkpoint) waits only until that state is complete (:meth:`Worker.wait_settled`),
+not for the epoch's pictures.
 """
 
 from __future__ import annotations
@@ -144,12 +146,17 @@ class EpochEnd:
     thread neither waits for them nor draws the epoch's pictures.
 
     Attributes:
-        close: writes the epoch's pictures, findings and summary to the delivery it is given; returns whether
-            it drew anything and the console lines to say (:meth:`~lightning_rnnviz.render.report.Reporter.end_epoch`).
+        close: stores the epoch's curves and statistics and writes its findings and summary to the delivery
+            it is given; returns the console lines to say
+            (:meth:`~lightning_rnnviz.render.report.Reporter.close_epoch`).
+        draw: then draws the epoch's pictures into the delivery; returns whether it drew anything
+            (:meth:`~lightning_rnnviz.render.report.Reporter.draw_epoch`). It changes no state a checkpoint
+            saves, so :meth:`Worker.wait_settled` does not wait for it.
         step: the step everything is logged at.
     """
 
-    close: Callable[[Delivery], tuple[bool, list[str]]]
+    close: Callable[[Delivery], list[str]]
+    draw: Callable[[Delivery], bool]
     step: int
 
 
@@ -255,6 +262,7 @@ class Worker:
         self._queue: collections.deque[Handed | EpochEnd | None] = collections.deque()
         self._done: collections.deque[Delivery] = collections.deque()
         self._busy = 0  # handed and not yet delivered to `_done`
+        self._unsettled = 0  # handed and still to change what they add to (all but an epoch end's drawing)
         self._recordings = 0  # of those, recordings (what `max_pending` bounds)
         self._lock = threading.Condition()
         self._closed = False
@@ -279,6 +287,7 @@ class Worker:
             while recording and self._recordings > self._max_pending:
                 self._lock.wait()
             self._busy += 1
+            self._unsettled += 1
             self._recordings += recording
             self._queue.append(handed)
             self._lock.notify_all()
@@ -298,6 +307,21 @@ class Worker:
             return self._busy == 0
         with self._lock:
             return self._lock.wait_for(lambda: self._busy == 0, timeout)
+
+    def wait_settled(self, timeout: float | None = None) -> bool:
+        """Wait until every recording handed over is finished and every epoch's end closed (its curves,
+        findings and summary stored; its pictures may still be drawing): what a checkpoint saves is then
+        complete, and nothing the worker does until the next hand-off changes it. Whether it is (on the
+        worker's own thread, whether it is already)."""
+        if threading.current_thread() is self._thread:
+            return self._unsettled == 0
+        with self._lock:
+            return self._lock.wait_for(lambda: self._unsettled == 0, timeout)
+
+    def _settled(self) -> None:
+        with self._lock:
+            self._unsettled -= 1
+            self._lock.notify_all()
 
     def close(self, timeout: float = 60.0) -> None:
         """Finish what was handed over (at most ``timeout`` seconds), then stop the thread."""
@@ -322,6 +346,7 @@ class Worker:
             with self._lock:
                 self._done.append(delivery)
                 self._busy -= 1
+                self._unsettled -= recording  # an epoch's end settled before its drawing
                 self._recordings -= recording
                 self._lock.notify_all()
 
@@ -360,7 +385,11 @@ class Worker:
         with held() as kept:
             try:
                 with one_thread():
-                    delivery.drawn, delivery.lines = end.close(delivery)
+                    try:
+                        delivery.lines = end.close(delivery)
+                    finally:
+                        self._settled()
+                    delivery.drawn = end.draw(delivery)
                 if self._beside is not None:
                     self._beside(delivery)
             except Exception as error:  # noqa: BLE001 - given to the training thread, which decides

@@ -222,6 +222,7 @@ class Reporter:
         self.pending: list[findings_.Finding] = []  # the last check's conditions that have not persisted yet
         self.summary: dict[str, dict[str, Any]] = {}  # module -> {"kind", "rows", "epochs": {epoch: {...}}}
         self.notes: dict[str, list[str]] = {}  # module -> approximation notes of any recording so far
+        self._to_draw: set[str] = set()  # modules whose grad_decay the next `draw_epoch` redraws
         self.context: dict[str, tuple[str, ...]] = {}  # module -> what its last record shows (calls, chaining)
         self.alignment: dict[str, str] = {}  # module -> how its gradient curves line sequences up
         self._epoch_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -457,20 +458,36 @@ class Reporter:
         self._epoch_sums[name] = (total, count)
 
     def end_epoch(self, epoch: int, step: int, out: Output) -> tuple[bool, list[str]]:
-        """Close a training epoch: store its mean gradient curves and statistics, check the findings' rules,
-        write their table (``rnnviz/findings``) and the run's summary (``summary.json``), and redraw
-        ``grad_decay`` for every module this epoch added to (an epoch without a recording changes nothing).
+        """Close a training epoch (:meth:`close_epoch`), then draw its pictures (:meth:`draw_epoch`).
 
         Returns:
             Whether anything was drawn, and one console line per finding that appeared or cleared.
         """
+        lines = self.close_epoch(epoch, step, out)
+        return self.draw_epoch(step, out), lines
+
+    def close_epoch(self, epoch: int, step: int, out: Output) -> list[str]:
+        """The first part of an epoch's end, everything :meth:`state_dict` saves: store the epoch's mean
+        gradient curves and statistics, check the findings' rules, write their table (``rnnviz/findings``)
+        and the run's summary (``summary.json``).
+
+        Returns:
+            One console line per finding that appeared or cleared.
+        """
         for name, (total, count) in self._epoch_sums.items():
             self.decay_history.setdefault(name, {})[epoch] = total / count
-        decayed, self._epoch_sums = set(self._epoch_sums), {}
+        self._to_draw |= set(self._epoch_sums)
+        self._epoch_sums = {}
         collected, self._epoch = self._epoch, {}
-        lines: list[str] = []
-        if collected:
-            lines = self.guard.run("check the findings", self._summarise, epoch, step, collected, out) or []
+        if not collected:
+            return []
+        return self.guard.run("check the findings", self._summarise, epoch, step, collected, out) or []
+
+    def draw_epoch(self, step: int, out: Output) -> bool:
+        """The second part of an epoch's end, which changes nothing :meth:`state_dict` saves: redraw
+        ``grad_decay`` for every module the epochs closed since the last call added to (an epoch without a
+        recording changes nothing). Returns whether anything was drawn."""
+        decayed, self._to_draw = self._to_draw, set()
         drawn = False
         for name, history in self.decay_history.items():
             if name not in self.names or name not in decayed or "grad_decay" not in self.quantities:
@@ -486,7 +503,7 @@ class Reporter:
             self.guard.run(f"draw grad_decay of {name!r}", self._send_picture, out, "grad_decay", payload,
                            f"rnnviz/grad_decay/{safe_name(name)}", step)
             drawn = True
-        return drawn, lines
+        return drawn
 
     def _summarise(self, epoch: int, step: int, collected: Mapping[str, _Collected], out: Output) -> list[str]:
         previous = {f.key: f for f in self.findings if f.epoch == self._last_epoch()}

@@ -252,19 +252,24 @@ def test_an_epoch_end_waits_neither_for_the_worker_nor_draws_on_the_training_thr
     from lightning_rnnviz.render.report import Reporter
 
     gate, opened, drew_on = threading.Event(), [], set()
-    real_report, real_end = Reporter.report, Reporter.end_epoch
+    real_report, real_close, real_draw = Reporter.report, Reporter.close_epoch, Reporter.draw_epoch
 
     def report(self, *args, **kwargs):
         opened.append(gate.wait(10))
         return real_report(self, *args, **kwargs)
 
-    def end_epoch(self, epoch, *args, **kwargs):
+    def close_epoch(self, epoch, *args, **kwargs):
         drew_on.add(threading.current_thread().name)
-        drawn, lines = real_end(self, epoch, *args, **kwargs)
-        return drawn, [*lines, f"epoch {epoch} ended"]  # a line as a finding's would be said
+        lines = real_close(self, epoch, *args, **kwargs)
+        return [*lines, f"epoch {epoch} ended"]  # a line as a finding's would be said
+
+    def draw_epoch(self, *args, **kwargs):
+        drew_on.add(threading.current_thread().name)
+        return real_draw(self, *args, **kwargs)
 
     monkeypatch.setattr(Reporter, "report", report)
-    monkeypatch.setattr(Reporter, "end_epoch", end_epoch)
+    monkeypatch.setattr(Reporter, "close_epoch", close_epoch)
+    monkeypatch.setattr(Reporter, "draw_epoch", draw_epoch)
     cb = RNNViz(every_n_steps=2, background="thread", validation=False, log_first_step=False)
     said = []
     monkeypatch.setattr("lightning_rnnviz.callbacks.rnnviz.info", lambda trainer, line: said.append(line))
@@ -278,6 +283,45 @@ def test_an_epoch_end_waits_neither_for_the_worker_nor_draws_on_the_training_thr
     assert sorted(cb.decay_history["rnn"]) == [0, 1]
     assert [line for line in said if line.endswith("ended")] == ["epoch 0 ended", "epoch 1 ended"]
     assert reader.seen == [[0], [0, 1]]  # read from the training thread: complete, the worker waited for
+
+
+class _Checkpoints(pl.Callback):
+    """Placed after RNNViz: saves its state at each epoch end, as a `ModelCheckpoint` does there, then
+    opens the gate."""
+
+    def __init__(self, monitor: RNNViz, gate: threading.Event) -> None:
+        self.monitor, self.gate, self.saved = monitor, gate, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.saved.append(sorted(self.monitor.state_dict()["decay_history"].get("rnn", {})))
+        self.gate.set()
+
+
+def test_a_checkpoint_at_an_epoch_end_waits_for_the_epochs_state_not_for_its_pictures(tmp_path, monkeypatch):
+    """A checkpoint at the epoch end (Lightning's default `ModelCheckpoint`) saves the state the epoch's end
+    adds (its curves, findings, summary) complete, without waiting for the epoch's grad_decay picture: here
+    the worker's drawing of it waits at a gate that only the checkpointing callback opens, after it saved.
+    Had saving waited for the drawing, the gate would have timed out."""
+    from lightning_rnnviz.render.report import Reporter
+
+    gate, opened = threading.Event(), []
+    real_draw = Reporter.draw_epoch
+
+    def draw_epoch(self, *args, **kwargs):
+        opened.append(gate.wait(10))
+        gate.clear()
+        return real_draw(self, *args, **kwargs)
+
+    monkeypatch.setattr(Reporter, "draw_epoch", draw_epoch)
+    cb = RNNViz(every_n_steps=2, background="thread", validation=False, log_first_step=False)
+    saver = _Checkpoints(cb, gate)
+    trainer = _fit(tmp_path, "c", TinySeqModel(), [cb, saver], loader(), max_epochs=2)
+    assert cb.placement == "thread"
+    assert opened == [True, True]
+    assert saver.saved == [[0], [0, 1]]
+    events = RunEvents(trainer.logger.log_dir)
+    assert [e.step for e in events.Images("rnnviz/grad_decay/rnn")] == [4, 8]
+    assert cb.error_counts == {}
 
 
 def test_a_hand_off_copies_what_the_capture_only_referenced():
