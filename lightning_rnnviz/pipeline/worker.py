@@ -382,6 +382,7 @@ class Worker:
         delivery = Delivery(end.step, "rnnviz", self._histograms, self._drawer, written=self._ended[1])
         delivery.epoch_end = True
         started = time.perf_counter()
+        settled = False
         with held() as kept:
             try:
                 with one_thread():
@@ -389,11 +390,15 @@ class Worker:
                         delivery.lines = end.close(delivery)
                     finally:
                         self._settled()
+                        settled = True
                     delivery.drawn = end.draw(delivery)
                 if self._beside is not None:
                     self._beside(delivery)
             except Exception as error:  # noqa: BLE001 - given to the training thread, which decides
                 delivery.error = error
+            finally:
+                if not settled:  # whatever failed before `close` ran: a reader must not wait forever
+                    self._settled()
         delivery.warnings = kept
         delivery.worker_s = time.perf_counter() - started
         return delivery

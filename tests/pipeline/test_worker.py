@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lightning_rnnviz import RNNViz, RNNVizWarning
-from lightning_rnnviz.pipeline.worker import Delivery, Worker, hand_off
+from lightning_rnnviz.pipeline.worker import Delivery, EpochEnd, Worker, hand_off
 from lightning_rnnviz.probe import Probe
 from lightning_rnnviz.probe import replay as replay_module
 from tests.helpers.events import RunEvents
@@ -322,6 +322,36 @@ def test_a_checkpoint_at_an_epoch_end_waits_for_the_epochs_state_not_for_its_pic
     events = RunEvents(trainer.logger.log_dir)
     assert [e.step for e in events.Images("rnnviz/grad_decay/rnn")] == [4, 8]
     assert cb.error_counts == {}
+
+
+def test_wait_settled_does_not_wait_for_an_epoch_ends_drawing_nor_hang_when_closing_it_fails():
+    """`wait_settled` returns once an epoch's end is closed, while its drawing goes on (`wait` waits for that);
+    an epoch end whose closing raised is settled too, and its error reaches the training thread."""
+    worker = Worker()
+    try:
+        drawing, go_on = threading.Event(), threading.Event()
+
+        def draw(delivery):
+            drawing.set()
+            return go_on.wait(10)
+
+        worker.submit(EpochEnd(lambda delivery: ["closed"], draw, 4))
+        assert drawing.wait(10) and worker.wait_settled(timeout=10)
+        assert not worker.idle and not worker.wait(timeout=0.05)
+        go_on.set()
+        assert worker.wait(timeout=10)
+
+        def failing(delivery):
+            raise RuntimeError("closing failed")
+
+        worker.submit(EpochEnd(failing, lambda delivery: True, 8))
+        assert worker.wait_settled(timeout=10) and worker.wait(timeout=10)
+        first, second = worker.ready()
+        assert (first.step, first.lines, first.drawn, first.error) == (4, ["closed"], True, None)
+        assert second.step == 8 and isinstance(second.error, RuntimeError) and not second.drawn
+    finally:
+        go_on.set()
+        worker.close()
 
 
 def test_a_hand_off_copies_what_the_capture_only_referenced():
