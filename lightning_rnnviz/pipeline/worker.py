@@ -303,20 +303,20 @@ class Worker:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every recording handed over is finished; whether it is (on the worker's own thread,
         whether it is already: that thread cannot wait for itself)."""
-        if threading.current_thread() is self._thread:
-            return self._busy == 0
-        with self._lock:
-            return self._lock.wait_for(lambda: self._busy == 0, timeout)
+        return self._wait_until(lambda: self._busy == 0, timeout)
 
     def wait_settled(self, timeout: float | None = None) -> bool:
         """Wait until every recording handed over is finished and every epoch's end closed (its curves,
         findings and summary stored; its pictures may still be drawing): what a checkpoint saves is then
         complete, and nothing the worker does until the next hand-off changes it. Whether it is (on the
         worker's own thread, whether it is already)."""
+        return self._wait_until(lambda: self._unsettled == 0, timeout)
+
+    def _wait_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         if threading.current_thread() is self._thread:
-            return self._unsettled == 0
+            return done()
         with self._lock:
-            return self._lock.wait_for(lambda: self._unsettled == 0, timeout)
+            return self._lock.wait_for(done, timeout)
 
     def _settled(self) -> None:
         with self._lock:
@@ -382,23 +382,19 @@ class Worker:
         delivery = Delivery(end.step, "rnnviz", self._histograms, self._drawer, written=self._ended[1])
         delivery.epoch_end = True
         started = time.perf_counter()
-        settled = False
         with held() as kept:
             try:
-                with one_thread():
-                    try:
+                try:
+                    with one_thread():
                         delivery.lines = end.close(delivery)
-                    finally:
-                        self._settled()
-                        settled = True
+                finally:  # settled also when closing failed: a reader must not wait forever
+                    self._settled()
+                with one_thread():
                     delivery.drawn = end.draw(delivery)
                 if self._beside is not None:
                     self._beside(delivery)
             except Exception as error:  # noqa: BLE001 - given to the training thread, which decides
                 delivery.error = error
-            finally:
-                if not settled:  # whatever failed before `close` ran: a reader must not wait forever
-                    self._settled()
         delivery.warnings = kept
         delivery.worker_s = time.perf_counter() - started
         return delivery
