@@ -662,7 +662,7 @@ class RNNViz(*CALLBACK_BASES):
         self._amp_seen = None
         recorder = recorder_of(trainer)
         if self is recorder.members[0]:
-            recorder.flush_if_due()
+            recorder.batch_start()
         wanting = [m for m in recorder.members if m._wants(trainer, batch_idx)]
         self._guard.run("record", recorder.begin, self._batch_key(trainer), pl_module, wanting)
 

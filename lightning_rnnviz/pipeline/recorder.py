@@ -164,6 +164,13 @@ class Recorder:
             fanout.close()  # the drawing process finishes what it was handed, then every sink is closed
         return fanout
 
+    def batch_start(self) -> None:
+        """At a training batch start: the worker starts on a recording held for it (see
+        :meth:`~lightning_rnnviz.pipeline.worker.Worker.submit`), and every logger is flushed if due."""
+        if self.worker is not None:
+            self.worker.go()
+        self.flush_if_due()
+
     def flush_if_due(self) -> None:
         """At a batch start, after a recorded step: flush every logger. Lightning writes a step's ``self.log``
         scalars after the callbacks' batch end, so the user's scalars show live with the pictures of their
@@ -276,7 +283,9 @@ class Recorder:
         # worker's queue is the worker's `waited_s`, reported on its own)
         handed.thread_s = self.spent_s + time.perf_counter() - started
         self.spent_s = 0.0
-        self.worker.submit(handed)
+        # on the CPU the worker starts at the next batch start (`batch_start`), not in the loop's Python
+        # between the steps; on a GPU at once, where that stretch waits for the device without the GIL
+        self.worker.submit(handed, hold=handed.event is None)
         return True
 
     def end_epoch(self, close: Callable[[Delivery], list[str]], draw: Callable[[Delivery], bool],

@@ -8,7 +8,8 @@ The training thread keeps what must happen there: the hooks during the user's fo
 at the end of the recorded step the hand-off (:meth:`~lightning_rnnviz.probe.Capture.hand_off`: copies of
 the tensors the capture only referenced, the dropout masks drawn from the generator states of the calls,
 the user's ``labels(batch)``) and, on CUDA, an event on its stream. The worker finishes the recording
-(the replay for the exact ``dL/dh_t``) and reduces it to statistics, histograms and picture payloads;
+(the replay for the exact ``dL/dh_t``; on the CPU from the training thread's next batch start, see
+:meth:`Worker.submit`) and reduces it to statistics, histograms and picture payloads;
 each picture is drawn and encoded by a drawing process the worker waits for (painting holds the GIL,
 which the training thread needs: see :class:`~lightning_rnnviz.pipeline.drawing.DrawingProcess`), or by
 the worker itself where that process cannot run; on CUDA the worker works on a stream
@@ -251,6 +252,8 @@ class Worker:
             recorder gives it a drawing process's).
     """
 
+    HOLD_S = 0.5  # the longest a recording handed over with `hold` waits for `go`
+
     def __init__(self, max_pending: int = 1, keep_recordings: bool = False,
                  beside: Callable[[Delivery], None] | None = None, wants_histograms: bool = True,
                  drawer: Callable[[Job], Picture] | None = None) -> None:
@@ -265,6 +268,7 @@ class Worker:
         self._unsettled = 0  # handed and still to change what they add to (all but an epoch end's drawing)
         self._recordings = 0  # of those, recordings (what `max_pending` bounds)
         self._lock = threading.Condition()
+        self._held = False  # the last recording handed over waits for `go` (see `submit`)
         self._closed = False
         self._stream: Any = None
         self._ended: tuple[int, set[tuple[str, int]]] = (-1, set())  # what the ends of the last epoch took
@@ -276,22 +280,41 @@ class Worker:
     def idle(self) -> bool:
         return self._busy == 0
 
-    def submit(self, handed: Handed | EpochEnd) -> None:
+    def submit(self, handed: Handed | EpochEnd, hold: bool = False) -> None:
         """Hand a recording or an epoch's end over; a recording waits only while ``max_pending`` recordings
-        are waiting already."""
+        are waiting already.
+
+        ``hold``: the worker starts on it only at :meth:`go` (the training thread's next batch start), or
+        after :attr:`HOLD_S` seconds without one. The training loop's own Python between two steps (a
+        logging step's logging, fetching the next batch) holds the GIL, which the worker's work needs too:
+        begun there, a recording cost that stretch about 4 ms on the CPU (2 vCPUs, 2026-12-07), begun at
+        the next batch start, where the training's kernels run without the GIL, nothing measurable.
+        Anything handed over, waited for or closed after it lets it go at once.
+        """
         if self._closed:
             raise RuntimeError("the recording worker is closed")
         started = time.perf_counter()
         recording = isinstance(handed, Handed)
         with self._lock:
+            self._held = False  # what waits is let go before anything waits for it
+            self._lock.notify_all()
             while recording and self._recordings > self._max_pending:
                 self._lock.wait()
             self._busy += 1
             self._unsettled += 1
             self._recordings += recording
             self._queue.append(handed)
+            self._held = hold
             self._lock.notify_all()
         self.waited_s += time.perf_counter() - started
+
+    def go(self) -> None:
+        """Let the worker start on what it was handed with ``hold`` (at once when nothing is held: this runs
+        at every batch start)."""
+        if self._held:
+            with self._lock:
+                self._held = False
+                self._lock.notify_all()
 
     def ready(self) -> list[Delivery]:
         """The deliveries finished since the last call, in the order handed (never waits)."""
@@ -316,6 +339,8 @@ class Worker:
         if threading.current_thread() is self._thread:
             return done()
         with self._lock:
+            self._held = False
+            self._lock.notify_all()
             return self._lock.wait_for(done, timeout)
 
     def _settled(self) -> None:
@@ -329,6 +354,7 @@ class Worker:
             return
         self._closed = True
         with self._lock:
+            self._held = False
             self._queue.append(None)
             self._lock.notify_all()
         self._thread.join(timeout)
@@ -337,6 +363,9 @@ class Worker:
         while True:
             with self._lock:
                 self._lock.wait_for(lambda: bool(self._queue))
+                if self._held:
+                    self._lock.wait_for(lambda: not self._held, self.HOLD_S)
+                    self._held = False
                 handed = self._queue.popleft()
             if handed is None:
                 return

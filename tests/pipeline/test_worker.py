@@ -4,6 +4,7 @@ training thread's route, training bit-identical, and nothing process-wide touche
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 
 import pytest
@@ -220,6 +221,85 @@ def test_the_worker_finishes_in_order_and_waits_for_room():
     assert [d.step for d in deliveries] == [0, 1, 2]
     assert [d.items for d in deliveries] == [[("scalars", ({"x": float(s)}, s))] for s in range(3)]
     assert all(d.error is None and d.replay_s > 0 for d in deliveries)
+
+
+def test_a_held_recording_starts_at_go_after_the_hold_or_when_anything_needs_it():
+    """A recording handed over with ``hold`` is not started until ``go`` (the next batch start), until
+    :attr:`Worker.HOLD_S` has passed, or until something is handed over, waited for or closed after it."""
+    model = nn.LSTM(2, 3)
+    probe = Probe(model)
+    started: list[int] = []
+    began = threading.Event()
+
+    def handed(step: int):
+        with probe.capture() as captured:
+            model(torch.randn(4, 2, 2))[0].sum().backward()
+
+        def report(recording, out: Delivery):
+            started.append(step)
+            began.set()
+
+        return hand_off(captured, None, [report], step)
+
+    worker = Worker()
+    worker.HOLD_S = 30.0
+    try:
+        worker.submit(handed(0), hold=True)
+        assert not began.wait(0.3) and started == []  # held
+        worker.go()
+        assert worker.wait(10) and started == [0]
+        worker.go()  # nothing held: nothing happens
+
+        worker.submit(handed(1), hold=True)
+        assert worker.wait(10) and started == [0, 1]  # waiting for it lets it go
+
+        worker.submit(handed(2), hold=True)
+        worker.submit(EpochEnd(lambda out: [], lambda out: False, 3))  # so does anything handed over after it
+        assert worker.wait(10) and started == [0, 1, 2]
+
+        worker.HOLD_S = 0.1
+        began.clear()
+        worker.submit(handed(4), hold=True)
+        assert began.wait(10) and started == [0, 1, 2, 4]  # and the hold ends on its own
+        worker.submit(handed(5), hold=True)
+    finally:
+        worker.close()
+    assert started == [0, 1, 2, 4, 5]  # closing finishes what was held
+    assert all(d.error is None for d in worker.ready())
+
+
+class _StampsBatchStarts(pl.Callback):
+    """Placed first: the time every training batch starts."""
+
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.starts.append(time.perf_counter())
+
+
+def test_on_the_cpu_the_worker_starts_a_recording_at_the_next_batch_start(tmp_path, monkeypatch):
+    """The loop's own Python after a recorded (logging) step holds the GIL: the worker, which needs it too,
+    begins the recording when the next batch starts, not while that runs (see `Worker.submit`). (A
+    recording at an epoch's last batch begins when the epoch's end is handed over.)"""
+    real_finish, began = Worker._finish, {}
+    stamps = _StampsBatchStarts()
+
+    def finish(self, handed):
+        began[handed.step] = len(stamps.starts)  # batches started so far
+        return real_finish(self, handed)
+
+    monkeypatch.setattr(Worker, "_finish", finish)
+    monkeypatch.setattr(Worker, "HOLD_S", 60.0)  # only what the training thread does lets it go
+    cb = RNNViz(every_n_steps=2, background="thread", validation=False)
+    trainer = _fit(tmp_path, "held", TinySeqModel(), [stamps, cb], loader(), max_epochs=2)
+    assert cb.placement == "thread"
+    per_epoch = trainer.num_training_batches
+    # step s is batch s's recording: it begins once batch s + 1 has started (stamped before RNNViz's
+    # batch start), or later when the worker is still busy with the one before
+    followed = [s for s in sorted(began) if (s + 1) % per_epoch]
+    assert len(followed) >= 3 and 0 in followed, began
+    assert all(began[s] >= s + 2 for s in followed), began
 
 
 class _OpensTheGate(pl.Callback):
