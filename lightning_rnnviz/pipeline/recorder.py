@@ -283,8 +283,9 @@ class Recorder:
         # worker's queue is the worker's `waited_s`, reported on its own)
         handed.thread_s = self.spent_s + time.perf_counter() - started
         self.spent_s = 0.0
-        # on the CPU the worker starts at the next batch start (`batch_start`), not in the loop's Python
-        # between the steps; on a GPU at once, where that stretch waits for the device without the GIL
+        # without a CUDA event (the CPU) the worker starts at the next batch start (`batch_start`), not in
+        # the loop's Python between the steps; on CUDA at once, where that stretch waits for the device
+        # without the GIL
         self.worker.submit(handed, hold=handed.event is None)
         return True
 

@@ -287,8 +287,9 @@ class Worker:
         ``hold``: the worker starts on it only at :meth:`go` (the training thread's next batch start), or
         after :attr:`HOLD_S` seconds without one. The training loop's own Python between two steps (a
         logging step's logging, fetching the next batch) holds the GIL, which the worker's work needs too:
-        begun there, a recording cost that stretch about 4 ms on the CPU (2 vCPUs, 2026-12-07), begun at
-        the next batch start, where the training's kernels run without the GIL, nothing measurable.
+        begun there, a recording made that stretch about 4 ms longer on the CPU (2 vCPUs, 2026-12-07); begun
+        at the next batch start, where the training's kernels run without the GIL, it is as long as
+        without the callback.
         Anything handed over, waited for or closed after it lets it go at once.
         """
         if self._closed:
@@ -296,8 +297,7 @@ class Worker:
         started = time.perf_counter()
         recording = isinstance(handed, Handed)
         with self._lock:
-            self._held = False  # what waits is let go before anything waits for it
-            self._lock.notify_all()
+            self._let_go()  # what waits is let go before anything waits for it
             while recording and self._recordings > self._max_pending:
                 self._lock.wait()
             self._busy += 1
@@ -313,8 +313,12 @@ class Worker:
         at every batch start)."""
         if self._held:
             with self._lock:
-                self._held = False
-                self._lock.notify_all()
+                self._let_go()
+
+    def _let_go(self) -> None:
+        """Under the lock: a recording held for :meth:`go` may start now."""
+        self._held = False
+        self._lock.notify_all()
 
     def ready(self) -> list[Delivery]:
         """The deliveries finished since the last call, in the order handed (never waits)."""
@@ -339,8 +343,7 @@ class Worker:
         if threading.current_thread() is self._thread:
             return done()
         with self._lock:
-            self._held = False
-            self._lock.notify_all()
+            self._let_go()
             return self._lock.wait_for(done, timeout)
 
     def _settled(self) -> None:
@@ -354,9 +357,8 @@ class Worker:
             return
         self._closed = True
         with self._lock:
-            self._held = False
             self._queue.append(None)
-            self._lock.notify_all()
+            self._let_go()
         self._thread.join(timeout)
 
     def _loop(self) -> None:
