@@ -75,7 +75,7 @@ class Packer:
                 break
             fields["bytes"] = total
         head = MAGIC + struct.pack("<I", len(text)) + text
-        return head + b"\0" * (start - len(head)) + b"".join(self._parts)
+        return b"".join([head, b"\0" * (start - len(head)), *self._parts])  # one copy of the arrays
 
 
 def unpack(blob: bytes) -> tuple[dict[str, Any], Callable[[Ref], np.ndarray]]:

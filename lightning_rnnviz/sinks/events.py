@@ -3,6 +3,7 @@ Scalars and probe-set summaries, and an event file of our own with a fast CRC.""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
@@ -61,17 +62,79 @@ def text_summary(tag: str, markdown: str) -> Any:
                                         tensor=_string_tensor(markdown.encode()))])
 
 
+def _blob_metadata() -> Any:
+    return SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=b'{"version": 1}'),
+                           data_class=DataClass.DATA_CLASS_BLOB_SEQUENCE)
+
+
+def _blob_shape() -> Any:
+    return TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)])
+
+
 def blob_summary(tag: str, blob: bytes) -> Any:
     """A TensorBoard ``Summary`` holding ``blob`` (a probe set) under ``tag`` for our plugin (``rnnviz``): a
     string tensor of shape ``[1]`` of data class ``BLOB_SEQUENCE``. The explicit data class lets the Rust data
     server keep it (it drops data of a plugin it does not know without one); either loader's data provider
-    serves it as a blob sequence."""
-    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME,
-                                                                      content=b'{"version": 1}'),
-                               data_class=DataClass.DATA_CLASS_BLOB_SEQUENCE)
-    shape = TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)])
-    tensor = TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=shape, string_val=[bytes(blob)])
-    return Summary(value=[Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
+    serves it as a blob sequence. (Our own event file writes the same record without this message:
+    :func:`blob_event`.)"""
+    tensor = TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=_blob_shape(), string_val=[bytes(blob)])
+    return Summary(value=[Summary.Value(tag=tag, metadata=_blob_metadata(), tensor=tensor)])
+
+
+# Protocol buffers' wire format, for the one record written without building its message (`blob_event`):
+# a field's key is its number shifted left by 3 and its wire type (0 varint, 1 fixed 64-bit, 2 length-delimited).
+_VARINT, _FIXED64, _DELIMITED = 0, 1, 2
+
+
+def _varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # a negative int64 takes ten bytes, as two's complement
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(number: int, wire_type: int) -> bytes:
+    return _varint(number << 3 | wire_type)
+
+
+def _delimited(number: int, size: int) -> bytes:
+    """The key and length of a length-delimited field (bytes, string, message) of ``size`` bytes."""
+    return _key(number, _DELIMITED) + _varint(size)
+
+
+@functools.cache
+def _blob_parts() -> tuple[bytes, bytes]:
+    """The serialized metadata and shape that every probe-set record carries."""
+    return _blob_metadata().SerializeToString(), _blob_shape().SerializeToString()
+
+
+def blob_event(tag: str, blob: bytes, step: int, wall_time: float) -> tuple[bytes, bytes, bytes]:
+    """The serialized ``Event`` of :func:`blob_summary`'s summary at ``step``, as ``(head, blob, tail)``: the
+    three joined are the bytes ``SerializeToString`` gives, the blob itself never copied.
+
+    A probe set is up to 2 MiB: built as messages, it was copied five times or so (into the tensor, the
+    value, the summary, the event, the serialization), about 5 ms of the worker's time a recording, holding
+    the GIL the training thread needs (fast-step, 2026-12-07). Here each message's fields are written in
+    the order its serialization has them (by field number), around the blob.
+    """
+    metadata, shape = _blob_parts()
+    tensor_head = (_key(1, _VARINT) + _varint(types_pb2.DT_STRING)  # TensorProto.dtype
+                   + _delimited(2, len(shape)) + shape  # .tensor_shape
+                   + _delimited(8, len(blob)))  # .string_val, then the blob
+    name = tag.encode()
+    tail = _delimited(9, len(metadata)) + metadata  # Summary.Value.metadata, after the tensor
+    value_head = (_delimited(1, len(name)) + name  # Summary.Value.tag
+                  + _delimited(8, len(tensor_head) + len(blob)) + tensor_head)  # .tensor
+    value_size = len(value_head) + len(blob) + len(tail)
+    summary_head = _delimited(1, value_size)  # Summary.value
+    head = (_key(1, _FIXED64) + struct.pack("<d", wall_time)  # Event.wall_time
+            + (_key(2, _VARINT) + _varint(int(step)) if step else b"")  # .step (proto3 leaves out a zero)
+            + _delimited(5, len(summary_head) + value_size)  # .summary
+            + summary_head + value_head)
+    return head, blob, tail
 
 
 def layout_summary(charts: Mapping[str, Mapping[str, list[str]]]) -> Any:
@@ -92,7 +155,10 @@ def layout_summary(charts: Mapping[str, Mapping[str, list[str]]]) -> Any:
 
 def masked_crc(data: bytes) -> bytes:
     """The masked CRC32C of TFRecord framing (google-crc32c's C code: 1000x TensorBoard's pure Python)."""
-    crc = google_crc32c.value(data)
+    return _masked(google_crc32c.value(data))
+
+
+def _masked(crc: int) -> bytes:
     return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
 
 
@@ -130,6 +196,16 @@ class EventFile:
 
     def add_summary(self, summary: Any, step: int) -> None:
         self._write(Event(summary=summary, step=int(step), wall_time=time.time()))
+
+    def add_blob(self, tag: str, blob: bytes, step: int) -> None:
+        """The record :meth:`add_summary` writes for ``blob_summary(tag, blob)``, without copying ``blob``:
+        its pieces (:func:`blob_event`) go to the file one after the other, the CRC extended over them."""
+        head, blob, tail = blob_event(tag, blob, step, time.time())
+        header = struct.pack("<Q", len(head) + len(blob) + len(tail))
+        crc = google_crc32c.extend(google_crc32c.extend(google_crc32c.value(head), blob), tail)
+        self._file.write(header + masked_crc(header) + head)
+        self._file.write(blob)  # larger than the file's buffer: written through, without the GIL
+        self._file.write(tail + _masked(crc))
 
     def flush(self) -> None:
         if not self._file.closed:

@@ -97,7 +97,10 @@ class TensorBoardSink(Sink):
         self._summary(text_summary(tag, markdown), step)
 
     def probe_set(self, tag: str, blob: bytes, step: int) -> None:
-        self._summary(blob_summary(tag, blob), step)
+        if self._file is not None:
+            self._file.add_blob(tag, blob, step)  # the same record, the blob not copied
+        else:
+            self._summary(blob_summary(tag, blob), step)
 
     def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
         if charts:

@@ -8,6 +8,8 @@ import pytest
 from tensorboard import context
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import DataClass
 
 from lightning_rnnviz.names import PLUGIN_NAME, PROBE_SET_TAG
@@ -17,7 +19,7 @@ from lightning_rnnviz.pipeline.fanout import Fanout
 from lightning_rnnviz.render.report import Guard
 from lightning_rnnviz.sinks import FileSink, TensorBoardSink, run_dir
 from lightning_rnnviz.sinks.base import Sink
-from lightning_rnnviz.sinks.events import blob_summary
+from lightning_rnnviz.sinks.events import EventFile, blob_event, blob_summary
 from lightning_rnnviz.sinks.mlflow import MLflowSink
 from lightning_rnnviz.sinks.wandb import WandbSink
 
@@ -39,6 +41,24 @@ def test_blob_summary_is_a_string_tensor_of_our_plugin_with_the_blob_sequence_cl
     assert value.metadata.data_class == DataClass.DATA_CLASS_BLOB_SEQUENCE
     assert [d.size for d in value.tensor.tensor_shape.dim] == [1]
     assert list(value.tensor.string_val) == [blob]
+
+
+@pytest.mark.parametrize("step", [0, 7, 2**40, -1])
+@pytest.mark.parametrize("size", [0, 10, 300_000])
+def test_our_event_file_writes_the_probe_set_record_that_protobuf_would_without_copying_it(tmp_path, step, size):
+    """The record's pieces, joined, are the bytes of the ``Event`` built from :func:`blob_summary`; the
+    blob is the very object given (never copied); the file holds that record."""
+    blob = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    head, middle, tail = blob_event(TAG, blob, step, 1234.5)
+    assert middle is blob
+    expected = Event(summary=blob_summary(TAG, blob), step=step, wall_time=1234.5).SerializeToString()
+    assert head + middle + tail == expected
+    events = EventFile(tmp_path)
+    events.add_blob(TAG, blob, step)
+    events.close()
+    (record,) = [e for e in EventFileLoader(str(events.path)).Load() if e.HasField("summary")]
+    assert record.step == step and list(record.summary.value[0].tensor.string_val) == [blob]
+    assert record.summary == blob_summary(TAG, blob)
 
 
 def test_tensorboard_reads_the_probe_sets_back(tmp_path):

@@ -102,6 +102,7 @@ def test_event_file_records_carry_tensorboards_own_crc(tmp_path):
     events = EventFile(tmp_path)
     events.add_summary(image_summary("rnnviz/hidden/m", Picture.from_rgb(np.zeros((3, 4, 3), np.uint8))), 5)
     events.add_summary(histogram_summary("rnnviz/gates_dist/m/input", numpy_histogram(np.linspace(0, 1, 101))), 5)
+    events.add_blob("rnnviz/probe_set/train", bytes(range(256)) * 4000, 5)  # written in pieces
     events.close()
     data = events.path.read_bytes()
     records = 0
@@ -112,7 +113,7 @@ def test_event_file_records_carry_tensorboards_own_crc(tmp_path):
         assert header_crc == masked_crc32c(header) and body_crc == masked_crc32c(body)
         data = data[16 + length :]
         records += 1
-    assert records == 3  # the file-version record, the image, the histogram
+    assert records == 4  # the file-version record, the image, the histogram, the probe set
 
 
 def test_histogram_summary_counts_every_value_once():
