@@ -804,27 +804,36 @@ def _backward_row(row: _Row, seed: Tensor, seed_c: Tensor | None,
     order = range(steps - 1, -1, -1) if row.direction == 0 else range(steps)
     if row.mode == "LSTM":
         return _backward_lstm_row(row, seed, seed_c, mask, order)
+    # Every per-step view is taken once, before the loop (an index is a call that holds the GIL, which on
+    # the recording worker the training thread waits for).
     w_hh = row.w.w_hh
     dh_all = torch.empty_like(seed)
-    d_pre = None
+    seeds, dhs = seed.unbind(0), dh_all.unbind(0)
+    masks = mask.unbind(0) if mask is not None else None
     dh_rec = torch.zeros_like(seed[0])
+    if row.mode == "GRU":
+        gates = row.gi_factor.shape[2:]  # (3, H)
+        d_pre = seed.new_empty(steps, batch, gates.numel())
+        d_steps = d_pre.unflatten(-1, gates).unbind(0)
+        gi_factor, gh_factor, keep = row.gi_factor.unbind(0), row.gh_factor.unbind(0), row.keep.unbind(0)
+        for t in order:
+            dh = torch.add(seeds[t], dh_rec, out=dhs[t])
+            if masks is not None:
+                dh.mul_(masks[t])
+            per_gate = dh.unsqueeze(1)
+            torch.mul(per_gate, gi_factor[t], out=d_steps[t])
+            d_hid = (per_gate * gh_factor[t]).flatten(1)
+            dh_rec = torch.addmm(dh * keep[t], d_hid, w_hh)
+        return dh_all, None, d_pre
+    d_pre = seed.new_zeros(steps, batch, row.pre_factor.shape[-1])
+    d_steps, pre_factor = d_pre.unbind(0), row.pre_factor.unbind(0)
     for t in order:
-        dh = torch.add(seed[t], dh_rec, out=dh_all[t])
-        if mask is not None:
-            dh.mul_(mask[t])
-        if row.mode == "GRU":
-            if d_pre is None:
-                d_pre = seed.new_empty(steps, batch, row.gi_factor.shape[2] * row.gi_factor.shape[3])
-            d_in = torch.mul(dh.unsqueeze(1), row.gi_factor[t], out=d_pre[t].unflatten(1, row.gi_factor.shape[2:]))
-            d_hid = (dh.unsqueeze(1) * row.gh_factor[t]).flatten(1)
-            dh_rec = torch.addmm(dh * row.keep[t], d_hid, w_hh)
-            continue
-        else:
-            d_in = dh * row.pre_factor[t]
-            dh_rec = d_in @ w_hh
-        if d_pre is None:
-            d_pre = seed.new_zeros(steps, batch, d_in.shape[-1])
-        d_pre[t] = d_in
+        dh = torch.add(seeds[t], dh_rec, out=dhs[t])
+        if masks is not None:
+            dh.mul_(masks[t])
+        d_in = dh * pre_factor[t]
+        dh_rec = d_in @ w_hh
+        d_steps[t].copy_(d_in)
     return dh_all, None, d_pre
 
 
@@ -1073,8 +1082,9 @@ def linear_recurrence(direct: Tensor, carry: Tensor, later: bool) -> Tensor:
     if direct.device.type == "cpu" and direct.numel() // max(steps, 1) * levels > DOUBLING_CPU_WORK:
         out = torch.empty_like(direct)
         acc = torch.zeros_like(direct[0])
+        directs, carries, outs = direct.unbind(0), carry.unbind(0), out.unbind(0)  # the views taken once
         for t in range(steps - 1, -1, -1) if later else range(steps):
-            acc = torch.addcmul(direct[t], carry[t], acc, out=out[t])
+            acc = torch.addcmul(directs[t], carries[t], acc, out=outs[t])
         return out
     out, factor = direct.clone(), carry.clone()
     span = 1
