@@ -147,7 +147,7 @@ class Fanout:
             if self._first(tag, step):
                 self._each(f"write {tag!r}", "text", tag, markdown, step)
 
-    def document(self, name: str, data: Mapping[str, Any], step: int) -> None:
+    def document(self, name: str, data: Mapping[str, Any] | str, step: int) -> None:
         """Store a JSON document with the run (each sink where it can), once per ``(name, step)``."""
         with self.lock:
             if self._first(name, step):

@@ -221,7 +221,7 @@ class Delivery:
         if self._first(tag, step):
             self.items.append(("text", (tag, markdown, step)))
 
-    def document(self, name: str, data: Mapping[str, Any], step: int) -> None:
+    def document(self, name: str, data: Mapping[str, Any] | str, step: int) -> None:
         if self._first(name, step):
             self.items.append(("document", (name, data, step)))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -74,7 +75,8 @@ class Output(Protocol):
 
     def text(self, tag: str, markdown: str, step: int) -> None: ...
 
-    def document(self, name: str, data: Mapping[str, Any], step: int) -> None: ...
+    def document(self, name: str, data: Mapping[str, Any] | str, step: int) -> None:
+        """A JSON document: a mapping, or its JSON text."""
 
     def probe_set(self, tag: str, blob: bytes, step: int) -> None: ...
 
@@ -228,6 +230,7 @@ class Reporter:
         self._epoch_sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._epoch: dict[str, _Collected] = {}  # this epoch's statistics per module
         self._recordings = 0  # recordings reported so far (an index for the epoch's statistics)
+        self._encoded: dict[tuple[str, int], tuple[dict[str, Any], str]] = {}  # see `summary_text`
 
     # --- one recording ---------------------------------------------------------------------------
     def report(
@@ -546,7 +549,7 @@ class Reporter:
         lines += [findings_.console_line(f, cleared_in=epoch) for key, f in previous.items()
                   if key not in now and f.module in collected]
         out.text("rnnviz/findings", findings_.markdown(found, epoch, step, pending), step)
-        out.document("summary.json", self.summary_document(), step)
+        out.document("summary.json", self.summary_text(), step)
         return lines
 
     def _last_epoch(self) -> int | None:
@@ -564,6 +567,31 @@ class Reporter:
             "findings": [f.to_dict() for f in self.findings],
             "pending": [f.to_dict() for f in self.pending],
         }
+
+    def summary_text(self) -> str:
+        """:meth:`summary_document` as compact JSON, each epoch's record encoded once.
+
+        ``summary.json`` is rewritten at every epoch end with a recording and grows with the epochs (each
+        holds its gradient curve, rows x steps numbers): encoding all of it again each time took the
+        recording worker about 4 ms an epoch end by the 20th (cpu-lstm, 2026-12-07), holding the GIL the
+        training thread needs, and grows with the run. A record, once stored, is not changed: its text is
+        kept with it, and a record replaced (a resume's :meth:`load_state_dict` may) is encoded afresh."""
+        modules = []
+        for name, entry in sorted(self.summary.items()):
+            epochs = ",".join(f"{_compact(str(epoch))}:{self._record_text(name, epoch, record)}"
+                              for epoch, record in sorted(entry["epochs"].items()))
+            modules.append(f'{_compact(name)}:{{"kind":{_compact(entry["kind"])},"rows":{_compact(entry["rows"])},'
+                           f'"epochs":{{{epochs}}}}}')
+        findings = _compact([f.to_dict() for f in self.findings])
+        pending = _compact([f.to_dict() for f in self.pending])
+        return (f'{{"format":"lightning_rnnviz.summary","version":1,"modules":{{{",".join(modules)}}},'
+                f'"findings":{findings},"pending":{pending}}}')
+
+    def _record_text(self, name: str, epoch: int, record: dict[str, Any]) -> str:
+        kept = self._encoded.get((name, epoch))
+        if kept is None or kept[0] is not record:
+            kept = self._encoded[(name, epoch)] = (record, _compact(record))
+        return kept[1]
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -681,6 +709,11 @@ class _Collected:
         return findings_.ModuleEpoch(self.kind, self.rows, self.num_directions, stats, dead, same,
                                      _nanmean(self.lengths), len(self.recordings), len(self.nonfinite),
                                      self.module_kind)
+
+
+def _compact(value: Any) -> str:
+    """``value`` as compact JSON, as the sinks write a document (the json module's C encoder)."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 def _nanmean(values: Sequence[float]) -> float:

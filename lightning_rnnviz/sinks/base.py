@@ -82,14 +82,16 @@ class Histogram:
                    counts=np.asarray(buckets["counts"], dtype=np.float64))
 
 
-def json_text(data: Mapping[str, Any]) -> str:
-    """``data`` as compact JSON. Without ``indent`` the json module's C encoder runs; with it, a pure-Python
-    one that took milliseconds for a run's ``summary.json``, rewritten at every epoch end and growing with
-    the epochs (``python -m json.tool`` shows it indented)."""
+def json_text(data: Mapping[str, Any] | str) -> str:
+    """``data`` as compact JSON (a ``str`` is taken as JSON text already). Without ``indent`` the json
+    module's C encoder runs; with it, a pure-Python one that took milliseconds for a run's ``summary.json``,
+    rewritten at every epoch end and growing with the epochs (``python -m json.tool`` shows it indented)."""
+    if isinstance(data, str):
+        return data
     return json.dumps(data, separators=(",", ":"), allow_nan=False)
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
+def write_json(path: Path, data: Mapping[str, Any] | str) -> None:
     """Write ``data`` as JSON to ``path`` through a temporary file, so a reader never sees half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -141,8 +143,9 @@ class Sink:
         ``records/``); ``None`` when the logger has none."""
         return None
 
-    def document(self, name: str, data: Mapping[str, Any]) -> None:
-        """Store a JSON document with the run: ``<data_dir>/<name>``, replaced atomically."""
+    def document(self, name: str, data: Mapping[str, Any] | str) -> None:
+        """Store a JSON document (a mapping, or its JSON text) with the run: ``<data_dir>/<name>``, replaced
+        atomically."""
         folder = self.data_dir
         if folder is not None:
             write_json(folder / name, data)

@@ -129,7 +129,7 @@ class MLflowSink(Sink):
         self._at(step)
         self.client.log_text(self.run_id, markdown, f"{self._prefix}{tag}/step_{int(step)}.md")
 
-    def document(self, name: str, data: Mapping[str, Any]) -> None:
+    def document(self, name: str, data: Mapping[str, Any] | str) -> None:
         """The artifact ``rnnviz/<name>`` (replaced each time)."""
         if self.run_id is not None:
             self.client.log_text(self.run_id, json_text(data), f"{self._prefix}rnnviz/{name}")

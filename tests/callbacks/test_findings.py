@@ -270,7 +270,9 @@ def test_findings_show_as_text_console_lines_and_summary(tmp_path, caplog):
     assert "- vanishing gradient in `net` layer 0, since epoch 0: gradient horizon" in first
     assert second.startswith("**Epoch 1** (step 4): 1 finding") and "Not reported yet" not in second
     assert "| vanishing gradient | `net` | layer 0 | 0 | gradient horizon " in second
-    summary = json.loads((Path(trainer.logger.log_dir) / "rnnviz" / "summary.json").read_text())
+    text = (Path(trainer.logger.log_dir) / "rnnviz" / "summary.json").read_text()
+    assert text == json.dumps(cb._reporter.summary_document(), separators=(",", ":"), allow_nan=False)
+    summary = json.loads(text)
     assert summary["format"] == "lightning_rnnviz.summary" and sorted(summary["modules"]["net"]["epochs"]) == ["0", "1", "2"]
     epoch = summary["modules"]["net"]["epochs"]["2"]
     assert epoch["horizon"][0] < 12 and epoch["decay_per_step"][0] < -0.05 and len(epoch["grad_norm"][0]) == T
