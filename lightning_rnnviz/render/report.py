@@ -580,8 +580,8 @@ class Reporter:
         for name, entry in sorted(self.summary.items()):
             epochs = ",".join(f"{_compact(str(epoch))}:{self._record_text(name, epoch, record)}"
                               for epoch, record in sorted(entry["epochs"].items()))
-            modules.append(f'{_compact(name)}:{{"kind":{_compact(entry["kind"])},"rows":{_compact(entry["rows"])},'
-                           f'"epochs":{{{epochs}}}}}')
+            head = f'"kind":{_compact(entry["kind"])},"rows":{_compact(entry["rows"])}'
+            modules.append(f'{_compact(name)}:{{{head},"epochs":{{{epochs}}}}}')
         findings = _compact([f.to_dict() for f in self.findings])
         pending = _compact([f.to_dict() for f in self.pending])
         return (f'{{"format":"lightning_rnnviz.summary","version":1,"modules":{{{",".join(modules)}}},'

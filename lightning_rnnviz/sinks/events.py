@@ -63,8 +63,8 @@ def text_summary(tag: str, markdown: str) -> Any:
 
 
 def _blob_metadata() -> Any:
-    return SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=b'{"version": 1}'),
-                           data_class=DataClass.DATA_CLASS_BLOB_SEQUENCE)
+    plugin = SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=b'{"version": 1}')
+    return SummaryMetadata(plugin_data=plugin, data_class=DataClass.DATA_CLASS_BLOB_SEQUENCE)
 
 
 def _blob_shape() -> Any:
@@ -82,7 +82,8 @@ def blob_summary(tag: str, blob: bytes) -> Any:
 
 
 # Protocol buffers' wire format, for the one record written without building its message (`blob_event`):
-# a field's key is its number shifted left by 3 and its wire type (0 varint, 1 fixed 64-bit, 2 length-delimited).
+# a field's key is its number shifted left by 3 and its wire type (0 varint, 1 fixed 64-bit,
+# 2 length-delimited).
 _VARINT, _FIXED64, _DELIMITED = 0, 1, 2
 
 

@@ -24,7 +24,8 @@ def _record(epoch: int) -> dict:
 def _reporter(epochs: int) -> Reporter:
     reporter = Reporter(QUANTITIES, ["net", "décodeur"], Guard("test", strict=True))
     for name, kind in (("net", "LSTM"), ("décodeur", "GRU")):
-        entry = reporter.summary.setdefault(name, {"kind": kind, "rows": ["layer 0", "layer 1"], "epochs": {}})
+        entry = reporter.summary.setdefault(name, {"kind": kind, "rows": ["layer 0", "layer 1"],
+                                                   "epochs": {}})
         for epoch in range(epochs):  # 10 and 11 come after 9, as numbers
             entry["epochs"][epoch] = _record(epoch)
     reporter.findings = [Finding("vanishing_gradient", "net", 11, 2.5, 5.0, "gradient horizon 2.5 steps",

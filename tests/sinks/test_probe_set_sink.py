@@ -45,7 +45,7 @@ def test_blob_summary_is_a_string_tensor_of_our_plugin_with_the_blob_sequence_cl
 
 @pytest.mark.parametrize("step", [0, 7, 2**40, -1])
 @pytest.mark.parametrize("size", [0, 10, 300_000])
-def test_our_event_file_writes_the_probe_set_record_that_protobuf_would_without_copying_it(tmp_path, step, size):
+def test_our_event_file_writes_the_record_protobuf_would_without_copying_the_blob(tmp_path, step, size):
     """The record's pieces, joined, are the bytes of the ``Event`` built from :func:`blob_summary`; the
     blob is the very object given (never copied); the file holds that record."""
     blob = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
