@@ -205,7 +205,7 @@ class EventFile:
         header = struct.pack("<Q", len(head) + len(blob) + len(tail))
         crc = google_crc32c.extend(google_crc32c.extend(google_crc32c.value(head), blob), tail)
         self._file.write(header + masked_crc(header) + head)
-        self._file.write(blob)  # larger than the file's buffer: written through, without the GIL
+        self._file.write(blob)  # one larger than the file's buffer is written through, without the GIL
         self._file.write(tail + _masked(crc))
 
     def flush(self) -> None:
