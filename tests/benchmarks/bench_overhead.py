@@ -50,6 +50,10 @@ last step's to the end of training), so it holds every hook, epoch end and flush
   spends it.
 - ``other steps``: median loop time of every step outside those windows, with / without, as a ratio and in ms:
   a uniform slowdown, which ``loop ms/rec`` subtracts with the median, shows here.
+- ``+0`` ... ``+5`` (a third table): where ``loop ms/rec`` lands, step by step: the recorded step's loop time
+  above its run's median, with minus without, then the same for each of the five steps after it; medians over
+  the recordings ``loop ms/rec`` counts, of all pairs together. The capture and hand-off show at ``+0``; the
+  recording's work beside training, while it lasts, in the steps after.
 - ``faults M``: minor page faults of the training process (millions), with / without. Both sides run with
   glibc's mmap threshold fixed at 32 MB (``--malloc default`` leaves glibc's dynamic threshold alone): with
   the dynamic one, the callback's first recording raises the threshold past the size of a step's
@@ -224,24 +228,40 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
     return result
 
 
+def _measured(with_cb: dict, without: dict) -> tuple[list[int], int]:
+    """The recordings whose steps ``loop ms/rec`` charges, and how many steps both runs timed. The first
+    recording is left out (one-off set-up), and so is one whose window reaches the last step: that step's loop
+    time runs into the fit end (the last recordings drained, every writer closed: `fit ms`)."""
+    n = min(len(with_cb["loop_ms"]), len(without["loop_ms"]))
+    return [r for r in with_cb["recorded_steps"][1:] if r + AFTER < n - 1], n
+
+
 def outside_figures(with_cb: dict, without: dict) -> tuple[float, float, float]:
     """``loop ms/rec`` and ``other steps`` (with, without) of one pair, from the runs' loop times."""
     recs = with_cb["recorded_steps"]
-    n = min(len(with_cb["loop_ms"]), len(without["loop_ms"]))
+    measured, n = _measured(with_cb, without)
 
     def above_median(run: dict, first: int) -> float:
         base = statistics.median(run["loop_ms"])
         return sum(run["loop_ms"][s] - base for s in range(first, min(first + AFTER + 1, n)))
 
-    # the first recording is left out (one-off set-up), and so is one whose window reaches the last step: that
-    # step's loop time runs into the fit end (the last recordings drained, every writer closed: `fit ms`)
-    per_rec = [above_median(with_cb, r) - above_median(without, r) for r in recs[1:] if r + AFTER < n - 1]
+    per_rec = [above_median(with_cb, r) - above_median(without, r) for r in measured]
     near = {s for r in recs for s in range(r, r + AFTER + 1)}
     other = [s for s in range(n) if s not in near]
     nan = float("nan")
     return (statistics.median(per_rec) if per_rec else nan,
             statistics.median(with_cb["loop_ms"][s] for s in other) if other else nan,
             statistics.median(without["loop_ms"][s] for s in other) if other else nan)
+
+
+def by_step(with_cb: dict, without: dict) -> list[list[float]]:
+    """Where ``loop ms/rec`` lands: for each step of the window (the recorded step, then each of the
+    :data:`AFTER` after it), that step's loop time above its run's median, with minus without, one value per
+    recording ``loop ms/rec`` counts. Their sums over the window are ``loop ms/rec``'s values."""
+    measured, _ = _measured(with_cb, without)
+    base_with, base_without = statistics.median(with_cb["loop_ms"]), statistics.median(without["loop_ms"])
+    return [[(with_cb["loop_ms"][r + k] - base_with) - (without["loop_ms"][r + k] - base_without) for r in measured]
+            for k in range(AFTER + 1)]
 
 
 class _StepTimer:
@@ -517,7 +537,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{'faults M':>13} {'inside ms':>10}")
     loop_header = (f"{'workload':<10} {'variant':<8} {'threads':>7} {'recs':>5} {'dropped':>8} {'thread ms/rec':>14} "
                    f"{'off-thread ms/rec':>18} {'thread ms/run':>14} {'loop ms/rec':>12} {'other steps':>21}")
-    rows, loop_rows = [], []
+    step_header = f"{'workload':<10} {'variant':<8} " + " ".join(f"{f'+{k}':>6}" for k in range(AFTER + 1))
+    rows, loop_rows, step_rows = [], [], []
     threads = (f"{args.threads} (--threads)" if args.threads is not None
                else f"torch's default ({default_threads} here)")
     for workload in args.workload or list(WORKLOADS):
@@ -529,6 +550,7 @@ def main(argv: list[str] | None = None) -> None:
             ratios, accounted, rss, child, dropped = [], [], [], [], 0.0
             fit_ms, next_with, next_without, plain_with, plain_without = [], [], [], [], []
             loop_per_rec, run_thread_ms, thread_per_rec, offthread, recs = [], [], [], [], []
+            per_step: list[list[float]] = [[] for _ in range(AFTER + 1)]  # `by_step`, over the pairs
             used_threads: set[int] = set()
             offthread_tags: set[str] = set()
             faults: dict[bool, list[int]] = {True: [], False: []}
@@ -551,6 +573,8 @@ def main(argv: list[str] | None = None) -> None:
                     next_without.append(results[False]["after_ms"])
                     per_rec, other_with, other_without = outside_figures(results[True], results[False])
                     loop_per_rec.append(per_rec)
+                    for values, more in zip(per_step, by_step(results[True], results[False])):
+                        values += more
                     plain_with.append(other_with)
                     plain_without.append(other_without)
                     run_thread_ms.append(results[True]["run_thread_ms"])
@@ -587,9 +611,12 @@ def main(argv: list[str] | None = None) -> None:
                         f"{f'{statistics.median(offthread):.1f}' if offthread else 'n/a':>18} "
                         f"{statistics.median(run_thread_ms):>14.0f} {statistics.median(loop_per_rec):>12.1f} "
                         f"{plain[0] / plain[1]:>6.3f}x {plain[0]:>6.2f}/{plain[1]:.2f}")
+            step_row = f"{workload:<10} {variant:<8} " + " ".join(
+                f"{statistics.median(values):>6.1f}" if values else f"{'n/a':>6}" for values in per_step)
             rows.append(row)
             loop_rows.append(loop_row)
-            print(header, row, "", loop_header, loop_row, sep="\n", flush=True)
+            step_rows.append(step_row)
+            print(header, row, "", loop_header, loop_row, "", step_header, step_row, sep="\n", flush=True)
             if offthread_tags:
                 print(f"(off-thread ms/rec from {', '.join(sorted(offthread_tags))})")
     print("\n" + header)
@@ -614,6 +641,11 @@ def main(argv: list[str] | None = None) -> None:
           f"and end; loop ms/rec = per recording, the loop time above the run's median over the recorded step and the "
           f"{AFTER} after it, with minus without on the same steps, median over recordings after the first (and "
           "before the fit end's steps), then over the pairs; other steps = median loop time of all other steps, with / without, ratio and ms)")
+    print("\n" + step_header)
+    print("\n".join(step_rows))
+    print("(where loop ms/rec lands: +0 = the recorded step, +k = the k-th step after it; each that step's loop time "
+          "above its run's median, with minus without, median over the recordings loop ms/rec counts, of all pairs "
+          "together; the medians need not add up to loop ms/rec)")
     if not args.workload or "cpu-lstm" in args.workload:
         print(f"\nDIY (LSTMCell unrolled, retain_grad every step) throughput / fused LSTM: "
               f"{diy_ratio(args.device):.2f}x")
