@@ -1,6 +1,6 @@
-"""The outside timer's arithmetic in ``tests/benchmarks/bench_overhead.py`` (``loop ms/rec``, ``other steps`` and
-where the loop time lands, step by step), on made-up runs whose answers are known; the script itself runs
-in ``tests/test_gpu_card.py``."""
+"""The outside timer's arithmetic in ``tests/benchmarks/bench_overhead.py`` (``loop ms/rec``, ``other
+steps`` and where the loop time lands, step by step), on made-up runs whose answers are known; the script
+itself runs in ``tests/test_gpu_card.py``."""
 
 from __future__ import annotations
 

@@ -260,8 +260,8 @@ def by_step(with_cb: dict, without: dict) -> list[list[float]]:
     recording ``loop ms/rec`` counts. Their sums over the window are ``loop ms/rec``'s values."""
     measured, _ = _measured(with_cb, without)
     base_with, base_without = statistics.median(with_cb["loop_ms"]), statistics.median(without["loop_ms"])
-    return [[(with_cb["loop_ms"][r + k] - base_with) - (without["loop_ms"][r + k] - base_without) for r in measured]
-            for k in range(AFTER + 1)]
+    return [[(with_cb["loop_ms"][r + k] - base_with) - (without["loop_ms"][r + k] - base_without)
+             for r in measured] for k in range(AFTER + 1)]
 
 
 class _StepTimer:
@@ -643,9 +643,9 @@ def main(argv: list[str] | None = None) -> None:
           "before the fit end's steps), then over the pairs; other steps = median loop time of all other steps, with / without, ratio and ms)")
     print("\n" + step_header)
     print("\n".join(step_rows))
-    print("(where loop ms/rec lands: +0 = the recorded step, +k = the k-th step after it; each that step's loop time "
-          "above its run's median, with minus without, median over the recordings loop ms/rec counts, of all pairs "
-          "together; the medians need not add up to loop ms/rec)")
+    print("(where loop ms/rec lands: +0 = the recorded step, +k = the k-th step after it; each that step's "
+          "loop time above its run's median, with minus without, median over the recordings loop ms/rec "
+          "counts, of all pairs together; the medians need not add up to loop ms/rec)")
     if not args.workload or "cpu-lstm" in args.workload:
         print(f"\nDIY (LSTMCell unrolled, retain_grad every step) throughput / fused LSTM: "
               f"{diy_ratio(args.device):.2f}x")
