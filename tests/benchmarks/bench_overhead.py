@@ -239,13 +239,8 @@ def _measured(with_cb: dict, without: dict) -> tuple[list[int], int]:
 def outside_figures(with_cb: dict, without: dict) -> tuple[float, float, float]:
     """``loop ms/rec`` and ``other steps`` (with, without) of one pair, from the runs' loop times."""
     recs = with_cb["recorded_steps"]
-    measured, n = _measured(with_cb, without)
-
-    def above_median(run: dict, first: int) -> float:
-        base = statistics.median(run["loop_ms"])
-        return sum(run["loop_ms"][s] - base for s in range(first, min(first + AFTER + 1, n)))
-
-    per_rec = [above_median(with_cb, r) - above_median(without, r) for r in measured]
+    _, n = _measured(with_cb, without)
+    per_rec = [sum(window) for window in zip(*by_step(with_cb, without))]  # each recording's window, summed
     near = {s for r in recs for s in range(r, r + AFTER + 1)}
     other = [s for s in range(n) if s not in near]
     nan = float("nan")
@@ -257,7 +252,7 @@ def outside_figures(with_cb: dict, without: dict) -> tuple[float, float, float]:
 def by_step(with_cb: dict, without: dict) -> list[list[float]]:
     """Where ``loop ms/rec`` lands: for each step of the window (the recorded step, then each of the
     :data:`AFTER` after it), that step's loop time above its run's median, with minus without, one value per
-    recording ``loop ms/rec`` counts. Their sums over the window are ``loop ms/rec``'s values."""
+    recording ``loop ms/rec`` counts (:func:`outside_figures` sums each recording's window)."""
     measured, _ = _measured(with_cb, without)
     base_with, base_without = statistics.median(with_cb["loop_ms"]), statistics.median(without["loop_ms"])
     return [[(with_cb["loop_ms"][r + k] - base_with) - (without["loop_ms"][r + k] - base_without)
