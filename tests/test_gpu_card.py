@@ -29,7 +29,10 @@ def test_the_gpu_card_script_runs_every_part_and_keeps_their_logs(tmp_path):
     assert "torch " in (tmp_path / "card.txt").read_text()
     checks = (tmp_path / "check_cuda.log").read_text()
     assert len(re.findall(r"^PASS ", checks, flags=re.M)) == 6 and "FAIL" not in checks, checks[-3000:]
-    assert re.search(r"^gru-1x64-T64-B32\s+\d", (tmp_path / "bench_replay.log").read_text(), flags=re.M)
+    replay = (tmp_path / "bench_replay.log").read_text()
+    # the replay against the module, then the fused path's parts
+    assert len(re.findall(r"^gru-1x64-T64-B32\s+\d", replay, flags=re.M)) == 2, replay
+    assert re.search(r"^gru-1x64-T64-B32\s+\d+\.\d(\s+-?\d+\.\d+x){4}$", replay, flags=re.M), replay
     overhead = (tmp_path / "bench_overhead.log").read_text()
     assert re.search(r"^fast-step\s+fast\s+\d+\.\d+x", overhead, flags=re.M), overhead[-3000:]
 

@@ -387,6 +387,8 @@ def _replay(mode: str, weights: list[list[LayerWeights]], x: Tensor, h0: Tensor,
                 if layer == num_layers - 1 and top_states is not None:
                     residual = _step_residual(rows[-1], layer_in, h_prev, valid)
                     top_residual = residual if top_residual is None else torch.maximum(top_residual, residual)
+                if method == "loop":
+                    rows[-1].drop_tanh_c()  # read by the fused path's scans only
             layer_in = h_layer[0] if num_dirs == 1 else torch.cat(h_layer, dim=-1)
             if dropout_masks is not None and layer < num_layers - 1:
                 layer_in = layer_in * dropout_masks[layer]
@@ -422,13 +424,35 @@ def relative_error(a: Tensor, b: Tensor) -> Tensor:
     return error.masked_fill_(same, 0).nan_to_num_(nan=float("inf"))
 
 
+def largest_relative_error(a: Tensor, b: Tensor, keep: Tensor | None = None) -> Tensor:
+    """The largest :func:`relative_error` where ``keep`` (a mask broadcast to ``a``; everywhere if ``None``),
+    0-d; 0 when there is nothing to compare.
+
+    The plain quotient ``|a - b| / (1 + |b|)`` first: where its largest value is finite there is no NaN or
+    infinity for :func:`relative_error` to treat, and the two agree. Only otherwise its special values are
+    looked at, in the longer way (the replay's checks read the result on the host anyway).
+    """
+    if not a.numel():
+        return a.new_zeros(())
+    error = (a - b).abs_().div_(b.abs().add_(1))
+    if keep is not None:
+        error.masked_fill_(~keep, 0)
+    worst = error.amax()
+    if bool(worst.isfinite()):
+        return worst
+    error = relative_error(a, b)
+    if keep is not None:
+        error.masked_fill_(~keep, 0)
+    return error.amax()
+
+
 def _step_residual(row: _Row, x: Tensor, h_prev: Tensor, valid: Tensor | None) -> Tensor:
     """``max |h_t - step(x_t, h_{t-1})| / (1 + |h_t|)`` over the valid steps of one layer and direction whose
     states ``row.h`` were given: each step recomputed from the gates (and the LSTM's cell recurrence) of
     this replay."""
     mode, w = row.mode, row.w
     if mode == "LSTM":
-        recomputed = row.gates["output"] * torch.tanh(row.c)
+        recomputed = row.gates["output"] * row.tanh_c
         if w.w_hr is not None:
             recomputed = F.linear(recomputed, w.w_hr)
     elif mode == "GRU":
@@ -437,10 +461,7 @@ def _step_residual(row: _Row, x: Tensor, h_prev: Tensor, valid: Tensor | None) -
     else:
         pre = F.linear(x, w.w_ih, w.b_ih) + F.linear(h_prev, w.w_hh, w.b_hh)
         recomputed = torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)
-    error = relative_error(recomputed, row.h)
-    if valid is not None:
-        error = error.masked_fill_(~valid, 0)
-    return error.amax() if error.numel() else error.new_zeros(())
+    return largest_relative_error(recomputed, row.h, valid)
 
 
 def _stacked(rows: list[Tensor]) -> Tensor:
@@ -661,6 +682,7 @@ class _Row:
                  c0: Tensor | None, valid: Tensor | None, factors: bool = True) -> None:
         self.mode, self.w, self.direction, self.h = mode, w, direction, h
         self.c: Tensor | None = None
+        self._tanh_c: Tensor | None = None
         self.gates = cell_gates(mode, x, h_prev, w)
         if mode == "LSTM":
             i, f, g, o = (self.gates[k] for k in LSTM_GATES)
@@ -672,13 +694,13 @@ class _Row:
             # c_t = i_t g_t + f_t c_prev, from c0 at the first processed step
             first = 0 if direction == 0 else x.shape[0] - 1
             ig[first].addcmul_(f[first], c0)
-            c_all = linear_recurrence(ig, f, later=direction == 1)
+            c_all = linear_recurrence(ig, f, later=direction == 1, out=ig)
             self.c = c_all
             if not factors:
                 return
             f = self.gates["forget"]
             c_prev = _previous(c_all, c0, direction, valid)
-            tanh_c = torch.tanh(c_all)
+            tanh_c = self.tanh_c
             # d(pre-activation) / dc for the input, forget and candidate gates, stacked (T, B, 3, H):
             # g i (1 - i), c_prev f (1 - f), i (1 - g^2), written into place (large temporaries are slow
             # on the CPU) in the order of operations of those expressions.
@@ -725,6 +747,24 @@ class _Row:
             self.pre_factor = (pre >= 0).to(h.dtype)
         else:
             self.pre_factor = (h > 0).to(h.dtype)
+
+    @property
+    def tanh_c(self) -> Tensor:
+        """``tanh(c_t)`` of an LSTM row, computed once: the step check, the step-by-step backward's factors
+        and the fused path's cell-gradient scan all read it (on the CPU a ``tanh`` costs several products)."""
+        if self._tanh_c is None:
+            self._tanh_c = torch.tanh(self.c)
+        return self._tanh_c
+
+    def take_tanh_c(self) -> Tensor:
+        """:attr:`tanh_c` for its last reader, which may overwrite it (a large new buffer costs page faults
+        on the CPU)."""
+        tanh_c, self._tanh_c = self.tanh_c, None
+        return tanh_c
+
+    def drop_tanh_c(self) -> None:
+        """Let go of :attr:`tanh_c` once nothing will read it."""
+        self._tanh_c = None
 
 
 _RELU_AT_ZERO: dict[tuple[torch.device, torch.dtype], bool] = {}
@@ -1065,10 +1105,11 @@ def _following(t: Tensor, direction: int) -> Tensor:
 DOUBLING_CPU_WORK = 8192
 
 
-def linear_recurrence(direct: Tensor, carry: Tensor, later: bool) -> Tensor:
+def linear_recurrence(direct: Tensor, carry: Tensor, later: bool, out: Tensor | None = None) -> Tensor:
     """``out_t = direct_t + carry_t * out_next`` for every ``t`` of the first axis, where ``next`` is
     ``t + 1`` (``later``) or ``t - 1``, and ``out`` is zero beyond the ends; ``carry`` is in ``[0, 1]``
-    here (gates, masks), so no product of it grows.
+    here (gates, masks), so no product of it grows. ``out``: where the result goes, ``direct`` itself to
+    overwrite it (a new buffer as large costs its page faults on the CPU); a new tensor by default.
 
     A first-order linear recurrence is a scan: by recursive doubling, level ``k`` folds in the result
     ``2^k`` steps away (``out_t += carry_t * out_{t±2^k}``, ``carry_t *= carry_{t±2^k}``), so
@@ -1080,13 +1121,17 @@ def linear_recurrence(direct: Tensor, carry: Tensor, later: bool) -> Tensor:
     steps = direct.shape[0]
     levels = max(steps - 1, 0).bit_length()
     if direct.device.type == "cpu" and direct.numel() // max(steps, 1) * levels > DOUBLING_CPU_WORK:
-        out = torch.empty_like(direct)
+        out = torch.empty_like(direct) if out is None else out
         acc = torch.zeros_like(direct[0])
         directs, carries, outs = direct.unbind(0), carry.unbind(0), out.unbind(0)  # the views taken once
         for t in range(steps - 1, -1, -1) if later else range(steps):
             acc = torch.addcmul(directs[t], carries[t], acc, out=outs[t])
         return out
-    out, factor = direct.clone(), carry.clone()
+    if out is None:
+        out = direct.clone()
+    elif out is not direct:
+        out.copy_(direct)
+    factor = carry.clone()
     span = 1
     for level in range(levels):
         # `here` are the steps that fold in the one `span` away (`there`), both views of `out`
@@ -1102,8 +1147,9 @@ def linear_recurrence(direct: Tensor, carry: Tensor, later: bool) -> Tensor:
 
 def _scan(direct: Tensor, carry: Tensor, direction: int) -> Tensor:
     """``out_t = direct_t + carry_t * out_next``, ``next`` the step processed after ``t`` (``t + 1`` for the
-    forward direction, ``t - 1`` for the reverse): a gradient carried back in processing order."""
-    return linear_recurrence(direct, carry, later=direction == 0)
+    forward direction, ``t - 1`` for the reverse): a gradient carried back in processing order, written
+    over ``direct``."""
+    return linear_recurrence(direct, carry, later=direction == 0, out=direct)
 
 
 def _grads_from_back(row: _Row, seed: Tensor, seed_c: Tensor | None, back: Tensor,
@@ -1134,7 +1180,7 @@ def _grads_from_back(row: _Row, seed: Tensor, seed_c: Tensor | None, back: Tenso
     if row.mode != "LSTM":
         return dh, None
     dh_cell = dh @ row.w.w_hr if row.w.w_hr is not None else dh
-    rest = torch.tanh(row.c)
+    rest = row.take_tanh_c()
     rest = rest.mul_(rest).neg_().add_(1)
     direct = torch.mul(dh_cell, row.gates["output"]).mul_(rest)  # dh o (1 - tanh^2 c)
     del rest

@@ -7,6 +7,14 @@ replay
 ``loop`` elsewhere), the replay's time (a recording, i.e. the fused forward+backward with hooks and then
 the replay, less the module's forward+backward) and the ratio replay / module. Everything is measured
 interleaved in one process so machine noise hits all alike.
+
+``--parts`` adds a second table: where the fused path's time goes, each part timed alone, interleaved
+with the module's forward+backward and the whole fused replay, as shares of the module's time: the
+extended pass (each layer's kernel forward and backward with the extra input whose gradient the
+recurrence carries back; on the CPU oneDNN's backward also computes the weight gradients, which the
+replay discards: it has no output mask, unlike cuDNN's), the gates recomputed from the weights (the same
+products as the kernel's forward), and the rest (the cell states, the scans of the total gradients, the
+exactness checks, the records, the hooks).
 """
 
 from __future__ import annotations
@@ -89,6 +97,64 @@ def bench(name: str, repeats: int, methods: list[str], device: str) -> dict[str,
     return row
 
 
+def parts(name: str, repeats: int, device: str) -> dict[str, float]:
+    """The fused path's parts timed alone against the module's forward+backward and the whole fused
+    replay (see the module's docstring); milliseconds, medians of ``repeats`` interleaved rounds."""
+    factory, batch, steps, features = WORKLOADS[name]
+    gen = torch.Generator().manual_seed(0)
+    module = factory().to(device)
+    x = torch.randn(batch, steps, features, generator=gen).to(device)
+    mode, dirs = module.mode, 2 if module.bidirectional else 1
+    flat = {n: p.detach() for n, p in module.named_parameters()}
+    weights = [[replay.LayerWeights.from_flat(flat, layer, d) for d in range(dirs)]
+               for layer in range(module.num_layers)]
+    h0 = torch.zeros(dirs, batch, module.hidden_size, device=device)
+    c0 = h0 if mode == "LSTM" else None
+    layer_in, states = [x.transpose(0, 1).contiguous()], []
+    with torch.no_grad():
+        for layer_weights in weights:
+            states.append(replay._layer_forward(mode, layer_weights, layer_in[-1], h0, c0, None, None))
+            layer_in.append(torch.cat(states[-1], dim=-1))
+    upstream = torch.randn(steps, batch, dirs * module.hidden_size, generator=gen).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def extended() -> None:
+        for layer, layer_weights in enumerate(weights):
+            layer_pass = replay._Extended(mode, layer_weights, layer_in[layer], h0, c0, None)
+            layer_pass.backward(upstream, None, None)
+
+    def gates() -> None:
+        with torch.no_grad():
+            for layer, layer_weights in enumerate(weights):
+                for d, w in enumerate(layer_weights):
+                    previous = replay._previous(states[layer][d], h0[d], d, None)
+                    replay.cell_gates(mode, layer_in[layer], previous, w)
+
+    probe = Probe(module)
+
+    def recorded() -> None:
+        with replay_method("fused"), probe.record():
+            fused_step(module, x)
+
+    timings: dict[str, list[float]] = {"module": [], "recorded": [], "extended": [], "gates": []}
+    work = {"module": lambda: fused_step(module, x), "recorded": recorded, "extended": extended,
+            "gates": gates}
+    for fn in work.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for key, fn in work.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            timings[key].append(time.perf_counter() - start)
+        module.zero_grad(set_to_none=True)
+    row = {key: 1e3 * statistics.median(times) for key, times in timings.items()}
+    row["replay"] = row.pop("recorded") - row["module"]
+    row["rest"] = row["replay"] - row["extended"] - row["gates"]
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", action="append", choices=replay.METHODS,
                         help="a backward of the replay to time; repeat for several (default: loop and fused)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the fused path's extended pass and gates alone, beside its floor")
     args = parser.parse_args(argv)
     methods = list(dict.fromkeys(args.method or ["loop", "fused"]))
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
@@ -114,6 +182,17 @@ def main(argv: list[str] | None = None) -> None:
         for method in methods:
             line += f" {row[method + '_ms']:>18.1f} {row[method + '_ratio']:>12.2f}x"
         print(line, flush=True)
+    if args.parts:
+        print()
+        print(f"{'fused path, / module':<24} {'module fwd+bwd ms':>18} {'replay':>8} {'extended':>9}"
+              f" {'gates':>7} {'rest':>7}")
+        for name in [args.only] if args.only else WORKLOADS:
+            repeats = args.repeats if "T1000" not in name else max(3, args.repeats // 5)
+            row = parts(name, repeats, args.device)
+            line = f"{name:<24} {row['module']:>18.1f}"
+            for key, width in (("replay", 8), ("extended", 9), ("gates", 7), ("rest", 7)):
+                line += f" {row[key] / row['module']:>{width - 1}.2f}x"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything only a GPU shows, in one run: the card, check_cuda.py (cuDNN exactness, fp16 with a
-# GradScaler, 16-mixed, reductions on the device), bench_replay.py (replay against cuDNN's forward+backward)
-# and bench_overhead.py (whole-run wall time of the three workloads, 2 pairs each). Most important first,
-# each under its own time limit, each log written as it goes, so that a run cut short still returns what
-# it measured. The limits add up to 8 minutes (as of 2026-12-02 it has not met a GPU).
+# GradScaler, 16-mixed, reductions on the device), bench_replay.py (replay against cuDNN's forward+backward,
+# and the fused path's parts: extended pass, gates, the rest) and bench_overhead.py (whole-run wall time
+# of the three workloads, 2 pairs each). Most important first, each under its own time limit, each log
+# written as it goes, so that a run cut short still returns what it measured. The limits add up to 8
+# minutes (as of 2026-12-02 it has not met a GPU).
 #
 # On a lent GPU machine (the development tools' `device`), whose image has torch, Lightning, TensorBoard,
 # numpy, Pillow and matplotlib but not google-crc32c: fetch that wheel here first, in the repository root
@@ -34,12 +35,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the package from this che
 if [ "$dry" = 1 ]; then
     device=cpu
     check=("$py" tests/benchmarks/check_cuda.py --dry-run)
-    replay=("$py" tests/benchmarks/bench_replay.py --device cpu --repeats 3 --only gru-1x64-T64-B32)
+    replay=("$py" tests/benchmarks/bench_replay.py --device cpu --repeats 3 --only gru-1x64-T64-B32 --parts)
     overhead=("$py" tests/benchmarks/bench_overhead.py --device cpu --pairs 1 --workload fast-step --steps 60)
 else
     device=cuda
     check=("$py" tests/benchmarks/check_cuda.py)
-    replay=("$py" tests/benchmarks/bench_replay.py --device cuda)
+    replay=("$py" tests/benchmarks/bench_replay.py --device cuda --parts)
     overhead=("$py" tests/benchmarks/bench_overhead.py --device cuda --pairs 2)
 fi
 

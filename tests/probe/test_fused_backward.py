@@ -636,8 +636,15 @@ def test_linear_recurrence_equals_the_step_loop(steps, later, width):
     carry[steps // 2] = 0  # a mask's zero cuts the carry
     kept = direct.clone(), carry.clone()
     out = replay_module.linear_recurrence(direct, carry, later)
-    torch.testing.assert_close(out, _sequential(direct, carry, later), rtol=1e-12, atol=1e-12)
+    expected = _sequential(direct, carry, later)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     assert torch.equal(direct, kept[0]) and torch.equal(carry, kept[1])  # inputs untouched
+    # written over `direct` (the replay's own temporaries), or into a buffer given: the same values
+    given = torch.empty_like(direct)
+    assert replay_module.linear_recurrence(direct, carry, later, out=given) is given
+    assert torch.equal(given, out) and torch.equal(direct, kept[0])
+    assert replay_module.linear_recurrence(direct, carry, later, out=direct) is direct
+    assert torch.equal(direct, out) and torch.equal(carry, kept[1])
 
 
 class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from lightning_rnnviz import Probe
+from lightning_rnnviz.probe.replay import largest_relative_error, relative_error
 from tests.helpers.checks import assert_matches
 from tests.helpers.reference import batch_first_masks, cpu_dropout_masks, reference_rnn
 
@@ -265,3 +266,37 @@ def test_a_long_packed_sequence_on_the_cpu_is_not_walked(monkeypatch):
             out, _ = module(pack_padded_sequence(x, torch.tensor([steps, 5])))
             out.data.sum().backward()
         assert rec[""].exact and len(walks) == walked
+
+
+@pytest.mark.parametrize("special", ["none", "inf_in_a", "equal_infs", "both_nan", "nan_in_b", "inf_in_b",
+                                     "opposite_infs", "masked_nan"])
+def test_the_largest_relative_error_treats_special_values_as_the_elementwise_error_does(special):
+    """The step check takes the largest error without building :func:`relative_error` whole; what it
+    gives must be what that function's largest value is: 0 where both are NaN or equal infinities, infinite
+    where only one is NaN, the largest float where one is infinite, and nothing from a step left out."""
+    inf, nan = float("inf"), float("nan")
+    torch.manual_seed(11)
+    a, b = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
+    a[2, 1] = b[2, 1] + 1e-3  # a finite error to find among the rest
+    keep = torch.ones(6, 3, 1, dtype=torch.bool)
+    keep[5] = False
+    at = (1, 0, 2)
+    if special == "inf_in_a":
+        a[at] = inf
+    elif special == "equal_infs":
+        a[at] = b[at] = -inf
+    elif special == "both_nan":
+        a[at] = b[at] = nan
+    elif special == "nan_in_b":
+        b[at] = nan
+    elif special == "inf_in_b":
+        b[at] = inf
+    elif special == "opposite_infs":
+        a[at], b[at] = inf, -inf
+    elif special == "masked_nan":
+        a[5, 2, 0] = nan
+    expected = relative_error(a, b).masked_fill_(~keep, 0).amax()
+    got = largest_relative_error(a, b, keep)
+    assert got.shape == () and torch.equal(got, expected), (got, expected)
+    assert torch.equal(largest_relative_error(a, b), relative_error(a, b).amax())
+    assert largest_relative_error(a[:0], b[:0]).item() == 0
