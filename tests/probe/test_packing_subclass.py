@@ -272,8 +272,9 @@ def test_a_long_packed_sequence_on_the_cpu_is_not_walked(monkeypatch):
                                      "opposite_infs", "masked_nan"])
 def test_the_largest_relative_error_treats_special_values_as_the_elementwise_error_does(special):
     """The step check takes the largest error without building :func:`relative_error` whole; what it
-    gives must be what that function's largest value is: 0 where both are NaN or equal infinities, infinite
-    where only one is NaN, the largest float where one is infinite, and nothing from a step left out."""
+    gives must be what that function's largest value is: 0 where both are NaN or equal infinities, the
+    largest float where only the replayed value is infinite, infinite where only one is NaN or only the
+    given value is infinite (or they are opposite infinities), and nothing from a step left out."""
     inf, nan = float("inf"), float("nan")
     torch.manual_seed(11)
     a, b = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
