@@ -751,7 +751,8 @@ class _Row:
     @property
     def tanh_c(self) -> Tensor:
         """``tanh(c_t)`` of an LSTM row, computed once: the step check, the step-by-step backward's factors
-        and the fused path's cell-gradient scan all read it (on the CPU a ``tanh`` costs several products)."""
+        and the fused path's cell-gradient scan all read it (on the CPU a ``tanh`` takes about four times
+        a ``sigmoid``)."""
         if self._tanh_c is None:
             self._tanh_c = torch.tanh(self.c)
         return self._tanh_c
