@@ -24,7 +24,7 @@ from lightning_rnnviz.probe.replay import (
     LayerWeights,
     ReplayResult,
     cell_gates,
-    relative_error,
+    largest_relative_error,
     replay_rnn,
     replay_with_dropout,
 )
@@ -151,10 +151,8 @@ def _checked(module: nn.RNNBase, data: dict[str, Any], result: ReplayResult, len
                 continue
             given = given.unsqueeze(1) if unbatched else given
             given = given[:, :batch].to(states.device, states.dtype)
-            error = relative_error(_final_steps(states, lengths, dirs), given)
-            if true_lengths is not None:
-                error = error[:, (true_lengths > 0).to(error.device)]
-            worst = float(error.amax()) if error.numel() else 0.0
+            keep = None if true_lengths is None else (true_lengths > 0).to(states.device).view(1, -1, 1)
+            worst = float(largest_relative_error(_final_steps(states, lengths, dirs), given, keep))
             if not worst <= tolerance:
                 differed.append(f"`{label}` (off by {worst:.2g})")
     if input_grad is not None and result.input_grad is not None:

@@ -23,7 +23,7 @@ import argparse
 import contextlib
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -58,20 +58,26 @@ def fused_step(module: nn.Module, x: torch.Tensor) -> None:
     out.pow(2).mean().backward()
 
 
-def bench(name: str, repeats: int, methods: list[str], device: str) -> dict[str, float]:
+def _workload(name: str, device: str) -> tuple[nn.RNNBase, torch.Tensor, torch.Generator]:
+    """The workload's module and batch on ``device``, and the generator that drew the batch."""
     factory, batch, steps, features = WORKLOADS[name]
     gen = torch.Generator().manual_seed(0)
-    module = factory().to(device)
-    x = torch.randn(batch, steps, features, generator=gen).to(device)
-    probe = Probe(module)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return factory().to(device), torch.randn(batch, steps, features, generator=gen).to(device), gen
 
-    def timed(fn) -> float:
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - start
+
+def _timed(fn: Callable[[], object], device: str) -> float:
+    """Seconds ``fn`` takes, the device's queue drained before and after."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def bench(name: str, repeats: int, methods: list[str], device: str) -> dict[str, float]:
+    module, x, _ = _workload(name, device)
+    probe = Probe(module)
 
     def recorded() -> None:
         with probe.record():
@@ -84,10 +90,10 @@ def bench(name: str, repeats: int, methods: list[str], device: str) -> dict[str,
     own: list[float] = []
     replays: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(repeats):
-        own.append(timed(lambda: fused_step(module, x)))
+        own.append(_timed(lambda: fused_step(module, x), device))
         for method in methods:
             with replay_method(method):
-                replays[method].append(timed(recorded))
+                replays[method].append(_timed(recorded, device))
         module.zero_grad(set_to_none=True)
     f = statistics.median(own)
     row = {"module_ms": 1e3 * f}
@@ -100,10 +106,8 @@ def bench(name: str, repeats: int, methods: list[str], device: str) -> dict[str,
 def parts(name: str, repeats: int, device: str) -> dict[str, float]:
     """The fused path's parts timed alone against the module's forward+backward and the whole fused
     replay (see the module's docstring); milliseconds, medians of ``repeats`` interleaved rounds."""
-    factory, batch, steps, features = WORKLOADS[name]
-    gen = torch.Generator().manual_seed(0)
-    module = factory().to(device)
-    x = torch.randn(batch, steps, features, generator=gen).to(device)
+    module, x, gen = _workload(name, device)
+    batch, steps = x.shape[:2]
     mode, dirs = module.mode, 2 if module.bidirectional else 1
     flat = {n: p.detach() for n, p in module.named_parameters()}
     weights = [[replay.LayerWeights.from_flat(flat, layer, d) for d in range(dirs)]
@@ -116,7 +120,6 @@ def parts(name: str, repeats: int, device: str) -> dict[str, float]:
             states.append(replay._layer_forward(mode, layer_weights, layer_in[-1], h0, c0, None, None))
             layer_in.append(torch.cat(states[-1], dim=-1))
     upstream = torch.randn(steps, batch, dirs * module.hidden_size, generator=gen).to(device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     @contextlib.contextmanager
     def as_the_replay() -> Iterator[None]:
         """What `replay_rnn` runs its fused path under: TF32 off, subnormals flushed on the CPU."""
@@ -149,11 +152,7 @@ def parts(name: str, repeats: int, device: str) -> dict[str, float]:
         fn()  # warm-up
     for _ in range(repeats):
         for key, fn in work.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            timings[key].append(time.perf_counter() - start)
+            timings[key].append(_timed(fn, device))
         module.zero_grad(set_to_none=True)
     row = {key: 1e3 * statistics.median(times) for key, times in timings.items()}
     row["replay"] = row.pop("recorded") - row["module"]
