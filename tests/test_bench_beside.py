@@ -16,6 +16,7 @@ SCRIPT = Path(__file__).resolve().parent / "benchmarks" / "bench_beside.py"
 def test_bench_beside_prints_every_condition():
     done = subprocess.run([sys.executable, str(SCRIPT), "--workload", "fast-step", "--rounds", "1", "--steps", "3"],
                           capture_output=True, text=True, timeout=600, check=True)
-    for name in ("alone", "thread, painting", "thread, no painting", "process"):
+    for name in ("alone", "thread, painting", "thread, no painting", "thread, drawing process", "process"):
         assert re.search(rf"^  {re.escape(name)} +\d+\.\d\d   rounds: \d", done.stdout, flags=re.M), done.stdout
-    assert re.search(r"one recording's work, without painting: \d+\.\d ms", done.stdout)
+    for pictures in ("painting", "no painting", "drawing process"):
+        assert re.search(rf"one recording's work, {pictures}: \d+\.\d ms", done.stdout), done.stdout

@@ -9,8 +9,10 @@ the drawing and PNG encoding of its pictures) runs again and again beside it:
 - ``alone``: nothing beside training.
 - ``thread, painting``: all of it on a thread of this process (the recording worker before the drawing
   process).
-- ``thread, no painting``: the replay and reductions on a thread, no pictures (what the worker keeps now;
-  its pictures go to the drawing process).
+- ``thread, no painting``: the replay and reductions on a thread, no pictures.
+- ``thread, drawing process``: the recording worker as it runs: the replay and reductions on a thread,
+  each picture drawn and encoded by the drawing process (``lightning_rnnviz.pipeline.drawing``) while
+  that thread waits on the pipe.
 - ``process``: all of it in a forked process (no GIL shared with training).
 
 Printed: the median training step in ms per condition (each round times 60 steps per condition, in turn),
@@ -21,6 +23,7 @@ recording is being finished, the worst case; a recording takes tens of milliseco
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import os
 import statistics
@@ -36,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_overhead import WORKLOADS  # noqa: E402
 
+from lightning_rnnviz.pipeline.drawing import DrawingProcess  # noqa: E402
 from lightning_rnnviz.pipeline.worker import Delivery, one_thread  # noqa: E402
 from lightning_rnnviz.probe import Probe  # noqa: E402
 from lightning_rnnviz.render.report import Guard, Reporter  # noqa: E402
@@ -88,17 +92,22 @@ def main() -> None:
     capture.hand_off()
     reporter = Reporter(("hidden", "gates", "grad_norm", "attention"), set(probe.targets), Guard("bench"))
 
-    def recording(paint: bool) -> None:
+    drawing = DrawingProcess()
+    while not drawing.ready:  # about a second: an interpreter, numpy, Pillow
+        time.sleep(0.05)
+    deliveries = {"painting": lambda: Delivery(50), "no painting": lambda: _Undrawn(50),
+                  "drawing process": lambda: Delivery(50, drawer=drawing.draw)}
+
+    def recording(pictures: str) -> None:
         with one_thread():
             finished = capture.finish(None)
-            reporter.report(finished, (Delivery if paint else _Undrawn)(50), 50, prefix="rnnviz", training=True)
+            reporter.report(finished, deliveries[pictures](), 50, prefix="rnnviz", training=True)
 
-    for paint in (True, False):
-        recording(paint)  # first use: imports, caches
+    for pictures in deliveries:
+        recording(pictures)  # first use: imports, caches
         started = time.perf_counter()
-        recording(paint)
-        print(f"one recording's work, {'with' if paint else 'without'} painting: "
-              f"{1e3 * (time.perf_counter() - started):.1f} ms")
+        recording(pictures)
+        print(f"one recording's work, {pictures}: {1e3 * (time.perf_counter() - started):.1f} ms")
 
     def timed() -> float:
         times = []
@@ -108,12 +117,12 @@ def main() -> None:
             times.append(time.perf_counter() - started)
         return 1e3 * statistics.median(times)
 
-    def beside_thread(paint: bool) -> float:
+    def beside_thread(pictures: str) -> float:
         stop = threading.Event()
 
         def loop() -> None:
             while not stop.is_set():
-                recording(paint)
+                recording(pictures)
 
         thread = threading.Thread(target=loop, daemon=True)
         thread.start()
@@ -127,7 +136,7 @@ def main() -> None:
     def beside_process() -> float:
         def loop() -> None:
             while True:
-                recording(True)
+                recording("painting")
 
         child = multiprocessing.get_context("fork").Process(target=loop, daemon=True)
         child.start()
@@ -140,15 +149,18 @@ def main() -> None:
 
     for _ in range(10):
         step()
-    conditions = {"alone": timed, "thread, painting": lambda: beside_thread(True),
-                  "thread, no painting": lambda: beside_thread(False), "process": beside_process}
+    conditions = {"alone": timed, **{f"thread, {pictures}": functools.partial(beside_thread, pictures)
+                                     for pictures in deliveries}, "process": beside_process}
     results: dict[str, list[float]] = {name: [] for name in conditions}
-    for _ in range(args.rounds):
-        for name, run in conditions.items():
-            results[name].append(run())
+    try:
+        for _ in range(args.rounds):
+            for name, run in conditions.items():
+                results[name].append(run())
+    finally:
+        drawing.close()
     print(f"{args.workload}: median training step (ms) with the recording work beside it, {args.rounds} rounds")
     for name, values in results.items():
-        print(f"  {name:20s} {statistics.median(values):7.2f}   rounds: {' '.join(f'{v:.1f}' for v in values)}")
+        print(f"  {name:24s} {statistics.median(values):7.2f}   rounds: {' '.join(f'{v:.1f}' for v in values)}")
 
 
 if __name__ == "__main__":
