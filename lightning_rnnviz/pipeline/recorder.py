@@ -372,7 +372,7 @@ class Recorder:
             elif delivery.prefix == "rnnviz":
                 waited_s, self.reported_wait_s = worker.waited_s - self.reported_wait_s, worker.waited_s
                 if self.overhead_wanted:
-                    self.guard.run("overhead statistics", fanout.scalars, {
+                    costs = {
                         "rnnviz/overhead/train_thread_ms": 1e3 * (delivery.thread_s + write_s + waited_s),
                         "rnnviz/overhead/offthread_ms": 1e3 * delivery.worker_s,
                         "rnnviz/overhead/replay_ms": 1e3 * delivery.replay_s,
@@ -381,7 +381,10 @@ class Recorder:
                         "rnnviz/overhead/wait_ms": 1e3 * waited_s,
                         "rnnviz/overhead/dropped_figures": 0.0,
                         "rnnviz/overhead/every_n_steps": float(cadence or 0),
-                    }, delivery.step)
+                    }
+                    if delivery.device_s is not None:
+                        costs["rnnviz/overhead/device_ms"] = 1e3 * delivery.device_s
+                    self.guard.run("overhead statistics", fanout.scalars, costs, delivery.step)
                 spent.append((delivery.thread_s + write_s + waited_s, True))
             if delivery.items or not delivery.epoch_end:
                 self.guard.run("flush", fanout.flush)

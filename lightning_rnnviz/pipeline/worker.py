@@ -183,6 +183,8 @@ class Delivery:
             drew anything, ``lines`` the console lines it has to say (findings that appeared or cleared).
         thread_s, replay_s, draw_s, worker_s: the training thread's seconds before the hand-off, the
             replay's, drawing and encoding, and the worker's whole time on this recording.
+        device_s: on CUDA, the recording's span on the worker's stream, from the hand-off's point to the
+            end of its last operation there (:class:`DeviceSpan`); ``None`` elsewhere.
     """
 
     def __init__(self, step: int, prefix: str = "rnnviz", wants_histograms: bool = True,
@@ -197,6 +199,7 @@ class Delivery:
         self.epoch_end = self.drawn = False
         self.lines: list[str] = []
         self.thread_s = self.replay_s = self.draw_s = self.worker_s = 0.0
+        self.device_s: float | None = None
         # (tag, step) of the pictures, texts, documents and probe sets taken: the first monitor's is kept (an
         # epoch's ends, one per monitor, share one set)
         self._drawn: set[tuple[str, int]] = set() if written is None else written
@@ -389,7 +392,7 @@ class Worker:
         started = time.perf_counter()
         with held() as kept:
             try:
-                with one_thread(), self._on_own_stream(handed):
+                with one_thread(), self._on_own_stream(handed) as span:
                     recording = handed.capture.finish(handed.grad_scale)
                     delivery.replay_s = time.perf_counter() - started
                     for report in handed.reports:
@@ -397,6 +400,8 @@ class Worker:
                     if self._keep:
                         delivery.recording = recording
                 del recording  # on a GPU, device memory: gone before the next recording is finished
+                if span is not None:
+                    delivery.device_s = span.seconds()
                 if self._beside is not None:
                     self._beside(delivery)
             except Exception as error:  # noqa: BLE001 - given to the training thread, which decides
@@ -431,12 +436,12 @@ class Worker:
         return delivery
 
     @contextlib.contextmanager
-    def _on_own_stream(self, handed: Handed) -> Iterator[None]:
+    def _on_own_stream(self, handed: Handed) -> Iterator[DeviceSpan | None]:
         """On CUDA: a stream of the worker's, ordered after the hand-off by its event; the handed tensors
         are marked used there, so that their memory is not given to the training stream while the worker
-        still reads them."""
+        still reads them. Gives the :class:`DeviceSpan` of the block's work there (``None`` off CUDA)."""
         if handed.event is None:
-            yield
+            yield None
             return
         # the device the model ran on (a thread's current device is its own: this one's is cuda:0)
         device = next(t.device for t in handed.held_tensors if t.is_cuda)
@@ -448,7 +453,33 @@ class Worker:
             if tensor.is_cuda:
                 tensor.record_stream(stream)
         with torch.cuda.device(device), torch.cuda.stream(stream):
-            yield
+            span = DeviceSpan(stream)
+            try:
+                yield span
+            finally:
+                span.end()
+
+
+class DeviceSpan:
+    """A recording's span on the worker's CUDA stream, timed by two CUDA events there and read by the
+    worker, never by the training thread: from where the stream starts on the recording (once the
+    hand-off's point on the training stream is reached) to the end of its last operation. It includes the
+    gaps where the stream waits for the worker's Python, so it bounds from above the device time the
+    recording took beside training."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._stop = torch.cuda.Event(enable_timing=True)
+        self._start.record(stream)
+
+    def end(self) -> None:
+        self._stop.record(self._stream)
+
+    def seconds(self) -> float:
+        """The span, once the stream has reached its end (waits for that on this thread)."""
+        self._stop.synchronize()
+        return self._start.elapsed_time(self._stop) / 1e3
 
 
 def give_warnings(delivery: Delivery) -> None:

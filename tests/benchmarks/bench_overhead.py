@@ -40,7 +40,10 @@ last step's to the end of training), so it holds every hook, epoch end and flush
 - ``recs``: recordings the callback wrote per run; ``dropped``: figures its drawing dropped.
 - ``thread ms/rec``: the callback's own training-thread time per recording; ``off-thread ms/rec``: its time
   off the training thread per recording, from any ``rnnviz/overhead/*_ms`` scalar other than the
-  training-thread ones (``n/a`` when it logs none); medians over the recordings after the first.
+  training-thread ones (``n/a`` when it logs none); medians over the recordings after the first. On CUDA
+  with the worker a line below the table adds ``device ms/rec``: each recording's span on the worker's
+  stream, from the CUDA events the worker read (``rnnviz/overhead/device_ms``), never by waiting on the
+  training thread.
 - ``thread ms/run``: the callback's training-thread total for the whole run: recordings, epoch ends, fit start
   and fit end.
 - ``loop ms/rec``: per recording step r, the loop time above the run's median step over steps r..r+5, with the
@@ -221,6 +224,9 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
             for e in acc.Scalars(tag):
                 offthread[e.step] = offthread.get(e.step, 0.0) + e.value
         result["offthread_ms"] = [offthread[s] for s in sorted(offthread)]
+        # on CUDA with the worker: each recording's span on the worker's stream, from CUDA events it read
+        span = "rnnviz/overhead/device_ms"
+        result["device_ms"] = [e.value for e in acc.Scalars(span)] if span in tags else []
         # everything the callback spent on the training thread in this run, recordings and epoch ends
         result["thread_total_s"] = (sum(result["train_thread_ms"]) + sum(result["epoch_end_ms"])) / 1e3
         # ... and its fit start and fit end too
@@ -545,6 +551,7 @@ def main(argv: list[str] | None = None) -> None:
             ratios, accounted, rss, child, dropped = [], [], [], [], 0.0
             fit_ms, next_with, next_without, plain_with, plain_without = [], [], [], [], []
             loop_per_rec, run_thread_ms, thread_per_rec, offthread, recs = [], [], [], [], []
+            device: list[float] = []  # the recordings' spans on the worker's CUDA stream
             per_step: list[list[float]] = [[] for _ in range(AFTER + 1)]  # `by_step`, over the pairs
             used_threads: set[int] = set()
             offthread_tags: set[str] = set()
@@ -575,6 +582,7 @@ def main(argv: list[str] | None = None) -> None:
                     run_thread_ms.append(results[True]["run_thread_ms"])
                     thread_per_rec += results[True]["train_thread_ms"][1:]  # as loop ms/rec: the first left out
                     offthread += results[True]["offthread_ms"][1:]
+                    device += results[True].get("device_ms", [])[1:]
                     offthread_tags.update(results[True]["offthread_tags"])
                     recs.append(len(results[True]["train_thread_ms"]))
                     used_threads.update(results[flag]["threads"] for flag in order)
@@ -614,6 +622,10 @@ def main(argv: list[str] | None = None) -> None:
             print(header, row, "", loop_header, loop_row, "", step_header, step_row, sep="\n", flush=True)
             if offthread_tags:
                 print(f"(off-thread ms/rec from {', '.join(sorted(offthread_tags))})")
+            if device:
+                print(f"(device ms/rec: {statistics.median(device):.1f}, median over {len(device)} recordings of "
+                      "each recording's span on the worker's CUDA stream, from CUDA events the worker read: "
+                      "rnnviz/overhead/device_ms)")
     print("\n" + header)
     print("\n".join(rows))
     print("(overhead: median wall-time ratio of the pairs; thread: 1 + the callback's own time on the training "

@@ -16,7 +16,9 @@ check and exits non-zero when one fails; the timings on CUDA come from ``bench_o
 3. fp16: a 2-layer LSTM under ``torch.autocast(float16)`` with ``GradScaler``; the recorded ``dL/dh_t``
    (``grad_scale=scaler.get_scale()``) against the float32 run of the same batch.
 4. Lightning ``precision="16-mixed"`` on the GPU with ``RNNViz(every_n_steps=1)``: images and finite
-   gradient-norm scalars on every step, unscaled (the same order as a float32 run).
+   gradient-norm scalars on every step, unscaled (the same order as a float32 run); with the recording
+   worker, each recording's span on its CUDA stream (``rnnviz/overhead/device_ms``, CUDA events read by
+   the worker) logged, finite and positive (and no such scalar off CUDA).
 5. Reductions on the device: a seq2seq model (packed bidirectional LSTM, GRU cell, attention) recorded on
    CUDA with ``Probe(on_device=True)``, as the callbacks record, and reported: every picture payload,
    statistic, histogram and summary the same as from the record copied to the CPU (to 1e-4 relative:
@@ -237,7 +239,8 @@ def check_lightning_16_mixed() -> None:
             logger = TensorBoardLogger(out, name="run")
             trainer = pl.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1,
                                  precision=precision if DEVICE == "cuda" else "32-true", max_steps=4, logger=logger,
-                                 callbacks=[RNNViz(every_n_steps=1, strict=True)], enable_progress_bar=False,
+                                 callbacks=[callback := RNNViz(every_n_steps=1, strict=True, scalars="all")],
+                                 enable_progress_bar=False,
                                  enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1)
             torch.manual_seed(0)
             trainer.fit(Model(), loader)
@@ -245,15 +248,23 @@ def check_lightning_16_mixed() -> None:
             acc.Reload()
             tags = acc.Tags()
             first = [e.value for e in acc.Scalars("rnnviz/grad_norm/rnn/last_norm/layer1")]
-            results[precision] = (len(acc.Images("rnnviz/grad_norm/rnn")), first, sorted(tags["images"]))
-    images16, norms16, tags16 = results["16-mixed"]
-    images32, norms32, _ = results["32-true"]
+            spans = ([e.value for e in acc.Scalars("rnnviz/overhead/device_ms")]
+                     if "rnnviz/overhead/device_ms" in tags["scalars"] else [])
+            results[precision] = (len(acc.Images("rnnviz/grad_norm/rnn")), first, sorted(tags["images"]), spans,
+                                  callback.placement)
+    images16, norms16, tags16, spans16, placement = results["16-mixed"]
+    images32, norms32, _, _, _ = results["32-true"]
     finite = all(torch.isfinite(torch.tensor(norms16)).tolist())
     ratio = norms16[0] / norms32[0]
+    # the worker's stream exists on CUDA only; inline recordings have no span either
+    spanned = placement == "thread" and DEVICE == "cuda"
+    spans_ok = (len(spans16) == images16 and all(0 < v < float("inf") for v in spans16)) if spanned else not spans16
     report("Lightning 16-mixed on GPU with RNNViz(every_n_steps=1)",
-           images16 == images32 == 4 and finite and 0.8 < ratio < 1.25,
+           images16 == images32 == 4 and finite and 0.8 < ratio < 1.25 and spans_ok,
            f"{images16} grad-norm images (float32 run: {images32}); last-step ||dL/dh|| at step 0: "
-           f"16-mixed {norms16[0]:.3e}, 32-true {norms32[0]:.3e} (ratio {ratio:.3f}); image tags {tags16}")
+           f"16-mixed {norms16[0]:.3e}, 32-true {norms32[0]:.3e} (ratio {ratio:.3f}); image tags {tags16}; "
+           f"placement {placement}, device ms per recording on the worker's stream "
+           f"{', '.join(f'{v:.1f}' for v in spans16) or 'none'}")
 
 
 def check_device_reductions() -> None:

@@ -489,7 +489,8 @@ def test_the_worker_lets_a_recording_go_once_finished():
 def test_on_cuda_the_worker_runs_on_its_own_stream_after_the_hand_off(monkeypatch):
     """No GPU here: the CUDA calls are stand-ins that say what was asked of them. The worker makes a stream
     on the device the model ran on (not its own thread's current device), orders it after the hand-off's
-    event, marks every handed tensor used there, and finishes the recording inside it."""
+    event, marks every handed tensor used there, and finishes the recording inside it, between two timing
+    events on that stream, whose span it reads once the stream has reached the second."""
     from lightning_rnnviz.pipeline import worker as pipeline
     from lightning_rnnviz.probe import Recording
 
@@ -502,6 +503,24 @@ def test_on_cuda_the_worker_runs_on_its_own_stream_after_the_hand_off(monkeypatc
 
         def wait_event(self, event):
             log.append(("wait", event))
+
+    class Event:
+        made = 0
+
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            Event.made += 1
+            self.name = f"event {Event.made}"
+
+        def record(self, stream):
+            log.append((f"{self.name} recorded", stream.device))
+
+        def synchronize(self):
+            log.append((f"{self.name} reached",))
+
+        def elapsed_time(self, other):
+            log.append(("read", self.name, other.name))
+            return 12.5  # ms
 
     class Context:
         def __init__(self, what, value):
@@ -526,6 +545,7 @@ def test_on_cuda_the_worker_runs_on_its_own_stream_after_the_hand_off(monkeypatc
             return Recording()
 
     monkeypatch.setattr(pipeline.torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(pipeline.torch.cuda, "Event", Event)
     monkeypatch.setattr(pipeline.torch.cuda, "stream", lambda s: Context("stream", s.device))
     monkeypatch.setattr(pipeline.torch.cuda, "device", lambda d: Context("device", d))
     worker = Worker()
@@ -537,8 +557,28 @@ def test_on_cuda_the_worker_runs_on_its_own_stream_after_the_hand_off(monkeypatc
         worker.close()
     assert delivery.error is None, delivery.error
     assert log == [("stream", "cuda:1"), ("wait", "event"), ("used on", "cuda:1"), ("used on", "cuda:1"),
-                   ("enter", "device", "cuda:1"), ("enter", "stream", "cuda:1"), ("finish", 2.0),
-                   ("exit", "stream"), ("exit", "device")]
+                   ("enter", "device", "cuda:1"), ("enter", "stream", "cuda:1"), ("event 1 recorded", "cuda:1"),
+                   ("finish", 2.0), ("event 2 recorded", "cuda:1"), ("exit", "stream"), ("exit", "device"),
+                   ("event 2 reached",), ("read", "event 1", "event 2")]
+    assert delivery.device_s == 0.0125
+
+
+def test_off_cuda_a_recording_has_no_device_span():
+    from lightning_rnnviz.pipeline import worker as pipeline
+    from lightning_rnnviz.probe import Recording
+
+    class Finished:
+        def finish(self, grad_scale):
+            return Recording()
+
+    worker = Worker()
+    try:
+        worker.submit(pipeline.Handed(Finished(), None, [], 7))
+        assert worker.wait(10)
+        [delivery] = worker.ready()
+    finally:
+        worker.close()
+    assert delivery.error is None and delivery.device_s is None
 
 
 def test_on_cuda_the_hand_off_records_an_event_on_the_models_stream(monkeypatch):
@@ -611,3 +651,43 @@ def test_the_workers_pictures_are_drawn_in_the_drawing_process(tmp_path, monkeyp
     assert cb.placement == "thread" and cb.drawer_peak_rss_mb > 0
     pictures = _everything(trainer)
     assert [step for step, _ in pictures["rnnviz/hidden/rnn"]] == list(range(trainer.global_step))
+
+
+@pytest.mark.parametrize("device_s", [None, 0.0125])
+def test_a_recordings_device_span_is_logged_where_there_is_one(monkeypatch, device_s):
+    """``rnnviz/overhead/device_ms`` beside the other costs of a recording finished on a CUDA stream of
+    the worker's (``Delivery.device_s``), and not at all elsewhere."""
+    from lightning_rnnviz.pipeline.recorder import Recorder
+    from lightning_rnnviz.pipeline.worker import Delivery
+    from lightning_rnnviz.render.report import Guard
+
+    written: list = []
+
+    class Fanout:
+        def deliver(self, items, beside_training):
+            pass
+
+        def scalars(self, values, step):
+            written.append((dict(values), step))
+
+        def flush(self):
+            pass
+
+    class Finished:
+        waited_s = 0.0
+
+        def ready(self):
+            delivery = Delivery(9)
+            delivery.worker_s, delivery.device_s = 0.05, device_s
+            return [delivery]
+
+    monkeypatch.setattr(Recorder, "overhead_wanted", property(lambda self: True))
+    recorder = Recorder()
+    recorder.guard, recorder.fanout = Guard("RNNViz", strict=True), Fanout()
+    recorder.deliver(Finished(), strict=True, cadence=50)
+    [(values, step)] = written
+    assert step == 9 and values["rnnviz/overhead/offthread_ms"] == pytest.approx(50)
+    if device_s is None:
+        assert not [tag for tag in values if "device" in tag]
+    else:
+        assert values["rnnviz/overhead/device_ms"] == pytest.approx(12.5)
