@@ -623,9 +623,9 @@ def main(argv: list[str] | None = None) -> None:
             if offthread_tags:
                 print(f"(off-thread ms/rec from {', '.join(sorted(offthread_tags))})")
             if device:
-                print(f"(device ms/rec: {statistics.median(device):.1f}, median over {len(device)} recordings of "
-                      "each recording's span on the worker's CUDA stream, from CUDA events the worker read: "
-                      "rnnviz/overhead/device_ms)")
+                print(f"(device ms/rec: {statistics.median(device):.1f}, median over {len(device)} "
+                      "recordings of each recording's span on the worker's CUDA stream, from CUDA events the "
+                      "worker read: rnnviz/overhead/device_ms)")
     print("\n" + header)
     print("\n".join(rows))
     print("(overhead: median wall-time ratio of the pairs; thread: 1 + the callback's own time on the training "

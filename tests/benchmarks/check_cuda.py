@@ -250,15 +250,18 @@ def check_lightning_16_mixed() -> None:
             first = [e.value for e in acc.Scalars("rnnviz/grad_norm/rnn/last_norm/layer1")]
             spans = ([e.value for e in acc.Scalars("rnnviz/overhead/device_ms")]
                      if "rnnviz/overhead/device_ms" in tags["scalars"] else [])
-            results[precision] = (len(acc.Images("rnnviz/grad_norm/rnn")), first, sorted(tags["images"]), spans,
-                                  callback.placement)
+            results[precision] = (len(acc.Images("rnnviz/grad_norm/rnn")), first, sorted(tags["images"]),
+                                  spans, callback.placement)
     images16, norms16, tags16, spans16, placement = results["16-mixed"]
     images32, norms32, _, _, _ = results["32-true"]
     finite = all(torch.isfinite(torch.tensor(norms16)).tolist())
     ratio = norms16[0] / norms32[0]
     # the worker's stream exists on CUDA only; inline recordings have no span either
     spanned = placement == "thread" and DEVICE == "cuda"
-    spans_ok = (len(spans16) == images16 and all(0 < v < float("inf") for v in spans16)) if spanned else not spans16
+    if spanned:
+        spans_ok = len(spans16) == images16 and all(0 < v < float("inf") for v in spans16)
+    else:
+        spans_ok = not spans16
     report("Lightning 16-mixed on GPU with RNNViz(every_n_steps=1)",
            images16 == images32 == 4 and finite and 0.8 < ratio < 1.25 and spans_ok,
            f"{images16} grad-norm images (float32 run: {images32}); last-step ||dL/dh|| at step 0: "
