@@ -559,7 +559,8 @@ def test_on_cuda_the_worker_runs_on_its_own_stream_after_the_hand_off(monkeypatc
     assert log == [("stream", "cuda:1"), ("wait", "event"), ("used on", "cuda:1"), ("used on", "cuda:1"),
                    ("enter", "device", "cuda:1"), ("enter", "stream", "cuda:1"),
                    ("event 1 recorded", "cuda:1"), ("finish", 2.0), ("event 2 recorded", "cuda:1"),
-                   ("exit", "stream"), ("exit", "device"), ("event 2 reached",), ("read", "event 1", "event 2")]
+                   ("exit", "stream"), ("exit", "device"), ("event 2 reached",),
+                   ("read", "event 1", "event 2")]
     assert delivery.device_s == 0.0125
 
 
