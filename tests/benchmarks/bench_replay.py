@@ -120,6 +120,7 @@ def parts(name: str, repeats: int, device: str) -> dict[str, float]:
             states.append(replay._layer_forward(mode, layer_weights, layer_in[-1], h0, c0, None, None))
             layer_in.append(torch.cat(states[-1], dim=-1))
     upstream = torch.randn(steps, batch, dirs * module.hidden_size, generator=gen).to(device)
+
     @contextlib.contextmanager
     def as_the_replay() -> Iterator[None]:
         """What `replay_rnn` runs its fused path under: TF32 off, subnormals flushed on the CPU."""
