@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import resource
+import time
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,32 @@ def test_a_run_too_short_for_any_window_gives_no_figure(bench):
     without = _run(8, 10.0, {}, [0, 4])
     assert bench.by_step(with_cb, without) == [[] for _ in range(bench.AFTER + 1)]
     assert math.isnan(bench.outside_figures(with_cb, without)[0])
+
+
+def test_waiting_is_taken_step_by_step_like_the_loop_time(bench):
+    recorded = [0, 20, 40]
+    with_cb = _run(60, 10.0, {21: 3.0, 41: 3.0}, recorded)
+    without = _run(60, 10.0, {}, recorded)
+    # the thread's CPU time: all of each step but one millisecond of the slow steps after a recording
+    with_cb["cpu_ms"] = [ms - (1.0 if step in (21, 41) else 0.0)
+                         for step, ms in enumerate(with_cb["loop_ms"])]
+    without["cpu_ms"] = list(without["loop_ms"])
+    with_cb["waits"] = [5 if step in (21, 41) else 0 for step in range(60)]
+    without["waits"] = [0] * 60
+    timed_with, timed_without = bench.off_cpu(with_cb), bench.off_cpu(without)
+    assert timed_with["loop_ms"] == with_cb["loop_ms"]  # the run's other series kept
+    off = bench.by_step(timed_with, timed_without, "off_cpu_ms")
+    assert off[1] == pytest.approx([1.0, 1.0]) and all(v == pytest.approx(0.0) for v in off[0] + off[2])
+    assert bench.by_step(timed_with, timed_without, "waits")[1] == [5, 5]
+    assert bench.by_step(timed_with, timed_without)[1] == pytest.approx([3.0, 3.0])  # the loop time as before
+
+
+def test_the_timer_reads_the_threads_own_cpu_time_and_waits(bench):
+    cpu, waits = bench._thread_usage()
+    busy_until = time.thread_time() + 0.02
+    while time.thread_time() < busy_until:
+        pass
+    time.sleep(0.05)  # a wait off the CPU
+    cpu_after, waits_after = bench._thread_usage()
+    assert 0.02 <= cpu_after - cpu < 0.05  # the sleep is not the thread's CPU time
+    assert waits_after >= waits + (1 if hasattr(resource, "RUSAGE_THREAD") else 0)

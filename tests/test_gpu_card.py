@@ -35,6 +35,9 @@ def test_the_gpu_card_script_runs_every_part_and_keeps_their_logs(tmp_path):
     assert re.search(r"^gru-1x64-T64-B32\s+\d+\.\d(\s+-?\d+\.\d+x){4}$", replay, flags=re.M), replay
     overhead = (tmp_path / "bench_overhead.log").read_text()
     assert re.search(r"^fast-step\s+fast\s+\d+\.\d+x", overhead, flags=re.M), overhead[-3000:]
+    for measure in ("off-CPU ms", "waits"):  # the training thread's waits, step by step
+        row = rf"^fast-step\s+fast\s+{measure}(\s+(-?\d+\.\d|n/a)){{6}}$"
+        assert re.search(row, overhead, flags=re.M), measure
 
 
 def test_the_gpu_card_script_fails_when_a_part_fails(tmp_path):

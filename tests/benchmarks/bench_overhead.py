@@ -57,6 +57,12 @@ last step's to the end of training), so it holds every hook, epoch end and flush
   above its run's median, with minus without, then the same for each of the five steps after it; medians over
   the recordings ``loop ms/rec`` counts, of all pairs together. The capture and hand-off show at ``+0``; the
   recording's work beside training, while it lasts, in the steps after.
+- ``off-CPU ms`` and ``waits`` (a fourth table, the same steps taken the same way): of a step's loop time,
+  what the training thread spent off its CPU (loop time less its CPU time: waiting for the GIL, a lock, the
+  device, or a core), and its voluntary context switches, each a wait that blocked (Linux's
+  ``RUSAGE_THREAD``; 0 elsewhere). They tell a training thread kept waiting by the recording's work (the
+  GIL the worker holds, on the CPU) from one whose own work runs slower beside it (caches, memory).
+  On CUDA a step's time includes the timer's device sync, which may wait or spin: compare with/without.
 - ``faults M``: minor page faults of the training process (millions), with / without. Both sides run with
   glibc's mmap threshold fixed at 32 MB (``--malloc default`` leaves glibc's dynamic threshold alone): with
   the dynamic one, the callback's first recording raises the threshold past the size of a step's
@@ -197,6 +203,8 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
         "after_ms": statistics.median(after[1:]) if len(after) > 1 else float("nan"),  # the first is a warm-up
         "recorded_ms": statistics.median(on_recorded) if on_recorded else float("nan"),
         "loop_ms": loop_ms,
+        "cpu_ms": timer.cpu_ms(),
+        "waits": timer.waits(),
         "recorded_steps": sorted(recorded),  # what the callback's cadence should record; with it: what it did
         "threads": torch.get_num_threads(),
         "fit_start_ms": callbacks[-1].fit_overhead_ms.get("start", 0.0) if with_callback else 0.0,
@@ -255,14 +263,23 @@ def outside_figures(with_cb: dict, without: dict) -> tuple[float, float, float]:
             statistics.median(without["loop_ms"][s] for s in other) if other else nan)
 
 
-def by_step(with_cb: dict, without: dict) -> list[list[float]]:
+def by_step(with_cb: dict, without: dict, key: str = "loop_ms") -> list[list[float]]:
     """Where ``loop ms/rec`` lands: for each step of the window (the recorded step, then each of the
     :data:`AFTER` after it), that step's loop time above its run's median, with minus without, one value per
-    recording ``loop ms/rec`` counts (:func:`outside_figures` sums each recording's window)."""
+    recording ``loop ms/rec`` counts (:func:`outside_figures` sums each recording's window). ``key``: another
+    per-step series of the runs, taken the same way (``off_cpu_ms``, ``waits``: see :func:`off_cpu`)."""
     measured, _ = _measured(with_cb, without)
-    base_with, base_without = statistics.median(with_cb["loop_ms"]), statistics.median(without["loop_ms"])
-    return [[(with_cb["loop_ms"][r + k] - base_with) - (without["loop_ms"][r + k] - base_without)
+    base_with, base_without = statistics.median(with_cb[key]), statistics.median(without[key])
+    return [[(with_cb[key][r + k] - base_with) - (without[key][r + k] - base_without)
              for r in measured] for k in range(AFTER + 1)]
+
+
+def off_cpu(run: dict) -> dict:
+    """``run`` with two more per-step series from the timer's stamps of the training thread: ``off_cpu_ms``,
+    the step's loop time less the thread's CPU time in it (what it spent waiting: for the GIL, a lock, the
+    device, or a core the scheduler gave to someone else), and ``waits``, the thread's voluntary context
+    switches in it (each a wait that blocked: the GIL taken by another thread is one)."""
+    return {**run, "off_cpu_ms": [loop - cpu for loop, cpu in zip(run["loop_ms"], run["cpu_ms"])]}
 
 
 class _StepTimer:
@@ -276,20 +293,37 @@ class _StepTimer:
             def __init__(self) -> None:
                 self.starts: list[float] = []
                 self.ended = float("nan")
+                # the training thread's CPU time and voluntary context switches at the same stamps
+                self.thread: list[tuple[float, int]] = []
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 _sync(device)
                 self.starts.append(time.perf_counter())
+                self.thread.append(_thread_usage())
 
             def on_train_end(self, trainer, pl_module):  # after the last step's batch end and epoch end
                 _sync(device)
                 self.ended = time.perf_counter()
+                self.thread.append(_thread_usage())
 
             def loop_ms(self) -> list[float]:
                 stamps = self.starts + [self.ended]
                 return [1e3 * (b - a) for a, b in itertools.pairwise(stamps)]
 
+            def cpu_ms(self) -> list[float]:
+                return [1e3 * (b[0] - a[0]) for a, b in itertools.pairwise(self.thread)]
+
+            def waits(self) -> list[int]:
+                return [b[1] - a[1] for a, b in itertools.pairwise(self.thread)]
+
         return Timer()
+
+
+def _thread_usage() -> tuple[float, int]:
+    """The calling thread's CPU seconds and voluntary context switches (0 where the system counts none per
+    thread: ``RUSAGE_THREAD`` is Linux's)."""
+    who = getattr(resource, "RUSAGE_THREAD", None)
+    return time.thread_time(), (resource.getrusage(who).ru_nvcsw if who is not None else 0)
 
 
 def _peak_rss_kb() -> int:
@@ -538,8 +572,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{'faults M':>13} {'inside ms':>10}")
     loop_header = (f"{'workload':<10} {'variant':<8} {'threads':>7} {'recs':>5} {'dropped':>8} {'thread ms/rec':>14} "
                    f"{'off-thread ms/rec':>18} {'thread ms/run':>14} {'loop ms/rec':>12} {'other steps':>21}")
-    step_header = f"{'workload':<10} {'variant':<8} " + " ".join(f"{f'+{k}':>6}" for k in range(AFTER + 1))
-    rows, loop_rows, step_rows = [], [], []
+    window = " ".join(f"{f'+{k}':>6}" for k in range(AFTER + 1))
+    step_header = f"{'workload':<10} {'variant':<8} {window}"
+    wait_header = f"{'workload':<10} {'variant':<8} {'':<11} {window}"
+    rows, loop_rows, step_rows, wait_rows = [], [], [], []
     threads = (f"{args.threads} (--threads)" if args.threads is not None
                else f"torch's default ({default_threads} here)")
     for workload in args.workload or list(WORKLOADS):
@@ -553,6 +589,9 @@ def main(argv: list[str] | None = None) -> None:
             loop_per_rec, run_thread_ms, thread_per_rec, offthread, recs = [], [], [], [], []
             device: list[float] = []  # the recordings' spans on the worker's CUDA stream
             per_step: list[list[float]] = [[] for _ in range(AFTER + 1)]  # `by_step`, over the pairs
+            # the same, of the training thread's time off its CPU and of its voluntary context switches
+            waiting: dict[str, list[list[float]]] = {key: [[] for _ in range(AFTER + 1)]
+                                                     for key in ("off_cpu_ms", "waits")}
             used_threads: set[int] = set()
             offthread_tags: set[str] = set()
             faults: dict[bool, list[int]] = {True: [], False: []}
@@ -577,6 +616,10 @@ def main(argv: list[str] | None = None) -> None:
                     loop_per_rec.append(per_rec)
                     for values, more in zip(per_step, by_step(results[True], results[False])):
                         values += more
+                    timed = {flag: off_cpu(results[flag]) for flag in (True, False)}
+                    for key, series in waiting.items():
+                        for values, more in zip(series, by_step(timed[True], timed[False], key)):
+                            values += more
                     plain_with.append(other_with)
                     plain_without.append(other_without)
                     run_thread_ms.append(results[True]["run_thread_ms"])
@@ -616,10 +659,15 @@ def main(argv: list[str] | None = None) -> None:
                         f"{plain[0] / plain[1]:>6.3f}x {plain[0]:>6.2f}/{plain[1]:.2f}")
             step_row = f"{workload:<10} {variant:<8} " + " ".join(
                 f"{statistics.median(values):>6.1f}" if values else f"{'n/a':>6}" for values in per_step)
+            wait_row = "\n".join(f"{workload:<10} {variant:<8} {label:<11} " + " ".join(
+                f"{statistics.median(values):>6.1f}" if values else f"{'n/a':>6}" for values in waiting[key])
+                for key, label in (("off_cpu_ms", "off-CPU ms"), ("waits", "waits")))
             rows.append(row)
             loop_rows.append(loop_row)
             step_rows.append(step_row)
-            print(header, row, "", loop_header, loop_row, "", step_header, step_row, sep="\n", flush=True)
+            wait_rows.append(wait_row)
+            print(header, row, "", loop_header, loop_row, "", step_header, step_row, "", wait_header,
+                  wait_row, sep="\n", flush=True)
             if offthread_tags:
                 print(f"(off-thread ms/rec from {', '.join(sorted(offthread_tags))})")
             if device:
@@ -653,6 +701,13 @@ def main(argv: list[str] | None = None) -> None:
     print("(where loop ms/rec lands: +0 = the recorded step, +k = the k-th step after it; each that step's "
           "loop time above its run's median, with minus without, median over the recordings loop ms/rec "
           "counts, of all pairs together; the medians need not add up to loop ms/rec)")
+    print("\n" + wait_header)
+    print("\n".join(wait_rows))
+    print("(the training thread on the same steps, taken the same way: off-CPU ms = a step's loop time less "
+          "the thread's CPU time in it: waiting for the GIL, a lock or the device, or for a core the "
+          "scheduler gave to another; waits = its voluntary context switches, each a wait that blocked "
+          "(Linux counts them per thread; 0 elsewhere). The rest of a step's extra loop time is the thread's "
+          "own CPU time: its share of the recording's work, or the same work run slower beside another)")
     if not args.workload or "cpu-lstm" in args.workload:
         print(f"\nDIY (LSTMCell unrolled, retain_grad every step) throughput / fused LSTM: "
               f"{diy_ratio(args.device):.2f}x")
