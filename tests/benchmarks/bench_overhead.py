@@ -275,10 +275,10 @@ def by_step(with_cb: dict, without: dict, key: str = "loop_ms") -> list[list[flo
 
 
 def off_cpu(run: dict) -> dict:
-    """``run`` with two more per-step series from the timer's stamps of the training thread: ``off_cpu_ms``,
-    the step's loop time less the thread's CPU time in it (what it spent waiting: for the GIL, a lock, the
-    device, or a core the scheduler gave to someone else), and ``waits``, the thread's voluntary context
-    switches in it (each a wait that blocked: the GIL taken by another thread is one)."""
+    """``run`` with one more per-step series: ``off_cpu_ms``, the step's loop time less the training thread's
+    CPU time in it (``cpu_ms``, from the timer's stamps): what it spent waiting, for the GIL, a lock, the
+    device, or a core the scheduler gave to someone else. (The run's ``waits`` counts the thread's voluntary
+    context switches in each step, each a wait that blocked: the GIL taken by another thread is one.)"""
     return {**run, "off_cpu_ms": [loop - cpu for loop, cpu in zip(run["loop_ms"], run["cpu_ms"])]}
 
 
