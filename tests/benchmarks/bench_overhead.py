@@ -61,7 +61,7 @@ last step's to the end of training), so it holds every hook, epoch end and flush
   what the training thread spent off its CPU (loop time less its CPU time: waiting for the GIL, a lock, the
   device, or a core), and its voluntary context switches, each a wait that blocked (Linux's
   ``RUSAGE_THREAD``; 0 elsewhere). They tell a training thread kept waiting by the recording's work (the
-  GIL the worker holds, on the CPU) from one whose own work runs slower beside it (caches, memory).
+  GIL the worker holds, on the CPU) from one whose own work takes longer while the recording's runs.
   On CUDA a step's time includes the timer's device sync, which may wait or spin: compare with/without.
 - ``faults M``: minor page faults of the training process (millions), with / without. Both sides run with
   glibc's mmap threshold fixed at 32 MB (``--malloc default`` leaves glibc's dynamic threshold alone): with
@@ -317,6 +317,12 @@ class _StepTimer:
                 return [b[1] - a[1] for a, b in itertools.pairwise(self.thread)]
 
         return Timer()
+
+
+def _window_cells(per_step: list[list[float]]) -> str:
+    """One row's cells for the steps of a window (:func:`by_step`'s values over the pairs): each step's
+    median, ``n/a`` where no recording was counted."""
+    return " ".join(f"{statistics.median(values):>6.1f}" if values else f"{'n/a':>6}" for values in per_step)
 
 
 def _thread_usage() -> tuple[float, int]:
@@ -657,11 +663,9 @@ def main(argv: list[str] | None = None) -> None:
                         f"{f'{statistics.median(offthread):.1f}' if offthread else 'n/a':>18} "
                         f"{statistics.median(run_thread_ms):>14.0f} {statistics.median(loop_per_rec):>12.1f} "
                         f"{plain[0] / plain[1]:>6.3f}x {plain[0]:>6.2f}/{plain[1]:.2f}")
-            step_row = f"{workload:<10} {variant:<8} " + " ".join(
-                f"{statistics.median(values):>6.1f}" if values else f"{'n/a':>6}" for values in per_step)
-            wait_row = "\n".join(f"{workload:<10} {variant:<8} {label:<11} " + " ".join(
-                f"{statistics.median(values):>6.1f}" if values else f"{'n/a':>6}" for values in waiting[key])
-                for key, label in (("off_cpu_ms", "off-CPU ms"), ("waits", "waits")))
+            step_row = f"{workload:<10} {variant:<8} {_window_cells(per_step)}"
+            wait_row = "\n".join(f"{workload:<10} {variant:<8} {label:<11} {_window_cells(waiting[key])}"
+                                  for key, label in (("off_cpu_ms", "off-CPU ms"), ("waits", "waits")))
             rows.append(row)
             loop_rows.append(loop_row)
             step_rows.append(step_row)
