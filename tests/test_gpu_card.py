@@ -21,10 +21,10 @@ def _run(tmp_path: Path, python: str, timeout: float) -> subprocess.CompletedPro
 
 @pytest.mark.slow
 def test_the_gpu_card_script_runs_every_part_and_keeps_their_logs(tmp_path):
-    done = _run(tmp_path, sys.executable, timeout=2400)  # the rehearsal's own limits (4 x 8 minutes) stop it first
+    done = _run(tmp_path, sys.executable, timeout=2400)  # the rehearsal's limits (4 x 9 min) stop it first
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     parts = (tmp_path / "parts.txt").read_text().splitlines()
-    assert [p.split()[0] for p in parts] == ["check_cuda", "bench_replay", "bench_overhead"]
+    assert [p.split()[0] for p in parts] == ["check_cuda", "bench_replay", "bench_overhead", "bench_idle"]
     assert all(" rc=0 " in p for p in parts), parts
     assert "torch " in (tmp_path / "card.txt").read_text()
     checks = (tmp_path / "check_cuda.log").read_text()
@@ -38,10 +38,12 @@ def test_the_gpu_card_script_runs_every_part_and_keeps_their_logs(tmp_path):
     for measure in ("off-CPU ms", "waits"):  # the training thread's waits, step by step
         row = rf"^fast-step\s+fast\s+{measure}(\s+(-?\d+\.\d|n/a)){{6}}$"
         assert re.search(row, overhead, flags=re.M), measure
+    idle = (tmp_path / "bench_idle.log").read_text()  # the hooks on the steps without a recording
+    assert re.search(r"^RNNViz\(\), this tree: -?\d+\.\d us a step beyond", idle, flags=re.M), idle[-3000:]
 
 
 def test_the_gpu_card_script_fails_when_a_part_fails(tmp_path):
     done = _run(tmp_path, "false", timeout=60)  # every part's interpreter exits 1 at once
     assert done.returncode != 0
     parts = (tmp_path / "parts.txt").read_text().splitlines()
-    assert len(parts) == 3 and all(" rc=1 " in p for p in parts), parts
+    assert len(parts) == 4 and all(" rc=1 " in p for p in parts), parts

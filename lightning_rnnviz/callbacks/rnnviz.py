@@ -337,7 +337,11 @@ class RNNViz(*CALLBACK_BASES):
 
     @property
     def state_key(self) -> str:
-        # Lightning reads it on every hook call (to name the hook for its profiler): built once per settings.
+        # Lightning reads it on every hook call (to name the hook for its profiler), some 6 times a
+        # step: built once per settings, and during a fit those of its start, without reading them again.
+        cached = self.__dict__.get("_state_key")
+        if cached is not None and self.enabled:
+            return cached[1]
         settings = (self.quantities, self.every_n_steps, tuple(self.modules or ()), self.modules is None,
                     tuple(sorted(self.attention or {})))
         cached = self.__dict__.get("_state_key")
@@ -473,6 +477,7 @@ class RNNViz(*CALLBACK_BASES):
         recorder = recorder_of(trainer)
         if recorder.fanout is None and not self._open_output(trainer, recorder):
             return
+        _ = self.state_key  # this fit's: read from its settings now, not again until it ends
         self.enabled = True
         self._recorder = recorder
         recorder.join(self)
@@ -592,12 +597,13 @@ class RNNViz(*CALLBACK_BASES):
         if not self.enabled:
             return False
         loop = trainer.fit_loop.epoch_loop
-        if trainer.lightning_module.automatic_optimization and loop._should_accumulate():
-            return False  # Lightning logs on the last micro-batch of an accumulation window
-        if self.log_first_step and loop._batches_that_stepped == 0 and trainer.current_epoch == 0:
-            return True
+        stepped = loop._batches_that_stepped
         n = self.every_n_steps or trainer.log_every_n_steps
-        return n > 0 and (loop._batches_that_stepped + 1) % (n * self.stride) == 0
+        if not ((n > 0 and (stepped + 1) % (n * self.stride) == 0)
+                or (self.log_first_step and stepped == 0 and trainer.current_epoch == 0)):
+            return False  # (the cheap test first: it runs at every batch)
+        # Lightning logs on the last micro-batch of an accumulation window
+        return not (trainer.lightning_module.automatic_optimization and loop._should_accumulate())
 
     def _spend(self, trainer: Any, seconds: float, recording: bool) -> None:
         """Account for what a recording (or an epoch end) cost the training thread, and space recordings out
@@ -660,11 +666,12 @@ class RNNViz(*CALLBACK_BASES):
         if not self.enabled:
             return
         self._amp_seen = None
-        recorder = recorder_of(trainer)
+        recorder = self._recorder
         if self is recorder.members[0]:
             recorder.batch_start()
         wanting = [m for m in recorder.members if m._wants(trainer, batch_idx)]
-        self._guard.run("record", recorder.begin, self._batch_key(trainer), pl_module, wanting)
+        if wanting or recorder.holds_batch:  # else a batch nobody records: no work at all (most batches)
+            self._guard.run("record", recorder.begin, self._batch_key(trainer), pl_module, wanting)
 
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
         recorder = self._recorder if self.enabled else None
@@ -689,16 +696,17 @@ class RNNViz(*CALLBACK_BASES):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.enabled:
             return
-        recorder = recorder_of(trainer)
+        recorder = self._recorder
         if recorder.worker is not None:
             if recorder.is_open:  # the first monitor to get here hands the recording over
                 step = trainer.fit_loop.epoch_loop._batches_that_stepped
                 scale = self._grad_scale(trainer)
                 self._hand_off(recorder, self._batch_key(trainer), scale, batch, step, "rnnviz", True)
-            if self is recorder.members[-1]:
+            if self is recorder.members[-1] and recorder.worker.has_ready:
                 self._deliver(trainer, recorder)
             return
-        recording, wanting = recorder.end(self._batch_key(trainer), self._grad_scale(trainer))
+        recording, wanting = (recorder.end(self._batch_key(trainer), self._grad_scale(trainer))
+                              if recorder.holds_batch else (None, []))
         if recording is None or self not in wanting:
             if self is recorder.members[-1] and recorder.fanout.renderer.has_results:
                 self._guard.run("write pictures", recorder.fanout.drain)  # from the drawing process

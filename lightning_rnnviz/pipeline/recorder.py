@@ -169,7 +169,8 @@ class Recorder:
         :meth:`~lightning_rnnviz.pipeline.worker.Worker.submit`), and every logger is flushed if due."""
         if self.worker is not None:
             self.worker.go()
-        self.flush_if_due()
+        if self.flush_next:
+            self.flush_if_due()
 
     def flush_if_due(self) -> None:
         """At a batch start, after a recorded step: flush every logger. Lightning writes a step's ``self.log``
@@ -225,9 +226,10 @@ class Recorder:
         samples = [m.max_samples for m in wanting]
         max_samples = None if None in samples else max(samples, default=None)
         self.abort()
-        self._key, self._wanting, self._result = key, wanting, None
+        self._result = None
         if not wanting:
             return
+        self._key, self._wanting = key, wanting
         started = time.perf_counter()
         self.spent_s = self.replay_s = 0.0
         self._drawn_before = self.drawing_s()
@@ -254,6 +256,12 @@ class Recorder:
     def is_open(self) -> bool:
         return self._block is not None
 
+    @property
+    def holds_batch(self) -> bool:
+        """Whether a batch's recording is open or finished and not yet let go (:meth:`release`): when not,
+        a batch nobody records needs neither :meth:`begin` nor :meth:`end`."""
+        return self._key is not None
+
     def end(self, key: Any, grad_scale: float | None) -> tuple[Recording | None, list[Member]]:
         """Close the block of batch ``key`` (once) and return its recording and who wanted it."""
         if key != self._key:
@@ -279,6 +287,7 @@ class Recorder:
         block.close()
         capture, self._capture = self._capture, None
         handed = hand_off(capture, grad_scale, reports(self._wanting), step, prefix)
+        self._key, self._wanting = None, []  # the worker's now
         # what the recording cost this thread: the hooks' set-up and the hand-off (a wait for room in the
         # worker's queue is the worker's `waited_s`, reported on its own)
         handed.thread_s = self.spent_s + time.perf_counter() - started
@@ -305,6 +314,7 @@ class Recorder:
         """Let go of the batch's recording once every monitor has reported it: its records are the size of
         the model's activations, and on a GPU they are in device memory."""
         self._result = self._capture = None
+        self._key, self._wanting = None, []
 
     def abort(self) -> None:
         """Remove every hook without finishing the recording (exceptions, teardown)."""

@@ -323,6 +323,11 @@ class Worker:
         self._held = False
         self._lock.notify_all()
 
+    @property
+    def has_ready(self) -> bool:
+        """Whether a delivery is finished and not yet taken (:meth:`ready`)."""
+        return bool(self._done)
+
     def ready(self) -> list[Delivery]:
         """The deliveries finished since the last call, in the order handed (never waits)."""
         items = []

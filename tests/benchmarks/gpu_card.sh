@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Everything only a GPU shows, in one run: the card, check_cuda.py (cuDNN exactness, fp16 with a
 # GradScaler, 16-mixed, reductions on the device), bench_replay.py (replay against cuDNN's forward+backward,
-# and the fused path's parts: extended pass, gates, the rest) and bench_overhead.py (whole-run wall time
-# of the three workloads, 2 pairs each). Most important first, each under its own time limit, each log
-# written as it goes, so that a run cut short still returns what it measured. The limits add up to 8
-# minutes (as of 2026-12-02 it has not met a GPU).
+# and the fused path's parts: extended pass, gates, the rest), bench_overhead.py (whole-run wall time
+# of the three workloads, 2 pairs each) and bench_idle.py (the callback's hooks on the steps it does not
+# record). Most important first, each under its own time limit, each log written as it goes, so that a run
+# cut short still returns what it measured. The limits add up to 9 minutes (as of 2026-12-08 it has not met
+# a GPU).
 #
 # On a lent GPU machine (the development tools' `device`), whose image has torch, Lightning, TensorBoard,
 # numpy, Pillow and matplotlib but not google-crc32c: fetch that wheel here first, in the repository root
@@ -14,7 +15,8 @@
 #       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl google-crc32c
 #
 # then run `bash tests/benchmarks/gpu_card.sh` there with `.whl` carried. The logs land in $OUT (or
-# ./gpu-card): card.txt, check_cuda.log, bench_replay.log, bench_overhead.log, and a status line per part
+# ./gpu-card): card.txt, check_cuda.log, bench_replay.log, bench_overhead.log, bench_idle.log, and a
+# status line per part
 # in parts.txt. `GPU_CARD_DRY=1` rehearses the script on the CPU with small sizes (1.5 minutes on 2 CPU cores).
 set -u -o pipefail
 cd "$(dirname "$0")/../.."
@@ -37,11 +39,13 @@ if [ "$dry" = 1 ]; then
     check=("$py" tests/benchmarks/check_cuda.py --dry-run)
     replay=("$py" tests/benchmarks/bench_replay.py --device cpu --repeats 3 --only gru-1x64-T64-B32 --parts)
     overhead=("$py" tests/benchmarks/bench_overhead.py --device cpu --pairs 1 --workload fast-step --steps 60)
+    idle=("$py" tests/benchmarks/bench_idle.py --device cpu --rounds 1 --steps 60)
 else
     device=cuda
     check=("$py" tests/benchmarks/check_cuda.py)
     replay=("$py" tests/benchmarks/bench_replay.py --device cuda --parts)
     overhead=("$py" tests/benchmarks/bench_overhead.py --device cuda --pairs 2)
+    idle=("$py" tests/benchmarks/bench_idle.py --device cuda --rounds 2 --steps 200)
 fi
 
 # The limits budget a GPU run; a rehearsal shares a CPU with whatever else runs (the test suite's other
@@ -78,5 +82,6 @@ EOF
 part check_cuda 150 "${check[@]}"
 part bench_replay 90 "${replay[@]}"
 part bench_overhead 240 "${overhead[@]}"
+part bench_idle 60 "${idle[@]}"
 cat "$out/parts.txt"
 ! grep -qv "rc=0 " "$out/parts.txt"

@@ -333,6 +333,66 @@ def test_state_keys_differ_with_settings():
     assert RNNViz().state_key != HiddenStateMonitor().state_key
 
 
+def test_state_key_is_built_at_fit_start_and_follows_settings_after_the_fit(tmp_path, monkeypatch):
+    """Lightning reads ``state_key`` on every hook call; during a fit it is the key of the fit's settings,
+    built once, and after the fit a changed setting changes it again."""
+    built = []
+    original = RNNViz._generate_state_key
+
+    def counting(self, **kwargs):
+        built.append(kwargs)
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(RNNViz, "_generate_state_key", counting)
+    cb = RNNViz(validation=False)
+    before = cb.state_key
+    trainer = _trainer(tmp_path, [cb], max_epochs=1)
+    trainer.fit(TinySeqModel(), loader())
+    assert len(built) == 1 and cb.state_key == before  # 4 batches, some 30 hook calls, one key
+    cb.every_n_steps = 5
+    assert cb.state_key != before == RNNViz(validation=False).state_key
+    assert cb.state_key == RNNViz(every_n_steps=5).state_key
+
+
+@pytest.mark.parametrize("background", [False, "thread"])  # the training thread, or the recording worker
+def test_a_batch_nobody_records_opens_and_closes_nothing(tmp_path, monkeypatch, background):
+    """On the batches between recordings the callback's hooks return without any of the recording's work:
+    no block opened or closed, nothing guarded, nothing delivered."""
+    from lightning_rnnviz.pipeline.recorder import Recorder
+    from lightning_rnnviz.render.report import Guard
+
+    calls = []
+    for cls, name in ((Recorder, "begin"), (Recorder, "end"), (Recorder, "deliver"), (Guard, "run")):
+        original = getattr(cls, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            if _name != "deliver" or not args[1].has_ready:  # a delivery of nothing is work for nothing
+                calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(cls, name, counting)
+    cb = RNNViz(every_n_steps=4, validation=False, background=background, strict=True)
+
+    class Between(pl.Callback):  # what the callback did on each batch: from its batch start to the next
+        seen: list[list[str]] = []
+
+        def on_train_batch_start(self, *args):
+            Between.seen.append(calls[:])
+            calls.clear()
+
+    trainer = _trainer(tmp_path, [Between(), cb], max_epochs=3)  # 12 batches; records 0, 3, 7, 11
+    trainer.fit(TinySeqModel(), loader())
+    work = Between.seen[1:] + [calls]  # per batch, its start to the next start (the last: to the end)
+    recorded = {0, 3, 7, 11}
+    assert _image_steps(_events(trainer))["rnnviz/hidden/rnn"] == sorted(recorded)
+    idle = [step for step in range(12) if step not in recorded and step - 1 not in recorded]
+    assert idle == [2, 5, 6, 9, 10]
+    for step in idle:  # the worker's finished recordings and epoch ends are delivered when ready (guarded)
+        assert [name for name in work[step] if name != "run" or background is False] == [], (step, work[step])
+    for step in recorded:
+        assert "begin" in work[step], (step, work[step])
+
+
 def test_callback_pickles_before_fit():
     import pickle
 
