@@ -27,7 +27,7 @@ class Results:
         self.stride = 1  # recordings are every `stride * every_n_steps` steps, as the budget allows
         self.cadence: int | None = None  # the steps between recordings in use (every_n_steps * stride)
         self.drawer_peak_rss_mb: float | None = None
-        self.fit_overhead_ms: dict[str, float] = {}  # time spent in fit start and at fit end (closing, flushing)
+        self.fit_overhead_ms: dict[str, float] = {}  # fit start, fit end, and the flushes after recordings
 
 
 class SharedResult:

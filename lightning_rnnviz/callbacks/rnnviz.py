@@ -321,7 +321,9 @@ class RNNViz(*CALLBACK_BASES):
     cadence = SharedResult()
     #: the drawing process's peak memory in the last fit (``background=True``)
     drawer_peak_rss_mb = SharedResult()
-    #: milliseconds spent at fit start (``"start"``) and at fit end (``"end"``: closing, flushing)
+    #: milliseconds spent at fit start (``"start"``), at fit end (``"end"``: closing, flushing) and, in
+    #: between, writing the ``rnnviz/overhead/*`` scalars and flushing the loggers after each recording
+    #: (``"flushes"``: time no ``train_thread_ms`` can hold)
     fit_overhead_ms = SharedResult()
 
     # --- identity and state ----------------------------------------------------------------------
@@ -570,6 +572,8 @@ class RNNViz(*CALLBACK_BASES):
 
     def _stop(self, trainer: Any) -> None:
         recorder = recorder_of(trainer)
+        if self.enabled:  # (what the fit end writes and flushes is its own)
+            self.fit_overhead_ms["flushes"] = 1e3 * recorder.flushes_s
         fanout = recorder.leave(self, self.strict, self.cadence)
         for line in recorder.take_lines():  # the last epoch ends' findings, finished by the worker
             info(trainer, line)

@@ -80,6 +80,8 @@ class Recorder:
         self.clock: float | None = None
         self.costs: list[float] = []
         self.spent_total_s = 0.0
+        # the cost scalars' own writes and the loggers' flushes after recordings: in no `train_thread_ms`
+        self.flushes_s = 0.0
         self.layout_written = False
         self.flush_next = False  # flush the loggers at the next batch start (the user's scalars of a recorded step)
         self.spent_s = 0.0  # time on the training thread for the current batch's recording
@@ -177,15 +179,17 @@ class Recorder:
         scalars after the callbacks' batch end, so the user's scalars show live with the pictures of their
         step; not while the worker writes (then at the next batch)."""
         if self.flush_next and self.fanout is not None:
+            started = time.perf_counter()
             flushed = self.guard.run("flush", self.fanout.flush, only_if_free=self.worker is not None)
             self.flush_next = flushed is False
+            self.flushes_s += time.perf_counter() - started
 
     # --- what the recordings cost the training thread ----------------------------------------------
     def start_clock(self) -> bool:
         """Start the budget's clock with training, once; whether this call started it."""
         if self.clock is not None:
             return False
-        self.clock, self.costs, self.spent_total_s = time.perf_counter(), [], 0.0
+        self.clock, self.costs, self.spent_total_s, self.flushes_s = time.perf_counter(), [], 0.0, 0.0
         return True
 
     def charge(self, seconds: float) -> None:
@@ -358,7 +362,8 @@ class Recorder:
         warnings given, an error raised with ``strict`` (else warned once and counted), then pictures,
         statistics and histograms, and what each recording cost; an epoch end's console lines are kept for
         :meth:`take_lines`. Returns ``(training-thread seconds, whether a recording)`` of each training
-        recording and each epoch end that drew (the budget's)."""
+        recording and each epoch end that drew (the budget's): what its scalars say, and their own writing
+        and the flush after them, which they cannot hold (kept in :attr:`flushes_s`)."""
         spent = []
         for delivery in worker.ready():
             started = time.perf_counter()
@@ -367,7 +372,7 @@ class Recorder:
                 if strict:
                     raise delivery.error
                 self.guard.problem("record", delivery.error)
-            fanout = self.fanout
+            fanout, cost = self.fanout, None
             fanout.deliver(delivery.items, beside_training=False)  # the worker wrote the others' already
             self.lines += delivery.lines
             write_s = time.perf_counter() - started
@@ -378,7 +383,7 @@ class Recorder:
                             "rnnviz/overhead/epoch_end_ms": 1e3 * (delivery.thread_s + write_s),
                             "rnnviz/overhead/epoch_end_offthread_ms": 1e3 * delivery.worker_s,
                         }, delivery.step)
-                    spent.append((delivery.thread_s + write_s, False))
+                    cost = (delivery.thread_s + write_s, False)
             elif delivery.prefix == "rnnviz":
                 waited_s, self.reported_wait_s = worker.waited_s - self.reported_wait_s, worker.waited_s
                 if self.overhead_wanted:
@@ -395,16 +400,22 @@ class Recorder:
                     if delivery.device_s is not None:
                         costs["rnnviz/overhead/device_ms"] = 1e3 * delivery.device_s
                     self.guard.run("overhead statistics", fanout.scalars, costs, delivery.step)
-                spent.append((delivery.thread_s + write_s + waited_s, True))
+                cost = (delivery.thread_s + write_s + waited_s, True)
             if delivery.items or not delivery.epoch_end:
                 self.guard.run("flush", fanout.flush)
                 self.flush_next = True
+            after_s = time.perf_counter() - started - write_s
+            self.flushes_s += after_s
+            if cost is not None:
+                spent.append((cost[0] + after_s, cost[1]))
         return spent
 
     def finish_inline(self, step: int, cadence: int | None) -> float:
         """After the last member reported a recording finished on this thread: the drawing process's errors
         are the caller's to report; this writes what the recording cost, flushes every logger and lets the
-        recording go. Returns its training-thread seconds (the budget's)."""
+        recording go. Returns its training-thread seconds (the budget's), that writing and flush included
+        (which the scalars cannot hold: kept in :attr:`flushes_s`)."""
+        started = time.perf_counter()
         fanout = self.fanout
         render_s, write_s = self.drawing_since_begin()
         if self.overhead_wanted:
@@ -419,7 +430,9 @@ class Recorder:
         self.guard.run("flush", fanout.flush)
         self.flush_next = True
         self.release()  # every monitor has it: its tensors (device memory on a GPU) go now
-        return self.spent_s
+        after_s = time.perf_counter() - started
+        self.flushes_s += after_s
+        return self.spent_s + after_s
 
 
 _RECORDERS: weakref.WeakKeyDictionary[Any, Recorder] = weakref.WeakKeyDictionary()

@@ -12,9 +12,10 @@ machine hits both sides alike. Printed per workload and variant:
 
 - ``overhead``: median wall-time ratio of ``trainer.fit`` with ``RNNViz()`` (default cadence) to without.
 - ``thread``: 1 + everything the callback spent on the training thread (recording steps and epoch ends, from
-  its ``rnnviz/overhead/*`` scalars) over the wall time without it. The drawing runs on that thread, so
-  this is the overhead itself, measured from inside; unlike the wall-time ratio, other jobs on a shared
-  machine hardly move it. (It leaves out the hooks' few microseconds inside the user's own forward.)
+  its ``rnnviz/overhead/*`` scalars, and the flushes after them) over the wall time without it. The drawing
+  runs on that thread, so this is the overhead itself, measured from inside; unlike the wall-time ratio,
+  other jobs on a shared machine hardly move it. (It leaves out the hooks' few microseconds inside the
+  user's own forward.)
 - ``thread ms/rec``: time the callback spent on the training thread per recording step, from its own
   ``rnnviz/overhead/*`` scalars, split into ``replay`` (exact dL/dh_t), ``render`` (pictures drawn on the
   training thread), ``write`` (PNG encoding, event file) and ``other`` (capture, reductions, statistics,
@@ -44,7 +45,8 @@ last step's to the end of training), so it holds every hook, epoch end and flush
   with the worker a line below the table adds ``device ms/rec``: each recording's span on the worker's
   stream, from the CUDA events the worker read (``rnnviz/overhead/device_ms``), never by waiting on the
   training thread.
-- ``thread ms/run``: the callback's training-thread total for the whole run: recordings, epoch ends, fit start
+- ``thread ms/run``: the callback's training-thread total for the whole run: recordings, epoch ends, the
+  writes of their own cost scalars and the flushes after them (``fit_overhead_ms["flushes"]``), fit start
   and fit end.
 - ``loop ms/rec``: per recording step r, the loop time above the run's median step over steps r..r+5, with the
   callback minus without on the same steps; median over the recordings (the first left out: one-off set-up;
@@ -209,6 +211,9 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
         "threads": torch.get_num_threads(),
         "fit_start_ms": callbacks[-1].fit_overhead_ms.get("start", 0.0) if with_callback else 0.0,
         "fit_end_ms": callbacks[-1].fit_overhead_ms.get("end", 0.0) if with_callback else 0.0,
+        # the overhead scalars' own writes and the flushes after recordings (a tree from before 2026-12-08
+        # does not count them)
+        "flushes_ms": callbacks[-1].fit_overhead_ms.get("flushes", 0.0) if with_callback else 0.0,
         "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
     }
     if with_callback:
@@ -235,8 +240,10 @@ def run_once(workload: str, with_callback: bool, out_dir: str, device: str = "cp
         # on CUDA with the worker: each recording's span on the worker's stream, from CUDA events it read
         span = "rnnviz/overhead/device_ms"
         result["device_ms"] = [e.value for e in acc.Scalars(span)] if span in tags else []
-        # everything the callback spent on the training thread in this run, recordings and epoch ends
-        result["thread_total_s"] = (sum(result["train_thread_ms"]) + sum(result["epoch_end_ms"])) / 1e3
+        # everything the callback spent on the training thread in this run, recordings and epoch ends (and
+        # what their scalars cannot hold: their own writes, the flushes after them)
+        result["thread_total_s"] = (sum(result["train_thread_ms"]) + sum(result["epoch_end_ms"])
+                                    + result["flushes_ms"]) / 1e3
         # ... and its fit start and fit end too
         result["run_thread_ms"] = 1e3 * result["thread_total_s"] + result["fit_start_ms"] + result["fit_end_ms"]
     return result

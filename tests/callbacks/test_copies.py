@@ -155,7 +155,7 @@ def test_a_copy_reports_to_the_original(tmp_path):
     assert original.decay_history is copied.decay_history and original.findings is copied.findings
     assert original.error_counts is copied.error_counts
     assert original.placement == "inline" and original.cadence == 1
-    assert set(original.fit_overhead_ms) == {"start", "end"}
+    assert set(original.fit_overhead_ms) == {"start", "flushes", "end"}
     assert original.state_dict()["decay_history"].keys() == {"rnn"}
     # a copy of the copy, and a shallow copy, report to the same place; a pickle of any holds the arguments
     for other in (copy.deepcopy(copied), copy.copy(original)):

@@ -613,6 +613,37 @@ def test_an_approximate_record_says_so_everywhere(tmp_path, monkeypatch, scalars
     assert all(not j.payload["exact"] and "bit for bit" in j.payload["notes"][0] for j in rnn_jobs)
 
 
+@pytest.mark.parametrize("background", [False, "thread"])  # the training thread, or the recording worker
+def test_what_a_recordings_scalars_cannot_hold_is_counted_too(tmp_path, monkeypatch, background):
+    """The ``rnnviz/overhead/*`` scalars are written, and the loggers flushed, after what they measure:
+    that time goes to the budget's cost of each recording and to ``fit_overhead_ms["flushes"]``."""
+    from lightning_rnnviz.pipeline.recorder import Recorder
+
+    costs = []  # each recording's cost to the training thread as the budget is told (in training, at its end)
+    deliver, finish_inline = Recorder.deliver, Recorder.finish_inline
+
+    def delivered(self, *args):
+        spent = deliver(self, *args)
+        costs.extend(seconds for seconds, recording in spent if recording)
+        return spent
+
+    def finished(self, *args):
+        costs.append(finish_inline(self, *args))
+        return costs[-1]
+
+    monkeypatch.setattr(Recorder, "deliver", delivered)
+    monkeypatch.setattr(Recorder, "finish_inline", finished)
+    cb = RNNViz(validation=False, background=background, strict=True, scalars="all")
+    trainer = _trainer(tmp_path, [cb], max_epochs=1)
+    trainer.fit(TinySeqModel(), loader())
+    logged = [e.value / 1e3 for e in _events(trainer).Scalars("rnnviz/overhead/train_thread_ms")]
+    assert len(logged) == len(costs) == 2  # steps 0 and 2
+    assert all(cost > seconds for cost, seconds in zip(costs, logged)), (costs, logged)
+    # in training (the worker's deliveries may all come at fit end, whose time is fit_overhead_ms["end"])
+    flushes = cb.fit_overhead_ms["flushes"]
+    assert (0 <= flushes if background else 0 < flushes) and flushes < 1e3 * sum(costs)
+
+
 @pytest.mark.parametrize(("background", "scalars"), [(False, "all"), ("thread", "all"), ("thread", "default")])
 def test_a_budget_spaces_recordings_out_on_lightnings_steps_and_says_so(tmp_path, caplog, monkeypatch, background,
                                                                           scalars):
