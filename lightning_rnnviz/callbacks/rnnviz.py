@@ -784,8 +784,9 @@ class RNNViz(*CALLBACK_BASES):
         if recording is not None and self in wanting:
             step = trainer.fit_loop.epoch_loop._batches_that_stepped
             self._emit(recording, batch, step, prefix="rnnviz/val", training=False, wanting=wanting)
-            if self is wanting[-1]:
+            if self is wanting[-1]:  # the last monitor of the batch flushes and lets the recording go
                 self._guard.run("flush", recorder.fanout.flush)
+                recorder.release()
 
     # --- what a recording becomes ------------------------------------------------------------------
     def _hand_off(self, recorder: Recorder, key: Any, grad_scale: float | None, batch: Any, step: int, prefix: str,

@@ -506,6 +506,9 @@ class _RecordsAlive(pl.Callback):
             self.alive.append(sum(ref() is not None for ref in self.made))
             self.made = []
 
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
 
 def test_the_recording_is_let_go_once_reported(tmp_path, monkeypatch):
     """Records stay where the model ran (device memory on a GPU): none outlives the step that reported it."""
@@ -524,6 +527,12 @@ def test_the_recording_is_let_go_once_reported(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, [RNNViz(every_n_steps=2, validation=False, strict=True), seen], max_epochs=1)
     trainer.fit(TinySeqModel(), loader())
     assert len(seen.alive) >= 2 and not any(seen.alive), seen.alive
+    # and the validation batch's, reported on this thread (the worker lets its recordings go itself)
+    seen.alive = []
+    cb = RNNViz(every_n_steps=100, log_first_step=False, background=False, strict=True)
+    trainer = _trainer(tmp_path / "val", [cb, seen], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(TinySeqModel(), loader(), loader())
+    assert len(seen.alive) == 1 and not any(seen.alive), seen.alive
 
 
 def test_the_automatic_placement_follows_the_cores_to_spare(tmp_path, monkeypatch):
