@@ -346,7 +346,6 @@ class RNNViz(*CALLBACK_BASES):
             return cached[1]
         settings = (self.quantities, self.every_n_steps, tuple(self.modules or ()), self.modules is None,
                     tuple(sorted(self.attention or {})))
-        cached = self.__dict__.get("_state_key")
         if cached is None or cached[0] != settings:
             key = self._generate_state_key(quantities=self.quantities, every_n_steps=self.every_n_steps,
                                            modules=self.modules, attention=sorted(self.attention or {}))

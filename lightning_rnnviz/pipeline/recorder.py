@@ -168,16 +168,12 @@ class Recorder:
 
     def batch_start(self) -> None:
         """At a training batch start: the worker starts on a recording held for it (see
-        :meth:`~lightning_rnnviz.pipeline.worker.Worker.submit`), and every logger is flushed if due."""
+        :meth:`~lightning_rnnviz.pipeline.worker.Worker.submit`), and, after a recorded step, every logger
+        is flushed. Lightning writes a step's ``self.log`` scalars after the callbacks' batch end, so the
+        user's scalars show live with the pictures of their step; not while the worker writes (then at the
+        next batch)."""
         if self.worker is not None:
             self.worker.go()
-        if self.flush_next:
-            self.flush_if_due()
-
-    def flush_if_due(self) -> None:
-        """At a batch start, after a recorded step: flush every logger. Lightning writes a step's ``self.log``
-        scalars after the callbacks' batch end, so the user's scalars show live with the pictures of their
-        step; not while the worker writes (then at the next batch)."""
         if self.flush_next and self.fanout is not None:
             started = time.perf_counter()
             flushed = self.guard.run("flush", self.fanout.flush, only_if_free=self.worker is not None)

@@ -36,6 +36,9 @@ HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_
          "on_before_zero_grad", "on_train_batch_end")
 SHORT = ("batch start", "before bwd", "after bwd", "before opt", "before zero", "batch end")
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench_overhead import WORKLOADS, _build, with_package  # noqa: E402
 
 
 def run_once(workload: str, condition: str, steps: int, device: str = "cpu") -> dict:
@@ -47,9 +50,6 @@ def run_once(workload: str, condition: str, steps: int, device: str = "cpu") -> 
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.loggers import TensorBoardLogger
-
-    sys.path.insert(0, HERE)
-    from bench_overhead import WORKLOADS, _build
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -119,9 +119,7 @@ def run_once(workload: str, condition: str, steps: int, device: str = "cpu") -> 
 
 def _in_process(workload: str, condition: str, steps: int, device: str, tree: str | None) -> dict:
     """``run_once`` in a fresh interpreter, with the package of ``tree`` first on its path when given."""
-    env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(tree), env.get("PYTHONPATH")) if p)
+    env = with_package(dict(os.environ), None if tree is None else os.path.abspath(tree))
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--one", condition, "--workload", workload, "--steps",
          str(steps), "--device", device], env=env, check=True, capture_output=True, text=True,

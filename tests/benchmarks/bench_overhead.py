@@ -359,6 +359,14 @@ def _peak_rss_kb() -> int:
 FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
 
 
+def with_package(env: dict[str, str], package_root: str | None) -> dict[str, str]:
+    """``env`` with ``package_root`` (another checkout or worktree) first on ``PYTHONPATH``, so that a child
+    process imports that tree's ``lightning_rnnviz`` instead of the installed one."""
+    if package_root is None:
+        return env
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)}
+
+
 def _subprocess_run(workload: str, with_callback: bool, out_dir: str, device: str, variant: str,
                     malloc: str = "fixed", package_root: str | None = None, threads: int | None = None) -> dict:
     """One run in a fresh process; ``package_root``: import ``lightning_rnnviz`` from that source tree
@@ -369,9 +377,8 @@ def _subprocess_run(workload: str, with_callback: bool, out_dir: str, device: st
         cmd.append("--with-callback")
     if threads is not None:
         cmd += ["--threads", str(threads)]
-    env = {**os.environ, **FIXED_MALLOC} if malloc == "fixed" else dict(os.environ)
+    env = with_package({**os.environ, **FIXED_MALLOC} if malloc == "fixed" else dict(os.environ), package_root)
     if package_root is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         cmd.append("--expect-package-root=" + package_root)
     done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
