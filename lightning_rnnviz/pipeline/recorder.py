@@ -347,11 +347,14 @@ class Recorder:
     def write_beside(self, delivery: Delivery) -> None:
         """On the worker, once a recording is finished: write it where that may be done beside training
         (our TensorBoard file, the records keeper, ``save_records="full"``'s tensors included, in the order
-        the training thread's route writes them)."""
-        self.fanout.deliver(delivery.items, beside_training=True)
+        the training thread's route writes them). One hold of the output's lock: a flush from the training
+        thread in between would write part of the step to the records keeper, and a size bound crossed by
+        the rest would leave that part on disk."""
         recording, delivery.recording = delivery.recording, None
-        if recording is not None:
-            self.keep_full(recording, delivery.step, delivery.prefix)
+        with self.fanout.lock:
+            self.fanout.deliver(delivery.items, beside_training=True)
+            if recording is not None:
+                self.keep_full(recording, delivery.step, delivery.prefix)
 
     def deliver(self, worker: Worker, strict: bool, cadence: int | None) -> list[tuple[float, bool]]:
         """Write what ``worker`` has finished to every logger, here on the training thread: its held

@@ -173,7 +173,8 @@ class RecordKeeper:
         directory: the run's data folder; files go to ``<directory>/records/step_<step:08d>.npz``.
         full: also keep the full records (every tensor of every ``RNNRecord``/``AttentionRecord``).
         max_mb: bound on the files this keeper writes, in MB (2**20 bytes); once the next file would
-            cross it, that step and every later one are skipped, with one warning.
+            cross it, that step and every later one are skipped, with one warning (a step's data merged
+            into its file later: the file keeps what came first).
         warn: receives each warning's message (default: :func:`warnings.warn` with a ``UserWarning``).
 
     Raises:
@@ -309,10 +310,11 @@ class RecordKeeper:
             previous = self._written.get(step, 0)
             if self.total_bytes - previous + size > self.max_mb * MB:
                 self.skipped_from = step
+                skipped = (f"what came later for step {step} (its file keeps what came first) and later "
+                           f"steps are" if previous else f"step {step} and later steps are")
                 self.warn(
                     f"The saved records reached {_mb(self.total_bytes)} MB of the {self.max_mb:g} MB bound; "
-                    f"step {step} and later steps are not saved. Raise `RNNViz(save_records_max_mb=...)` to "
-                    f"keep more."
+                    f"{skipped} not saved. Raise `RNNViz(save_records_max_mb=...)` to keep more."
                 )
                 return
             os.replace(temporary, path)

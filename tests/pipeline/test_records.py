@@ -287,6 +287,23 @@ def test_size_bound_skips_later_steps_with_one_warning(tmp_path):
     assert keeper.total_bytes <= 0.02 * 1024 * 1024
 
 
+def test_a_merge_past_the_bound_keeps_the_steps_file_as_it_was_and_says_so(tmp_path):
+    """The validation sample of a step arrives after the step was written, and merged in it would cross the
+    bound: the step's file keeps the training recording, and the warning says what was not saved."""
+    keeper, warned = keeper_at(tmp_path, max_mb=0.02)  # 20 KiB
+    noise = np.random.default_rng(0)
+    keeper.job(Job("hidden", {"values": noise.random(1024)}, "rnnviz/hidden/m", 4))  # 8 KiB
+    keeper.flush()
+    first = (tmp_path / "records" / "step_00000004.npz").read_bytes()
+    keeper.job(Job("hidden", {"values": noise.random(2048)}, "rnnviz/val/hidden/m", 4))  # 16 KiB more
+    keeper.close()
+    assert (tmp_path / "records" / "step_00000004.npz").read_bytes() == first
+    assert keeper.skipped_from == 4 and keeper.total_bytes == len(first)
+    [message] = warned
+    assert "what came later for step 4 (its file keeps what came first) and later steps are not saved" \
+        in message
+
+
 def test_default_warning_goes_through_warnings(tmp_path):
     keeper = RecordKeeper(tmp_path, max_mb=1e-6)
     keeper.scalars({"s": 1.0}, 1)
