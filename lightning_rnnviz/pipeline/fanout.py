@@ -32,14 +32,23 @@ class Fanout:
         renderer: draws the jobs (on this thread or in a child process).
         guard: ``guard(what, work, *args)`` runs each write, ``work(*args)``, as a step named ``what``, so
             that an error is warned and counted, not raised (:meth:`~lightning_rnnviz.render.report.Guard.run`).
+        keeper: keeps what each step drew and measured (``save_records``), or ``None``.
+        records_beside: the recording worker writes the keeper's files (compressing a step of full
+            records takes the better part of a second): what the training thread gives the keeper waits for
+            the worker's next delivery, and the training thread's flushes leave the keeper alone. A step's
+            file is then written once a later step's data arrive (the next recording or epoch end), or at
+            :meth:`close`.
     """
 
     def __init__(self, sinks: Sequence[Sink], renderer: InlineRenderer | BackgroundRenderer,
-                 guard: Guard = _unguarded, keeper: RecordKeeper | None = None) -> None:
+                 guard: Guard = _unguarded, keeper: RecordKeeper | None = None,
+                 records_beside: bool = False) -> None:
         self.sinks = list(sinks)
         self.renderer = renderer
         self.guard = guard
         self.keeper = keeper  # keeps what each step drew and measured, for notebooks (`save_records`)
+        self.records_beside = records_beside
+        self._staged: list[tuple[Callable[..., None], tuple]] = []  # the training thread's, for the worker
         self.written: set[tuple[str, int]] = set()  # (tag, step) of pictures and texts handed over this run
         self.write_s = 0.0  # time spent writing to the sinks
         self._unflushed = False  # something was written since the last flush
@@ -68,6 +77,8 @@ class Fanout:
         if not sinks and keeper is None:
             return
         with self.lock:
+            if keeper is not None:
+                self.keep_staged()
             for kind, args in items:
                 if kind == "picture":
                     job, picture = args
@@ -107,7 +118,7 @@ class Fanout:
             if not self._first(job.tag, job.step):
                 return
             if self.keeper is not None:
-                self.guard("keep the records", self.keeper.job, job)
+                self._keep(self.keeper.job, job)
         self.renderer.submit(job)
         if self.renderer.has_results:
             self.drain()
@@ -128,7 +139,7 @@ class Fanout:
             with self.lock:
                 self._each("write scalars", "scalars", values, step)
                 if self.keeper is not None:
-                    self.guard("keep the records", self.keeper.scalars, values, step)
+                    self._keep(self.keeper.scalars, values, step)
 
     def histogram(self, tag: str, buckets: Callable[[], Mapping[str, Any] | None], step: int) -> None:
         """Write ``buckets()`` everywhere (the fields of :class:`Histogram`, counted where the record lives,
@@ -167,15 +178,29 @@ class Fanout:
             self.written.add((key, step))
             return True
 
+    def _keep(self, work: Callable[..., None], *args: Any) -> None:
+        """Under the lock: ``work(*args)``, a records keeper's method, now, or at the worker's next delivery
+        (:attr:`records_beside`)."""
+        if self.records_beside:
+            self._staged.append((work, args))
+        else:
+            self.guard("keep the records", work, *args)
+
+    def keep_staged(self) -> None:
+        """Under the lock: give the records keeper, in order, what the training thread left for the worker."""
+        staged, self._staged = self._staged, []
+        for work, args in staged:
+            self.guard("keep the records", work, *args)
+
     def layout(self, charts: Mapping[str, Mapping[str, list[str]]]) -> None:
         self._each("write the chart layout", "layout", charts)
 
     def flush(self, only_if_written: bool = False, only_if_free: bool = False) -> bool:
         """Write what the renderer has drawn and flush every sink (the user's logger's writer too, where a
-        sink shares it). ``only_if_written``: not when nothing was written since the last flush (an epoch
-        without a recording: a TensorBoard writer's flush waits for its queue, a few ms). ``only_if_free``:
-        not while the recording worker is writing (the training thread does not wait for it). Whether it
-        flushed."""
+        sink shares it) and the records keeper (unless the worker writes its files). ``only_if_written``:
+        not when nothing was written since the last flush (an epoch without a recording: a TensorBoard
+        writer's flush waits for its queue, a few ms). ``only_if_free``: not while the recording worker is
+        writing (the training thread does not wait for it). Whether it flushed."""
         self.wait()
         if not self.lock.acquire(blocking=not only_if_free):
             return False
@@ -184,7 +209,7 @@ class Fanout:
                 return True
             self._each("flush", "flush")
             self._unflushed = False
-            if self.keeper is not None:
+            if self.keeper is not None and not self.records_beside:
                 self.guard("keep the records", self.keeper.flush)
             return True
         finally:
@@ -195,5 +220,7 @@ class Fanout:
         self.guard("stop the drawing process", self.renderer.close, timeout)
         self.flush()
         if self.keeper is not None:
+            with self.lock:
+                self.keep_staged()
             self.guard("keep the records", self.keeper.close)
         self._each("close", "close")

@@ -100,10 +100,11 @@ class Recorder:
 
     def open(self, sinks: Sequence[Any], placement: str, guard: Guard, keeper: RecordKeeper | None) -> None:
         """One output over ``sinks``, drawing where ``placement`` says (``"inline"``, ``"thread"``: the
-        worker, ``"process"``: a drawing process); with the worker, the epoch ends' pictures are still
-        drawn on the training thread."""
+        worker, which also closes the epochs and writes the records keeper's files, ``"process"``: a
+        drawing process)."""
         self.guard, self.drawing_peak_rss_mb = guard, None
-        self.fanout = Fanout(sinks, RENDERERS_BY_PLACEMENT[placement](), guard, keeper)
+        self.fanout = Fanout(sinks, RENDERERS_BY_PLACEMENT[placement](), guard, keeper,
+                             records_beside=placement == "thread")
         if placement == "thread":
             try:
                 self.drawing = DrawingProcess()

@@ -740,3 +740,49 @@ def test_a_recording_reaches_the_records_keeper_whole_while_training_flushes(tmp
     keeper.close()
     assert keeper.skipped_from == 3 and len(warned) == 1
     assert not list((tmp_path / "records").glob("*.npz"))  # the step crossed the bound whole: nothing of it
+
+
+@pytest.mark.filterwarnings("ignore:.*TensorBoard keeps 10 images.*")
+def test_the_worker_writes_the_records_files_and_the_training_thread_only_at_fit_end(tmp_path, monkeypatch):
+    """``save_records="full"`` with the recording worker: compressing a step's file (the better part of a
+    second for a large LSTM) happens on the worker; the training thread writes only what is left at fit
+    end. The files hold what the training thread's route keeps, the training thread's own statistics (the
+    overhead scalars) included."""
+    from lightning_rnnviz import load_records
+    from lightning_rnnviz.pipeline.fanout import Fanout
+    from lightning_rnnviz.pipeline.records import RecordKeeper
+
+    writes, closing = [], []
+    flush, close = RecordKeeper.flush, Fanout.close
+
+    def noted_flush(self):
+        if self._step is not None and not self._pending.empty():
+            writes.append((threading.current_thread() is threading.main_thread(), bool(closing), self._step))
+        flush(self)
+
+    def noted_close(self, *args, **kwargs):
+        closing.append(True)
+        close(self, *args, **kwargs)
+
+    monkeypatch.setattr(RecordKeeper, "flush", noted_flush)
+    monkeypatch.setattr(Fanout, "close", noted_close)
+    runs = {}
+    for background in (False, "thread"):
+        writes.clear(), closing.clear()
+        torch.manual_seed(0)
+        callback = RNNViz(every_n_steps=2, histograms=False, strict=True, save_records="full", scalars="all",
+                          background=background)
+        trainer = _fit(tmp_path, str(background), TinySeqModel(), callback, loader(), log_every_n_steps=2)
+        runs[background] = load_records(trainer.logger.log_dir)
+        if background:
+            assert writes and all(not main or at_end for main, at_end, _ in writes), writes
+            assert any(not main for main, _, _ in writes)
+    inline, beside = runs[False], runs["thread"]
+    assert [s.step for s in beside] == [s.step for s in inline] == [0, 1, 3, 4, 5, 7, 8]
+    for here, there in zip(inline, beside):
+        assert set(here.payloads) == set(there.payloads) and set(here.records) == set(there.records)
+        assert set(here.stats) <= set(there.stats)  # the overhead scalars too (the worker's has two more)
+        for tag, value in here.stats.items():
+            if "overhead" not in tag:
+                assert there.stats[tag] == value or (value != value and there.stats[tag] != there.stats[tag])
+    assert {"rnnviz/overhead/train_thread_ms", "rnnviz/overhead/offthread_ms"} <= set(beside[0].stats)
