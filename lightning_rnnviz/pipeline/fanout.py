@@ -60,10 +60,13 @@ class Fanout:
 
     def _each(self, what: str, method: str, *args: Any, sinks: Sequence[Sink] | None = None) -> None:
         """``sink.<method>(*args)`` on every sink (or on ``sinks``), each as a step ``"<what> to <sink>"``."""
+        targets = self.sinks if sinks is None else sinks
+        if not targets:
+            return
         with self.lock:
             self._unflushed = True
             started = time.perf_counter()
-            for sink in self.sinks if sinks is None else sinks:
+            for sink in targets:
                 self.guard(f"{what} to {sink.name}", getattr(sink, method), *args)
             self.write_s += time.perf_counter() - started
 
@@ -72,14 +75,16 @@ class Fanout:
         :class:`~lightning_rnnviz.pipeline.worker.Delivery`): ``beside_training``, from the worker, to the sinks
         that may be written there (and to the records keeper); else, on the training thread, to the others.
         """
-        sinks = [sink for sink in self.sinks if sink.beside_training == beside_training]
+        takers = {kind: [sink for sink in self.sinks if sink.writes_beside(kind) == beside_training]
+                  for kind in {kind for kind, _ in items}}
         keeper = self.keeper if beside_training else None
-        if not sinks and keeper is None:
+        if not any(takers.values()) and keeper is None:
             return
         with self.lock:
             if keeper is not None:
                 self.keep_staged()
             for kind, args in items:
+                sinks = takers[kind]
                 if kind == "picture":
                     job, picture = args
                     self.written.add((job.tag, job.step))
@@ -94,9 +99,9 @@ class Fanout:
                 elif kind == "histogram":
                     tag, counted, step = args
                     histogram = Histogram.from_buckets(counted)
-                    takers = [sink for sink in sinks if sink.wants_histograms]
-                    if histogram is not None and takers:
-                        self._each(f"write {tag!r}", "histogram", tag, histogram, step, sinks=takers)
+                    keeping = [sink for sink in sinks if sink.wants_histograms]
+                    if histogram is not None and keeping:
+                        self._each(f"write {tag!r}", "histogram", tag, histogram, step, sinks=keeping)
                 elif kind == "text":
                     tag, markdown, step = args
                     self.written.add((tag, step))
@@ -110,7 +115,7 @@ class Fanout:
                     self.written.add((tag, step))
                     self._each(f"write {tag!r}", "probe_set", tag, blob, step, sinks=sinks)
             if beside_training:
-                self._each("flush", "flush", sinks=sinks)
+                self._each("flush", "flush", sinks=[sink for sink in self.sinks if sink.beside_training])
 
     def picture(self, job: Job) -> None:
         """Have ``job`` drawn, unless its tag was drawn for this step already."""

@@ -108,12 +108,19 @@ class Sink:
             sink wants them).
         beside_training: whether the sink may be written from a thread beside training (it writes only
             what is ours, with no logger object of the user's in between); the recording worker then
-            writes it as soon as a recording is finished, not at the training thread's next hook.
+            writes it as soon as a recording is finished, not at the training thread's next hook, and
+            flushes it. :meth:`writes_beside` may allow it for some kinds of writes only.
     """
 
     name = "sink"
     wants_histograms = False
     beside_training = False
+
+    def writes_beside(self, kind: str) -> bool:
+        """Whether writes of ``kind`` (``"picture"``, ``"scalars"``, ``"histogram"``, ``"text"``,
+        ``"document"``, ``"probe_set"``) may be done by the recording worker, beside training; by default
+        :attr:`beside_training` for every kind."""
+        return self.beside_training
 
     def image(self, tag: str, picture: Picture, step: int) -> None:
         """Write a picture under ``tag`` (``rnnviz/<quantity>/<module>``)."""

@@ -101,6 +101,48 @@ def test_mlflow_alone_with_a_file_store(tmp_path, mlflow_env):
     assert not (tmp_path / "mlruns" / "rnnviz").exists()  # no PNG-file fallback beside MLflow's own store
 
 
+def test_mlflow_pictures_are_written_beside_training_its_scalars_on_the_training_thread(tmp_path, mlflow_env,
+                                                                                      monkeypatch):
+    """With the recording worker, MLflow's ``log_image`` (which encodes a PNG and a WebP itself: about 50 ms
+    a recording on the training thread before) runs on the worker; the scalars still go through the user's
+    logger on the training thread, and MLflow holds every picture and statistic as before."""
+    import functools
+    import threading
+
+    from mlflow import MlflowClient
+
+    calls = []
+    log_image, log_metrics = MlflowClient.log_image, pl.loggers.MLFlowLogger.log_metrics
+
+    @functools.wraps(log_image)  # the sink reads `key` and `step` in its signature
+    def noted_image(self, *args, **kwargs):
+        calls.append(("image", threading.current_thread() is threading.main_thread()))
+        return log_image(self, *args, **kwargs)
+
+    def noted_metrics(self, metrics, step=None):
+        if any("rnnviz" in tag for tag in metrics):
+            calls.append(("scalars", threading.current_thread() is threading.main_thread()))
+        return log_metrics(self, metrics, step)
+
+    monkeypatch.setattr(MlflowClient, "log_image", noted_image)
+    monkeypatch.setattr(pl.loggers.MLFlowLogger, "log_metrics", noted_metrics)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = pl.loggers.MLFlowLogger(experiment_name="rnnviz", tracking_uri=uri,
+                                     artifact_location=str(tmp_path / "artifacts"))
+    trainer, cb = _fit(logger, strict=True, histograms=False, background="thread")
+    assert cb.placement == "thread" and not cb.error_counts
+    assert {kind for kind, _ in calls} == {"image", "scalars"}
+    assert [main for kind, main in calls if kind == "image"] == [False] * (len(TRAIN_IMAGES) * len(STEPS) + 2)
+    assert all(main for kind, main in calls if kind == "scalars")
+    from lightning_rnnviz.sinks.mlflow import MLflowSink
+
+    stored, keys = read_mlflow(uri, logger.run_id), MLflowSink(logger)
+    for tag in TRAIN_IMAGES:
+        assert sorted(stored["images"][keys.image_key(tag)]) == STEPS, tag
+    assert sorted(stored["images"][keys.image_key("rnnviz/grad_decay/rnn")]) == [4, 8]
+    assert [s for s, _ in stored["metrics"]["rnnviz/hidden/rnn/mean_abs/layer1"]] == STEPS
+
+
 class _Elsewhere(pl.loggers.Logger):
     """A logger with no image API we know and no local folder (a remote service, say)."""
 

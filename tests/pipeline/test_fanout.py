@@ -70,3 +70,35 @@ def test_fanout_draws_once_writes_everywhere_and_isolates_a_failing_sink(tmp_pat
     assert (tmp_path / "c" / "grad_decay" / "rnn" / "step_4.png").exists()
     assert problems == [("write 'rnnviz/grad_decay/rnn' to Broken", "disk full")]
     assert renderer.render_s > 0 and renderer.take() == []
+
+
+def test_a_sink_may_take_some_kinds_of_writes_beside_training(tmp_path):
+    """The worker's delivery goes, kind by kind, to the sinks that take that kind beside training (MLflow:
+    its pictures, texts and documents), and the training thread's to the others; the worker flushes only the
+    sinks it may write wholly."""
+    from lightning_rnnviz.sinks.base import Picture
+
+    class Split(FileSink):
+        writes = []
+
+        def writes_beside(self, kind):
+            return kind == "picture"
+
+        def image(self, tag, picture, step):
+            Split.writes.append(("image", tag, step))
+
+        def scalars(self, values, step):
+            Split.writes.append(("scalars", sorted(values), step))
+
+        def flush(self):
+            Split.writes.append(("flush",))
+
+    fanout = Fanout([Split(tmp_path)], InlineRenderer())
+    picture = Picture(b"", 1, 1)
+    items = [("picture", (Job("hidden", {}, "rnnviz/hidden/m", 4), picture)),
+             ("scalars", ({"rnnviz/hidden/m/mean_abs": 0.5}, 4))]
+    fanout.deliver(items, beside_training=True)
+    assert Split.writes == [("image", "rnnviz/hidden/m", 4)]
+    fanout.deliver(items, beside_training=False)
+    assert Split.writes[1:] == [("scalars", ["rnnviz/hidden/m/mean_abs"], 4)]
+    fanout.close()
