@@ -58,10 +58,16 @@ class Fanout:
     def wants_histograms(self) -> bool:
         return any(sink.wants_histograms for sink in self.sinks)
 
-    def _each(self, what: str, method: str, *args: Any, sinks: Sequence[Sink] | None = None) -> None:
-        """``sink.<method>(*args)`` on every sink (or on ``sinks``), each as a step ``"<what> to <sink>"``."""
+    def _each(self, what: str, method: str, *args: Any, sinks: Sequence[Sink] | None = None,
+              locked: bool = True) -> None:
+        """``sink.<method>(*args)`` on every sink (or on ``sinks``), each as a step ``"<what> to <sink>"``;
+        under :attr:`lock` unless ``locked`` is false (see :meth:`deliver_unlocked`)."""
         targets = self.sinks if sinks is None else sinks
         if not targets:
+            return
+        if not locked:
+            for sink in targets:
+                self.guard(f"{what} to {sink.name}", getattr(sink, method), *args)
             return
         with self.lock:
             self._unflushed = True
@@ -73,10 +79,14 @@ class Fanout:
     def deliver(self, items: Sequence[tuple[str, tuple]], beside_training: bool) -> None:
         """Write what the recording worker made of a recording (see
         :class:`~lightning_rnnviz.pipeline.worker.Delivery`): ``beside_training``, from the worker, to the sinks
-        that may be written there (and to the records keeper); else, on the training thread, to the others.
+        written wholly beside training (and to the records keeper); else, on the training thread, each kind
+        of write to the sinks that do not take it beside training.
         """
-        takers = {kind: [sink for sink in self.sinks if sink.writes_beside(kind) == beside_training]
-                  for kind in {kind for kind, _ in items}}
+        if beside_training:
+            takers = {kind: [sink for sink in self.sinks if sink.beside_training] for kind, _ in items}
+        else:
+            takers = {kind: [sink for sink in self.sinks if not sink.writes_beside(kind)]
+                      for kind, _ in items}
         keeper = self.keeper if beside_training else None
         if not any(takers.values()) and keeper is None:
             return
@@ -84,38 +94,48 @@ class Fanout:
             if keeper is not None:
                 self.keep_staged()
             for kind, args in items:
-                sinks = takers[kind]
-                if kind == "picture":
-                    job, picture = args
-                    self.written.add((job.tag, job.step))
-                    if keeper is not None:
-                        self.guard("keep the records", keeper.job, job)
-                    self._each(f"write {job.tag!r}", "image", job.tag, picture, job.step, sinks=sinks)
-                elif kind == "scalars":
-                    values, step = args
-                    self._each("write scalars", "scalars", values, step, sinks=sinks)
-                    if keeper is not None:
-                        self.guard("keep the records", keeper.scalars, values, step)
-                elif kind == "histogram":
-                    tag, counted, step = args
-                    histogram = Histogram.from_buckets(counted)
-                    keeping = [sink for sink in sinks if sink.wants_histograms]
-                    if histogram is not None and keeping:
-                        self._each(f"write {tag!r}", "histogram", tag, histogram, step, sinks=keeping)
-                elif kind == "text":
-                    tag, markdown, step = args
-                    self.written.add((tag, step))
-                    self._each(f"write {tag!r}", "text", tag, markdown, step, sinks=sinks)
-                elif kind == "document":
-                    name, data, step = args
-                    self.written.add((name, step))
-                    self._each(f"write {name!r}", "document", name, data, sinks=sinks)
-                elif kind == "probe_set":
-                    tag, blob, step = args
-                    self.written.add((tag, step))
-                    self._each(f"write {tag!r}", "probe_set", tag, blob, step, sinks=sinks)
+                self._write(kind, args, takers[kind], keeper)
             if beside_training:
                 self._each("flush", "flush", sinks=[sink for sink in self.sinks if sink.beside_training])
+
+    def deliver_unlocked(self, items: Sequence[tuple[str, tuple]]) -> None:
+        """From the worker, without :attr:`lock`: the kinds of writes a sink takes beside training although
+        its others are the training thread's (``writes_beside`` without ``beside_training``: MLflow's
+        pictures, texts and documents, which touch nothing its scalars use), so the training thread never
+        waits for them."""
+        for kind, args in items:
+            sinks = [sink for sink in self.sinks if not sink.beside_training and sink.writes_beside(kind)]
+            if sinks:
+                self._write(kind, args, sinks, None, locked=False)
+
+    def _write(self, kind: str, args: tuple, sinks: Sequence[Sink], keeper: RecordKeeper | None,
+               locked: bool = True) -> None:
+        """One item of a delivery to ``sinks`` (and ``keeper``); ``locked``: under :attr:`lock`, held by the
+        caller, where the fan-out's own bookkeeping is done too."""
+        if kind == "picture":
+            job, picture = args
+            if locked:
+                self.written.add((job.tag, job.step))
+            if keeper is not None:
+                self.guard("keep the records", keeper.job, job)
+            self._each(f"write {job.tag!r}", "image", job.tag, picture, job.step, sinks=sinks, locked=locked)
+        elif kind == "scalars":
+            values, step = args
+            self._each("write scalars", "scalars", values, step, sinks=sinks, locked=locked)
+            if keeper is not None:
+                self.guard("keep the records", keeper.scalars, values, step)
+        elif kind == "histogram":
+            tag, counted, step = args
+            keeping = [sink for sink in sinks if sink.wants_histograms]
+            histogram = Histogram.from_buckets(counted) if keeping else None
+            if histogram is not None:
+                self._each(f"write {tag!r}", "histogram", tag, histogram, step, sinks=keeping, locked=locked)
+        elif kind in ("text", "document", "probe_set"):
+            tag, body, step = args
+            if locked:
+                self.written.add((tag, step))
+            rest = (body,) if kind == "document" else (body, step)
+            self._each(f"write {tag!r}", kind, tag, *rest, sinks=sinks, locked=locked)
 
     def picture(self, job: Job) -> None:
         """Have ``job`` drawn, unless its tag was drawn for this step already."""

@@ -348,10 +348,12 @@ class Recorder:
     def write_beside(self, delivery: Delivery) -> None:
         """On the worker, once a recording is finished: write it where that may be done beside training
         (our TensorBoard file, the records keeper, ``save_records="full"``'s tensors included, in the order
-        the training thread's route writes them). One hold of the output's lock: a flush from the training
-        thread in between would write part of the step to the records keeper, and a size bound crossed by
-        the rest would leave that part on disk."""
+        the training thread's route writes them). First what needs not the output's lock (MLflow's
+        pictures), so the training thread never waits for it; then one hold of the lock: a flush from the
+        training thread in between would write part of the step to the records keeper, and a size bound
+        crossed by the rest would leave that part on disk."""
         recording, delivery.recording = delivery.recording, None
+        self.fanout.deliver_unlocked(delivery.items)
         with self.fanout.lock:
             self.fanout.deliver(delivery.items, beside_training=True)
             if recording is not None:

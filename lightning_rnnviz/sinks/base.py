@@ -119,7 +119,9 @@ class Sink:
     def writes_beside(self, kind: str) -> bool:
         """Whether writes of ``kind`` (``"picture"``, ``"scalars"``, ``"histogram"``, ``"text"``,
         ``"document"``, ``"probe_set"``) may be done by the recording worker, beside training; by default
-        :attr:`beside_training` for every kind."""
+        :attr:`beside_training` for every kind. Where the sink is not :attr:`beside_training`, the worker
+        makes those writes without the output's lock, while the training thread may be writing the other
+        kinds: they must touch nothing those use."""
         return self.beside_training
 
     def image(self, tag: str, picture: Picture, step: int) -> None:

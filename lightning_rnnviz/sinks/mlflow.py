@@ -18,8 +18,9 @@ Works with the ``MLFlowLogger`` of either Lightning namespace, duck-typed: the s
 - Text (markdown findings) is the artifact ``<tag>/step_<n>.md`` (``log_text``).
 - With the recording worker, pictures, texts and documents are written by the worker, beside training
   (:meth:`MLflowSink.writes_beside`): ``log_image`` encodes a PNG and a WebP itself, which cost the
-  training thread 50 ms a delivery on ``bench_overhead.py``'s fast-step (now 0.7 ms; 2026-12-08, 2
-  vCPUs, SQLite store). The client is MLflow's ``MlflowClient``, which MLflow's own asynchronous logging
+  training thread 50 ms a delivery on ``bench_overhead.py``'s fast-step (now under 0.1 ms; 2026-12-08,
+  2 vCPUs, SQLite store). The worker writes them without the output's lock, so the training thread never
+  waits for them. The client is MLflow's ``MlflowClient``, which MLflow's own asynchronous logging
   also calls from other threads. Scalars stay on the training thread: they go through the user's logger.
 - Histograms: MLflow has no histogram view, so none are sent (``wants_histograms`` is False).
 

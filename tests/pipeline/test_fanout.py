@@ -3,6 +3,8 @@ counted only where a sink keeps them, flushes only after a write."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from lightning_rnnviz.pipeline.drawing import InlineRenderer
@@ -73,9 +75,9 @@ def test_fanout_draws_once_writes_everywhere_and_isolates_a_failing_sink(tmp_pat
 
 
 def test_a_sink_may_take_some_kinds_of_writes_beside_training(tmp_path):
-    """The worker's delivery goes, kind by kind, to the sinks that take that kind beside training (MLflow:
-    its pictures, texts and documents), and the training thread's to the others; the worker flushes only the
-    sinks it may write wholly."""
+    """The worker writes, without the output's lock, the kinds of writes a sink takes beside training
+    (MLflow: its pictures, texts and documents); the training thread writes the others, and the worker
+    flushes only the sinks it writes wholly."""
     from lightning_rnnviz.sinks.base import Picture
 
     class Split(FileSink):
@@ -97,8 +99,19 @@ def test_a_sink_may_take_some_kinds_of_writes_beside_training(tmp_path):
     picture = Picture(b"", 1, 1)
     items = [("picture", (Job("hidden", {}, "rnnviz/hidden/m", 4), picture)),
              ("scalars", ({"rnnviz/hidden/m/mean_abs": 0.5}, 4))]
-    fanout.deliver(items, beside_training=True)
-    assert Split.writes == [("image", "rnnviz/hidden/m", 4)]
+    held = []
+
+    def unlocked():  # from another thread, while this one holds the lock
+        held.append(fanout.lock.acquire(blocking=False))
+        fanout.deliver_unlocked(items)
+
+    with fanout.lock:
+        beside = threading.Thread(target=unlocked)
+        beside.start()
+        beside.join(timeout=10)
+    assert held == [False] and Split.writes == [("image", "rnnviz/hidden/m", 4)]
+    fanout.deliver(items, beside_training=True)  # the sinks written wholly beside training: none here
+    assert len(Split.writes) == 1
     fanout.deliver(items, beside_training=False)
     assert Split.writes[1:] == [("scalars", ["rnnviz/hidden/m/mean_abs"], 4)]
     fanout.close()
