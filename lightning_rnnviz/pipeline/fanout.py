@@ -82,17 +82,18 @@ class Fanout:
         written wholly beside training (and to the records keeper); else, on the training thread, each kind
         of write to the sinks that do not take it beside training.
         """
-        if beside_training:
-            takers = {kind: [sink for sink in self.sinks if sink.beside_training] for kind, _ in items}
-        else:
-            takers = {kind: [sink for sink in self.sinks if not sink.writes_beside(kind)]
-                      for kind, _ in items}
+        # each kind of write goes one way: beside training under the lock (the sinks written wholly there),
+        # beside training without it (`deliver_unlocked`), or on the training thread
+        takers = {kind: [sink for sink in self.sinks
+                         if (sink.writes_beside(kind) and sink.beside_training if beside_training
+                             else not sink.writes_beside(kind))]
+                  for kind, _ in items}
         keeper = self.keeper if beside_training else None
         if not any(takers.values()) and keeper is None:
             return
         with self.lock:
             if keeper is not None:
-                self.keep_staged()
+                self._keep_staged()
             for kind, args in items:
                 self._write(kind, args, takers[kind], keeper)
             if beside_training:
@@ -211,7 +212,7 @@ class Fanout:
         else:
             self.guard("keep the records", work, *args)
 
-    def keep_staged(self) -> None:
+    def _keep_staged(self) -> None:
         """Under the lock: give the records keeper, in order, what the training thread left for the worker."""
         staged, self._staged = self._staged, []
         for work, args in staged:
@@ -246,6 +247,6 @@ class Fanout:
         self.flush()
         if self.keeper is not None:
             with self.lock:
-                self.keep_staged()
+                self._keep_staged()
             self.guard("keep the records", self.keeper.close)
         self._each("close", "close")
