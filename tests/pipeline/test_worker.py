@@ -768,7 +768,8 @@ def test_the_worker_writes_the_records_files_and_the_training_thread_only_at_fit
     monkeypatch.setattr(Fanout, "close", noted_close)
     runs = {}
     for background in (False, "thread"):
-        writes.clear(), closing.clear()
+        writes.clear()
+        closing.clear()
         torch.manual_seed(0)
         callback = RNNViz(every_n_steps=2, histograms=False, strict=True, save_records="full", scalars="all",
                           background=background)
